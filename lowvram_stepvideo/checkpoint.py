@@ -1,0 +1,194 @@
+"""Read release or quantized checkpoint folders lazily and load them into modules built on the meta device.
+
+Safetensors files are parsed here (header only) and memory-mapped privately: a tensor is a view into the file's
+pages, so "loading" a 58 GB network touches no data until a forward pass reads it, and the file is never written.
+All key remapping between files and modules happens in this module.
+"""
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+SAFETENSORS_DTYPES = {
+    "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+    "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+MAX_HEADER_BYTES = 100 * 2**20
+
+
+class CheckpointError(Exception):
+    """A weight file or folder is missing, corrupt or does not match the network; the message is one line."""
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int          # absolute byte offset in the file
+    nbytes: int
+
+
+class SafetensorsFile:
+    """Header of one .safetensors file; tensors come out as private memory-mapped views."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.refs, self.metadata = _read_header(self.path)
+        self._storage = None
+
+    def tensor(self, name: str) -> torch.Tensor:
+        ref = self.refs[name]
+        if self._storage is None:
+            size = self.path.stat().st_size
+            self._storage = torch.UntypedStorage.from_file(str(self.path), shared=False, nbytes=size)
+        raw = torch.empty(0, dtype=torch.uint8).set_(self._storage, ref.start, (ref.nbytes,))
+        if ref.start % max(1, ref.dtype.itemsize):
+            raw = raw.clone()  # misaligned writer: copy rather than fail
+        return raw.view(ref.dtype).view(ref.shape)
+
+
+def _read_header(path: Path) -> tuple[dict[str, TensorRef], dict[str, str]]:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file not found")
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > min(MAX_HEADER_BYTES, size - 8):
+                raise ValueError("header length out of range")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError, struct.error, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e}); re-download it") from None
+    metadata = header.pop("__metadata__", None) or {}
+    refs, end = {}, 0
+    for name, info in header.items():
+        dtype = SAFETENSORS_DTYPES.get(info.get("dtype"))
+        if dtype is None:
+            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {info.get('dtype')!r}")
+        lo, hi = info["data_offsets"]
+        refs[name] = TensorRef(path, dtype, tuple(info["shape"]), 8 + n + lo, hi - lo)
+        end = max(end, 8 + n + hi)
+    if size < end:
+        raise CheckpointError(f"{path}: truncated ({size} bytes, header needs {end}); re-download this file")
+    return refs, metadata
+
+
+class PickleFile:
+    """A torch pickle (the release's CLIP `pytorch_model.bin`), opened without executing code and memory-mapped."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        try:
+            self._sd = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # torch raises many types for a bad pickle
+            raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(e).__name__}); "
+                                  "re-download it") from None
+        if not isinstance(self._sd, dict):
+            raise CheckpointError(f"{path}: does not hold a state dict")
+        self.refs = {k: TensorRef(self.path, v.dtype, tuple(v.shape), 0, v.nbytes) for k, v in self._sd.items()}
+        self.metadata = {}
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return self._sd[name]
+
+
+class WeightSource:
+    """All tensors of one component folder: a single file, or shards listed by an index json."""
+
+    def __init__(self, files: list, label: str):
+        self.files, self.label = files, label
+        self.where = {name: f for f in files for name in f.refs}
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return self.files[0].metadata if self.files else {}
+
+    def keys(self) -> Iterable[str]:
+        return self.where.keys()
+
+    def ref(self, name: str) -> TensorRef:
+        return self.where[name].refs[name]
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return self.where[name].tensor(name)
+
+
+def open_weights(folder: Path, stems: tuple[str, ...]) -> WeightSource:
+    """Find the weights of a component: `{stem}.safetensors.index.json`, `{stem}.safetensors` or `{stem}.bin`
+    for each stem in order (e.g. ("diffusion_pytorch_model",) or ("model", "pytorch_model"))."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: folder not found")
+    for stem in stems:
+        index = folder / f"{stem}.safetensors.index.json"
+        if index.is_file():
+            return WeightSource([SafetensorsFile(folder / s) for s in _shards(index)], str(folder))
+        if (folder / f"{stem}.safetensors").is_file():
+            return WeightSource([SafetensorsFile(folder / f"{stem}.safetensors")], str(folder))
+        if (folder / f"{stem}.bin").is_file():
+            return WeightSource([PickleFile(folder / f"{stem}.bin")], str(folder))
+    names = ", ".join(f"{s}.safetensors[.index.json]" for s in stems)
+    raise CheckpointError(f"{folder}: no weights found (expected {names}); is this the right folder?")
+
+
+def _shards(index: Path) -> list[str]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index}: not a readable shard index ({e})") from None
+    return list(dict.fromkeys(weight_map.values()))
+
+
+def build_on_meta(factory: Callable[[], nn.Module]) -> nn.Module:
+    with torch.device("meta"):
+        return factory()
+
+
+def load_weights(module: nn.Module, source: WeightSource, dtype: torch.dtype,
+                 rename: Callable[[str], str | None] = lambda k: k) -> nn.Module:
+    """Strictly match `source` to `module` (names and shapes), then assign memory-mapped tensors.
+
+    `rename` maps a file key to a module key (None drops it). Floating tensors are cast to `dtype` (a no-op view
+    when the file already has it); integer and fp8 tensors (quantized weights) are kept as stored.
+    """
+    _attach_quantization(module, source)
+    wanted = {k: tuple(v.shape) for k, v in module.state_dict(keep_vars=True).items()}
+    found = {}
+    for key in source.keys():
+        new = rename(key)
+        if new is not None:
+            found[new] = key
+    missing = [k for k in wanted if k not in found]
+    if missing:
+        raise CheckpointError(f"{source.label}: missing tensor {missing[0]} (shape {list(wanted[missing[0]])})"
+                              f"{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}; "
+                              "incomplete download or wrong folder?")
+    unexpected = [found[k] for k in found if k not in wanted]
+    if unexpected:
+        raise CheckpointError(f"{source.label}: unexpected tensor {unexpected[0]} in "
+                              f"{source.ref(unexpected[0]).file.name}; wrong folder or config?")
+    state = {}
+    for name, shape in wanted.items():
+        ref = source.ref(found[name])
+        if ref.shape != shape:
+            raise CheckpointError(f"{ref.file}: tensor {found[name]} has shape {list(ref.shape)}, the config "
+                                  f"expects {list(shape)}; config.json and weights do not match")
+        t = source.tensor(found[name])
+        state[name] = t.to(dtype) if t.is_floating_point() and t.dtype.itemsize > 1 else t
+    module.load_state_dict(state, strict=True, assign=True)
+    return module.eval().requires_grad_(False)
+
+
+def _attach_quantization(module: nn.Module, source: WeightSource) -> None:
+    """A quantized folder records its scheme in the safetensors metadata; swap the module's linears to match."""
+    if "lowvram_quant" in source.metadata:
+        from . import quant  # only quantized folders need it
+        quant.prepare_module(module, source.metadata)

@@ -1,0 +1,157 @@
+"""Architectures of the four released networks as frozen dataclasses, read from the release's config files.
+
+Runtime choices (offload, tiling, precision) are not here: they live in profiles (see `profiles.py`).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A config file is missing, unreadable or does not describe the expected network."""
+
+
+def read_json(path: Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: file not found")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: not a readable JSON file ({e})") from None
+
+
+def _pick(cls, raw: dict, path: Path, renames: dict[str, str]):
+    """Build `cls` from the release's key names; `renames` maps release key -> field name."""
+    kw = {}
+    for src, dst in renames.items():
+        if src in raw:
+            kw[dst] = tuple(raw[src]) if isinstance(raw[src], list) else raw[src]
+    missing = [src for src in renames if src not in raw]
+    if missing:
+        raise ConfigError(f"{path}: missing keys for {cls.__name__}: {missing}")
+    return cls(**kw)
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    num_layers: int = 48
+    num_heads: int = 48
+    head_dim: int = 128
+    in_channels: int = 64
+    out_channels: int = 64
+    patch_size: int = 1
+    caption_channels: tuple[int, int] = (6144, 1024)
+    norm_eps: float = 1e-6          # final norm and caption norm
+    block_norm_eps: float = 1e-5    # norm1/norm2 inside blocks (the release does not pass norm_eps to them)
+
+    @property
+    def dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @classmethod
+    def from_file(cls, path: Path) -> "DiTConfig":
+        raw = read_json(path)
+        if raw.get("_class_name") != "StepVideoModel":
+            raise ConfigError(f"{path}: not a Step-Video transformer config (_class_name={raw.get('_class_name')!r})")
+        return _pick(cls, raw, path, {
+            "num_layers": "num_layers", "num_attention_heads": "num_heads", "attention_head_dim": "head_dim",
+            "in_channels": "in_channels", "out_channels": "out_channels", "patch_size": "patch_size",
+            "caption_channels": "caption_channels", "norm_eps": "norm_eps"})
+
+
+@dataclass(frozen=True)
+class StepLLMConfig:
+    hidden_size: int = 6144
+    num_heads: int = 48
+    num_groups: int = 8
+    head_dim: int = 128
+    num_layers: int = 48
+    ffn_hidden_size: int = 16896
+    vocab_size: int = 65536
+    eps: float = 1e-5
+    max_length: int = 320           # tokens per prompt, as the release's caption server uses
+
+    @classmethod
+    def from_file(cls, path: Path) -> "StepLLMConfig":
+        raw = read_json(path)
+        if "Step1Model" not in raw.get("architectures", []):
+            raise ConfigError(f"{path}: not a step_llm config (architectures={raw.get('architectures')!r})")
+        return _pick(cls, raw, path, {
+            "hidden_size": "hidden_size", "num_attention_heads": "num_heads", "num_attention_groups": "num_groups",
+            "kv_channels": "head_dim", "num_layers": "num_layers", "ffn_hidden_size": "ffn_hidden_size",
+            "padded_vocab_size": "vocab_size", "layernorm_epsilon": "eps"})
+
+
+@dataclass(frozen=True)
+class ClipConfig:
+    vocab_size: int = 47020
+    hidden_size: int = 1024
+    num_layers: int = 24
+    num_heads: int = 16
+    intermediate_size: int = 4096
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int = 0
+    max_length: int = 77            # tokens per prompt (tokenizer model_max_length)
+
+    @classmethod
+    def from_file(cls, path: Path) -> "ClipConfig":
+        raw = read_json(path)
+        if "BertModel" not in raw.get("architectures", []) and raw.get("model_type") != "bert":
+            raise ConfigError(f"{path}: not a BERT (hunyuan_clip) config")
+        return _pick(cls, raw, path, {
+            "vocab_size": "vocab_size", "hidden_size": "hidden_size", "num_hidden_layers": "num_layers",
+            "num_attention_heads": "num_heads", "intermediate_size": "intermediate_size",
+            "max_position_embeddings": "max_position_embeddings", "type_vocab_size": "type_vocab_size",
+            "layer_norm_eps": "layer_norm_eps", "pad_token_id": "pad_token_id"})
+
+
+@dataclass(frozen=True)
+class VAEEncoderConfig:
+    ch: int = 32
+    ch_mult: tuple[int, ...] = (4, 8, 16, 16)
+    down_sampling_layer: tuple[int, ...] = (1, 2)
+    present: bool = True
+
+
+@dataclass(frozen=True)
+class VAEDecoderConfig:
+    ch: int = 128
+    ch_mult: tuple[int, ...] = (1, 2, 4, 4)
+    temporal_up_layers: tuple[int, ...] = (2, 3)
+    temporal_downsample: int = 4
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """The release ships no VAE config: defaults are the release's; a `config.json` in the VAE folder overrides."""
+    z_channels: int = 64
+    in_channels: int = 3
+    out_channels: int = 3
+    num_res_blocks: int = 2
+    encoder: VAEEncoderConfig = field(default_factory=VAEEncoderConfig)
+    decoder: VAEDecoderConfig = field(default_factory=VAEDecoderConfig)
+    frame_len: int = 17             # frames per encoded chunk
+    latent_len: int = 3             # latents per decoded chunk
+    scale_factor: float = 1.0
+
+    @classmethod
+    def from_folder(cls, folder: Path) -> "VAEConfig":
+        path = Path(folder) / "config.json"
+        if not path.exists():
+            return cls()
+        raw = read_json(path)
+        top = {f.name for f in fields(cls)} - {"encoder", "decoder"}
+        kw = {k: v for k, v in raw.items() if k in top}
+        kw["encoder"] = _sub(VAEEncoderConfig, raw.get("encoder", {}))
+        kw["decoder"] = _sub(VAEDecoderConfig, raw.get("decoder", {}))
+        return cls(**kw)
+
+
+def _sub(cls, raw: dict):
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items() if k in names})
