@@ -184,6 +184,7 @@ def load_weights(module: nn.Module, source: WeightSource, dtype: torch.dtype,
         t = source.tensor(found[name])
         state[name] = t.to(dtype) if t.is_floating_point() and t.dtype.itemsize > 1 else t
     module.load_state_dict(state, strict=True, assign=True)
+    module.weight_refs = {name: source.ref(found[name]) for name in wanted}  # where each tensor lives on disk
     return module.eval().requires_grad_(False)
 
 

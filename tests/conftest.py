@@ -1,0 +1,43 @@
+"""Shared test setup: fixture folders come from LOWVRAM_STEPVIDEO_FIXTURES (os.pathsep-separated)."""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+RELEASE = SHARED / "release"
+RELEASE_MODEL = RELEASE / "stepvideo-t2v"
+
+
+def fixture_dirs() -> list[Path]:
+    raw = os.environ.get("LOWVRAM_STEPVIDEO_FIXTURES", str(SHARED / "fixtures" / "tiny-public"))
+    return [Path(p) for p in raw.split(os.pathsep) if p]
+
+
+def pytest_generate_tests(metafunc):
+    if "fixture_dir" in metafunc.fixturenames:
+        dirs = fixture_dirs()
+        metafunc.parametrize("fixture_dir", dirs, ids=[d.name for d in dirs])
+
+
+def read_io(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors of a fixture safetensors file plus its metadata."""
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, (f.metadata() or {})
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield
+
+
+def manifest_shapes(component: str) -> dict[str, tuple[int, ...]]:
+    """Full-size tensor names and shapes of one released network ('transformer', 'step_llm', 'hunyuan_clip',
+    'vae_v2') as stored in the release files."""
+    import json
+    raw = json.loads((RELEASE / "state_dict_manifest.json").read_text())[component]
+    return {e["key"]: tuple(e["shape"]) for e in raw["keys"]}
