@@ -152,12 +152,12 @@ def build_on_meta(factory: Callable[[], nn.Module]) -> nn.Module:
         return factory()
 
 
-def load_weights(module: nn.Module, source: WeightSource, dtype: torch.dtype,
-                 rename: Callable[[str], str | None] = lambda k: k) -> nn.Module:
-    """Strictly match `source` to `module` (names and shapes), then assign memory-mapped tensors.
+def match_weights(module: nn.Module, source: WeightSource,
+                  rename: Callable[[str], str | None] = lambda k: k) -> dict[str, str]:
+    """Check `source` against `module` strictly (names and shapes) without reading data.
 
-    `rename` maps a file key to a module key (None drops it). Floating tensors are cast to `dtype` (a no-op view
-    when the file already has it); integer and fp8 tensors (quantized weights) are kept as stored.
+    Returns module key -> file key. `rename` maps a file key to a module key (None drops it). A quantized source
+    first swaps the module's linears to the scheme its metadata records.
     """
     _attach_quantization(module, source)
     wanted = {k: tuple(v.shape) for k, v in module.state_dict(keep_vars=True).items()}
@@ -175,16 +175,28 @@ def load_weights(module: nn.Module, source: WeightSource, dtype: torch.dtype,
     if unexpected:
         raise CheckpointError(f"{source.label}: unexpected tensor {unexpected[0]} in "
                               f"{source.ref(unexpected[0]).file.name}; wrong folder or config?")
-    state = {}
     for name, shape in wanted.items():
         ref = source.ref(found[name])
         if ref.shape != shape:
             raise CheckpointError(f"{ref.file}: tensor {found[name]} has shape {list(ref.shape)}, the config "
                                   f"expects {list(shape)}; config.json and weights do not match")
-        t = source.tensor(found[name])
+    return {name: found[name] for name in wanted}
+
+
+def load_weights(module: nn.Module, source: WeightSource, dtype: torch.dtype,
+                 rename: Callable[[str], str | None] = lambda k: k) -> nn.Module:
+    """Strictly match `source` to `module`, then assign memory-mapped tensors (built-on-meta modules).
+
+    Floating tensors are cast to `dtype` (a no-op view when the file already has it); integer and fp8 tensors
+    (quantized weights) are kept as stored.
+    """
+    keys = match_weights(module, source, rename)
+    state = {}
+    for name, key in keys.items():
+        t = source.tensor(key)
         state[name] = t.to(dtype) if t.is_floating_point() and t.dtype.itemsize > 1 else t
     module.load_state_dict(state, strict=True, assign=True)
-    module.weight_refs = {name: source.ref(found[name]) for name in wanted}  # where each tensor lives on disk
+    module.weight_refs = {name: source.ref(key) for name, key in keys.items()}  # where each tensor lives on disk
     return module.eval().requires_grad_(False)
 
 

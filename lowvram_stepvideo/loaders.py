@@ -1,33 +1,52 @@
-"""One loader per released network: config file -> module on meta -> memory-mapped weights, in eval mode."""
+"""One loader per released network: config file -> module on meta -> memory-mapped weights, in eval mode.
+
+Each `open_*` function does the cheap part (read the config, build the module on the meta device, index the weight
+files) and returns a `Component`; `load_*` then assigns the tensors. Validation and the memory plan use the
+`open_*` half alone.
+"""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
+from torch import nn
 
-from .checkpoint import CheckpointError, build_on_meta, load_weights, open_weights
+from .checkpoint import CheckpointError, WeightSource, build_on_meta, load_weights, match_weights, open_weights
 from .config import ClipConfig, DiTConfig, StepLLMConfig, VAEConfig
 
 
-def load_dit(folder: Path, dtype: torch.dtype = torch.bfloat16, device="cpu"):
+@dataclass
+class Component:
+    module: nn.Module                       # on the meta device
+    source: WeightSource
+    rename: Callable[[str], str | None] = lambda k: k
+
+    def check(self) -> None:
+        match_weights(self.module, self.source, self.rename)
+
+    def load(self, dtype: torch.dtype, device="cpu") -> nn.Module:
+        return load_weights(self.module, self.source, dtype, self.rename).to(device)
+
+
+def open_dit(folder: Path) -> Component:
     from .models.dit import StepVideoModel
     folder = Path(folder)
     cfg = DiTConfig.from_file(folder / "config.json")
-    model = build_on_meta(lambda: StepVideoModel(cfg))
-    load_weights(model, open_weights(folder, ("diffusion_pytorch_model", "model")), dtype)
-    return model.to(device)
+    source = open_weights(folder, ("diffusion_pytorch_model", "model"))
+    return Component(build_on_meta(lambda: StepVideoModel(cfg)), source)
 
 
-def load_step_llm(folder: Path, dtype: torch.dtype = torch.bfloat16, device="cpu"):
+def open_step_llm(folder: Path) -> Component:
     from .models.step_llm import Step1Model
     folder = Path(folder)
     cfg = StepLLMConfig.from_file(folder / "config.json")
-    model = build_on_meta(lambda: Step1Model(cfg))
-    load_weights(model, open_weights(folder, ("model",)), dtype)
-    return model.to(device)
+    source = open_weights(folder, ("model",))
+    return Component(build_on_meta(lambda: Step1Model(cfg)), source)
 
 
-def load_clip(folder: Path, dtype: torch.dtype = torch.float32, device="cpu"):
+def open_clip(folder: Path) -> Component:
     """`folder` is the release's `hunyuan_clip` (holding `clip_text_encoder/`) or `clip_text_encoder` itself."""
     from .models.clip import BertModel
     folder = Path(folder)
@@ -35,10 +54,8 @@ def load_clip(folder: Path, dtype: torch.dtype = torch.float32, device="cpu"):
         folder = folder / "clip_text_encoder"
     cfg = ClipConfig.from_file(folder / "config.json")
     source = open_weights(folder, ("model", "pytorch_model"))
-    with_pooler = any(_strip_bert(k).startswith("pooler.") for k in source.keys())
-    model = build_on_meta(lambda: BertModel(cfg, with_pooler=with_pooler))
-    load_weights(model, source, dtype, rename=_strip_bert)
-    return model.to(device)
+    with_pooler = any((_strip_bert(k) or "").startswith("pooler.") for k in source.keys())
+    return Component(build_on_meta(lambda: BertModel(cfg, with_pooler=with_pooler)), source, _strip_bert)
 
 
 def _strip_bert(key: str) -> str | None:
@@ -46,17 +63,15 @@ def _strip_bert(key: str) -> str | None:
     return None if key.endswith("position_ids") else key  # old transformers saved this buffer
 
 
-def load_vae(folder: Path, dtype: torch.dtype = torch.bfloat16, device="cpu"):
+def open_vae(folder: Path) -> Component:
     """The decoder is required; the encoder is built only when the config says so and its weights exist."""
     from .models.vae import AutoencoderKL
     folder = Path(folder)
     cfg = VAEConfig.from_folder(folder)
     source = open_weights(folder, ("vae_v2", "vae", "model"))
     with_encoder = cfg.encoder.present and any(k.startswith("encoder.") for k in source.keys())
-    model = build_on_meta(lambda: AutoencoderKL(cfg, with_encoder=with_encoder))
-    rename = _vae_rename if with_encoder else lambda k: None if k.startswith("encoder.") else _vae_rename(k)
-    load_weights(model, source, dtype, rename=rename)
-    return model.to(device)
+    rename = _vae_rename if with_encoder else _vae_rename_decoder_only
+    return Component(build_on_meta(lambda: AutoencoderKL(cfg, with_encoder=with_encoder)), source, rename)
 
 
 def _vae_rename(key: str) -> str:
@@ -66,4 +81,25 @@ def _vae_rename(key: str) -> str:
     return key
 
 
-__all__ = ["CheckpointError", "load_dit", "load_step_llm", "load_clip", "load_vae"]
+def _vae_rename_decoder_only(key: str) -> str | None:
+    return None if key.startswith("encoder.") else _vae_rename(key)
+
+
+def load_dit(folder: Path, dtype: torch.dtype = torch.bfloat16, device="cpu") -> nn.Module:
+    return open_dit(folder).load(dtype, device)
+
+
+def load_step_llm(folder: Path, dtype: torch.dtype = torch.bfloat16, device="cpu") -> nn.Module:
+    return open_step_llm(folder).load(dtype, device)
+
+
+def load_clip(folder: Path, dtype: torch.dtype = torch.float32, device="cpu") -> nn.Module:
+    return open_clip(folder).load(dtype, device)
+
+
+def load_vae(folder: Path, dtype: torch.dtype = torch.bfloat16, device="cpu") -> nn.Module:
+    return open_vae(folder).load(dtype, device)
+
+
+__all__ = ["CheckpointError", "Component", "open_dit", "open_step_llm", "open_clip", "open_vae",
+           "load_dit", "load_step_llm", "load_clip", "load_vae"]
