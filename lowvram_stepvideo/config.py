@@ -139,17 +139,42 @@ class VAEConfig:
     latent_len: int = 3             # latents per decoded chunk
     scale_factor: float = 1.0
 
+    def frames_for_latents(self, k: int) -> int:
+        """Frames one decoded chunk of k latents yields: (2k-1) after unpatchify, x2 per temporal up level, minus
+        the temporal_downsample-1 dropped frames (release: 17 for k=3, 9 for k=2, 1 for k=1)."""
+        d = self.decoder
+        return (2 * k - 1) * 2 ** len(d.temporal_up_layers) - (d.temporal_downsample - 1)
+
     @classmethod
     def from_folder(cls, folder: Path) -> "VAEConfig":
         path = Path(folder) / "config.json"
         if not path.exists():
             return cls()
         raw = read_json(path)
+        if raw.get("version", 2) != 2:
+            raise ConfigError(f"{path}: VAE version {raw['version']!r} is not supported; use the release's vae_v2")
         top = {f.name for f in fields(cls)} - {"encoder", "decoder"}
         kw = {k: v for k, v in raw.items() if k in top}
-        kw["encoder"] = _sub(VAEEncoderConfig, raw.get("encoder", {}))
-        kw["decoder"] = _sub(VAEDecoderConfig, raw.get("decoder", {}))
-        return cls(**kw)
+        try:
+            kw["encoder"] = _sub(VAEEncoderConfig, raw.get("encoder", {}))
+            kw["decoder"] = _sub(VAEDecoderConfig, raw.get("decoder", {}))
+            cfg = cls(**kw)
+            cfg._check(path)
+        except (TypeError, AttributeError) as e:  # wrong value types in the json
+            raise ConfigError(f"{path}: not a VAE config ({e})") from None
+        return cfg
+
+    def _check(self, path: Path) -> None:
+        enc, dec = self.encoder, self.decoder
+        widths = [dec.ch * m for m in dec.ch_mult]
+        if enc.present:
+            widths += [enc.ch * m for m in (1, *enc.ch_mult)]
+        if any(w % 32 for w in widths):
+            raise ConfigError(f"{path}: VAE widths {widths} must be multiples of 32 (GroupNorm with 32 groups)")
+        if self.frame_len != self.frames_for_latents(self.latent_len):
+            raise ConfigError(f"{path}: frame_len {self.frame_len} does not match latent_len {self.latent_len} "
+                              f"(a chunk of {self.latent_len} latents decodes to "
+                              f"{self.frames_for_latents(self.latent_len)} frames)")
 
 
 def _sub(cls, raw: dict):
