@@ -1,0 +1,93 @@
+"""Flow-matching sampling for Step-Video-T2V: schedule, Euler step, CFG, latent shape, initial noise.
+
+Stateless functions over tensors, following the reference `FlowMatchDiscreteScheduler` and `StepVideoPipeline`
+(docs/STEPVIDEO.md §4, §5). Convention: t = 0 is pure noise, t = 1 is data; the DiT predicts a velocity.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# Default seed of a fresh `torch.Generator()`; the reference pipeline draws its noise from such a generator.
+REFERENCE_NOISE_SEED = 67280421310721
+
+_SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
+
+
+def flow_sigmas(num_steps: int, time_shift: float) -> torch.Tensor:
+    """Sigmas of the reference scheduler, float32, N+1 values running from 0 (noise) to 1 (data)."""
+    if num_steps < 1:
+        raise ValueError(f"number of steps must be at least 1, got {num_steps}")
+    if time_shift <= 0:
+        raise ValueError(f"time shift must be positive, got {time_shift}")
+    u = torch.linspace(1, 0, num_steps + 1, dtype=torch.float32)
+    u = time_shift * u / (1 + (time_shift - 1) * u)  # SD3 time shift, float32 like the reference
+    return 1 - u
+
+
+def flow_timesteps(sigmas: torch.Tensor) -> torch.Tensor:
+    """Timesteps fed to the DiT: every sigma but the last (t0 = 0 exactly)."""
+    return sigmas[:-1]
+
+
+def dit_timestep(t: torch.Tensor, batch: int, dtype: torch.dtype) -> torch.Tensor:
+    """The timestep tensor the DiT receives: t expanded to the batch and cast to the DiT dtype (quirk Q2:
+    in bf16 the DiT then computes t*1000 in bf16)."""
+    return t.reshape(1).expand(batch).to(dtype)
+
+
+def euler_step(sample: torch.Tensor, velocity: torch.Tensor, sigma, sigma_next) -> torch.Tensor:
+    """One Euler step in float32: sample + velocity * (sigma_next - sigma). Sigmas may be floats or 0-d
+    tensors; dt is formed in float32 like the reference (difference of two float32 sigmas)."""
+    dt = torch.as_tensor(sigma_next, dtype=torch.float32) - torch.as_tensor(sigma, dtype=torch.float32)
+    return sample.float() + velocity.float() * dt.to(sample.device)
+
+
+def cfg_combine(v_cond: torch.Tensor, v_uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance uncond + scale * (cond - uncond), in the velocity's own dtype (quirk Q6)."""
+    if v_cond.dtype != v_uncond.dtype:
+        raise ValueError(f"cond and uncond velocities differ in dtype ({v_cond.dtype} vs {v_uncond.dtype})")
+    return v_uncond + scale * (v_cond - v_uncond)
+
+
+@dataclass(frozen=True)
+class LatentShape:
+    """The latent tensor shape for a request, and the request after the reference's rounding."""
+    shape: tuple[int, int, int, int, int]  # (B, T, C, h, w)
+    num_frames: int   # frames actually produced (after rounding down to whole 17-frame chunks, at least 1)
+    height: int       # pixels, multiple of the spatial factor
+    width: int
+    rounded: bool     # True when the request was changed by rounding (a CLI should say so)
+
+    @property
+    def tokens(self) -> int:
+        """DiT sequence length per sample: T * h * w."""
+        _, t, _, h, w = self.shape
+        return t * h * w
+
+
+def latent_shape(num_frames: int, height: int, width: int, batch: int = 1, channels: int = 64,
+                 frames_per_chunk: int = 17, latents_per_chunk: int = 3, spatial: int = 16) -> LatentShape:
+    """Latent shape as the reference `check_inputs` + `prepare_latents` compute it (§5.3)."""
+    for name, value in (("num_frames", num_frames), ("height", height), ("width", width), ("batch", batch)):
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
+    frames = max(num_frames // frames_per_chunk * frames_per_chunk, 1)
+    h_px = max(height // spatial * spatial, spatial)
+    w_px = max(width // spatial * spatial, spatial)
+    t = max(frames // frames_per_chunk * latents_per_chunk, 1)
+    shape = (batch, t, channels, h_px // spatial, w_px // spatial)
+    rounded = (frames, h_px, w_px) != (num_frames, height, width)
+    return LatentShape(shape, frames, h_px, w_px, rounded)
+
+
+def initial_noise(shape: tuple[int, ...], seed: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Standard normal noise drawn on the CPU from a generator seeded with `seed`, so a seed gives the same
+    noise on every machine. Default dtype bf16 like the reference (it draws bf16 directly, then the first Euler
+    step promotes to float32); with seed REFERENCE_NOISE_SEED this is the reference's noise when it runs on CPU
+    (its CUDA noise differs: different generator). Returned on the CPU; move it to the device yourself."""
+    if not isinstance(seed, int) or isinstance(seed, bool) or not _SEED_MIN <= seed <= _SEED_MAX:
+        raise ValueError(f"seed must be an integer in [{_SEED_MIN}, {_SEED_MAX}], got {seed!r}")
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.randn(shape, generator=generator, dtype=dtype, device="cpu")
