@@ -9,15 +9,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .layers import empty_embedding
 from ..config import ClipConfig
 
 
 class BertEmbeddings(nn.Module):
     def __init__(self, cfg: ClipConfig):
         super().__init__()
-        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
-        self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
+        self.word_embeddings = empty_embedding(cfg.vocab_size, cfg.hidden_size)
+        self.position_embeddings = empty_embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.token_type_embeddings = empty_embedding(cfg.type_vocab_size, cfg.hidden_size)
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ConfigError, StepLLMConfig
-from .layers import RMSNorm
+from .layers import RMSNorm, empty_embedding
 
 DEFAULT_SCORE_BUDGET_BYTES = 64 * 2**20   # float32 scores held at once per attention call
 FFN_MULTIPLE_OF = 256
@@ -115,7 +115,7 @@ class TransformerBlock(nn.Module):
 class Embedding(nn.Module):
     def __init__(self, cfg: StepLLMConfig):
         super().__init__()
-        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.word_embeddings = empty_embedding(cfg.vocab_size, cfg.hidden_size)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.word_embeddings(input_ids)
