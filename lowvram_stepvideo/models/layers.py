@@ -15,3 +15,8 @@ class RMSNorm(nn.Module):
         xf = x.float()
         normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return normed.type_as(x) * self.weight
+
+
+def empty_embedding(num: int, dim: int) -> nn.Embedding:
+    """An embedding without the random init (it is loaded anyway; init on meta takes seconds in torch)."""
+    return nn.Embedding(num, dim, _weight=torch.empty(num, dim))
