@@ -14,6 +14,7 @@ from typing import Callable, Iterable
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 SAFETENSORS_DTYPES = {
     "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
@@ -54,10 +55,21 @@ class SafetensorsFile:
             raw = raw.clone()  # misaligned writer: copy rather than fail
         return raw.view(ref.dtype).view(ref.shape)
 
+    def read(self, name: str) -> torch.Tensor:
+        """A private in-memory copy read with plain file reads, for tensors that get cast anyway: unlike reading
+        through the mapping, this leaves no file pages resident in the process."""
+        ref = self.refs[name]
+        buf = torch.empty(ref.nbytes, dtype=torch.uint8)
+        with open(self.path, "rb") as f:
+            f.seek(ref.start)
+            if f.readinto(memoryview(buf.numpy())) != ref.nbytes:
+                raise CheckpointError(f"{self.path}: truncated at tensor {name}; re-download this file")
+        return buf.view(ref.dtype).view(ref.shape)
+
 
 def _read_header(path: Path) -> tuple[dict[str, TensorRef], dict[str, str]]:
     if not path.is_file():
-        raise CheckpointError(f"{path}: file not found")
+        raise CheckpointError(f"{path}: file not found; re-download it")
     size = path.stat().st_size
     try:
         with open(path, "rb") as f:
@@ -67,18 +79,35 @@ def _read_header(path: Path) -> tuple[dict[str, TensorRef], dict[str, str]]:
             header = json.loads(f.read(n))
     except (OSError, ValueError, struct.error, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e}); re-download it") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: not a safetensors header (JSON {type(header).__name__}); re-download it")
     metadata = header.pop("__metadata__", None) or {}
     refs, end = {}, 0
     for name, info in header.items():
-        dtype = SAFETENSORS_DTYPES.get(info.get("dtype"))
-        if dtype is None:
-            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {info.get('dtype')!r}")
-        lo, hi = info["data_offsets"]
-        refs[name] = TensorRef(path, dtype, tuple(info["shape"]), 8 + n + lo, hi - lo)
-        end = max(end, 8 + n + hi)
+        refs[name] = _tensor_ref(path, name, info, 8 + n)
+        end = max(end, refs[name].start + refs[name].nbytes)
     if size < end:
         raise CheckpointError(f"{path}: truncated ({size} bytes, header needs {end}); re-download this file")
     return refs, metadata
+
+
+def _tensor_ref(path: Path, name: str, info, data_start: int) -> TensorRef:
+    """One header entry, checked so that a corrupt header fails here rather than as a torch error mid-load."""
+    try:
+        dtype = SAFETENSORS_DTYPES.get(info.get("dtype"))
+        shape = tuple(int(d) for d in info["shape"])
+        lo, hi = (int(o) for o in info["data_offsets"])
+    except (AttributeError, KeyError, TypeError, ValueError):
+        raise CheckpointError(f"{path}: corrupt header entry for tensor {name}; re-download this file") from None
+    if dtype is None:
+        raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {info.get('dtype')!r}")
+    numel = 1
+    for d in shape:
+        numel *= d
+    if min(shape, default=0) < 0 or lo < 0 or hi - lo != numel * dtype.itemsize:
+        raise CheckpointError(f"{path}: corrupt header, tensor {name} shape {list(shape)} does not fit its bytes "
+                              f"[{lo}, {hi}); re-download this file")
+    return TensorRef(path, dtype, shape, data_start + lo, hi - lo)
 
 
 class PickleFile:
@@ -98,6 +127,8 @@ class PickleFile:
 
     def tensor(self, name: str) -> torch.Tensor:
         return self._sd[name]
+
+    read = tensor  # torch.load has already mapped the file
 
 
 class WeightSource:
@@ -120,35 +151,59 @@ class WeightSource:
     def tensor(self, name: str) -> torch.Tensor:
         return self.where[name].tensor(name)
 
+    def read(self, name: str) -> torch.Tensor:
+        return self.where[name].read(name)
+
 
 def open_weights(folder: Path, stems: tuple[str, ...]) -> WeightSource:
     """Find the weights of a component: `{stem}.safetensors.index.json`, `{stem}.safetensors` or `{stem}.bin`
     for each stem in order (e.g. ("diffusion_pytorch_model",) or ("model", "pytorch_model"))."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise CheckpointError(f"{folder}: folder not found")
+        raise CheckpointError(f"{folder}: folder not found; check the path")
     for stem in stems:
         index = folder / f"{stem}.safetensors.index.json"
         if index.is_file():
-            return WeightSource([SafetensorsFile(folder / s) for s in _shards(index)], str(folder))
+            return WeightSource([_shard(folder / s, index) for s in _shards(index)], str(folder))
         if (folder / f"{stem}.safetensors").is_file():
             return WeightSource([SafetensorsFile(folder / f"{stem}.safetensors")], str(folder))
         if (folder / f"{stem}.bin").is_file():
             return WeightSource([PickleFile(folder / f"{stem}.bin")], str(folder))
-    names = ", ".join(f"{s}.safetensors[.index.json]" for s in stems)
-    raise CheckpointError(f"{folder}: no weights found (expected {names}); is this the right folder?")
+    names = ", ".join(f"{s}.safetensors" for s in stems) + " or the .safetensors.index.json / .bin of that name"
+    raise CheckpointError(f"{folder}: no weights found (expected {names}); wrong folder, or re-download the "
+                          "missing file")
+
+
+def _shard(path: Path, index: Path) -> SafetensorsFile:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: shard listed in {index.name} not found; incomplete download, re-download it")
+    return SafetensorsFile(path)
 
 
 def _shards(index: Path) -> list[str]:
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{index}: not a readable shard index ({e})") from None
+        raise CheckpointError(f"{index}: not a readable shard index ({e}); re-download it") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(s, str) for s in weight_map.values()):
+        raise CheckpointError(f"{index}: weight_map is not a name -> file mapping; re-download it")
     return list(dict.fromkeys(weight_map.values()))
 
 
+class _SkipRandomInit(TorchFunctionMode):
+    """Parameter init is wasted on meta tensors, and the first `normal_` on meta costs seconds (torch builds its
+    decompositions); nn.Embedding's init calls it."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        target = args[0] if args else kwargs.get("tensor")  # nn.init.normal_ passes it by keyword
+        if getattr(func, "__name__", None) == "normal_" and getattr(target, "is_meta", False):
+            return target
+        return func(*args, **kwargs)
+
+
 def build_on_meta(factory: Callable[[], nn.Module]) -> nn.Module:
-    with torch.device("meta"):
+    with torch.device("meta"), _SkipRandomInit():
         return factory()
 
 
@@ -170,38 +225,50 @@ def match_weights(module: nn.Module, source: WeightSource,
     if missing:
         raise CheckpointError(f"{source.label}: missing tensor {missing[0]} (shape {list(wanted[missing[0]])})"
                               f"{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}; "
-                              "incomplete download or wrong folder?")
+                              "re-download the weights, or use the config.json that came with them")
     unexpected = [found[k] for k in found if k not in wanted]
     if unexpected:
         raise CheckpointError(f"{source.label}: unexpected tensor {unexpected[0]} in "
-                              f"{source.ref(unexpected[0]).file.name}; wrong folder or config?")
+                              f"{source.ref(unexpected[0]).file.name}; wrong folder, or use the config.json that "
+                              "came with these weights")
     for name, shape in wanted.items():
         ref = source.ref(found[name])
         if ref.shape != shape:
             raise CheckpointError(f"{ref.file}: tensor {found[name]} has shape {list(ref.shape)}, the config "
-                                  f"expects {list(shape)}; config.json and weights do not match")
+                                  f"expects {list(shape)}; config.json does not match the weights (use the one "
+                                  "that came with them)")
     return {name: found[name] for name in wanted}
 
 
 def load_weights(module: nn.Module, source: WeightSource, dtype: torch.dtype,
-                 rename: Callable[[str], str | None] = lambda k: k) -> nn.Module:
+                 rename: Callable[[str], str | None] = lambda k: k,
+                 reader: Callable[[TensorRef], torch.Tensor] | None = None) -> nn.Module:
     """Strictly match `source` to `module`, then assign memory-mapped tensors (built-on-meta modules).
 
     Floating tensors are cast to `dtype` (a no-op view when the file already has it); integer and fp8 tensors
-    (quantized weights) are kept as stored.
+    (quantized weights) and the float32 scales of quantized linears are kept as stored. `reader` replaces the
+    memory-mapped read (the memory planner passes one that makes data-free tensors).
     """
     keys = match_weights(module, source, rename)
+    keep = _attach_quantization(module, source)  # already swapped by match_weights; names keeping their dtype
     state = {}
     for name, key in keys.items():
-        t = source.tensor(key)
-        state[name] = t.to(dtype) if t.is_floating_point() and t.dtype.itemsize > 1 else t
+        ref = source.ref(key)
+        cast = ref.dtype.is_floating_point and ref.dtype.itemsize > 1 and name not in keep and ref.dtype != dtype
+        if reader is not None:
+            t = reader(ref)
+        else:
+            t = source.read(key) if cast else source.tensor(key)  # a cast copies anyway: no mapped pages kept
+        state[name] = t.to(dtype) if t.is_floating_point() and t.dtype.itemsize > 1 and name not in keep else t
     module.load_state_dict(state, strict=True, assign=True)
     module.weight_refs = {name: source.ref(key) for name, key in keys.items()}  # where each tensor lives on disk
     return module.eval().requires_grad_(False)
 
 
-def _attach_quantization(module: nn.Module, source: WeightSource) -> None:
-    """A quantized folder records its scheme in the safetensors metadata; swap the module's linears to match."""
-    if "lowvram_quant" in source.metadata:
-        from . import quant  # only quantized folders need it
-        quant.prepare_module(module, source.metadata)
+def _attach_quantization(module: nn.Module, source: WeightSource) -> set[str]:
+    """A quantized folder records its scheme in the safetensors metadata; swap the module's linears to match.
+    Idempotent. Returns the state-dict names that keep their stored dtype (empty for a float folder)."""
+    if "lowvram_quant" not in source.metadata:
+        return set()
+    from . import quant  # only quantized folders need it
+    return quant.prepare_module(module, source.metadata)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .checkpoint import CheckpointError, WeightSource, build_on_meta, load_weights, match_weights, open_weights
-from .config import ClipConfig, DiTConfig, StepLLMConfig, VAEConfig
+from .config import ClipConfig, ConfigError, DiTConfig, StepLLMConfig, VAEConfig
 
 
 @dataclass
@@ -26,14 +26,26 @@ class Component:
     def check(self) -> None:
         match_weights(self.module, self.source, self.rename)
 
-    def load(self, dtype: torch.dtype, device="cpu") -> nn.Module:
-        return load_weights(self.module, self.source, dtype, self.rename).to(device)
+    def load(self, dtype: torch.dtype, device="cpu", reader=None) -> nn.Module:
+        model = load_weights(self.module, self.source, dtype, self.rename, reader)
+        return model if torch.device(device).type == "cpu" else model.to(device)
+
+
+def _read_config(read: Callable[[Path], object], folder: Path, component: str):
+    """A component's config; errors also say which folder was expected (the usual cause is a wrong path)."""
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: folder not found; pass the {component} folder of a Step-Video model")
+    try:
+        return read(folder)
+    except ConfigError as e:
+        raise ConfigError(f"{e}; pass the {component} folder of a Step-Video model "
+                          "(or re-download a missing file)") from None
 
 
 def open_dit(folder: Path) -> Component:
     from .models.dit import StepVideoModel
     folder = Path(folder)
-    cfg = DiTConfig.from_file(folder / "config.json")
+    cfg = _read_config(lambda f: DiTConfig.from_file(f / "config.json"), folder, "transformer/")
     source = open_weights(folder, ("diffusion_pytorch_model", "model"))
     return Component(build_on_meta(lambda: StepVideoModel(cfg)), source)
 
@@ -41,7 +53,7 @@ def open_dit(folder: Path) -> Component:
 def open_step_llm(folder: Path) -> Component:
     from .models.step_llm import Step1Model
     folder = Path(folder)
-    cfg = StepLLMConfig.from_file(folder / "config.json")
+    cfg = _read_config(lambda f: StepLLMConfig.from_file(f / "config.json"), folder, "step_llm/")
     source = open_weights(folder, ("model",))
     return Component(build_on_meta(lambda: Step1Model(cfg)), source)
 
@@ -52,7 +64,7 @@ def open_clip(folder: Path) -> Component:
     folder = Path(folder)
     if (folder / "clip_text_encoder").is_dir():
         folder = folder / "clip_text_encoder"
-    cfg = ClipConfig.from_file(folder / "config.json")
+    cfg = _read_config(lambda f: ClipConfig.from_file(f / "config.json"), folder, "hunyuan_clip/")
     source = open_weights(folder, ("model", "pytorch_model"))
     with_pooler = any((_strip_bert(k) or "").startswith("pooler.") for k in source.keys())
     return Component(build_on_meta(lambda: BertModel(cfg, with_pooler=with_pooler)), source, _strip_bert)
@@ -67,7 +79,7 @@ def open_vae(folder: Path) -> Component:
     """The decoder is required; the encoder is built only when the config says so and its weights exist."""
     from .models.vae import AutoencoderKL
     folder = Path(folder)
-    cfg = VAEConfig.from_folder(folder)
+    cfg = _read_config(VAEConfig.from_folder, folder, "vae/")
     source = open_weights(folder, ("vae_v2", "vae", "model"))
     with_encoder = cfg.encoder.present and any(k.startswith("encoder.") for k in source.keys())
     rename = _vae_rename if with_encoder else _vae_rename_decoder_only

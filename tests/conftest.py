@@ -41,3 +41,23 @@ def manifest_shapes(component: str) -> dict[str, tuple[int, ...]]:
     import json
     raw = json.loads((RELEASE / "state_dict_manifest.json").read_text())[component]
     return {e["key"]: tuple(e["shape"]) for e in raw["keys"]}
+
+
+def complete_model_dir(fixture_dir: Path, tmp_path: Path) -> Path:
+    """The fixture's model_dir plus the release tokenizers (fixtures ship none), as links in tmp_path."""
+    src, dst = fixture_dir / "model_dir", tmp_path / "model_dir"
+    dst.mkdir()
+    for item in src.iterdir():
+        (dst / item.name).symlink_to(item)
+    step = dst / "step_llm"
+    step.unlink()
+    step.mkdir()
+    for item in (src / "step_llm").iterdir():
+        (step / item.name).symlink_to(item)
+    (step / "step1_chat_tokenizer.model").symlink_to(RELEASE_MODEL / "step_llm" / "step1_chat_tokenizer.model")
+    clip = dst / "hunyuan_clip"
+    clip.unlink()
+    clip.mkdir()
+    (clip / "clip_text_encoder").symlink_to(src / "hunyuan_clip" / "clip_text_encoder")
+    (clip / "tokenizer").symlink_to(RELEASE_MODEL / "hunyuan_clip" / "tokenizer")
+    return dst
