@@ -1,0 +1,58 @@
+#!/usr/bin/env python3
+"""Quantize a Step-Video-T2V release folder to int8 or fp8 weights, once, offline.
+
+    python quantize.py --model-dir ./stepvideo-t2v --out ./stepvideo-t2v-int8 --format int8 [--verify]
+
+The output folder has the release layout and opens exactly like the release. An interrupted run resumes when the
+same command is given again. See lowvram_stepvideo/quantize_folder.py (folder conversion) and quant.py (scheme).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+    ap.add_argument("--model-dir", type=Path, required=True, help="release folder (holds model_index.json)")
+    ap.add_argument("--out", type=Path, required=True, help="new folder to create (outside --model-dir)")
+    ap.add_argument("--format", required=True, help="int8 or fp8 (e4m3); both use per-output-channel scales")
+    ap.add_argument("--components", default="transformer,step_llm,hunyuan_clip",
+                    help="comma-separated components to quantize: transformer, step_llm, hunyuan_clip "
+                         "(default: all three; a CLIP left out is still converted to float32 safetensors)")
+    ap.add_argument("--force", action="store_true", help="replace --out if it exists")
+    ap.add_argument("--verify", action="store_true", help="print the error of sampled quantized layers")
+    ap.add_argument("--shard-size-mb", type=int, default=4096, help="largest output shard (default 4096)")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from tqdm import tqdm
+
+    from lowvram_stepvideo.checkpoint import CheckpointError
+    from lowvram_stepvideo.quantize_folder import format_verify_table, quantize_folder
+
+    def log(message: str) -> None:
+        tqdm.write(message, file=sys.stderr)
+
+    try:
+        result = quantize_folder(args.model_dir, args.out, args.format, args.components, args.force, args.verify,
+                                 max(1, args.shard_size_mb) * 2**20, log)
+    except (CheckpointError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"interrupted; run the same command again to resume from {args.out}.partial", file=sys.stderr)
+        return 130
+    rate = result.source_bytes / max(result.seconds, 1e-9) / 1e6
+    print(f"wrote {args.out}: {len(result.written)} shards written, {len(result.reused)} reused, "
+          f"{result.source_bytes / 1e9:.2f} GB converted in {result.seconds:.1f} s ({rate:.0f} MB/s)")
+    if result.verify_rows:
+        print(format_verify_table(result.verify_rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
