@@ -1,0 +1,13 @@
+#!/usr/bin/env python3
+"""Text to video with Step-Video-T2V on one GPU (or the CPU).
+
+    python generate.py --model-dir ./stepvideo-t2v-int8 --profile 24gb --prompt "..." --output out.mp4
+    python generate.py --demo --prompt "a cat playing piano"
+
+Run with --help for every option.
+"""
+import sys
+
+if __name__ == "__main__":
+    from lowvram_stepvideo.cli import main
+    sys.exit(main(sys.argv[1:]))

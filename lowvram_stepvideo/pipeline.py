@@ -1,0 +1,251 @@
+"""Text to video in phases that never share the device: text encoders -> free -> denoise -> free -> decode.
+
+Each phase loads its network from the memory-mapped folder, places it per the profile (whole on the device, or
+blocks streamed), runs, and gives the device back before the next phase starts.
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+import sys
+import time
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+from .attention import use_attention_backend
+from .embed_cache import EmbeddingCache, model_identity
+from .model_folder import ModelFolder, open_model_folder
+from .models.dit import set_ffn_chunk
+from .offload import attach_streaming, device_memory_report, offload_component, to_device
+from .profiles import Profile, load_profile
+from .sampling import cfg_combine, dit_timestep, euler_step, flow_sigmas, initial_noise, latent_shape
+from .tiling import decode_with_fallback, halving_tiles
+from .video import postprocess
+
+# Suffixes the reference appends to every prompt / uses as the negative prompt (its config.py defaults).
+POS_MAGIC = "超高清、HDR 视频、环境光、杜比全景声、画面稳定、流畅动作、逼真的细节、专业级构图、超现实主义、自然、生动、超细节、清晰。"
+NEG_MAGIC = "画面暗、低分辨率、不良手、文本、缺少手指、多余的手指、裁剪、低质量、颗粒状、签名、水印、用户名、模糊。"
+RELEASE_DEFAULTS = {"steps": 50, "cfg": 9.0, "shift": 13.0}
+TURBO_DEFAULTS = {"steps": 15, "cfg": 5.0, "shift": 17.0}
+CLIP_TOKENS = 77
+GiB = 2**30
+
+Embeds = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # y (2, S, D), y_mask (2, 77+S), clip (2, 77, Dc)
+StepCallback = Callable[[int, torch.Tensor], None]         # (steps done, latents float32)
+
+
+class StepVideoPipeline:
+    """`pipe(prompt=...)` -> frames; see `__call__`. Phase timings land in `self.timings`."""
+
+    def __init__(self, folder: ModelFolder, profile: Profile, device=None, cache: EmbeddingCache | None = None,
+                 log: Callable[[str], None] | None = None, progress: bool = True):
+        self.folder, self.profile = folder, profile
+        self.device = torch.device(device or profile.device)
+        self.dtype = profile.torch_dtype
+        self.cache, self.progress = cache, progress
+        self.log = log or (lambda msg: print(msg, file=sys.stderr))
+        self.timings: dict[str, float] = {}
+        self.phase_hook: Callable[[str, str], None] | None = None   # (phase, "start"|"end"), used by the planner
+        self.reader = None            # tensor reader for loading (the planner substitutes fake tensors)
+        self.planning = False         # True under the memory planner (see plan.py)
+
+    @classmethod
+    def from_pretrained(cls, model_dir, profile: str | Profile = "cpu", **kwargs) -> "StepVideoPipeline":
+        profile = profile if isinstance(profile, Profile) else load_profile(profile)
+        return cls(open_model_folder(model_dir), profile, **kwargs)
+
+    @property
+    def defaults(self) -> dict:
+        return TURBO_DEFAULTS if self.folder.turbo else RELEASE_DEFAULTS
+
+    @torch.inference_mode()
+    def __call__(self, prompt: str | None = None, negative_prompt: str | None = None, num_frames: int = 204,
+                 height: int = 544, width: int = 992, num_inference_steps: int | None = None,
+                 guidance_scale: float | None = None, time_shift: float | None = None, seed: int = 0,
+                 output_type: str = "uint8", prompt_embeds: Embeds | None = None, latents: torch.Tensor | None = None,
+                 pos_magic: str = POS_MAGIC, start_step: int = 0, step_callback: StepCallback | None = None):
+        """output_type: "latent" (final latents, float32), "video" (decoded (B, T, 3, H, W)) or "uint8" (frames
+        (T, H, W, 3) after the reference post-processing). `latents` is the initial noise, or the latents after
+        `start_step` steps when resuming. `prompt_embeds` replaces the text phase."""
+        if output_type not in ("latent", "video", "uint8"):
+            raise ValueError(f"output_type must be 'latent', 'video' or 'uint8', got {output_type!r}")
+        steps = num_inference_steps or self.defaults["steps"]
+        g = self.defaults["cfg"] if guidance_scale is None else guidance_scale
+        shift = time_shift or self.defaults["shift"]
+        if prompt_embeds is None:
+            prompt_embeds = self.encode_prompt(prompt, negative_prompt, pos_magic)
+        if latents is None:
+            shape = latent_shape(num_frames, height, width, channels=self.latent_channels())
+            latents = initial_noise(shape.shape, seed)
+        latents = self.denoise(prompt_embeds, latents, flow_sigmas(steps, shift), g, start_step, step_callback)
+        if output_type == "latent":
+            return latents
+        video = self.decode(latents)
+        return video if output_type == "video" else postprocess(video)
+
+    def latent_channels(self) -> int:
+        return self.folder.open("transformer").module.cfg.in_channels
+
+    # ------------------------------------------------------------------ phases
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        if self.phase_hook:
+            self.phase_hook(name, "start")
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            gc.collect()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
+            if self.phase_hook:
+                self.phase_hook(name, "end")
+        if self.device.type == "cuda":
+            self.log(f"{name}: done in {self.timings[name]:.1f} s; {device_memory_report(self.device)}")
+
+    def load(self, component: str, dtype: torch.dtype) -> torch.nn.Module:
+        return self.folder.open(component).load(dtype, "cpu", reader=self.reader)
+
+    def place(self, model: torch.nn.Module, streaming=None) -> None:
+        """All weights on the device, or the blocks streamed per `streaming` (resident_blocks/prefetch/source)."""
+        if streaming is None or streaming.resident_blocks >= len(stream_blocks(model)):
+            to_device(model, self.device)
+            return
+        attach_streaming(model, self.device, resident=streaming.resident_blocks, prefetch=streaming.prefetch,
+                         source=streaming.source, pin_budget_bytes=int(self.profile.memory.pinned_gb * GiB),
+                         cyclic=hasattr(model, "transformer_blocks"))   # the DiT runs in a loop, step_llm once
+
+    def unplace(self, model: torch.nn.Module) -> None:
+        offload_component(model)
+
+    @contextlib.contextmanager
+    def placed(self, model: torch.nn.Module, streaming=None):
+        """The model on the device for the block; whatever happens inside (OOM included), it leaves after."""
+        try:
+            self.place(model, streaming)
+            yield model
+        finally:
+            self.unplace(model)
+
+    # ------------------------------------------------------------------ text
+
+    def encode_prompt(self, prompt: str | None, negative_prompt: str | None = None,
+                      pos_magic: str = POS_MAGIC) -> Embeds:
+        """[prompt + pos_magic, negative prompt (default: the reference's neg_magic)] -> (y, y_mask, clip)."""
+        if not prompt or not prompt.strip():
+            raise ValueError("the prompt is empty; describe the video to generate")
+        texts = [prompt + pos_magic, NEG_MAGIC if negative_prompt is None else negative_prompt]
+        cached = self.cache.get(texts) if self.cache else None
+        if cached is not None:
+            self.log("text: embeddings taken from the cache")
+            return tuple(t.to(self.device) for t in cached)
+        with self.phase("text"):
+            y, y_mask = self._run_step_llm(texts)
+            clip = self._run_clip(texts)
+        embeds = (y, y_mask, clip)
+        if self.cache and not self.planning:
+            self.cache.put(texts, embeds)
+        return embeds
+
+    def _run_step_llm(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, mask = self.folder.step_llm_tokenizer()(texts)
+        llm = self.load("step_llm", self.dtype)
+        te = self.profile.text_encoders
+        with self.placed(llm, te if te.placement == "stream" else None):
+            y = llm(ids.to(self.device), mask.to(self.device)).to(self.dtype)
+        ones = torch.ones(len(texts), CLIP_TOKENS, dtype=mask.dtype)
+        return y, torch.cat([ones, mask], dim=1).to(self.device)   # CLIP tokens come first, all attended
+
+    def _run_clip(self, texts: list[str]) -> torch.Tensor:
+        ids, mask = self.folder.clip_tokenizer()(texts)
+        clip = self.load("hunyuan_clip", torch.float32)    # the reference runs it in float32
+        with self.placed(clip):
+            return clip(ids.to(self.device), mask.to(self.device)).to(self.dtype)
+
+    def embedding_cache(self) -> EmbeddingCache:
+        files = self.folder.files("step_llm") + self.folder.files("hunyuan_clip")
+        return EmbeddingCache(model_identity(files) + f"-{self.profile.compute_dtype}")
+
+    # ------------------------------------------------------------------ denoise
+
+    def denoise(self, embeds: Embeds, latents: torch.Tensor, sigmas: torch.Tensor, guidance_scale: float,
+                start_step: int = 0, step_callback: StepCallback | None = None) -> torch.Tensor:
+        """Euler steps start_step..N-1 from `latents`; returns float32 latents on the CPU."""
+        y, y_mask, clip = (t.to(self.device) for t in embeds)
+        embeds = (y.to(self.dtype), y_mask.to(self.dtype), clip.to(self.dtype))   # mask too (quirk Q1)
+        steps = len(sigmas) - 1
+        with self.phase("denoise"):
+            dit = self.load("transformer", self.dtype)
+            with self.placed(dit, self.profile.dit), tqdm(total=steps, initial=start_step, desc="denoise",
+                                                          unit="step", disable=not self.progress) as bar:
+                set_ffn_chunk(dit, self.profile.ffn_chunk_tokens or None)
+                if not self.planning:
+                    use_attention_backend(dit, _backend(self.profile.attention), fallback=True)
+                latents = latents.to(self.device)
+                for i in range(start_step, steps):
+                    v = self._guided_velocity(dit, latents, sigmas[i], embeds, guidance_scale)
+                    latents = euler_step(latents, v, sigmas[i], sigmas[i + 1])
+                    bar.update()
+                    if step_callback:
+                        step_callback(i + 1, latents)
+            latents = latents.float().cpu()
+        return latents
+
+    def _guided_velocity(self, dit, latents, t, embeds: Embeds, scale: float) -> torch.Tensor:
+        y, y_mask, clip = embeds
+        mask = None if self.planning else y_mask   # the key mask's length depends on data: plan without it
+        x = latents.to(self.dtype)
+        if self.profile.cfg == "batch":
+            v = dit(torch.cat([x, x]), dit_timestep(t, 2, self.dtype).to(self.device), y, clip, mask)
+            v_cond, v_uncond = v.chunk(2)
+        else:
+            v_cond, v_uncond = (dit(x, dit_timestep(t, 1, self.dtype).to(self.device), y[b:b + 1], clip[b:b + 1],
+                                    None if mask is None else mask[b:b + 1]) for b in (0, 1))
+        return cfg_combine(v_cond, v_uncond, scale)
+
+    # ------------------------------------------------------------------ decode
+
+    def decode(self, latents: torch.Tensor, tile: int | None = None) -> torch.Tensor:
+        """Latents (B, T, C, h, w) -> video (B, F, 3, H, W) on the CPU, tiled per the profile; on out-of-memory
+        the finished chunks are kept and tiles get smaller."""
+        with self.phase("decode"):
+            vae = self.load("vae", self.dtype)
+            z = latents.to(self.device, self.dtype)
+            h, w = z.shape[-2:]
+            tile = tile or self.profile.vae.tile or max(h, w)
+            overlap = min(self.profile.vae.overlap, max(0, (min(tile, h, w) - 1) // 2))
+            tiles = halving_tiles(tile, overlap, (h, w))
+            with self.placed(vae), tqdm(desc="decode", unit="tile", disable=not self.progress) as bar:
+                return decode_with_fallback(vae.decode_chunk, z, tiles, overlap, on_oom=self._tile_oom,
+                                            out_device="cpu", progress=_bar_progress(bar))
+
+    def _tile_oom(self, failed: tuple, nxt: tuple) -> None:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.log(f"decode: out of memory with {failed[0]}x{failed[1]} latent tiles; "
+                 f"continuing with {nxt[0]}x{nxt[1]} (finished chunks are kept)")
+
+
+def stream_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The block stack of a DiT or step_llm."""
+    return getattr(model, "transformer_blocks", None) or model.transformer.layers
+
+
+def _backend(name: str) -> str:
+    if name != "auto":
+        return name
+    from .attention import is_available
+    return next((b for b in ("flash", "sage") if is_available(b)), "sdpa")
+
+
+def _bar_progress(bar):
+    def update(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+    return update

@@ -1,0 +1,62 @@
+"""The memory plan (--dry-run) on fake tensors: full-size targets per profile, and the demo end to end."""
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT, SHARED
+
+GiB = 2**30
+# profile -> most device memory the full-length plan may predict (204 frames, 544x992; issue targets)
+TARGETS = {"24gb": 22, "16gb": 15, "12gb": 11}
+
+
+@pytest.fixture(scope="module")
+def sparse_release(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sparse") / "stepvideo-t2v"
+    subprocess.run([sys.executable, str(SHARED / "tools" / "make_sparse_release.py"), str(out)], check=True,
+                   capture_output=True)
+    return out
+
+
+def _dry_run(model_dir, profile: str) -> tuple[dict, float]:
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, str(ROOT / "generate.py"), "--model-dir", str(model_dir), "--profile",
+                           profile, "--prompt", "a plan", "--dry-run", "--json"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout), time.perf_counter() - start
+
+
+@pytest.mark.parametrize("profile", sorted(TARGETS))
+def test_full_size_plan_fits_the_tier(sparse_release, profile):
+    plan, seconds = _dry_run(sparse_release, profile)
+    assert plan["preset"] == "204x544x992"
+    assert plan["peak_vram_bytes"] <= TARGETS[profile] * GiB, plan
+    assert set(plan["phases"]) == {"text", "denoise", "decode"}
+    host_budget = _host_budget(profile)
+    assert all(p["peak_host_bytes"] <= host_budget for p in plan["phases"].values()), plan
+    assert seconds < 120
+
+
+def _host_budget(profile: str) -> int:
+    from lowvram_stepvideo.profiles import load_profile
+    return int(load_profile(profile).memory.host_ram_gb * GiB)
+
+
+def test_plan_grows_with_the_preset_and_counts_weights(sparse_release):
+    from lowvram_stepvideo.model_folder import open_model_folder
+    from lowvram_stepvideo.plan import plan_memory
+    from lowvram_stepvideo.profiles import Preset, load_profile, with_overrides
+    folder = open_model_folder(sparse_release)
+    profile = with_overrides(load_profile("12gb"), dit_resident_blocks=0)
+    small = plan_memory(folder, profile, Preset(17, 272, 496, 1))
+    large = plan_memory(folder, profile, Preset(51, 544, 992, 1))
+    assert large.phases["denoise"].peak_vram_bytes > small.phases["denoise"].peak_vram_bytes
+    # the streamed DiT holds its top-level weights and prefetch + 1 bf16 blocks (1.2 GB each) at least
+    assert small.phases["denoise"].peak_vram_bytes > 3 * 1.2e9
+    more = plan_memory(folder, with_overrides(profile, dit_resident_blocks=2), Preset(17, 272, 496, 1))
+    grown = more.phases["denoise"].peak_vram_bytes - small.phases["denoise"].peak_vram_bytes
+    assert abs(grown - 2 * 604_041_728 * 2) < 0.01 * grown    # two more bf16 blocks resident
