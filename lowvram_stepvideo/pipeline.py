@@ -115,9 +115,11 @@ class StepVideoPipeline:
         if streaming is None or streaming.resident_blocks >= len(stream_blocks(model)):
             to_device(model, self.device)
             return
-        attach_streaming(model, self.device, resident=streaming.resident_blocks, prefetch=streaming.prefetch,
-                         source=streaming.source, pin_budget_bytes=int(self.profile.memory.pinned_gb * GiB),
-                         cyclic=hasattr(model, "transformer_blocks"))   # the DiT runs in a loop, step_llm once
+        engine = attach_streaming(model, self.device, resident=streaming.resident_blocks,
+                                  prefetch=streaming.prefetch, source=streaming.source,
+                                  pin_budget_bytes=int(self.profile.memory.pinned_gb * GiB),
+                                  cyclic=hasattr(model, "transformer_blocks"))   # the DiT runs in a loop
+        self.log(f"{type(model).__name__}: {engine.summary()}")
 
     def unplace(self, model: torch.nn.Module) -> None:
         offload_component(model)

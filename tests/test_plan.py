@@ -60,3 +60,29 @@ def test_plan_grows_with_the_preset_and_counts_weights(sparse_release):
     more = plan_memory(folder, with_overrides(profile, dit_resident_blocks=2), Preset(17, 272, 496, 1))
     grown = more.phases["denoise"].peak_vram_bytes - small.phases["denoise"].peak_vram_bytes
     assert abs(grown - 2 * 604_041_728 * 2) < 0.01 * grown    # two more bf16 blocks resident
+
+
+def test_plan_matches_a_measured_cpu_run(tmp_path, monkeypatch):
+    """The plan (fake tensors, 'meta' as the device) against the same run on real tensors, counted by the same
+    accountant: on the CPU device and host are one, so planned device + host is compared with measured bytes."""
+    import torch
+
+    from lowvram_stepvideo.demo import DEMO_PRESET, build_demo_model
+    from lowvram_stepvideo.memory import ByteAccountant
+    from lowvram_stepvideo.model_folder import open_model_folder
+    from lowvram_stepvideo.pipeline import StepVideoPipeline
+    from lowvram_stepvideo.plan import plan_memory
+    from lowvram_stepvideo.profiles import load_profile
+    monkeypatch.setenv("LOWVRAM_STEPVIDEO_CACHE", str(tmp_path))
+    folder, profile = open_model_folder(build_demo_model()), load_profile("cpu")
+    plan = plan_memory(folder, profile, DEMO_PRESET)
+    acc, measured = ByteAccountant(), {}
+    pipe = StepVideoPipeline(folder, profile, progress=False, log=lambda msg: None)
+    pipe.phase_hook = lambda name, event: acc.reset_peak() if event == "start" else \
+        measured.__setitem__(name, acc.peak["cpu"])
+    with acc, torch.inference_mode():
+        pipe(prompt="a cat", num_frames=DEMO_PRESET.frames, height=DEMO_PRESET.height, width=DEMO_PRESET.width,
+             num_inference_steps=1, output_type="video")
+    for name, phase in plan.phases.items():
+        planned = phase.peak_vram_bytes + phase.peak_host_bytes
+        assert abs(planned - measured[name]) <= 0.10 * measured[name], (name, planned, measured[name])
