@@ -15,19 +15,14 @@ import logging
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from .models.layers import sdpa
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("sdpa", "flash", "sage")
 INSTALL_HINT = {"flash": "pip install flash-attn", "sage": "pip install sageattention"}
-
-
-def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    attn_mask = None if mask is None else mask[:, None, None, :]  # (B, Sk) -> (B, 1, 1, Sk): all heads and queries
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask)
-    return out.transpose(1, 2)  # (B, H, Sq, D) -> (B, Sq, H, D)
 
 
 @functools.cache

@@ -9,8 +9,8 @@ from lowvram_stepvideo.checkpoint import build_on_meta
 from lowvram_stepvideo.config import DiTConfig
 from lowvram_stepvideo.models import load_dit
 from lowvram_stepvideo.models.dit import (FeedForward, StepVideoModel, StepVideoTransformerBlock, cross_attention_mask,
-                                          rope_tables, set_ffn_chunk)
-from lowvram_stepvideo.models.layers import RMSNorm
+                                          rope_tables, set_attention_head_chunk, set_ffn_chunk)
+from lowvram_stepvideo.models.layers import RMSNorm, row_projector
 
 ATOL = 1e-4
 INPUTS = ("hidden_states", "timestep", "encoder_hidden_states", "encoder_hidden_states_2", "encoder_attention_mask")
@@ -132,6 +132,180 @@ def test_attention_backend_switch(fixture_dir):
     attend = {m.attend for m in model.modules() if hasattr(m, "attend")}
     assert attend == {attention.sdpa} and len([m for m in model.modules() if hasattr(m, "attend")]) == \
         2 * len(model.transformer_blocks)
+
+
+# ------------------------------------------------------------------ memory knobs: head groups and token runs
+
+CHUNK_ATOL = 1e-5  # matmuls over fewer rows or columns may sum in another order: equal up to float32 rounding
+
+
+def _max_diff(a, b) -> float:
+    return (a.float() - b.float()).abs().max().item()
+
+
+def _record_widths(model, names):
+    """Output widths of every call of the named submodules; call `remove()` on the returned handles."""
+    widths, handles = {n: [] for n in names}, []
+    for n in names:
+        hook = lambda m, a, out, n=n: widths[n].append(out.shape[-1])  # noqa: E731
+        handles.append(model.get_submodule(n).register_forward_hook(hook))
+    return widths, handles
+
+
+def _random_dit(num_heads: int) -> tuple[StepVideoModel, list[torch.Tensor]]:
+    """A one-block DiT with random weights and matching inputs (batch 2, ragged text mask)."""
+    cfg = DiTConfig(num_layers=1, num_heads=num_heads, in_channels=4, out_channels=4, caption_channels=(16, 8))
+    model = StepVideoModel(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.05)
+    mask = torch.ones(2, 8)
+    mask[1, 6:] = 0
+    inputs = [torch.randn(2, 2, 4, 3, 4), torch.tensor([0.3, 0.8]), torch.randn(2, 5, 16), torch.randn(2, 3, 8), mask]
+    return model, inputs
+
+
+def test_head_and_token_chunking_same_result(fixture_dir):
+    model, t = _load(fixture_dir)
+    heads = model.cfg.num_heads
+    with torch.inference_mode():
+        plain = model(*_inputs(t))
+        for group, tokens in ((1, None), (1, 7), (max(heads - 1, 1), 4), (heads, 1), (heads + 3, None), (None, 13)):
+            set_attention_head_chunk(model, group)
+            set_ffn_chunk(model, tokens)
+            chunked = model(*_inputs(t))
+            assert _max_diff(chunked, plain) <= CHUNK_ATOL, (group, tokens)
+            _close(chunked, t["out.x"])
+
+
+def test_head_groups_project_only_their_rows():
+    """5 heads in groups of 2: q/k/v of each group come from the group's own rows of the fused weights."""
+    model, inputs = _random_dit(5)
+    names = ["transformer_blocks.0.attn1.wqkv", "transformer_blocks.0.attn2.wq", "transformer_blocks.0.attn2.wkv"]
+    widths, handles = _record_widths(model, names)
+    with torch.inference_mode():
+        plain = model(*inputs)
+        calls_plain = [list(w) for w in widths.values()]
+        for w in widths.values():
+            w.clear()
+        set_attention_head_chunk(model, 2)
+        chunked = model(*inputs)
+    for h in handles:
+        h.remove()
+    assert calls_plain == [[5 * 384], [5 * 128], [5 * 256]]
+    assert list(widths.values()) == [[768, 768, 384], [256, 256, 128], [512, 512, 256]]  # heads 2 + 2 + 1
+    assert _max_diff(chunked, plain) <= CHUNK_ATOL
+
+
+def test_head_groups_slice_quantized_linears(fixture_dir):
+    from lowvram_stepvideo.quant import QuantLinear, get_format, plan_quantization, quantize_model
+    model, t = _load(fixture_dir)
+    names = [n for n, _ in model.named_parameters()]
+    quantize_model(model, get_format("int8"), plan_quantization("transformer", names))
+    assert isinstance(model.transformer_blocks[0].attn1.wqkv, QuantLinear)
+    heads = model.cfg.num_heads
+    with torch.inference_mode():
+        plain = model(*_inputs(t))
+        set_attention_head_chunk(model, 1)
+        widths, handles = _record_widths(model, ["transformer_blocks.0.attn1.wqkv", "transformer_blocks.0.attn2.wkv"])
+        chunked = model(*_inputs(t))
+    for h in handles:
+        h.remove()
+    assert list(widths.values()) == [[384] * heads, [256] * heads]
+    assert _max_diff(chunked, plain) <= CHUNK_ATOL
+
+
+def test_row_projector_slices_per_row_layers_and_falls_back():
+    x = torch.randn(3, 6)
+
+    class TensorScaled(torch.nn.Module):  # one scale for the whole weight: its rows cannot be taken alone
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(10, 6))
+            self.scale = torch.nn.Parameter(torch.tensor(0.5))
+
+        def forward(self, x):
+            return torch.nn.functional.linear(x, self.weight * self.scale)
+
+    for layer, calls_expected in ((torch.nn.Linear(6, 10), [3, 7]), (TensorScaled(), [10])):
+        with torch.no_grad():
+            full = layer(x)
+            widths, handles = _record_widths(layer, [""])
+            part = row_projector(layer, x)
+            got = torch.cat([part(0, 3), part(3, 10)], dim=-1)
+        handles[0].remove()
+        assert widths[""] == calls_expected
+        torch.testing.assert_close(got, full, rtol=0, atol=1e-6)
+
+
+def test_chunked_blocks_leave_their_input_untouched(fixture_dir):
+    """Blocks update their own tensors in place; the hidden state they were given must stay as it was."""
+    model, t = _load(fixture_dir)
+    seen = []
+    pre = [b.register_forward_pre_hook(lambda m, args: seen.append((args[0], args[0].clone())))
+           for b in model.transformer_blocks]
+    with torch.inference_mode():
+        for group, tokens in ((None, None), (1, 5)):
+            set_attention_head_chunk(model, group)
+            set_ffn_chunk(model, tokens)
+            model(*_inputs(t))
+    for h in pre:
+        h.remove()
+    assert len(seen) == 2 * len(model.transformer_blocks)
+    assert all(torch.equal(given, copy) for given, copy in seen)
+
+
+def test_knob_setters_reach_every_module_and_validate():
+    model, _ = _random_dit(2)
+    set_ffn_chunk(model, 64)
+    set_attention_head_chunk(model, 1)
+    block = model.transformer_blocks[0]
+    assert [m.chunk_tokens for m in (model, block, block.attn1, block.attn2, block.ff)] == [64] * 5
+    assert (block.attn1.head_chunk, block.attn2.head_chunk) == (1, 1)
+    set_attention_head_chunk(model, None)
+    assert (block.attn1.head_chunk, block.attn2.head_chunk) == (None, None)
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match="positive"):
+            set_attention_head_chunk(model, bad)
+
+
+def _fused_attention(q, k, v, mask=None):
+    return torch.empty_like(q)  # what the memory planner models: a fused kernel allocating only its output
+
+
+def _block_peak_units(block, seq: int, tokens, heads) -> float:
+    """Peak bytes of the tensors alive during one block forward on fake tensors (plan.py's accounting), the input
+    hidden state included, in units of one (1, seq, D) bf16 tensor."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from lowvram_stepvideo.memory import ByteAccountant
+    set_ffn_chunk(block, tokens)
+    set_attention_head_chunk(block, heads)
+    acc, dim = ByteAccountant(), block.dim
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        small = [torch.empty(shape, dtype=torch.bfloat16, device="meta") for shape in
+                 ((1, 20, dim), (1, 6 * dim), (seq, 128), (seq, 128))]  # enc, mod, rope cos, sin
+        with acc, torch.inference_mode():
+            h = torch.empty(1, seq, dim, dtype=torch.bfloat16, device="meta")
+            block(h, small[0], small[1], None, small[2], small[3])
+    return acc.peak["meta"] / (seq * dim * 2)
+
+
+def test_chunking_bounds_block_activations():
+    """Knobs off: whole-sequence temporaries (~11 units). Token runs: input, modulated input, fused qkv (3) and
+    attention output. Token runs + head groups of g: 3 units (input, modulated input, attention buffer) plus one
+    group's q/k/v and output (4g/H). Slack: per-run temporaries and a weight view the accountant counts
+    (the FFN weight is 0.25 units here)."""
+    heads, seq, slack = 8, 16384, 0.25
+    block = build_on_meta(lambda: StepVideoTransformerBlock(DiTConfig(num_layers=1, num_heads=heads)))
+    block = block.to(torch.bfloat16)
+    for m in block.modules():
+        if hasattr(m, "attend"):
+            m.attend = _fused_attention
+    assert _block_peak_units(block, seq, None, None) >= 10
+    assert _block_peak_units(block, seq, 2048, None) <= 6 + slack
+    for group in (1, 2):
+        assert _block_peak_units(block, seq, 2048, group) <= 3 + 4 * group / heads + slack, group
 
 
 # ------------------------------------------------------------------ full size

@@ -1,31 +1,30 @@
 """Step-Video-T2V DiT (`StepVideoModel`), docs/STEPVIDEO.md §3. Attribute names are the checkpoint keys.
 
-Runtime knobs are plain attributes set from outside: each attention module's `attend` callable (see
-`lowvram_stepvideo.attention.use_attention_backend`) and each FeedForward's `chunk_tokens` (see `set_ffn_chunk`).
+Runtime knobs are plain attributes set from outside; none of them changes the math:
+- each attention module's `attend` callable (see `lowvram_stepvideo.attention.use_attention_backend`);
+- `chunk_tokens` on the model, its blocks, attention modules and FeedForwards (see `set_ffn_chunk`): every
+  token-wise op (modulated norms, QK-norm + RoPE, attention output projections, gated residuals, FFN, final
+  layer) runs over runs of at most that many tokens, so besides a few (B, S, D) tensors nothing full-length lives;
+- `head_chunk` on the attention modules (see `set_attention_head_chunk`): attention runs for a group of heads at a
+  time, each group projecting only its own rows of the fused weights into one (B, S, H*Dh) buffer for Wo.
 Blocks take tensors only, so offload engines can attach forward-pre-hooks to them.
 """
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..config import DiTConfig
-from .layers import RMSNorm
+from .layers import RMSNorm, row_projector, sdpa
 
 ROPE_SPLIT = (64, 32, 32)   # head channels rotated by frame, height, width position (hard-coded in the release)
 ROPE_BASE = 10000.0
 SINUSOID_CHANNELS = 256
 QK_NORM_EPS = 1e-6
-
-
-def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None):
-    """Default `attend`: q (B, Sq, H, D), k/v (B, Sk, H, D), key mask (B, Sk) bool -> (B, Sq, H, D)."""
-    attn_mask = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, Sk)
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask)
-    return out.transpose(1, 2)
 
 
 # ---------------------------------------------------------------- 3D RoPE
@@ -66,6 +65,67 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + _rotate_half_per_axis(x) * sin
 
 
+# ---------------------------------------------------------------- token runs and head groups
+
+def token_runs(seq_len: int, batch: int, tokens: int | None) -> list[slice]:
+    """Runs of sequence positions covering 0..seq_len, each at most `tokens` tokens over the batch (at least one
+    position per run); a single run when `tokens` is None."""
+    step = seq_len if tokens is None else max(1, tokens // batch)
+    return [slice(i, min(i + step, seq_len)) for i in range(0, seq_len, max(step, 1))]
+
+
+def tokenwise(fn: Callable[..., torch.Tensor], tokens: int | None, *xs: torch.Tensor) -> torch.Tensor:
+    """fn(*xs) for a token-wise `fn` of (B, S, ...) tensors, computed a run of positions at a time into one new
+    output (B, S, ...), so fn's temporaries never span the whole sequence."""
+    b, s = xs[0].shape[:2]
+    runs = token_runs(s, b, tokens)
+    if len(runs) <= 1:
+        return fn(*xs)
+    first = fn(*(x[:, runs[0]] for x in xs))
+    out = first.new_empty((b, s) + tuple(first.shape[2:]))
+    out[:, runs[0]] = first
+    del first
+    for run in runs[1:]:
+        out[:, run] = fn(*(x[:, run] for x in xs))
+    return out
+
+
+def normalise_in_place(x: torch.Tensor, norm: nn.Module, tokens: int | None, cos: torch.Tensor | None = None,
+                       sin: torch.Tensor | None = None) -> None:
+    """x (B, S, G, Dh) <- norm(x), then RoPE with cos/sin (S, Dh) when given, a run of positions at a time. x may be
+    a view into a fused projection output; each run is computed in full before it is written back."""
+    for run in token_runs(x.shape[1], x.shape[0], tokens):
+        y = norm(x[:, run])
+        x[:, run] = y if cos is None else apply_rope(y, cos[run], sin[run])
+
+
+def project_in_place(linear: nn.Module, x: torch.Tensor, tokens: int | None) -> torch.Tensor:
+    """linear(x) for x (B, S, D) and a D -> D `linear`; with `tokens`, computed a run of tokens at a time and
+    written over x, which is consumed (no second full-size tensor)."""
+    x = x.contiguous()
+    rows = x.view(-1, x.shape[-1])  # (B*S, D): runs of tokens
+    if tokens is None or rows.shape[0] <= tokens:
+        return linear(x)
+    for start in range(0, rows.shape[0], tokens):
+        rows[start:start + tokens] = linear(rows[start:start + tokens])
+    return x
+
+
+def attend_in_head_groups(heads: Callable[[int, int], torch.Tensor], num_heads: int, head_dim: int,
+                          group: int | None, like: torch.Tensor) -> torch.Tensor:
+    """Attention output (B, S, H*Dh) from heads(first, last) -> (B, S, last - first, Dh), called for `group` heads
+    at a time and written into one buffer; one call for all heads (no buffer) when `group` is None or covers them.
+    `like`: a (B, S, ...) tensor giving batch, length, dtype and device."""
+    b, s = like.shape[:2]
+    if group is None or group >= num_heads:
+        return heads(0, num_heads).reshape(b, s, num_heads * head_dim)
+    out = like.new_empty((b, s, num_heads, head_dim))
+    for first in range(0, num_heads, group):
+        last = min(first + group, num_heads)
+        out[:, :, first:last] = heads(first, last)
+    return out.view(b, s, num_heads * head_dim)
+
+
 # ---------------------------------------------------------------- attention
 
 class SelfAttention(nn.Module):
@@ -76,16 +136,29 @@ class SelfAttention(nn.Module):
         self.wo = nn.Linear(dim, dim, bias=False)
         self.q_norm = RMSNorm(head_dim, QK_NORM_EPS)
         self.k_norm = RMSNorm(head_dim, QK_NORM_EPS)
-        self.attend = sdpa_attention
+        self.attend = sdpa
+        self.head_chunk: int | None = None
+        self.chunk_tokens: int | None = None
 
     def forward(self, x: torch.Tensor, rope_cos: torch.Tensor, rope_sin: torch.Tensor) -> torch.Tensor:
-        b, s, _ = x.shape
-        qkv = self.wqkv(x).view(b, s, self.num_heads, 3 * self.head_dim)  # rows interleaved per head: [q_h|k_h|v_h]
-        q, k, v = qkv.split(self.head_dim, dim=-1)                          # (B, S, H, Dh) each
-        q = apply_rope(self.q_norm(q), rope_cos, rope_sin)
-        k = apply_rope(self.k_norm(k), rope_cos, rope_sin)
-        out = self.attend(q, k, v)                                          # (B, S, H, Dh)
-        return self.wo(out.reshape(b, s, -1))
+        """x (B, S, D), rope_cos/sin (S, Dh) -> (B, S, D)."""
+        qkv_rows = row_projector(self.wqkv, x)
+        width = 3 * self.head_dim  # wqkv rows are interleaved per head: [q_h | k_h | v_h]
+
+        def heads(first: int, last: int) -> torch.Tensor:
+            return self._heads(qkv_rows(width * first, width * last), rope_cos, rope_sin)
+        out = attend_in_head_groups(heads, self.num_heads, self.head_dim, self.head_chunk, x)
+        return project_in_place(self.wo, out, self.chunk_tokens)
+
+    def _heads(self, qkv: torch.Tensor, rope_cos: torch.Tensor, rope_sin: torch.Tensor) -> torch.Tensor:
+        """qkv (B, S, G*3*Dh) of G heads -> attention output (B, S, G, Dh)."""
+        b, s, _ = qkv.shape
+        dh = self.head_dim
+        qkv = qkv.view(b, s, -1, 3 * dh)                                   # (B, S, G, 3*Dh)
+        q, k, v = (qkv[..., i * dh:(i + 1) * dh] for i in range(3))         # (B, S, G, Dh) views, written in place
+        normalise_in_place(q, self.q_norm, self.chunk_tokens, rope_cos, rope_sin)
+        normalise_in_place(k, self.k_norm, self.chunk_tokens, rope_cos, rope_sin)
+        return self.attend(q, k, v)
 
 
 class CrossAttention(nn.Module):
@@ -97,15 +170,27 @@ class CrossAttention(nn.Module):
         self.wo = nn.Linear(dim, dim, bias=False)
         self.q_norm = RMSNorm(head_dim, QK_NORM_EPS)
         self.k_norm = RMSNorm(head_dim, QK_NORM_EPS)
-        self.attend = sdpa_attention
+        self.attend = sdpa
+        self.head_chunk: int | None = None
+        self.chunk_tokens: int | None = None
 
     def forward(self, x: torch.Tensor, enc: torch.Tensor, kv_mask: torch.Tensor | None) -> torch.Tensor:
-        b, s, _ = x.shape
-        q = self.q_norm(self.wq(x).view(b, s, self.num_heads, self.head_dim))   # (B, S, H, Dh)
-        kv = self.wkv(enc).view(b, enc.shape[1], self.num_heads, 2 * self.head_dim)  # per head: [k_h|v_h]
-        k, v = kv.split(self.head_dim, dim=-1)                                 # (B, Skv, H, Dh) each
-        out = self.attend(q, self.k_norm(k), v, kv_mask)                       # (B, S, H, Dh)
-        return self.wo(out.reshape(b, s, -1))
+        """x (B, S, D), enc (B, Skv, D), kv_mask (B, Skv) bool or None -> (B, S, D)."""
+        q_rows, kv_rows = row_projector(self.wq, x), row_projector(self.wkv, enc)
+        dh = self.head_dim  # wq rows are head-major; wkv rows are interleaved per head: [k_h | v_h]
+
+        def heads(first: int, last: int) -> torch.Tensor:
+            return self._heads(q_rows(dh * first, dh * last), kv_rows(2 * dh * first, 2 * dh * last), kv_mask)
+        out = attend_in_head_groups(heads, self.num_heads, dh, self.head_chunk, x)
+        return project_in_place(self.wo, out, self.chunk_tokens)
+
+    def _heads(self, q: torch.Tensor, kv: torch.Tensor, kv_mask: torch.Tensor | None) -> torch.Tensor:
+        """q (B, S, G*Dh), kv (B, Skv, G*2*Dh) of G heads -> attention output (B, S, G, Dh)."""
+        dh = self.head_dim
+        q = q.view(q.shape[0], q.shape[1], -1, dh)                     # (B, S, G, Dh)
+        k, v = kv.view(kv.shape[0], kv.shape[1], -1, 2 * dh).split(dh, dim=-1)  # (B, Skv, G, Dh) each
+        normalise_in_place(q, self.q_norm, self.chunk_tokens)
+        return self.attend(q, self.k_norm(k), v, kv_mask)
 
 
 # ---------------------------------------------------------------- feed-forward
@@ -144,12 +229,25 @@ class FeedForward(nn.Module):
 
 
 def set_ffn_chunk(model: nn.Module, tokens: int | None) -> None:
-    """Run every FeedForward of `model` over runs of `tokens` tokens (None: all at once). Same math."""
-    if tokens is not None and (not isinstance(tokens, int) or tokens < 1):
+    """Run the FFN and every other token-wise op of `model` (modulated norms, QK-norm + RoPE, attention output
+    projections, gated residuals, final layer) over runs of at most `tokens` tokens (None: all at once). Same math;
+    a matmul over fewer rows may sum in another order, so floats can differ in the last bits."""
+    if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1):
         raise ValueError(f"FFN chunk must be a positive number of tokens or None, got {tokens!r}")
+    chunked = (FeedForward, SelfAttention, CrossAttention, StepVideoTransformerBlock, StepVideoModel)
     for m in model.modules():
-        if isinstance(m, FeedForward):
+        if isinstance(m, chunked):
             m.chunk_tokens = tokens
+
+
+def set_attention_head_chunk(model: nn.Module, heads: int | None) -> None:
+    """Run every self- and cross-attention of `model` for `heads` heads at a time (None: all heads at once). Each
+    group projects only its rows of the fused weights; the (B, S, H*Dh) output buffer then goes through Wo once."""
+    if heads is not None and (isinstance(heads, bool) or not isinstance(heads, int) or heads < 1):
+        raise ValueError(f"attention head chunk must be a positive number of heads or None, got {heads!r}")
+    for m in model.modules():
+        if isinstance(m, (SelfAttention, CrossAttention)):
+            m.head_chunk = heads
 
 
 # ---------------------------------------------------------------- block
@@ -165,17 +263,32 @@ class StepVideoTransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(d, eps=cfg.block_norm_eps)
         self.attn2 = CrossAttention(d, cfg.num_heads, cfg.head_dim)
         self.ff = FeedForward(d)
+        self.chunk_tokens: int | None = None
 
     def forward(self, h: torch.Tensor, enc: torch.Tensor, mod: torch.Tensor, kv_mask: torch.Tensor | None,
                 rope_cos: torch.Tensor, rope_sin: torch.Tensor) -> torch.Tensor:
-        """h (B, S, D), enc (B, Skv, D), mod (B, 6D), kv_mask (B, Skv) bool, rope_cos/sin (S, 128) -> (B, S, D)."""
+        """h (B, S, D), enc (B, Skv, D), mod (B, 6D), kv_mask (B, Skv) bool, rope_cos/sin (S, 128) -> (B, S, D).
+
+        The input h is never written to; the block's own tensors are updated in place where that saves a
+        full-size allocation (x + h and h + x round identically)."""
         table = self.scale_shift_table[None] + mod.reshape(-1, 6, self.dim)  # (B, 6, D)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = table.chunk(6, dim=1)  # (B, 1, D) each
-        a = self.norm1(h) * (1 + scale_msa) + shift_msa
-        h = gate_msa * self.attn1(a, rope_cos, rope_sin) + h
-        h = self.attn2(h, enc, kv_mask) + h  # no norm, modulation or gate on cross-attention
-        b = self.norm2(h) * (1 + scale_mlp) + shift_mlp
-        return gate_mlp * self.ff(b) + h
+        a = tokenwise(lambda t: self.norm1(t) * (1 + scale_msa) + shift_msa, self.chunk_tokens, h)
+        x = self.attn1(a, rope_cos, rope_sin)
+        del a
+        h = tokenwise(lambda x_, h_: gate_msa * x_ + h_, self.chunk_tokens, x, h)  # a new tensor
+        del x
+        h.add_(self.attn2(h, enc, kv_mask))  # no norm, modulation or gate on cross-attention
+        return self._ffn_residual(h, shift_mlp, scale_mlp, gate_mlp)
+
+    def _ffn_residual(self, h: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, gate: torch.Tensor):
+        """h + gate * ff(norm2(h) * (1 + scale) + shift), written over h (this block's own tensor) a run at a time."""
+        for run in token_runs(h.shape[1], h.shape[0], self.chunk_tokens):
+            part = h[:, run]                                       # (B, n, D) view
+            ffn = self.ff(self.norm2(part) * (1 + scale) + shift)  # the modulated input is freed once ff returns
+            part.add_(gate * ffn)
+            del ffn
+        return h
 
 
 # ---------------------------------------------------------------- embeddings
@@ -275,6 +388,7 @@ class StepVideoModel(nn.Module):
         self.caption_norm = nn.LayerNorm(cfg.caption_channels[0], eps=cfg.norm_eps, elementwise_affine=False)
         self.caption_projection = TextProjection(cfg.caption_channels[0], d)
         self.clip_projection = nn.Linear(cfg.caption_channels[1], d)
+        self.chunk_tokens: int | None = None  # final layer over runs of tokens (see set_ffn_chunk)
 
     def embed_text(self, y: torch.Tensor, clip: torch.Tensor, mask: torch.Tensor | None):
         """y (B, Ly, Cy), clip (B, Lc, Cc), mask (B, Lc+Ly) -> enc (B, Skv, D), key mask (B, Skv) bool or None."""
@@ -302,7 +416,7 @@ class StepVideoModel(nn.Module):
     def final_layer(self, h: torch.Tensor, embedded_t: torch.Tensor) -> torch.Tensor:
         """h (B, S, D), embedded_t (B, D) -> (B, S, p*p*C). Shift comes first and e gets no SiLU."""
         shift, scale = (self.scale_shift_table[None] + embedded_t[:, None]).chunk(2, dim=1)  # (B, 1, D) each
-        return self.proj_out(self.norm_out(h) * (1 + scale) + shift)
+        return tokenwise(lambda t: self.proj_out(self.norm_out(t) * (1 + scale) + shift), self.chunk_tokens, h)
 
     def unpatchify(self, x: torch.Tensor, frames: int, height: int, width: int) -> torch.Tensor:
         """x (B, F*L, p*p*C) -> (B, F, C, H, W)."""
