@@ -17,7 +17,7 @@ from tqdm import tqdm
 from .attention import use_attention_backend
 from .embed_cache import EmbeddingCache, model_identity
 from .model_folder import ModelFolder, open_model_folder
-from .models.dit import set_ffn_chunk
+from .models.dit import set_attention_head_chunk, set_ffn_chunk
 from .offload import attach_streaming, device_memory_report, offload_component, to_device
 from .profiles import Profile, load_profile
 from .sampling import cfg_combine, dit_timestep, euler_step, flow_sigmas, initial_noise, latent_shape
@@ -185,6 +185,7 @@ class StepVideoPipeline:
             with self.placed(dit, self.profile.dit), tqdm(total=steps, initial=start_step, desc="denoise",
                                                           unit="step", disable=not self.progress) as bar:
                 set_ffn_chunk(dit, self.profile.ffn_chunk_tokens or None)
+                set_attention_head_chunk(dit, self.profile.attention_head_chunk or None)
                 if not self.planning:
                     use_attention_backend(dit, _backend(self.profile.attention), fallback=True)
                 latents = latents.to(self.device)

@@ -13,6 +13,8 @@ Keys (every file has exactly these; the TOML comments say why each tier picks it
     attention          "sdpa" | "flash" | "sage" | "auto" (best importable)
     cfg                "batch" (cond+uncond as a batch of 2) | "sequential" (two passes)
     ffn_chunk_tokens   FFN (and other token-wise ops) run over at most this many tokens at once; 0 = no chunking
+    attention_head_chunk  DiT attention runs this many heads at a time (each group projects only its rows of the
+                       fused q/k/v weights); 0 = all heads at once
     presets            ladder of {frames, height, width, steps}, largest first: the first is the default, the
                        runner steps down on OOM. frames % 17 == 0, height and width % 16 == 0.
     [memory]           host_ram_gb: host RAM the runner may hold; pinned_gb: part of it for block copies
@@ -117,6 +119,7 @@ class Profile:
     attention: str
     cfg: str
     ffn_chunk_tokens: int
+    attention_head_chunk: int
     presets: tuple[Preset, ...]
     memory: Memory
     dit: Streaming
@@ -173,6 +176,7 @@ RULES = {
     "attention": _choice("sdpa", "flash", "sage", "auto"),
     "cfg": _choice("batch", "sequential"),
     "ffn_chunk_tokens": _int(),
+    "attention_head_chunk": _int(),
     "memory.host_ram_gb": _number(),
     "memory.pinned_gb": _number(),
     "dit.resident_blocks": _int(),
