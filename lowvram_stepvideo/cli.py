@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="denoising steps (default 50, turbo 15)")
     p.add_argument("--cfg", type=float, help="guidance scale (default 9.0, turbo 5.0)")
     p.add_argument("--shift", type=float, help="time shift (default 13.0, turbo 17.0)")
-    p.add_argument("--turbo", action="store_true", help="use the turbo checkpoint's defaults (15 steps, cfg 5, shift 17)")
+    p.add_argument("--turbo", action="store_true",
+                   help="use the turbo checkpoint's defaults (15 steps, cfg 5, shift 17)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", type=Path, help="mp4 path (default: results/<prompt>-<time>.mp4)")
     p.add_argument("--dry-run", action="store_true", help="print the memory plan per phase and exit")
@@ -82,13 +83,16 @@ def main(argv: list[str]) -> int:
         _say(f"error: {e}")
         return 2
     except torch.OutOfMemoryError as e:   # one not handled by a fallback (e.g. placing the VAE)
-        _say(f"error: out of memory: {str(e).strip().splitlines()[0] if str(e).strip() else e!r}; "
-             "use a smaller --profile or free GPU memory")
+        what = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        _say(f"error: out of memory: {what}; use a smaller --profile or free GPU memory")
         return 2
 
 
 def _say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    """A line on stderr; an open progress bar is cleared first and redrawn below it."""
+    from tqdm import tqdm
+    tqdm.write(msg, file=sys.stderr)
+    sys.stderr.flush()
 
 
 def run(args) -> int:

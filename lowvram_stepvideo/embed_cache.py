@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -15,18 +16,22 @@ from safetensors.torch import load_file, save_file
 from .fsutil import atomic_path
 
 Embeds = tuple[torch.Tensor, torch.Tensor, torch.Tensor]   # y (B,S,D), y_mask (B,77+S), clip (B,77,Dc)
+CACHE_ENV = "LOWVRAM_STEPVIDEO_CACHE"
+log = logging.getLogger(__name__)
 
 
 def default_cache_dir() -> Path:
-    base = os.environ.get("LOWVRAM_STEPVIDEO_CACHE") or os.path.join(Path.home(), ".cache", "lowvram-stepvideo")
+    base = os.environ.get(CACHE_ENV) or os.path.join(Path.home(), ".cache", "lowvram-stepvideo")
     return Path(base) / "embeddings"
 
 
 def model_identity(files: list[Path]) -> str:
-    """Names, sizes and headers (first 64 KiB) of the encoder files: changes whenever the weights do."""
+    """Names, sizes, modification times and headers (first 64 KiB) of the encoder files: changes whenever the
+    weights do (a fine-tune of the same layout has the same names, sizes and header, but not the same mtime)."""
     h = hashlib.sha256()
     for f in sorted(Path(p) for p in files):
-        h.update(f"{f.name}:{f.stat().st_size}".encode())
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
         with open(f, "rb") as fh:
             h.update(fh.read(65536))
     return h.hexdigest()[:16]
@@ -51,7 +56,13 @@ class EmbeddingCache:
             return None
 
     def put(self, prompts: list[str], embeds: Embeds) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
+        """Store the embeddings; a cache that cannot be written (full disk, read-only folder) is only a warning,
+        the run that computed them goes on."""
         y, mask, clip = (t.detach().cpu().contiguous() for t in embeds)
-        with atomic_path(self._path(prompts), ".safetensors") as tmp:
-            save_file({"y": y, "y_mask": mask, "clip": clip}, str(tmp))
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            with atomic_path(self._path(prompts), ".safetensors") as tmp:
+                save_file({"y": y, "y_mask": mask, "clip": clip}, str(tmp))
+        except OSError as e:
+            log.warning(f"warning: text embeddings not cached ({e.strerror or e}: {self.folder}); "
+                        f"set {CACHE_ENV} to a writable folder or use --no-cache")

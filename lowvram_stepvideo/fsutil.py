@@ -15,6 +15,9 @@ def atomic_path(path: Path, suffix: str = ""):
     os.close(fd)
     try:
         yield Path(tmp)
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)   # mkstemp makes 0600; the result should be an ordinary file
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

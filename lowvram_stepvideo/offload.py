@@ -274,7 +274,7 @@ class BlockStreamer:
         elif self._worker is None:
             self._read_block(j, slot.flat, 0, self.layout.nbytes)
         else:
-            slot.job = self._worker.submit(self._staged_fill if self.cuda else self._cpu_fill, j, slot)
+            slot.job = self._worker.submit(_inference_mode(self._staged_fill if self.cuda else self._cpu_fill), j, slot)
 
     def _bind(self, i: int) -> None:
         slot = self._slot_of[i]
@@ -367,6 +367,15 @@ def _size(n: int) -> str:
         if n >= scale:
             return f"{n / scale:.2f} {unit}"
     return f"{n} B"
+
+
+def _inference_mode(fn):
+    """Worker threads do not inherit the caller's inference mode; slots made under it can only be written there
+    (writing ordinary tensors is allowed too)."""
+    def run(*args):
+        with torch.inference_mode():
+            return fn(*args)
+    return run
 
 
 def _resident_indices(resident, n: int) -> frozenset[int]:

@@ -169,7 +169,10 @@ class StepVideoPipeline:
             return clip(ids.to(self.device), mask.to(self.device)).to(self.dtype)
 
     def embedding_cache(self) -> EmbeddingCache:
-        files = self.folder.files("step_llm") + self.folder.files("hunyuan_clip")
+        tokenizers = [self.folder.root / "step_llm" / "step1_chat_tokenizer.model",
+                      self.folder.root / "hunyuan_clip" / "tokenizer" / "vocab.txt",
+                      self.folder.root / "hunyuan_clip" / "tokenizer" / "tokenizer_config.json"]
+        files = self.folder.files("step_llm") + self.folder.files("hunyuan_clip") + tokenizers
         return EmbeddingCache(model_identity(files) + f"-{self.profile.compute_dtype}")
 
     # ------------------------------------------------------------------ denoise

@@ -91,6 +91,9 @@ def fit_to_card(pipe: StepVideoPipeline, ladder: list[Preset], vram_bytes: int,
 def denoise_with_fallback(pipe: StepVideoPipeline, request: Request, ladder: list[Preset], ckpt: Path | None,
                           resume: bool, every: int) -> tuple[torch.Tensor, Preset]:
     """Final latents and the preset that produced them."""
+    if resume and ckpt is not None:   # a missing or mismatched checkpoint is refused before any heavy work
+        load_checkpoint(ckpt, dataclasses.replace(request, preset=ladder[0]).fingerprint(
+            pipe.folder.root, pipe.profile.compute_dtype))
     embeds = encode_with_fallback(pipe, request)
     for i, preset in enumerate(ladder):
         req = dataclasses.replace(request, preset=preset)
