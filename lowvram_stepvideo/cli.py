@@ -194,12 +194,15 @@ def _dry_run(args, pipe, preset) -> int:
     if vram is None:
         vram = profile.min_vram_gib * GiB if profile.device == "cuda" else profile.memory.host_ram_gb * GiB
     fitted, plan = fit_profile(pipe.folder, profile, preset, int(vram))
+    te = fitted.text_encoders
+    step_llm = "whole on the device" if te.placement == "device" else f"streamed, {te.resident_blocks} resident"
     if args.json:
-        print(plan.to_json(dit_resident_blocks=fitted.dit.resident_blocks, budget_bytes=int(vram)))
+        print(plan.to_json(dit_resident_blocks=fitted.dit.resident_blocks, step_llm=step_llm,
+                           budget_bytes=int(vram)))
         return 0
     print(plan.table())
     print(f"DiT blocks resident: {fitted.dit.resident_blocks} (profile: up to {profile.dit.resident_blocks}); "
-          f"budget {vram / GiB:.1f} GiB")
+          f"step_llm: {step_llm}; budget {vram / GiB:.1f} GiB")
     if plan.peak_vram_bytes > vram:
         print(f"warning: the plan exceeds {vram / GiB:.1f} GiB; a real run steps down the preset ladder")
     if plan.peak_host_bytes > profile.memory.host_ram_gb * GiB:

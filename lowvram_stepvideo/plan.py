@@ -160,21 +160,27 @@ def footprint(model: torch.nn.Module, streaming, profile: Profile) -> tuple[int,
 
 
 def fit_profile(folder: ModelFolder, profile: Profile, preset: Preset, budget_bytes: int) -> tuple[Profile, Plan]:
-    """Lower the profile's resident DiT / step_llm blocks (upper bounds) until the plan fits `budget_bytes` of
-    device memory; returns the adjusted profile and its plan (which may still exceed the budget when even zero
-    resident blocks do not fit: the caller then steps down the preset ladder)."""
+    """Stream step_llm if it does not fit whole, and lower the profile's resident DiT / step_llm blocks (upper
+    bounds) until the plan fits `budget_bytes` of device memory. Returns the adjusted profile and its plan, which
+    may still exceed the budget when even zero resident blocks do not fit (the caller then steps down the ladder)."""
     plan = plan_memory(folder, profile, preset)
+    te = profile.text_encoders
+    if te.placement == "device" and plan.phases["text"].peak_vram_bytes > budget_bytes:
+        streamed = replace(te, placement="stream", resident_blocks=0, prefetch=max(1, te.prefetch))
+        profile = replace(profile, text_encoders=streamed)   # step_llm whole does not fit: stream it
+        plan = plan_memory(folder, profile, preset)
     for section, phase in (("dit", "denoise"), ("text_encoders", "text")):
-        settings = getattr(profile, section)
-        if settings.resident_blocks == 0 or plan.phases[phase].peak_vram_bytes <= budget_bytes:
-            continue
-        if section == "text_encoders" and settings.placement != "stream":
+        if section == "text_encoders" and profile.text_encoders.placement != "stream":
             continue
         block = _block_bytes(folder, "transformer" if section == "dit" else "step_llm", profile)
-        excess = plan.phases[phase].peak_vram_bytes - budget_bytes
-        fewer = max(0, settings.resident_blocks - -(-excess // block))
-        profile = replace(profile, **{section: replace(settings, resident_blocks=fewer)})
-        plan = plan_memory(folder, profile, preset)
+        for _ in range(3):   # a second pass covers the slots that streaming adds to a fully resident stack
+            settings = getattr(profile, section)
+            excess = plan.phases[phase].peak_vram_bytes - budget_bytes
+            if settings.resident_blocks == 0 or excess <= 0:
+                break
+            fewer = max(0, settings.resident_blocks - -(-excess // block))
+            profile = replace(profile, **{section: replace(settings, resident_blocks=fewer)})
+            plan = plan_memory(folder, profile, preset)
     return profile, plan
 
 
