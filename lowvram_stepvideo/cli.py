@@ -102,6 +102,10 @@ def run(args) -> int:
         return 0
     folder = _model_folder(args)
     profile = _profile(args)
+    if folder.weight_format != profile.weight_format and profile.device == "cuda":
+        _say(f"note: profile {profile.name} is sized for {profile.weight_format} weights and this folder has "
+             f"{folder.weight_format}; the memory plan accounts for it"
+             + (" (python quantize.py ... --format int8 halves the weights)" if folder.weight_format == "bf16" else ""))
     if args.json and not args.dry_run:
         raise UsageError("--json only goes with --dry-run")
     if args.decode_latents:
