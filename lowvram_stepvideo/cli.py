@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import logging
 import sys
 import time
@@ -15,7 +14,6 @@ import torch
 from . import demo
 from .checkpoint import CheckpointError
 from .config import ConfigError
-from .embed_cache import EmbeddingCache
 from .fsutil import atomic_path
 from .model_folder import ModelFolderError, open_model_folder
 from .pipeline import TURBO_DEFAULTS, StepVideoPipeline

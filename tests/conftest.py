@@ -1,5 +1,6 @@
 """Shared test setup: fixture folders come from LOWVRAM_STEPVIDEO_FIXTURES (os.pathsep-separated)."""
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -60,4 +61,27 @@ def complete_model_dir(fixture_dir: Path, tmp_path: Path) -> Path:
     clip.mkdir()
     (clip / "clip_text_encoder").symlink_to(src / "hunyuan_clip" / "clip_text_encoder")
     (clip / "tokenizer").symlink_to(RELEASE_MODEL / "hunyuan_clip" / "tokenizer")
+    return dst
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny tensors gain nothing from intra-op threads, and on a busy machine they cost a lot of waiting."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def link_tree(src: Path, dst: Path) -> Path:
+    """Hard-link (or copy) every file under src into dst; edits must replace files, never write into them (a hard
+    link shares the original's inode)."""
+    for f in src.rglob("*"):
+        if f.is_file():
+            target = dst / f.relative_to(src)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(f, target)
+            except OSError:
+                shutil.copyfile(f, target)
     return dst

@@ -2,7 +2,6 @@
 and laziness (loaded tensors are views of the file mapping; forwards and in-place writes never touch the file)."""
 import hashlib
 import json
-import os
 import re
 import shutil
 import struct
@@ -12,7 +11,7 @@ from typing import Callable
 
 import pytest
 import torch
-from conftest import read_io
+from conftest import link_tree, read_io
 from safetensors.torch import save_file
 
 from lowvram_stepvideo.checkpoint import CheckpointError
@@ -52,18 +51,8 @@ PARTS = {
 # ---------------------------------------------------------------- folder surgery (never writes a fixture file)
 
 def clone_model_dir(fixture_dir: Path, dst: Path) -> Path:
-    """Hard-link (or copy) every file of the fixture's model_dir under dst; edits must replace files, never
-    write into them (a hard link shares the fixture's inode)."""
-    src = fixture_dir / "model_dir"
-    for f in src.rglob("*"):
-        if f.is_file():
-            target = dst / f.relative_to(src)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.link(f, target)
-            except OSError:
-                shutil.copyfile(f, target)
-    return dst
+    """Hard links to every file of the fixture's model_dir under dst (edits must replace files)."""
+    return link_tree(fixture_dir / "model_dir", dst)
 
 
 def replace_bytes(path: Path, data: bytes) -> None:

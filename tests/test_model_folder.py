@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import RELEASE_MODEL, ROOT, SHARED, manifest_shapes
+from conftest import RELEASE_MODEL, ROOT, SHARED, link_tree, manifest_shapes
 
 from lowvram_stepvideo.loaders import open_clip, open_dit, open_step_llm, open_vae
 from lowvram_stepvideo.model_folder import ModelFolderError, open_model_folder
@@ -54,19 +54,6 @@ def sparse_release(tmp_path_factory) -> Path:
     subprocess.run([sys.executable, str(MAKE_SPARSE), str(out), "--layers", str(LAYERS)], check=True,
                    capture_output=True)
     return out
-
-
-def link_tree(src: Path, dst: Path) -> Path:
-    """Hard-link (or copy) every file under src into dst, with writable folders; edits must replace files."""
-    for f in src.rglob("*"):
-        if f.is_file():
-            target = dst / f.relative_to(src)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.link(f, target)
-            except OSError:
-                shutil.copyfile(f, target)
-    return dst
 
 
 def in_kept_layers(key: str) -> bool:

@@ -21,12 +21,8 @@ CUDA = torch.cuda.is_available()
 
 
 @pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a busy machine they cost a lot of waiting."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_torch_thread):
     yield
-    torch.set_num_threads(threads)
 
 
 SETTINGS = [(0, 0), (0, 1), (0, 2), (1, 1), (2, 0), (2, 3), (0, 9), (7, 1)]   # (resident, prefetch)
