@@ -157,10 +157,22 @@ class StepVideoPipeline:
         ids, mask = self.folder.step_llm_tokenizer()(texts)
         llm = self.load("step_llm", self.dtype)
         te = self.profile.text_encoders
-        with self.placed(llm, te if te.placement == "stream" else None):
+        with self.placed(llm, te if te.placement == "stream" else None), self.block_progress(llm, "step_llm"):
             y = llm(ids.to(self.device), mask.to(self.device)).to(self.dtype)
         ones = torch.ones(len(texts), CLIP_TOKENS, dtype=mask.dtype)
         return y, torch.cat([ones, mask], dim=1).to(self.device)   # CLIP tokens come first, all attended
+
+    @contextlib.contextmanager
+    def block_progress(self, model: torch.nn.Module, name: str):
+        """A progress bar over a stack's blocks (step_llm streamed from disk takes a while on a small card)."""
+        blocks = stream_blocks(model)
+        with tqdm(total=len(blocks), desc=name, unit="block", disable=not self.progress) as bar:
+            hooks = [b.register_forward_hook(_ticker(bar)) for b in blocks]
+            try:
+                yield
+            finally:
+                for h in hooks:
+                    h.remove()
 
     def _run_clip(self, texts: list[str]) -> torch.Tensor:
         ids, mask = self.folder.clip_tokenizer()(texts)
@@ -247,6 +259,12 @@ def _backend(name: str) -> str:
         return name
     from .attention import is_available
     return next((b for b in ("flash", "sage") if is_available(b)), "sdpa")
+
+
+def _ticker(bar):
+    def hook(*_) -> None:   # a forward hook must return None to keep the block's output
+        bar.update()
+    return hook
 
 
 def _bar_progress(bar):
