@@ -151,6 +151,8 @@ class VAEConfig:
         if not path.exists():
             return cls()
         raw = read_json(path)
+        if "_class_name" in raw or "architectures" in raw:
+            raise ConfigError(f"{path}: this is another network's config, not a VAE's; is this the vae/ folder?")
         if raw.get("version", 2) != 2:
             raise ConfigError(f"{path}: VAE version {raw['version']!r} is not supported; use the release's vae_v2")
         top = {f.name for f in fields(cls)} - {"encoder", "decoder"}

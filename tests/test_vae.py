@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import manifest_shapes, read_io
+from conftest import RELEASE_MODEL, manifest_shapes, read_io
 from safetensors.torch import save_file
 
 from lowvram_stepvideo.checkpoint import CheckpointError
@@ -254,4 +254,11 @@ def test_release_defaults_without_config(tmp_path):
 def test_bad_vae_config_is_one_line_error(tmp_path, raw, message):
     (tmp_path / "config.json").write_text(json.dumps(raw))
     with pytest.raises(ConfigError, match=message):
+        VAEConfig.from_folder(tmp_path)
+
+
+def test_vae_folder_with_another_networks_config_is_refused(tmp_path):
+    from lowvram_stepvideo.config import ConfigError, VAEConfig
+    (tmp_path / "config.json").write_text((RELEASE_MODEL / "transformer" / "config.json").read_text())
+    with pytest.raises(ConfigError, match="another network's config"):
         VAEConfig.from_folder(tmp_path)
