@@ -85,3 +85,25 @@ def link_tree(src: Path, dst: Path) -> Path:
             except OSError:
                 shutil.copyfile(f, target)
     return dst
+
+
+@pytest.fixture(scope="session")
+def demo_cache(tmp_path_factory):
+    """One cache folder for the whole session (demo model and embedding cache): the demo model is built once."""
+    from lowvram_stepvideo import demo
+    cache = tmp_path_factory.getbasetemp() / "lowvram-cache"
+    demo.build_demo_model(cache / f"demo-v{demo.DEMO_VERSION}")
+    return cache
+
+
+@pytest.fixture
+def demo_env(monkeypatch, demo_cache):
+    """generate.py --demo and the embedding cache use the session's cache folder."""
+    from lowvram_stepvideo import demo
+    monkeypatch.setenv(demo.CACHE_ENV, str(demo_cache))
+
+
+@pytest.fixture
+def demo_dir(demo_cache):
+    from lowvram_stepvideo import demo
+    return demo_cache / f"demo-v{demo.DEMO_VERSION}"

@@ -2,95 +2,27 @@
 --dry-run, turbo defaults and one-line errors. The demo model and the embedding cache live in a temp folder
 (LOWVRAM_STEPVIDEO_CACHE); most runs are in-process (`cli.main`), the reference run is a real subprocess."""
 import json
-import os
 import re
 import signal
 import subprocess
 import sys
 import time
 
-import imageio.v2 as imageio
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from cli_support import leftovers, loads_of, read_frames, read_sidecar, run_cli, subprocess_env
 from conftest import ROOT
-from lowvram_stepvideo import cli, demo
+from lowvram_stepvideo import demo
 from lowvram_stepvideo.embed_cache import EmbeddingCache
-from lowvram_stepvideo.pipeline import StepVideoPipeline
 
 PROMPT = "a red fox runs through fresh snow"
 TINY = ["--frames", "17", "--height", "16", "--width", "16", "--steps", "1"]   # 3 latents of 1x1: fastest run
 
 
-@pytest.fixture(scope="session")
-def demo_cache(tmp_path_factory):
-    """One cache folder for the whole session (test_runner.py uses the same path): the demo model is built once."""
-    cache = tmp_path_factory.getbasetemp() / "lowvram-cache"
-    demo.build_demo_model(cache / f"demo-v{demo.DEMO_VERSION}")
-    return cache
-
-
-@pytest.fixture(autouse=True)
-def _cache_env(monkeypatch, demo_cache):
-    monkeypatch.setenv(demo.CACHE_ENV, str(demo_cache))
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The demo's tensors are tiny: one thread is several times faster on a shared 2-core machine. Subprocess runs
-    get OMP_NUM_THREADS=1 too, so results compared across processes come from the same kernels."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def subprocess_env(demo_cache) -> dict:
-    return {**os.environ, demo.CACHE_ENV: str(demo_cache), "OMP_NUM_THREADS": "1"}
-
-
-@pytest.fixture
-def demo_dir(demo_cache):
-    return demo_cache / f"demo-v{demo.DEMO_VERSION}"
-
-
-def run_cli(capsys, *argv) -> tuple[int, str, str]:
-    """(exit code, stdout, stderr without progress bars) of one in-process generate.py run."""
-    capsys.readouterr()
-    rc = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    lines = [ln for ln in err.splitlines() if ln.strip() and not _is_bar(ln)]
-    return rc, out, "\n".join(lines)
-
-
-def _is_bar(line: str) -> bool:
-    """A tqdm progress line ('denoise:  50%|#####     | 2/4 [...]', 'decode: 0tile [00:00, ?tile/s]')."""
-    return line.startswith(("denoise:", "decode:")) and ("|" in line or "/s]" in line)
-
-
-def read_frames(path) -> np.ndarray:
-    return np.stack(imageio.mimread(str(path), memtest=False))
-
-
-def read_sidecar(path) -> dict:
-    return json.loads(path.with_name(path.name + ".json").read_text(encoding="utf-8"))
-
-
-def loads_of(monkeypatch) -> list[str]:
-    """Names of the networks the pipeline loads from now on."""
-    seen, original = [], StepVideoPipeline.load
-
-    def load(self, component, dtype):
-        seen.append(component)
-        return original(self, component, dtype)
-    monkeypatch.setattr(StepVideoPipeline, "load", load)
-    return seen
-
-
-def leftovers(folder, keep) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if p.name not in keep)
+pytestmark = pytest.mark.usefixtures("demo_env", "one_torch_thread")
 
 
 @pytest.fixture(scope="module")

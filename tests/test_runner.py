@@ -14,8 +14,9 @@ from lowvram_stepvideo.memory import ByteAccountant
 from lowvram_stepvideo.pipeline import StepVideoPipeline
 from lowvram_stepvideo.profiles import Preset
 from lowvram_stepvideo.resume import checkpoint_path, save_checkpoint
-from test_cli import (_cache_env, _one_thread, demo_cache, demo_dir, loads_of, read_frames,  # noqa: F401
-                      read_sidecar, run_cli)
+from cli_support import loads_of, read_frames, read_sidecar, run_cli
+
+pytestmark = pytest.mark.usefixtures("demo_env", "one_torch_thread")
 
 
 def write_profile(folder, name: str, presets: list[str], tile: int = 0, overlap: int = 0, cfg: str = "batch"):
