@@ -86,3 +86,23 @@ def test_plan_matches_a_measured_cpu_run(tmp_path, monkeypatch):
     for name, phase in plan.phases.items():
         planned = phase.peak_vram_bytes + phase.peak_host_bytes
         assert abs(planned - measured[name]) <= 0.10 * measured[name], (name, planned, measured[name])
+
+
+def test_fit_to_card_starts_the_ladder_at_the_largest_preset_that_fits(tmp_path, monkeypatch):
+    from lowvram_stepvideo.demo import build_demo_model
+    from lowvram_stepvideo.model_folder import open_model_folder
+    from lowvram_stepvideo.pipeline import StepVideoPipeline
+    from lowvram_stepvideo.plan import plan_memory
+    from lowvram_stepvideo.profiles import Preset, load_profile
+    from lowvram_stepvideo.runner import fit_to_card
+    monkeypatch.setenv("LOWVRAM_STEPVIDEO_CACHE", str(tmp_path))
+    folder, profile = open_model_folder(build_demo_model()), load_profile("cpu")
+    ladder = [Preset(68, 128, 192, 1), Preset(34, 64, 96, 1), Preset(17, 32, 48, 1)]
+    peaks = [plan_memory(folder, profile, p).peak_vram_bytes for p in ladder]
+    assert peaks[0] > peaks[1] > peaks[2]
+    card = int((peaks[0] + peaks[1]) / 2 / 0.95)          # the first does not fit (5% kept free), the second does
+    said = []
+    pipe = StepVideoPipeline(folder, profile, progress=False, log=said.append)
+    assert fit_to_card(pipe, ladder, card, said.append) == ladder[1:]
+    assert any("does not fit" in line for line in said)
+    assert fit_to_card(pipe, ladder, peaks[0] * 2, said.append) == ladder
