@@ -80,7 +80,10 @@ def check_backend(name: str) -> None:
 
 
 def resolve_backend(name: str, fallback: bool = False) -> str:
-    """`name` if usable; with `fallback`, an unavailable optional backend becomes 'sdpa' with a warning."""
+    """`name` if usable; with `fallback`, an unavailable optional backend becomes 'sdpa' with a warning.
+    "auto" is the fastest importable one (flash, then sage, then sdpa)."""
+    if name == "auto":
+        return next((b for b in ("flash", "sage") if is_available(b)), "sdpa")
     if fallback and name in BACKENDS and not is_available(name):
         log.warning("attention backend %r is not importable (%s); using 'sdpa'", name, INSTALL_HINT[name])
         return "sdpa"

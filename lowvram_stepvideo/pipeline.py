@@ -202,7 +202,7 @@ class StepVideoPipeline:
                 set_ffn_chunk(dit, self.profile.ffn_chunk_tokens or None)
                 set_attention_head_chunk(dit, self.profile.attention_head_chunk or None)
                 if not self.planning:
-                    use_attention_backend(dit, _backend(self.profile.attention), fallback=True)
+                    use_attention_backend(dit, self.profile.attention, fallback=True)
                 latents = latents.to(self.device)
                 for i in range(start_step, steps):
                     v = self._guided_velocity(dit, latents, sigmas[i], embeds, guidance_scale)
@@ -252,13 +252,6 @@ class StepVideoPipeline:
 def stream_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
     """The block stack of a DiT or step_llm."""
     return getattr(model, "transformer_blocks", None) or model.transformer.layers
-
-
-def _backend(name: str) -> str:
-    if name != "auto":
-        return name
-    from .attention import is_available
-    return next((b for b in ("flash", "sage") if is_available(b)), "sdpa")
 
 
 def _ticker(bar):

@@ -137,24 +137,21 @@ def denoise(pipe: StepVideoPipeline, req: Request, embeds, ckpt: Path | None, re
 
 
 def encode_with_fallback(pipe: StepVideoPipeline, req: Request):
-    try:
-        with torch.no_grad():
-            return pipe.encode_prompt(req.prompt, req.negative_prompt)
-    except _OOM:
-        pass
-    _free(pipe)
-    te = pipe.profile.text_encoders
-    if te.placement == "stream" and te.resident_blocks == 0:
-        raise OutOfMemory("out of memory in the text encoders even with step_llm streamed; free GPU memory")
-    pipe.log("out of memory in the text encoders; retrying with step_llm streamed block by block")
-    streamed = TextEncoders(placement="stream", resident_blocks=0, prefetch=max(1, te.prefetch), source=te.source)
-    pipe.profile = dataclasses.replace(pipe.profile, text_encoders=streamed)
-    try:
-        with torch.no_grad():
-            return pipe.encode_prompt(req.prompt, req.negative_prompt)
-    except _OOM:
-        pass
-    _free(pipe)
+    """The text phase as the profile says; on OOM once more with step_llm streamed block by block."""
+    for attempt in range(2):
+        try:
+            with torch.no_grad():
+                return pipe.encode_prompt(req.prompt, req.negative_prompt)
+        except _OOM:
+            pass  # handled outside the except block, so the failed attempt's tensors can be freed
+        _free(pipe)
+        te = pipe.profile.text_encoders
+        if attempt or (te.placement == "stream" and te.resident_blocks == 0):
+            break
+        pipe.log("out of memory in the text encoders; retrying with step_llm streamed block by block")
+        streamed = TextEncoders(placement="stream", resident_blocks=0, prefetch=max(1, te.prefetch),
+                                source=te.source)
+        pipe.profile = dataclasses.replace(pipe.profile, text_encoders=streamed)
     raise OutOfMemory("out of memory in the text encoders even with step_llm streamed; free GPU memory")
 
 

@@ -128,17 +128,26 @@ def attend_in_head_groups(heads: Callable[[int, int], torch.Tensor], num_heads: 
 
 # ---------------------------------------------------------------- attention
 
-class SelfAttention(nn.Module):
-    def __init__(self, dim: int, num_heads: int, head_dim: int):
+class HeadAttention(nn.Module):
+    """What self- and cross-attention share: output projection, QK-RMSNorm, the attention kernel (set from
+    outside) and the runtime knobs (head groups, token runs)."""
+
+    def __init__(self, dim: int, num_heads: int, head_dim: int, **projections: nn.Linear):
         super().__init__()
         self.num_heads, self.head_dim = num_heads, head_dim
-        self.wqkv = nn.Linear(dim, 3 * dim, bias=False)
+        for name, linear in projections.items():   # registered first: the checkpoint's key order
+            setattr(self, name, linear)
         self.wo = nn.Linear(dim, dim, bias=False)
         self.q_norm = RMSNorm(head_dim, QK_NORM_EPS)
         self.k_norm = RMSNorm(head_dim, QK_NORM_EPS)
         self.attend = sdpa
         self.head_chunk: int | None = None
         self.chunk_tokens: int | None = None
+
+
+class SelfAttention(HeadAttention):
+    def __init__(self, dim: int, num_heads: int, head_dim: int):
+        super().__init__(dim, num_heads, head_dim, wqkv=nn.Linear(dim, 3 * dim, bias=False))
 
     def forward(self, x: torch.Tensor, rope_cos: torch.Tensor, rope_sin: torch.Tensor) -> torch.Tensor:
         """x (B, S, D), rope_cos/sin (S, Dh) -> (B, S, D)."""
@@ -161,18 +170,10 @@ class SelfAttention(nn.Module):
         return self.attend(q, k, v)
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(HeadAttention):
     def __init__(self, dim: int, num_heads: int, head_dim: int):
-        super().__init__()
-        self.num_heads, self.head_dim = num_heads, head_dim
-        self.wq = nn.Linear(dim, dim, bias=False)
-        self.wkv = nn.Linear(dim, 2 * dim, bias=False)
-        self.wo = nn.Linear(dim, dim, bias=False)
-        self.q_norm = RMSNorm(head_dim, QK_NORM_EPS)
-        self.k_norm = RMSNorm(head_dim, QK_NORM_EPS)
-        self.attend = sdpa
-        self.head_chunk: int | None = None
-        self.chunk_tokens: int | None = None
+        super().__init__(dim, num_heads, head_dim, wq=nn.Linear(dim, dim, bias=False),
+                         wkv=nn.Linear(dim, 2 * dim, bias=False))
 
     def forward(self, x: torch.Tensor, enc: torch.Tensor, kv_mask: torch.Tensor | None) -> torch.Tensor:
         """x (B, S, D), enc (B, Skv, D), kv_mask (B, Skv) bool or None -> (B, S, D)."""
