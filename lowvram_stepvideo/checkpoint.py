@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from .errors import StepVideoError
+
 SAFETENSORS_DTYPES = {
     "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
     "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
@@ -24,7 +26,7 @@ SAFETENSORS_DTYPES = {
 MAX_HEADER_BYTES = 100 * 2**20
 
 
-class CheckpointError(Exception):
+class CheckpointError(StepVideoError):
     """A weight file or folder is missing, corrupt or does not match the network; the message is one line."""
 
 

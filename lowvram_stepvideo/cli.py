@@ -2,35 +2,20 @@
 from __future__ import annotations
 
 import argparse
-import datetime
 import logging
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from . import demo
-from .checkpoint import CheckpointError
-from .config import ConfigError
-from .fsutil import atomic_path
-from .model_folder import ModelFolderError, open_model_folder
-from .pipeline import TURBO_DEFAULTS, StepVideoPipeline
-from .profiles import (Preset, auto_profile, describe, detect_vram_bytes, list_profiles, load_profile,
-                       with_overrides)
-from .resume import ResumeError, checkpoint_path
-from .runner import (Interrupted, OutOfMemory, Request, denoise_with_fallback, fit_to_card, ladder_from,
-                     resume_ladder)
-from .sampling import latent_shape
-from .tiling import TileOOMError
-from .video import VideoError, output_path_error, sidecar_path
+from . import preflight, runner
+from .errors import StepVideoError, UsageError
+from .preflight import JobSpec
+from .profiles import detect_vram_bytes, list_profiles, load_profile
+from .runner import Interrupted, StepVideoPipeline, say as _say
 
 GiB = 2**30
-
-
-class UsageError(Exception):
-    pass
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,8 +61,7 @@ def main(argv: list[str]) -> int:
     except KeyboardInterrupt:
         _say("interrupted")
         return 130
-    except (UsageError, ConfigError, CheckpointError, ModelFolderError, ResumeError, OutOfMemory, TileOOMError,
-            VideoError, ValueError) as e:
+    except (StepVideoError, ValueError) as e:
         _say(f"error: {e}")
         return 2
     except torch.OutOfMemoryError as e:   # one not handled by a fallback (e.g. placing the VAE)
@@ -86,116 +70,45 @@ def main(argv: list[str]) -> int:
         return 2
 
 
-def _say(msg: str) -> None:
-    """A line on stderr; an open progress bar is cleared first and redrawn below it."""
-    from tqdm import tqdm
-    tqdm.write(msg, file=sys.stderr)
-    sys.stderr.flush()
-
-
 def run(args) -> int:
     if args.list_profiles:
         for name in list_profiles():
             print(f"{name:<12} {load_profile(name).description}")
         return 0
-    folder = _model_folder(args)
-    profile = _profile(args)
-    if folder.weight_format != profile.weight_format and profile.device == "cuda":
-        _say(f"note: profile {profile.name} is sized for {profile.weight_format} weights and this folder has "
-             f"{folder.weight_format}; the memory plan accounts for it"
-             + (" (python quantize.py ... --format int8 halves the weights)" if folder.weight_format == "bf16" else ""))
+    spec = job_spec(args)
     if args.json and not args.dry_run:
         raise UsageError("--json only goes with --dry-run")
     if args.decode_latents:
-        return _decode_only(args, folder, profile)
-    if not args.prompt or not args.prompt.strip():
-        raise UsageError("--prompt is empty; describe the video to generate, e.g. --prompt \"a cat playing piano\"")
-    _check_numbers(args)
-    turbo = args.turbo or folder.turbo
-    if turbo:
-        profile = with_overrides(profile, presets=[replace(p, steps=TURBO_DEFAULTS["steps"]) for p in profile.presets])
-    preset = _preset(args, profile, turbo)
-    pipe = StepVideoPipeline(folder, profile, log=_say)
+        return _decode_only(args, spec)
     if args.dry_run:
-        return _dry_run(args, pipe, preset)
-    output = _output_path(args)
-    return _generate(args, pipe, preset, output)
+        return _dry_run(args, spec)
+    runner.run_job(spec)
+    return 0
 
 
-def _model_folder(args):
-    if args.demo:
-        return open_model_folder(demo.build_demo_model())
-    if args.model_dir is None:
-        raise UsageError("give --model-dir PATH (the downloaded stepvideo-t2v folder) or --demo")
-    return open_model_folder(args.model_dir)
+def job_spec(args) -> JobSpec:
+    options = {"attention": args.attention, "dit_resident_blocks": args.resident_blocks, "vae_tile": args.vae_tile,
+               "resume": args.resume, "checkpoint_every": args.checkpoint_every, "save_latents": args.save_latents,
+               "cache": not args.no_cache, "turbo": args.turbo}
+    return JobSpec(args.prompt, args.negative_prompt, args.seed, args.frames, args.height, args.width, args.steps,
+                   args.cfg, args.shift, args.model_dir, args.demo, args.profile, args.output,
+                   {k: v for k, v in options.items() if v is not None})
 
 
-def _profile(args):
-    name = args.profile or ("cpu" if args.demo else "auto")
-    vram = detect_vram_bytes()
-    profile = auto_profile(vram) if name == "auto" else load_profile(name)
-    if profile.device == "cuda" and vram is None and not args.dry_run:
-        raise UsageError(f"profile {profile.name!r} needs a CUDA GPU and none was found; use --profile cpu "
-                         "(slow) or --dry-run to see its memory plan")
-    overrides = {"attention": args.attention, "dit_resident_blocks": args.resident_blocks, "vae_tile": args.vae_tile}
-    return with_overrides(profile, **overrides)
-
-
-def _check_numbers(args) -> None:
-    if args.steps is not None and args.steps < 1:
-        raise UsageError(f"--steps {args.steps}: needs at least 1 denoising step (release 30-50, turbo 15)")
-    if args.shift is not None and not args.shift > 0:
-        raise UsageError(f"--shift {args.shift}: must be positive (release 13, turbo 17)")
-    if args.checkpoint_every < 0:
-        raise UsageError(f"--checkpoint-every {args.checkpoint_every}: must be >= 0 (0 = never)")
-
-
-def _preset(args, profile, turbo: bool = False) -> Preset:
-    base = demo.DEMO_PRESET if args.demo else profile.default_preset
-    given = {"frames": args.frames, "height": args.height, "width": args.width}
-    bad = [f"--{k} {v}" for k, v in given.items() if v is not None and v < 1]
-    if bad:
-        raise UsageError(f"{bad[0]}: must be positive (frames in multiples of 17, height and width in multiples "
-                         "of 16; the release uses 204 frames of 544x992)")
-    frames, height, width = (args.frames or base.frames, args.height or base.height, args.width or base.width)
-    if max(height, width) > 4096 or frames > 1024:
-        raise UsageError(f"{frames} frames of {height}x{width} is beyond what the model was trained for "
-                         "(the release uses 204 frames of 544x992); choose a smaller size")
-    shape = latent_shape(frames, height, width)
-    if shape.rounded:
-        _say(f"warning: {frames}x{height}x{width} rounded to {shape.num_frames}x{shape.height}x{shape.width} "
-             "(frames come in 17-frame chunks, sizes in multiples of 16)")
-    steps = args.steps or (TURBO_DEFAULTS["steps"] if turbo else base.steps)
-    return Preset(shape.num_frames, shape.height, shape.width, steps)
-
-
-def _output_path(args) -> Path:
-    out = args.output
-    if out is None:
-        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        safe = "".join(c if c.isalnum() or c in " -_" else "_" for c in args.prompt[:50]).strip()
-        out = Path("results") / f"{safe or 'video'}-{stamp}.mp4"
-    _check_writable(out)
-    if args.save_latents:
-        _check_writable(args.save_latents)   # before the denoising, not after it
-    return out
-
-
-def _check_writable(path: Path) -> None:
-    problem = output_path_error(path, create_dirs=path.parent == Path("results"))
-    if problem:
-        raise UsageError(problem)
-
-
-def _dry_run(args, pipe, preset) -> int:
+def _dry_run(args, spec: JobSpec) -> int:
     """The plan for this profile and preset, with resident blocks lowered to fit the card (the detected one, else
     the profile's nominal size)."""
     from .plan import fit_profile
-    profile = pipe.profile
+    folder = preflight.model_folder(spec)
+    profile = preflight.profile_for(spec, need_device=False)
+    runner.note_weight_format(folder, profile, _say)
+    preflight.check_numbers(spec)
+    turbo = args.turbo or folder.turbo
+    preset = preflight.preset_for(spec, profile, runner.sampling_defaults(True)["steps"] if turbo else None, _say)
     vram = detect_vram_bytes()
     if vram is None:
         vram = profile.min_vram_gib * GiB if profile.device == "cuda" else profile.memory.host_ram_gb * GiB
-    fitted, plan = fit_profile(pipe.folder, profile, preset, int(vram))
+    fitted, plan = fit_profile(folder, profile, preset, int(vram))
     te = fitted.text_encoders
     step_llm = "whole on the device" if te.placement == "device" else f"streamed, {te.resident_blocks} resident"
     if args.json:
@@ -212,103 +125,27 @@ def _dry_run(args, pipe, preset) -> int:
     return 0
 
 
-def _request(args, pipe, preset) -> Request:
-    d = TURBO_DEFAULTS if args.turbo else pipe.defaults
-    return Request(args.prompt, args.negative_prompt, preset, d["cfg"] if args.cfg is None else args.cfg,
-                   d["shift"] if args.shift is None else args.shift, args.seed)
-
-
-def _generate(args, pipe, preset, output: Path) -> int:
-    if not args.no_cache:
-        pipe.cache = pipe.embedding_cache()
-    request = _request(args, pipe, preset)
-    ladder = ladder_from(pipe.profile.presets, preset)
-    vram = detect_vram_bytes()
-    if pipe.device.type == "cuda" and vram and not args.resume:
-        ladder = fit_to_card(pipe, ladder, vram, _say)
-    ckpt = checkpoint_path(output)
-    if args.resume:
-        ladder = resume_ladder(ladder, ckpt)
-    start = time.perf_counter()
-    latents, used = denoise_with_fallback(pipe, request, ladder, ckpt, args.resume, args.checkpoint_every)
-    if args.save_latents:
-        _save_latents(args.save_latents, latents)
-    try:
-        frames = _decode_frames(pipe, latents)
-        _write_outputs(output, frames, args, pipe, request, used, time.perf_counter() - start)
-    except BaseException:
-        if ckpt.is_file():
-            _say(f"note: the denoised latents are kept in {ckpt}; run the same command with --resume to only decode")
-        raise
-    ckpt.unlink(missing_ok=True)
-    return 0
-
-
-def _decode_frames(pipe, latents):
-    from .video import postprocess
-    with torch.no_grad():
-        return postprocess(pipe.decode(latents))
-
-
-def _save_latents(path: Path, latents: torch.Tensor) -> None:
-    from safetensors.torch import save_file
-    _check_writable(path)
-    with atomic_path(path, ".safetensors") as tmp:
-        save_file({"latents": latents.contiguous()}, str(tmp))
-
-
-def _decode_only(args, folder, profile) -> int:
+def _decode_only(args, spec: JobSpec) -> int:
     from safetensors.torch import load_file
+    folder = preflight.model_folder(spec)
+    profile = preflight.profile_for(spec)
     try:
         latents = load_file(str(args.decode_latents))["latents"]
     except Exception as e:
         raise UsageError(f"{args.decode_latents}: not a latents file written by --save-latents ({e})") from None
     output = args.output or args.decode_latents.with_suffix(".mp4")
-    _check_writable(output)
+    preflight.check_writable(output)
     pipe = StepVideoPipeline(folder, profile, log=_say)
     channels = pipe.latent_channels()
     if latents.dim() != 5 or latents.shape[2] != channels:
         raise UsageError(f"{args.decode_latents}: latents of shape {tuple(latents.shape)} do not fit this model "
                          f"(expected (B, T, {channels}, h, w)); decode them with the model that made them")
     start = time.perf_counter()
-    frames = _decode_frames(pipe, latents)
-    _write_outputs(output, frames, args, pipe, None, None, time.perf_counter() - start)
+    frames = runner.decode_frames(pipe, latents)
+    meta = {"prompt": args.prompt, "decoded_from": str(args.decode_latents),
+            "arguments": runner.spec_arguments(spec)}
+    runner.write_outputs(output, frames, pipe, meta, time.perf_counter() - start, _say)
     return 0
-
-
-def _write_outputs(output: Path, frames, args, pipe, request, preset, seconds: float) -> None:
-    from .video import write_mp4, write_sidecar
-    info = write_mp4(frames, output)
-    if info.get("padded"):
-        _say("note: odd frame size padded by one pixel for H.264 (yuv420p needs even sizes)")
-    meta = {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "seed": args.seed,
-            "model_dir": str(pipe.folder.root), "weight_format": pipe.folder.weight_format,
-            "preset": str(preset) if preset else None, "steps": preset.steps if preset else None,
-            "cfg": request.cfg if request else None, "shift": request.shift if request else None,
-            "frames": int(frames.shape[0]), "size": [int(frames.shape[1]), int(frames.shape[2])],
-            "profile": describe(pipe.profile), "timings_s": {k: round(v, 2) for k, v in pipe.timings.items()},
-            "total_s": round(seconds, 2), "peak_vram_bytes": _peak_vram(pipe.device),
-            "peak_host_bytes": _peak_host(), "turbo": bool(args.turbo or pipe.folder.turbo),
-            "arguments": {k: v if v is None or isinstance(v, (bool, int, float)) else str(v)
-                          for k, v in vars(args).items()},
-            "torch": torch.__version__}
-    write_sidecar(sidecar_path(output), meta)
-    _say(f"wrote {output} ({meta['frames']} frames, {meta['size'][1]}x{meta['size'][0]}) and "
-         f"{sidecar_path(output).name}")
-
-
-def _peak_vram(device) -> int | None:
-    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-
-
-def _peak_host() -> int | None:
-    """Peak resident memory of this process (Linux reports KiB, macOS bytes); None where unknown."""
-    try:
-        import resource
-    except ImportError:
-        return None
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
 
 
 if __name__ == "__main__":

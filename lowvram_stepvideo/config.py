@@ -8,8 +8,10 @@ import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from .errors import StepVideoError
 
-class ConfigError(ValueError):
+
+class ConfigError(StepVideoError, ValueError):
     """A config file is missing, unreadable or does not describe the expected network."""
 
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 from .checkpoint import CheckpointError
 from .config import ConfigError, read_json
+from .embed_cache import model_identity
+from .errors import StepVideoError
 from .loaders import Component, open_clip, open_dit, open_step_llm, open_vae
 from .tokenizers import load_clip_tokenizer, load_step_llm_tokenizer
 
@@ -17,7 +19,7 @@ DOWNLOAD_HINT = "download it with: huggingface-cli download stepfun-ai/stepvideo
 OPENERS = {"transformer": open_dit, "step_llm": open_step_llm, "hunyuan_clip": open_clip, "vae": open_vae}
 
 
-class ModelFolderError(ValueError):
+class ModelFolderError(StepVideoError, ValueError):
     """The folder is missing, incomplete or not a Step-Video model; the message is one line with the fix."""
 
 
@@ -39,6 +41,10 @@ class ModelFolder:
 
     def files(self, component: str) -> list[Path]:
         return [f.path for f in self.open(component).source.files]
+
+    def identity(self) -> str:
+        """Changes whenever any network's weights do (names, sizes, times and headers of every weight file)."""
+        return model_identity([f for c in OPENERS for f in self.files(c)])
 
 
 def open_model_folder(root: Path) -> ModelFolder:

@@ -12,8 +12,8 @@ import time
 from typing import Callable
 
 import torch
-from tqdm import tqdm
 
+from . import progress as progress_bars
 from .attention import use_attention_backend
 from .embed_cache import EmbeddingCache, model_identity
 from .model_folder import ModelFolder, open_model_folder
@@ -138,35 +138,50 @@ class StepVideoPipeline:
     def encode_prompt(self, prompt: str | None, negative_prompt: str | None = None,
                       pos_magic: str = POS_MAGIC) -> Embeds:
         """[prompt + pos_magic, negative prompt (default: the reference's neg_magic)] -> (y, y_mask, clip)."""
-        if not prompt or not prompt.strip():
-            raise ValueError("the prompt is empty; describe the video to generate")
-        texts = [prompt + pos_magic, NEG_MAGIC if negative_prompt is None else negative_prompt]
-        cached = self.cache.get(texts) if self.cache else None
-        if cached is not None:
-            self.log("text: embeddings taken from the cache")
-            return tuple(t.to(self.device) for t in cached)
-        with self.phase("text"):
-            y, y_mask = self._run_step_llm(texts)
-            clip = self._run_clip(texts)
-        embeds = (y, y_mask, clip)
-        if self.cache and not self.planning:
-            self.cache.put(texts, embeds)
-        return embeds
+        return self.encode_prompts([(prompt, negative_prompt)], pos_magic)[0]
 
-    def _run_step_llm(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        ids, mask = self.folder.step_llm_tokenizer()(texts)
+    def encode_prompts(self, prompts: list[tuple[str | None, str | None]], pos_magic: str = POS_MAGIC) -> list[Embeds]:
+        """encode_prompt for many (prompt, negative prompt) pairs in one text phase: each network is loaded once,
+        pairs in the embedding cache are taken from it."""
+        for prompt, _ in prompts:
+            if not prompt or not prompt.strip():
+                raise ValueError("the prompt is empty; describe the video to generate")
+        texts = [[prompt + pos_magic, NEG_MAGIC if neg is None else neg] for prompt, neg in prompts]
+        embeds = [self.cache.get(t) if self.cache else None for t in texts]
+        if any(e is not None for e in embeds):
+            self.log("text: embeddings taken from the cache" if len(texts) == 1 else
+                     f"text: embeddings of {sum(e is not None for e in embeds)} of {len(texts)} prompts taken "
+                     "from the cache")
+        todo = [i for i, e in enumerate(embeds) if e is None]
+        if todo:
+            with self.phase("text"):
+                llm_out = self._run_step_llm([texts[i] for i in todo])
+                clips = self._run_clip([texts[i] for i in todo])
+            for i, (y, y_mask), clip in zip(todo, llm_out, clips):
+                embeds[i] = (y, y_mask, clip)
+                if self.cache and not self.planning:
+                    self.cache.put(texts[i], embeds[i])
+        return [tuple(t.to(self.device) for t in e) for e in embeds]
+
+    def _run_step_llm(self, texts: list[list[str]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(y, y_mask) per pair of texts, step_llm loaded and placed once."""
+        tokenizer, out = self.folder.step_llm_tokenizer(), []
         llm = self.load("step_llm", self.dtype)
         te = self.profile.text_encoders
-        with self.placed(llm, te if te.placement == "stream" else None), self.block_progress(llm, "step_llm"):
-            y = llm(ids.to(self.device), mask.to(self.device)).to(self.dtype)
-        ones = torch.ones(len(texts), CLIP_TOKENS, dtype=mask.dtype)
-        return y, torch.cat([ones, mask], dim=1).to(self.device)   # CLIP tokens come first, all attended
+        with self.placed(llm, te if te.placement == "stream" else None), \
+                self.block_progress(llm, "step_llm", len(texts)):
+            for pair in texts:
+                ids, mask = tokenizer(pair)
+                y = llm(ids.to(self.device), mask.to(self.device)).to(self.dtype)
+                ones = torch.ones(len(pair), CLIP_TOKENS, dtype=mask.dtype)
+                out.append((y, torch.cat([ones, mask], dim=1).to(self.device)))   # CLIP tokens first, all attended
+        return out
 
     @contextlib.contextmanager
-    def block_progress(self, model: torch.nn.Module, name: str):
+    def block_progress(self, model: torch.nn.Module, name: str, passes: int = 1):
         """A progress bar over a stack's blocks (step_llm streamed from disk takes a while on a small card)."""
         blocks = stream_blocks(model)
-        with tqdm(total=len(blocks), desc=name, unit="block", disable=not self.progress) as bar:
+        with self.bar(name, len(blocks) * passes, "block") as bar:
             hooks = [b.register_forward_hook(_ticker(bar)) for b in blocks]
             try:
                 yield
@@ -174,18 +189,22 @@ class StepVideoPipeline:
                 for h in hooks:
                     h.remove()
 
-    def _run_clip(self, texts: list[str]) -> torch.Tensor:
-        ids, mask = self.folder.clip_tokenizer()(texts)
+    def _run_clip(self, texts: list[list[str]]) -> list[torch.Tensor]:
+        tokenizer = self.folder.clip_tokenizer()
         clip = self.load("hunyuan_clip", torch.float32)    # the reference runs it in float32
         with self.placed(clip):
-            return clip(ids.to(self.device), mask.to(self.device)).to(self.dtype)
+            return [clip(*(t.to(self.device) for t in tokenizer(pair))).to(self.dtype) for pair in texts]
 
-    def embedding_cache(self) -> EmbeddingCache:
+    def bar(self, desc: str, total: int | None, unit: str):
+        """A progress bar (progress.bar), or one that shows and reports nothing when progress is off."""
+        return progress_bars.bar(desc, total, unit) if self.progress else contextlib.nullcontext(_SilentBar())
+
+    def embedding_cache(self, folder=None) -> EmbeddingCache:
         tokenizers = [self.folder.root / "step_llm" / "step1_chat_tokenizer.model",
                       self.folder.root / "hunyuan_clip" / "tokenizer" / "vocab.txt",
                       self.folder.root / "hunyuan_clip" / "tokenizer" / "tokenizer_config.json"]
         files = self.folder.files("step_llm") + self.folder.files("hunyuan_clip") + tokenizers
-        return EmbeddingCache(model_identity(files) + f"-{self.profile.compute_dtype}")
+        return EmbeddingCache(model_identity(files) + f"-{self.profile.compute_dtype}", folder)
 
     # ------------------------------------------------------------------ denoise
 
@@ -197,8 +216,8 @@ class StepVideoPipeline:
         steps = len(sigmas) - 1
         with self.phase("denoise"):
             dit = self.load("transformer", self.dtype)
-            with self.placed(dit, self.profile.dit), tqdm(total=steps, initial=start_step, desc="denoise",
-                                                          unit="step", disable=not self.progress) as bar:
+            with self.placed(dit, self.profile.dit), self.bar("denoise", steps, "step") as bar:
+                bar.update(start_step)
                 set_ffn_chunk(dit, self.profile.ffn_chunk_tokens or None)
                 set_attention_head_chunk(dit, self.profile.attention_head_chunk or None)
                 if not self.planning:
@@ -237,7 +256,7 @@ class StepVideoPipeline:
             tile = tile or self.profile.vae.tile or max(h, w)
             overlap = min(self.profile.vae.overlap, max(0, (min(tile, h, w) - 1) // 2))
             tiles = halving_tiles(tile, overlap, (h, w))
-            with self.placed(vae), tqdm(desc="decode", unit="tile", disable=not self.progress) as bar:
+            with self.placed(vae), self.bar("decode", None, "tile") as bar:
                 return decode_with_fallback(vae.decode_chunk, z, tiles, overlap, on_oom=self._tile_oom,
                                             out_device="cpu", progress=_bar_progress(bar))
 
@@ -261,8 +280,18 @@ def _ticker(bar):
 
 
 def _bar_progress(bar):
+    shown = [0]
+
     def update(done: int, total: int) -> None:
-        bar.total = total
-        bar.n = done
-        bar.refresh()
+        bar.set_total(total)
+        bar.update(done - shown[0])
+        shown[0] = done
     return update
+
+
+class _SilentBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_total(self, total: int) -> None:
+        pass

@@ -1,11 +1,15 @@
 """One generation request run to the end: pick a preset that fits, denoise with checkpoints, step down on OOM.
 
+`run_job(spec, events)` is the whole run behind generate.py, the Python API, batches and the job queue:
+pre-flight (preflight.py), the memory plan and preset ladder, the text phase (embedding cache), denoising with
+checkpoints and OOM step-down, decode, mp4 + sidecar.
+
 - Before a GPU run, the memory plan picks the largest preset of the ladder that fits the card.
 - The prompt is encoded once; an out-of-memory error there retries with step_llm streamed block by block.
 - An out-of-memory error while denoising frees everything and retries with the next smaller preset (same number of
   steps); decoding handles its own OOM with smaller tiles.
 - Every `checkpoint_every` steps, and after the last one, the latents are saved atomically next to the output (so a
-  failed decode does not cost the denoising); Ctrl-C saves and stops.
+  failed decode does not cost the denoising); Ctrl-C, or `events.should_stop()` after a step, saves and stops.
 
 Grad mode is off with torch.no_grad(), not inference_mode(): block streaming fills its buffers in a worker thread,
 where inference mode is off, and such a thread may not write into tensors made under inference mode.
@@ -14,31 +18,41 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from .pipeline import StepVideoPipeline
-from .profiles import Preset, TextEncoders
-from .resume import load_checkpoint, save_checkpoint, saved_request
+from . import preflight, progress
+from .errors import StepVideoError
+from .fsutil import atomic_path
+from .pipeline import RELEASE_DEFAULTS, TURBO_DEFAULTS, StepVideoPipeline
+from .preflight import JobSpec
+from .profiles import Preset, TextEncoders, describe, detect_vram_bytes
+from .resume import checkpoint_path, load_checkpoint, save_checkpoint, saved_request
 from .sampling import flow_sigmas, initial_noise, latent_shape
 
 _OOM = torch.OutOfMemoryError
 GiB = 2**30
 
 
-class Interrupted(Exception):
-    """Ctrl-C during denoising; the latents were saved to `path`."""
+class Interrupted(StepVideoError):
+    """Ctrl-C (or a stop request) during denoising; the latents were saved to `path`."""
 
     def __init__(self, path: Path, step: int):
         super().__init__(f"interrupted after step {step}; saved to {path} (continue with --resume)")
         self.path, self.step = path, step
 
 
-class OutOfMemory(Exception):
-    pass
+class OutOfMemory(StepVideoError):
+    """Out of memory at every preset of the ladder (or in the text encoders even streamed)."""
+
+
+class _StopRequested(Exception):
+    """events.should_stop() said yes after a denoising step."""
 
 
 @dataclass
@@ -46,14 +60,14 @@ class Request:
     prompt: str
     negative_prompt: str | None
     preset: Preset
-    cfg: float
+    guidance_scale: float
     shift: float
     seed: int
 
     def fingerprint(self, model_dir: Path, compute_dtype: str) -> dict:
         """What a resume checkpoint must match."""
         return {"model": str(model_dir), "prompt": self.prompt, "negative_prompt": self.negative_prompt,
-                "preset": str(self.preset), "steps": self.preset.steps, "cfg": self.cfg, "shift": self.shift,
+                "preset": str(self.preset), "steps": self.preset.steps, "cfg": self.guidance_scale, "shift": self.shift,
                 "seed": self.seed, "compute_dtype": compute_dtype}
 
 
@@ -88,17 +102,24 @@ def fit_to_card(pipe: StepVideoPipeline, ladder: list[Preset], vram_bytes: int,
     return ladder[-1:]
 
 
+def check_resumable(pipe: StepVideoPipeline, request: Request, ladder: list[Preset], ckpt: Path) -> None:
+    """A missing or mismatched checkpoint is refused before any heavy work."""
+    load_checkpoint(ckpt, dataclasses.replace(request, preset=ladder[0]).fingerprint(
+        pipe.folder.root, pipe.profile.compute_dtype))
+
+
 def denoise_with_fallback(pipe: StepVideoPipeline, request: Request, ladder: list[Preset], ckpt: Path | None,
-                          resume: bool, every: int) -> tuple[torch.Tensor, Preset]:
-    """Final latents and the preset that produced them."""
-    if resume and ckpt is not None:   # a missing or mismatched checkpoint is refused before any heavy work
-        load_checkpoint(ckpt, dataclasses.replace(request, preset=ladder[0]).fingerprint(
-            pipe.folder.root, pipe.profile.compute_dtype))
-    embeds = encode_with_fallback(pipe, request)
+                          resume: bool, every: int, embeds=None,
+                          should_stop: Callable[[], bool] | None = None) -> tuple[torch.Tensor, Preset]:
+    """Final latents and the preset that produced them; the prompt is encoded here unless `embeds` are given."""
+    if resume and ckpt is not None:
+        check_resumable(pipe, request, ladder, ckpt)
+    if embeds is None:
+        embeds = encode_with_fallback(pipe, request)
     for i, preset in enumerate(ladder):
         req = dataclasses.replace(request, preset=preset)
         try:
-            return denoise(pipe, req, embeds, ckpt, resume and i == 0, every), preset
+            return denoise(pipe, req, embeds, ckpt, resume and i == 0, every, should_stop), preset
         except _OOM:
             pass  # handled outside the except block, so the failed attempt's tensors can be freed
         _free(pipe)
@@ -109,7 +130,9 @@ def denoise_with_fallback(pipe: StepVideoPipeline, request: Request, ladder: lis
 
 
 def denoise(pipe: StepVideoPipeline, req: Request, embeds, ckpt: Path | None, resume: bool,
-            every: int) -> torch.Tensor:
+            every: int, should_stop: Callable[[], bool] | None = None) -> torch.Tensor:
+    """Latents after the request's steps; a stop request after a step (or Ctrl-C) saves them to `ckpt` and raises
+    Interrupted."""
     shape = latent_shape(req.preset.frames, req.preset.height, req.preset.width, channels=pipe.latent_channels())
     fingerprint = req.fingerprint(pipe.folder.root, pipe.profile.compute_dtype)
     latents, start = initial_noise(shape.shape, req.seed), 0
@@ -124,12 +147,14 @@ def denoise(pipe: StepVideoPipeline, req: Request, embeds, ckpt: Path | None, re
         state.update(step=done, latents=current)
         if ckpt is not None and every and (done % every == 0 or done == req.preset.steps):
             save_checkpoint(ckpt, current, done, fingerprint)
+        if should_stop and should_stop() and done < req.preset.steps and ckpt is not None:
+            raise _StopRequested   # saved and turned into Interrupted below, like Ctrl-C
 
     sigmas = flow_sigmas(req.preset.steps, req.shift)
     try:
         with torch.no_grad():
-            return pipe.denoise(embeds, latents, sigmas, req.cfg, start, on_step)
-    except KeyboardInterrupt:
+            return pipe.denoise(embeds, latents, sigmas, req.guidance_scale, start, on_step)
+    except (KeyboardInterrupt, _StopRequested):
         if ckpt is None:
             raise
         save_checkpoint(ckpt, state["latents"], state["step"], fingerprint)
@@ -137,11 +162,16 @@ def denoise(pipe: StepVideoPipeline, req: Request, embeds, ckpt: Path | None, re
 
 
 def encode_with_fallback(pipe: StepVideoPipeline, req: Request):
-    """The text phase as the profile says; on OOM once more with step_llm streamed block by block."""
+    return encode_all_with_fallback(pipe, [(req.prompt, req.negative_prompt)])[0]
+
+
+def encode_all_with_fallback(pipe: StepVideoPipeline, prompts: list[tuple[str, str | None]]) -> list:
+    """One text phase for all (prompt, negative prompt) pairs as the profile says; on OOM once more with step_llm
+    streamed block by block."""
     for attempt in range(2):
         try:
             with torch.no_grad():
-                return pipe.encode_prompt(req.prompt, req.negative_prompt)
+                return pipe.encode_prompts(prompts)
         except _OOM:
             pass  # handled outside the except block, so the failed attempt's tensors can be freed
         _free(pipe)
@@ -159,3 +189,191 @@ def _free(pipe: StepVideoPipeline) -> None:
     gc.collect()
     if pipe.device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+# ---- one job end to end ------------------------------------------------------------------------------------------
+
+def say(msg: str) -> None:
+    """A line on stderr; an open progress bar is cleared first and redrawn below it."""
+    from tqdm import tqdm
+    tqdm.write(msg, file=sys.stderr)
+    sys.stderr.flush()
+
+
+class Events:
+    """What a run reports while it goes, and asks once per denoising step. This default logs to stderr and never
+    stops; the job queue and the web page pass their own."""
+
+    def phase(self, name: str) -> None:
+        """A phase starts: plan, text, denoise, decode, write."""
+
+    def progress(self, desc: str, done: int, total: int | None) -> None:
+        """Every progress bar's state (step_llm blocks, denoising steps, decoded tiles)."""
+
+    def log(self, msg: str) -> None:
+        say(msg)
+
+    def should_stop(self) -> bool:
+        return False
+
+
+@dataclass
+class JobResult:
+    output: Path
+    preset: Preset                 # what ran, after any OOM step-down
+    timings: dict[str, float]      # seconds per phase: text, denoise, decode
+    seconds: float                 # the whole run
+
+
+@dataclass
+class PreparedJob:
+    spec: JobSpec
+    pipe: StepVideoPipeline
+    request: Request
+    output: Path
+    options: dict                  # preflight.RUN_OPTIONS with the spec's values
+    turbo: bool
+
+
+def sampling_defaults(turbo: bool) -> dict:
+    return TURBO_DEFAULTS if turbo else RELEASE_DEFAULTS
+
+
+def run_job(spec: JobSpec, events: Events | None = None) -> JobResult:
+    """One video from `spec` to mp4 + sidecar; raises StepVideoError subclasses (Interrupted when stopped)."""
+    events = events or Events()
+    with progress.listen(events.progress):
+        return execute(prepare_job(spec, events.log), events)
+
+
+def prepare_job(spec: JobSpec, log: Callable[[str], None]) -> PreparedJob:
+    """Pre-flight: folder, profile and device, sizes and numbers, outputs; nothing heavy is loaded."""
+    folder = preflight.model_folder(spec)
+    profile = preflight.profile_for(spec)
+    note_weight_format(folder, profile, log)
+    preflight.check_numbers(spec)
+    options = preflight.run_options(spec)
+    turbo = bool(options["turbo"] or folder.turbo)
+    defaults = sampling_defaults(turbo)
+    preset = preflight.preset_for(spec, profile, defaults["steps"] if turbo else None, log)
+    request = Request(spec.prompt, spec.negative_prompt, preset,
+                      defaults["cfg"] if spec.guidance_scale is None else spec.guidance_scale,
+                      defaults["shift"] if spec.shift is None else spec.shift, spec.seed)
+    output = Path(spec.output) if spec.output else preflight.default_output(spec.prompt)
+    preflight.check_writable(output)
+    if options["save_latents"]:
+        preflight.check_writable(Path(options["save_latents"]))   # before the denoising, not after it
+    return PreparedJob(spec, StepVideoPipeline(folder, profile, log=log), request, output, options, turbo)
+
+
+def note_weight_format(folder, profile, log) -> None:
+    if folder.weight_format != profile.weight_format and profile.device == "cuda":
+        log(f"note: profile {profile.name} is sized for {profile.weight_format} weights and this folder has "
+            f"{folder.weight_format}; the memory plan accounts for it"
+            + (" (python quantize.py ... --format int8 halves the weights)" if folder.weight_format == "bf16" else ""))
+
+
+def wants_resume(options: dict, ckpt: Path) -> bool:
+    return options["resume"] is True or (options["resume"] == "auto" and ckpt.is_file())
+
+
+def execute(job: PreparedJob, events: Events) -> JobResult:
+    pipe, options, ckpt = job.pipe, job.options, checkpoint_path(job.output)
+    resume = wants_resume(options, ckpt)
+    if options["cache"]:
+        pipe.cache = pipe.embedding_cache(options["cache_dir"])
+    start = time.perf_counter()
+    events.phase("plan")
+    ladder = plan_ladder(pipe, job.request.preset, ckpt if resume else None, events.log)
+    if resume:
+        check_resumable(pipe, job.request, ladder, ckpt)
+    events.phase("text")
+    embeds = encode_with_fallback(pipe, job.request)
+    events.phase("denoise")
+    latents, used = denoise_with_fallback(pipe, job.request, ladder, ckpt, resume, options["checkpoint_every"],
+                                          embeds, events.should_stop)
+    if options["save_latents"]:
+        save_latents(Path(options["save_latents"]), latents)
+    try:
+        events.phase("decode")
+        frames = decode_frames(pipe, latents)
+        events.phase("write")
+        request = dataclasses.replace(job.request, preset=used)
+        write_outputs(job.output, frames, pipe, job_metadata(job, request), time.perf_counter() - start, events.log)
+    except BaseException:
+        if ckpt.is_file():
+            events.log(f"note: the denoised latents are kept in {ckpt}; run the same command with --resume to "
+                       "only decode")
+        raise
+    ckpt.unlink(missing_ok=True)
+    return JobResult(job.output, used, dict(pipe.timings), time.perf_counter() - start)
+
+
+def plan_ladder(pipe: StepVideoPipeline, preset: Preset, resume_from: Path | None, log) -> list[Preset]:
+    """The presets to try in order: the memory plan's fit on a GPU, or from the checkpoint's preset on resume."""
+    ladder = ladder_from(pipe.profile.presets, preset)
+    if resume_from is not None:
+        return resume_ladder(ladder, resume_from)
+    vram = detect_vram_bytes()
+    if pipe.device.type == "cuda" and vram:
+        ladder = fit_to_card(pipe, ladder, vram, log)
+    return ladder
+
+
+def decode_frames(pipe: StepVideoPipeline, latents: torch.Tensor):
+    from .video import postprocess
+    with torch.no_grad():
+        return postprocess(pipe.decode(latents))
+
+
+def save_latents(path: Path, latents: torch.Tensor) -> None:
+    from safetensors.torch import save_file
+    preflight.check_writable(path)
+    with atomic_path(path, ".safetensors") as tmp:
+        save_file({"latents": latents.contiguous()}, str(tmp))
+
+
+def job_metadata(job: PreparedJob, request: Request) -> dict:
+    """The sidecar's description of what was asked and what ran (`request`: after any step-down)."""
+    spec, preset = job.spec, request.preset
+    return {"prompt": spec.prompt, "negative_prompt": spec.negative_prompt, "seed": spec.seed,
+            "preset": str(preset), "steps": preset.steps, "cfg": request.guidance_scale, "shift": request.shift,
+            "turbo": job.turbo, "arguments": spec_arguments(spec),
+            "request": job.request.fingerprint(job.pipe.folder.root, job.pipe.profile.compute_dtype)}
+
+
+def spec_arguments(spec: JobSpec) -> dict:
+    plain = dataclasses.asdict(spec)
+    options = plain.pop("options")
+    return {k: v if v is None or isinstance(v, (bool, int, float)) else str(v)
+            for k, v in {**plain, **preflight.run_options(spec), **options}.items()}
+
+
+def write_outputs(output: Path, frames, pipe: StepVideoPipeline, meta: dict, seconds: float, log) -> None:
+    from .video import sidecar_path, write_mp4, write_sidecar
+    info = write_mp4(frames, output)
+    if info.get("padded"):
+        log("note: odd frame size padded by one pixel for H.264 (yuv420p needs even sizes)")
+    meta = {**meta, "model_dir": str(pipe.folder.root), "weight_format": pipe.folder.weight_format,
+            "weights_id": pipe.folder.identity(),
+            "frames": int(frames.shape[0]), "size": [int(frames.shape[1]), int(frames.shape[2])],
+            "profile": describe(pipe.profile), "timings_s": {k: round(v, 2) for k, v in pipe.timings.items()},
+            "total_s": round(seconds, 2), "peak_vram_bytes": _peak_vram(pipe.device),
+            "peak_host_bytes": _peak_host(), "torch": torch.__version__}
+    write_sidecar(sidecar_path(output), meta)
+    log(f"wrote {output} ({meta['frames']} frames, {meta['size'][1]}x{meta['size'][0]}) and "
+        f"{sidecar_path(output).name}")
+
+
+def _peak_vram(device) -> int | None:
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+
+def _peak_host() -> int | None:
+    """Peak resident memory of this process (Linux reports KiB, macOS bytes); None where unknown."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
