@@ -67,7 +67,7 @@ class Request:
     def fingerprint(self, model_dir: Path, compute_dtype: str) -> dict:
         """What a resume checkpoint must match."""
         return {"model": str(model_dir), "prompt": self.prompt, "negative_prompt": self.negative_prompt,
-                "preset": str(self.preset), "steps": self.preset.steps, "cfg": self.guidance_scale, "shift": self.shift,
+                "preset": str(self.preset), "steps": self.preset.steps, "guidance_scale": self.guidance_scale, "shift": self.shift,
                 "seed": self.seed, "compute_dtype": compute_dtype}
 
 
@@ -257,7 +257,7 @@ def prepare_job(spec: JobSpec, log: Callable[[str], None]) -> PreparedJob:
     defaults = sampling_defaults(turbo)
     preset = preflight.preset_for(spec, profile, defaults["steps"] if turbo else None, log)
     request = Request(spec.prompt, spec.negative_prompt, preset,
-                      defaults["cfg"] if spec.guidance_scale is None else spec.guidance_scale,
+                      defaults["guidance_scale"] if spec.guidance_scale is None else spec.guidance_scale,
                       defaults["shift"] if spec.shift is None else spec.shift, spec.seed)
     output = Path(spec.output) if spec.output else preflight.default_output(spec.prompt)
     preflight.check_writable(output)
@@ -337,7 +337,7 @@ def job_metadata(job: PreparedJob, request: Request) -> dict:
     """The sidecar's description of what was asked and what ran (`request`: after any step-down)."""
     spec, preset = job.spec, request.preset
     return {"prompt": spec.prompt, "negative_prompt": spec.negative_prompt, "seed": spec.seed,
-            "preset": str(preset), "steps": preset.steps, "cfg": request.guidance_scale, "shift": request.shift,
+            "preset": str(preset), "steps": preset.steps, "guidance_scale": request.guidance_scale, "shift": request.shift,
             "turbo": job.turbo, "arguments": spec_arguments(spec),
             "request": job.request.fingerprint(job.pipe.folder.root, job.pipe.profile.compute_dtype)}
 
