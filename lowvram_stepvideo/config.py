@@ -160,11 +160,11 @@ class VAEConfig:
         try:
             kw["encoder"] = _sub(VAEEncoderConfig, raw.get("encoder", {}))
             kw["decoder"] = _sub(VAEDecoderConfig, raw.get("decoder", {}))
-            cfg = cls(**kw)
-            cfg._check(path)
+            config = cls(**kw)
+            config._check(path)
         except (TypeError, AttributeError) as e:  # wrong value types in the json
             raise ConfigError(f"{path}: not a VAE config ({e})") from None
-        return cfg
+        return config
 
     def _check(self, path: Path) -> None:
         enc, dec = self.encoder, self.decoder
