@@ -21,7 +21,7 @@ from .models.dit import set_attention_head_chunk, set_token_chunk
 from .offload import attach_streaming, device_memory_report, offload_component, to_device
 from .profiles import Profile, load_profile
 from .sampling import cfg_combine, dit_timestep, euler_step, flow_sigmas, initial_noise, latent_shape
-from .tiling import decode_with_fallback, halving_tiles
+from .tiling import decode_with_fallback, halving_tiles, tile_count
 from .video import postprocess
 
 # Suffixes the reference appends to every prompt / uses as the negative prompt (its config.py defaults).
@@ -181,7 +181,7 @@ class StepVideoPipeline:
     def block_progress(self, model: torch.nn.Module, name: str, passes: int = 1):
         """A progress bar over a stack's blocks (step_llm streamed from disk takes a while on a small card)."""
         blocks = stream_blocks(model)
-        with self.bar(name, len(blocks) * passes, "block") as bar:
+        with progress_bars.bar(name, len(blocks) * passes, unit="block", show=self.progress) as bar:
             hooks = [b.register_forward_hook(_ticker(bar)) for b in blocks]
             try:
                 yield
@@ -194,10 +194,6 @@ class StepVideoPipeline:
         clip = self.load("hunyuan_clip", torch.float32)    # the reference runs it in float32
         with self.placed(clip):
             return [clip(*(t.to(self.device) for t in tokenizer(pair))).to(self.dtype) for pair in texts]
-
-    def bar(self, desc: str, total: int | None, unit: str):
-        """A progress bar (progress.bar), or one that shows and reports nothing when progress is off."""
-        return progress_bars.bar(desc, total, unit) if self.progress else contextlib.nullcontext(_SilentBar())
 
     def embedding_cache(self, folder=None) -> EmbeddingCache:
         tokenizers = [self.folder.root / "step_llm" / "step1_chat_tokenizer.model",
@@ -216,8 +212,8 @@ class StepVideoPipeline:
         steps = len(sigmas) - 1
         with self.phase("denoise"):
             dit = self.load("transformer", self.dtype)
-            with self.placed(dit, self.profile.dit), self.bar("denoise", steps, "step") as bar:
-                bar.update(start_step)
+            with self.placed(dit, self.profile.dit), progress_bars.bar("denoise", steps, unit="step",
+                                                                       initial=start_step, show=self.progress) as bar:
                 set_token_chunk(dit, self.profile.token_chunk or None)
                 set_attention_head_chunk(dit, self.profile.attention_head_chunk or None)
                 if not self.planning:
@@ -256,9 +252,10 @@ class StepVideoPipeline:
             tile = tile or self.profile.vae.tile or max(h, w)
             overlap = min(self.profile.vae.overlap, max(0, (min(tile, h, w) - 1) // 2))
             tiles = halving_tiles(tile, overlap, (h, w))
-            with self.placed(vae), self.bar("decode", None, "tile") as bar:
+            total = tile_count(z.shape, tiles[0], overlap)
+            with self.placed(vae), progress_bars.bar("decode", total, unit="tile", show=self.progress) as bar:
                 return decode_with_fallback(vae.decode_chunk, z, tiles, overlap, on_oom=self._tile_oom,
-                                            out_device="cpu", progress=_bar_progress(bar))
+                                            out_device="cpu", progress=_tile_progress(bar))
 
     def _tile_oom(self, failed: tuple, nxt: tuple) -> None:
         gc.collect()
@@ -279,19 +276,17 @@ def _ticker(bar):
     return hook
 
 
-def _bar_progress(bar):
-    shown = [0]
+def _tile_progress(bar):
+    """decode_tiled's (done, total) of each attempt -> one bar: after an out-of-memory retry with smaller tiles,
+    the total becomes the tiles already decoded plus those the retry has left."""
+    offset = 0
 
     def update(done: int, total: int) -> None:
-        bar.set_total(total)
-        bar.update(done - shown[0])
-        shown[0] = done
+        nonlocal offset
+        if done == 0:
+            offset = bar.done
+            if bar.total != offset + total:
+                bar.set_total(offset + total)
+        if offset + done > bar.done:
+            bar.update(offset + done - bar.done)
     return update
-
-
-class _SilentBar:
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def set_total(self, total: int) -> None:
-        pass

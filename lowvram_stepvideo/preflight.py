@@ -10,7 +10,7 @@ from . import demo
 from .errors import UsageError
 from .model_folder import ModelFolder, open_model_folder
 from .profiles import Preset, Profile, auto_profile, detect_vram_bytes, load_profile, with_overrides
-from .sampling import latent_shape
+from .sampling import SEED_MAX, SEED_MIN, latent_shape
 from .video import output_path_error
 
 GiB = 2**30
@@ -78,6 +78,8 @@ def check_numbers(spec: JobSpec) -> None:
         raise UsageError(f"--steps {spec.steps}: needs at least 1 denoising step (release 30-50, turbo 15)")
     if spec.shift is not None and not spec.shift > 0:
         raise UsageError(f"--shift {spec.shift}: must be positive (release 13, turbo 17)")
+    if isinstance(spec.seed, bool) or not isinstance(spec.seed, int) or not SEED_MIN <= spec.seed <= SEED_MAX:
+        raise UsageError(f"--seed {spec.seed}: must be an integer from -2^63 to 2^64-1")
     every = run_options(spec)["checkpoint_every"]
     if every < 0:
         raise UsageError(f"--checkpoint-every {every}: must be >= 0 (0 = never)")
