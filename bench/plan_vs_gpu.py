@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lowvram_stepvideo.demo import DEMO_PRESET, build_demo_model  # noqa: E402
 from lowvram_stepvideo.model_folder import open_model_folder  # noqa: E402
-from lowvram_stepvideo.pipeline import StepVideoPipeline  # noqa: E402
+from lowvram_stepvideo.pipeline import PhasePipeline  # noqa: E402
 from lowvram_stepvideo.plan import plan_memory  # noqa: E402
 from lowvram_stepvideo.profiles import Preset, load_profile  # noqa: E402
 
@@ -27,7 +27,7 @@ GiB = 2**30
 
 def measure(folder, profile, preset: Preset, steps: int) -> dict[str, int]:
     """Peak allocated bytes per phase of a real run."""
-    pipe = StepVideoPipeline(folder, profile, progress=False, log=lambda msg: None)
+    pipe = PhasePipeline(folder, profile, progress=False, log=lambda msg: None)
     peaks: dict[str, int] = {}
 
     def hook(name: str, event: str) -> None:

@@ -10,11 +10,12 @@ from pathlib import Path
 
 import torch
 
-from . import exit_codes, preflight, runner
+from . import exit_codes, preflight, results, runner
 from .errors import StepVideoError, UsageError
 from .preflight import JobSpec
 from .profiles import describe, detect_vram_bytes, list_profiles, load_profile, profiles_dir
-from .runner import Interrupted, StepVideoPipeline, say as _say
+from .runner import Interrupted, PhasePipeline, say as _say
+from .sampling import sampling_defaults
 
 GiB = 2**30
 
@@ -39,7 +40,14 @@ presets:
 
 exit status:
   0 done; 2 bad input (a one-line "error: ..." says what to change); 3 --dry-run: nothing on the ladder fits;
-  130 interrupted (a resume checkpoint is saved); 1 unexpected error (a bug: the traceback helps)
+  4 --prompts-file: some videos failed (see the summary); 130 interrupted (a resume checkpoint is saved);
+  1 unexpected error (a bug: the traceback helps)
+
+batches:
+  --prompts-file FILE: one prompt per line (UTF-8; blank lines and lines starting with # are skipped; a line may
+  end with " --seed N"). The text encoders run once for all prompts, then each video is made in turn, named
+  <line>-<prompt start>-seed<N>.mp4 in --output-dir (default results/<file name>/), with summary.json. Run the
+  same command again after an interruption: finished videos are skipped, the interrupted one resumes.
 """
 
 
@@ -53,6 +61,10 @@ def build_parser(prog: str = "generate.py") -> argparse.ArgumentParser:
                    help="memory tier name or path to a .toml file (default: auto = the largest tier that fits the "
                         f"detected GPU, cpu without one; with --demo: cpu). Tiers: {', '.join(list_profiles())}")
     p.add_argument("--prompt", help="what the video shows (English or Chinese)")
+    p.add_argument("--prompts-file", type=Path, help="a batch: one prompt per line (see 'batches' below)")
+    p.add_argument("--seeds", help="with --prompts-file: make each prompt once per seed, e.g. 0,1,2 (default: --seed)")
+    p.add_argument("--output-dir", type=Path,
+                   help="with --prompts-file: where the videos and summary.json go (default results/<file name>/)")
     p.add_argument("--negative-prompt", help="what to avoid (default: the reference's negative prompt)")
     p.add_argument("--frames", type=int,
                    help="number of frames, a multiple of 17 (default: the profile's first preset; release 204)")
@@ -125,12 +137,34 @@ def run(args) -> int:
     spec = job_spec(args)
     if args.json and not args.dry_run:
         raise UsageError("--json only goes with --dry-run")
+    if args.prompts_file:
+        return _batch(args, spec)
+    _check_not_batch(args)
     if args.decode_latents:
         return _decode_only(args, spec)
     if args.dry_run:
         return _dry_run(args, spec)
     runner.run_job(spec)
     return exit_codes.OK
+
+
+def _check_not_batch(args) -> None:
+    given = [f for f in ("seeds", "output_dir") if getattr(args, f) is not None]
+    if given:
+        raise UsageError(f"--{given[0].replace('_', '-')} goes with --prompts-file")
+
+
+def _batch(args, spec: JobSpec) -> int:
+    from . import batch
+    clash = [f for f in ("prompt", "output", "save_latents", "decode_latents", "dry_run") if getattr(args, f)]
+    if clash:
+        raise UsageError(f"--{clash[0].replace('_', '-')} does not go with --prompts-file (the prompts come from "
+                         "the file, the videos go to --output-dir; plan with --dry-run --prompt, sizes are shared)")
+    seeds = batch.parse_seeds(args.seeds) if args.seeds is not None else None
+    items = batch.read_prompts_file(args.prompts_file, seeds, args.seed)
+    out_dir = args.output_dir or Path("results") / args.prompts_file.stem
+    report = batch.run_batch(items, spec, out_dir, _say)
+    return exit_codes.OK if report.ok else exit_codes.BATCH_INCOMPLETE
 
 
 def job_spec(args) -> JobSpec:
@@ -160,7 +194,7 @@ def _dry_run(args, spec: JobSpec) -> int:
     runner.note_weight_format(folder, profile, _say)
     preflight.check_numbers(spec)
     turbo = args.turbo or folder.turbo
-    preset = preflight.preset_for(spec, profile, runner.sampling_defaults(True)["steps"] if turbo else None, _say)
+    preset = preflight.preset_for(spec, profile, sampling_defaults(True)["steps"] if turbo else None, _say)
     vram = detect_vram_bytes()
     if vram is None:
         vram = profile.min_vram_gib * GiB if profile.device == "cuda" else profile.memory.host_ram_gb * GiB
@@ -191,7 +225,7 @@ def _decode_only(args, spec: JobSpec) -> int:
         raise UsageError(f"{args.decode_latents}: not a latents file written by --save-latents ({e})") from None
     output = args.output or args.decode_latents.with_suffix(".mp4")
     preflight.check_writable(output)
-    pipe = StepVideoPipeline(folder, profile, log=_say)
+    pipe = PhasePipeline(folder, profile, log=_say)
     channels = pipe.latent_channels()
     if latents.dim() != 5 or latents.shape[2] != channels:
         raise UsageError(f"{args.decode_latents}: latents of shape {tuple(latents.shape)} do not fit this model "
@@ -199,8 +233,8 @@ def _decode_only(args, spec: JobSpec) -> int:
     start = time.perf_counter()
     frames = runner.decode_frames(pipe, latents)
     meta = {"prompt": args.prompt, "decoded_from": str(args.decode_latents),
-            "arguments": runner.spec_arguments(spec)}
-    runner.write_outputs(output, frames, pipe, meta, time.perf_counter() - start, _say)
+            "arguments": results.spec_arguments(spec)}
+    results.write_outputs(output, frames, pipe, meta, time.perf_counter() - start, _say)
     return exit_codes.OK
 
 

@@ -20,15 +20,14 @@ from .model_folder import ModelFolder, open_model_folder
 from .models.dit import set_attention_head_chunk, set_token_chunk
 from .offload import attach_streaming, device_memory_report, offload_component, to_device
 from .profiles import Profile, load_profile
-from .sampling import cfg_combine, dit_timestep, euler_step, flow_sigmas, initial_noise, latent_shape
+from .sampling import (cfg_combine, dit_timestep, euler_step, flow_sigmas, initial_noise, latent_shape,
+                       sampling_defaults)
 from .tiling import decode_with_fallback, halving_tiles, tile_count
 from .video import postprocess
 
 # Suffixes the reference appends to every prompt / uses as the negative prompt (its config.py defaults).
 POS_MAGIC = "超高清、HDR 视频、环境光、杜比全景声、画面稳定、流畅动作、逼真的细节、专业级构图、超现实主义、自然、生动、超细节、清晰。"
 NEG_MAGIC = "画面暗、低分辨率、不良手、文本、缺少手指、多余的手指、裁剪、低质量、颗粒状、签名、水印、用户名、模糊。"
-RELEASE_DEFAULTS = {"steps": 50, "guidance_scale": 9.0, "shift": 13.0}
-TURBO_DEFAULTS = {"steps": 15, "guidance_scale": 5.0, "shift": 17.0}
 CLIP_TOKENS = 77
 GiB = 2**30
 
@@ -36,8 +35,11 @@ Embeds = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # y (2, S, D), y_mask 
 StepCallback = Callable[[int, torch.Tensor], None]         # (steps done, latents float32)
 
 
-class StepVideoPipeline:
-    """`pipe(prompt=...)` -> frames; see `__call__`. Phase timings land in `self.timings`."""
+class PhasePipeline:
+    """The phases (encode_prompt, denoise, decode) on one folder and profile, with no pre-flight, plan or
+    fallback: those are the runner's (runner.py), and the public `lowvram_stepvideo.StepVideoPipeline` goes through
+    it. `__call__` chains the phases for the memory planner and the reference tests. Phase timings land in
+    `self.timings`."""
 
     def __init__(self, folder: ModelFolder, profile: Profile, device=None, cache: EmbeddingCache | None = None,
                  log: Callable[[str], None] | None = None, progress: bool = True):
@@ -52,13 +54,13 @@ class StepVideoPipeline:
         self.planning = False         # True under the memory planner (see plan.py)
 
     @classmethod
-    def from_pretrained(cls, model_dir, profile: str | Profile = "cpu", **kwargs) -> "StepVideoPipeline":
+    def open(cls, model_dir, profile: str | Profile = "cpu", **kwargs) -> "PhasePipeline":
         profile = profile if isinstance(profile, Profile) else load_profile(profile)
         return cls(open_model_folder(model_dir), profile, **kwargs)
 
     @property
     def defaults(self) -> dict:
-        return TURBO_DEFAULTS if self.folder.turbo else RELEASE_DEFAULTS
+        return sampling_defaults(self.folder.turbo)
 
     @torch.inference_mode()
     def __call__(self, prompt: str | None = None, negative_prompt: str | None = None, num_frames: int = 204,

@@ -18,6 +18,7 @@ GiB = 2**30
 RUN_OPTIONS = {"resume": False,          # True: continue from the checkpoint; "auto": when there is one
                "checkpoint_every": 5,    # save the latents every N steps (0 = never)
                "save_latents": None,     # also keep the final latents in this file
+               "checkpoint": None,       # the resume checkpoint (default: next to the output)
                "cache": True,            # use the text-embedding cache
                "cache_dir": None,        # its folder (default: embed_cache.default_cache_dir())
                "turbo": False}           # the turbo checkpoint's defaults whatever the folder

@@ -16,6 +16,7 @@ where inference mode is off, and such a thread may not write into tensors made u
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import sys
@@ -26,14 +27,15 @@ from typing import Callable
 
 import torch
 
-from . import preflight, progress
+from . import preflight, progress, results
 from .errors import StepVideoError
 from .fsutil import atomic_path
-from .pipeline import RELEASE_DEFAULTS, TURBO_DEFAULTS, StepVideoPipeline
+from .model_folder import ModelFolder
+from .pipeline import PhasePipeline
 from .preflight import JobSpec
-from .profiles import Preset, TextEncoders, describe, detect_vram_bytes
+from .profiles import Preset, TextEncoders, detect_vram_bytes
 from .resume import checkpoint_path, load_checkpoint, save_checkpoint, saved_request
-from .sampling import flow_sigmas, initial_noise, latent_shape
+from .sampling import flow_sigmas, initial_noise, latent_shape, sampling_defaults
 
 _OOM = torch.OutOfMemoryError
 GiB = 2**30
@@ -84,7 +86,7 @@ def resume_ladder(ladder: list[Preset], ckpt: Path) -> list[Preset]:
     return ladder[at[0]:] if at else ladder
 
 
-def fit_to_card(pipe: StepVideoPipeline, ladder: list[Preset], vram_bytes: int,
+def fit_to_card(pipe: PhasePipeline, ladder: list[Preset], vram_bytes: int,
                 log: Callable[[str], None]) -> list[Preset]:
     """Drop the head of the ladder while the memory plan says it does not fit; lower the profile's resident
     blocks to what fits (pipe.profile is updated)."""
@@ -102,13 +104,13 @@ def fit_to_card(pipe: StepVideoPipeline, ladder: list[Preset], vram_bytes: int,
     return ladder[-1:]
 
 
-def check_resumable(pipe: StepVideoPipeline, request: Request, ladder: list[Preset], ckpt: Path) -> None:
+def check_resumable(pipe: PhasePipeline, request: Request, ladder: list[Preset], ckpt: Path) -> None:
     """A missing or mismatched checkpoint is refused before any heavy work."""
     load_checkpoint(ckpt, dataclasses.replace(request, preset=ladder[0]).fingerprint(
         pipe.folder.root, pipe.profile.compute_dtype))
 
 
-def denoise_with_fallback(pipe: StepVideoPipeline, request: Request, ladder: list[Preset], ckpt: Path | None,
+def denoise_with_fallback(pipe: PhasePipeline, request: Request, ladder: list[Preset], ckpt: Path | None,
                           resume: bool, every: int, embeds=None,
                           should_stop: Callable[[], bool] | None = None) -> tuple[torch.Tensor, Preset]:
     """Final latents and the preset that produced them; the prompt is encoded here unless `embeds` are given."""
@@ -129,7 +131,7 @@ def denoise_with_fallback(pipe: StepVideoPipeline, request: Request, ladder: lis
     raise AssertionError("empty ladder")
 
 
-def denoise(pipe: StepVideoPipeline, req: Request, embeds, ckpt: Path | None, resume: bool,
+def denoise(pipe: PhasePipeline, req: Request, embeds, ckpt: Path | None, resume: bool,
             every: int, should_stop: Callable[[], bool] | None = None) -> torch.Tensor:
     """Latents after the request's steps; a stop request after a step (or Ctrl-C) saves them to `ckpt` and raises
     Interrupted."""
@@ -161,11 +163,11 @@ def denoise(pipe: StepVideoPipeline, req: Request, embeds, ckpt: Path | None, re
         raise Interrupted(ckpt, state["step"]) from None
 
 
-def encode_with_fallback(pipe: StepVideoPipeline, req: Request):
+def encode_with_fallback(pipe: PhasePipeline, req: Request):
     return encode_all_with_fallback(pipe, [(req.prompt, req.negative_prompt)])[0]
 
 
-def encode_all_with_fallback(pipe: StepVideoPipeline, prompts: list[tuple[str, str | None]]) -> list:
+def encode_all_with_fallback(pipe: PhasePipeline, prompts: list[tuple[str, str | None]]) -> list:
     """One text phase for all (prompt, negative prompt) pairs as the profile says; on OOM once more with step_llm
     streamed block by block."""
     for attempt in range(2):
@@ -185,7 +187,7 @@ def encode_all_with_fallback(pipe: StepVideoPipeline, prompts: list[tuple[str, s
     raise OutOfMemory("out of memory in the text encoders even with step_llm streamed; free GPU memory")
 
 
-def _free(pipe: StepVideoPipeline) -> None:
+def _free(pipe: PhasePipeline) -> None:
     gc.collect()
     if pipe.device.type == "cuda":
         torch.cuda.empty_cache()
@@ -201,8 +203,11 @@ def say(msg: str) -> None:
 
 
 class Events:
-    """What a run reports while it goes, and asks once per denoising step. This default logs to stderr and never
-    stops; the job queue and the web page pass their own."""
+    """What a run reports while it goes, and asks once per denoising step. This default logs to `log` (stderr)
+    and never stops; the job queue and the web page pass their own."""
+
+    def __init__(self, log: Callable[[str], None] | None = None):
+        self._log = log or say
 
     def phase(self, name: str) -> None:
         """A phase starts: plan, text, denoise, decode, write."""
@@ -211,10 +216,20 @@ class Events:
         """Every progress bar's state (step_llm blocks, denoising steps, decoded tiles)."""
 
     def log(self, msg: str) -> None:
-        say(msg)
+        self._log(msg)
 
     def should_stop(self) -> bool:
         return False
+
+
+@contextlib.contextmanager
+def one_line_oom():
+    """An out-of-memory error no fallback handled (e.g. placing the VAE) as OutOfMemory with a one-line message."""
+    try:
+        yield
+    except torch.OutOfMemoryError as e:
+        what = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise OutOfMemory(f"out of memory: {what}; use a smaller --profile or free GPU memory") from None
 
 
 @dataclass
@@ -228,15 +243,12 @@ class JobResult:
 @dataclass
 class PreparedJob:
     spec: JobSpec
-    pipe: StepVideoPipeline
+    pipe: PhasePipeline
     request: Request
-    output: Path
+    output: Path | None            # the mp4 (None: frames returned to the caller, nothing written)
+    checkpoint: Path | None        # the resume checkpoint (next to the output by default)
     options: dict                  # preflight.RUN_OPTIONS with the spec's values
     turbo: bool
-
-
-def sampling_defaults(turbo: bool) -> dict:
-    return TURBO_DEFAULTS if turbo else RELEASE_DEFAULTS
 
 
 def run_job(spec: JobSpec, events: Events | None = None) -> JobResult:
@@ -246,9 +258,11 @@ def run_job(spec: JobSpec, events: Events | None = None) -> JobResult:
         return execute(prepare_job(spec, events.log), events)
 
 
-def prepare_job(spec: JobSpec, log: Callable[[str], None]) -> PreparedJob:
-    """Pre-flight: folder, profile and device, sizes and numbers, outputs; nothing heavy is loaded."""
-    folder = preflight.model_folder(spec)
+def prepare_job(spec: JobSpec, log: Callable[[str], None], folder: ModelFolder | None = None,
+                writes_video: bool = True) -> PreparedJob:
+    """Pre-flight: folder (unless already opened), profile and device, sizes and numbers, outputs; nothing heavy
+    is loaded."""
+    folder = folder or preflight.model_folder(spec)
     profile = preflight.profile_for(spec)
     note_weight_format(folder, profile, log)
     preflight.check_numbers(spec)
@@ -259,11 +273,13 @@ def prepare_job(spec: JobSpec, log: Callable[[str], None]) -> PreparedJob:
     request = Request(spec.prompt, spec.negative_prompt, preset,
                       defaults["guidance_scale"] if spec.guidance_scale is None else spec.guidance_scale,
                       defaults["shift"] if spec.shift is None else spec.shift, spec.seed)
-    output = Path(spec.output) if spec.output else preflight.default_output(spec.prompt)
-    preflight.check_writable(output)
-    if options["save_latents"]:
-        preflight.check_writable(Path(options["save_latents"]))   # before the denoising, not after it
-    return PreparedJob(spec, StepVideoPipeline(folder, profile, log=log), request, output, options, turbo)
+    output = (Path(spec.output) if spec.output else preflight.default_output(spec.prompt)) if writes_video else None
+    checkpoint = options["checkpoint"] or (checkpoint_path(output) if output else None)
+    for path in (output, options["save_latents"], checkpoint):
+        if path:
+            preflight.check_writable(Path(path))   # before the denoising, not after it
+    return PreparedJob(spec, PhasePipeline(folder, profile, log=log), request, output,
+                       Path(checkpoint) if checkpoint else None, options, turbo)
 
 
 def note_weight_format(folder, profile, log) -> None:
@@ -273,16 +289,33 @@ def note_weight_format(folder, profile, log) -> None:
             + (" (python quantize.py ... --format int8 halves the weights)" if folder.weight_format == "bf16" else ""))
 
 
-def wants_resume(options: dict, ckpt: Path) -> bool:
-    return options["resume"] is True or (options["resume"] == "auto" and ckpt.is_file())
-
-
 def execute(job: PreparedJob, events: Events) -> JobResult:
-    pipe, options, ckpt = job.pipe, job.options, checkpoint_path(job.output)
-    resume = wants_resume(options, ckpt)
+    start = time.perf_counter()
+    latents, used = denoise_job(job, events)
+    try:
+        events.phase("decode")
+        frames = decode_frames(job.pipe, latents)
+        events.phase("write")
+        request = dataclasses.replace(job.request, preset=used)
+        results.write_outputs(job.output, frames, job.pipe, results.job_metadata(job, request),
+                              time.perf_counter() - start, events.log)
+    except BaseException:
+        if job.checkpoint and job.checkpoint.is_file():
+            events.log(f"note: the denoised latents are kept in {job.checkpoint}; run the same command with "
+                       "--resume to only decode")
+        raise
+    if job.checkpoint:
+        job.checkpoint.unlink(missing_ok=True)
+    return JobResult(job.output, used, dict(job.pipe.timings), time.perf_counter() - start)
+
+
+def denoise_job(job: PreparedJob, events: Events) -> tuple[torch.Tensor, Preset]:
+    """Plan, text phase, denoising (with checkpoints, OOM step-down and stop requests): final latents and the
+    preset that made them."""
+    pipe, options, ckpt = job.pipe, job.options, job.checkpoint
+    resume = ckpt is not None and (options["resume"] is True or (options["resume"] == "auto" and ckpt.is_file()))
     if options["cache"]:
         pipe.cache = pipe.embedding_cache(options["cache_dir"])
-    start = time.perf_counter()
     events.phase("plan")
     ladder = plan_ladder(pipe, job.request.preset, ckpt if resume else None, events.log)
     if resume:
@@ -294,22 +327,10 @@ def execute(job: PreparedJob, events: Events) -> JobResult:
                                           embeds, events.should_stop)
     if options["save_latents"]:
         save_latents(Path(options["save_latents"]), latents)
-    try:
-        events.phase("decode")
-        frames = decode_frames(pipe, latents)
-        events.phase("write")
-        request = dataclasses.replace(job.request, preset=used)
-        write_outputs(job.output, frames, pipe, job_metadata(job, request), time.perf_counter() - start, events.log)
-    except BaseException:
-        if ckpt.is_file():
-            events.log(f"note: the denoised latents are kept in {ckpt}; run the same command with --resume to "
-                       "only decode")
-        raise
-    ckpt.unlink(missing_ok=True)
-    return JobResult(job.output, used, dict(pipe.timings), time.perf_counter() - start)
+    return latents, used
 
 
-def plan_ladder(pipe: StepVideoPipeline, preset: Preset, resume_from: Path | None, log) -> list[Preset]:
+def plan_ladder(pipe: PhasePipeline, preset: Preset, resume_from: Path | None, log) -> list[Preset]:
     """The presets to try in order: the memory plan's fit on a GPU, or from the checkpoint's preset on resume."""
     ladder = ladder_from(pipe.profile.presets, preset)
     if resume_from is not None:
@@ -320,7 +341,7 @@ def plan_ladder(pipe: StepVideoPipeline, preset: Preset, resume_from: Path | Non
     return ladder
 
 
-def decode_frames(pipe: StepVideoPipeline, latents: torch.Tensor):
+def decode_frames(pipe: PhasePipeline, latents: torch.Tensor):
     from .video import postprocess
     with torch.no_grad():
         return postprocess(pipe.decode(latents))
@@ -331,49 +352,3 @@ def save_latents(path: Path, latents: torch.Tensor) -> None:
     preflight.check_writable(path)
     with atomic_path(path, ".safetensors") as tmp:
         save_file({"latents": latents.contiguous()}, str(tmp))
-
-
-def job_metadata(job: PreparedJob, request: Request) -> dict:
-    """The sidecar's description of what was asked and what ran (`request`: after any step-down)."""
-    spec, preset = job.spec, request.preset
-    return {"prompt": spec.prompt, "negative_prompt": spec.negative_prompt, "seed": spec.seed,
-            "preset": str(preset), "steps": preset.steps, "guidance_scale": request.guidance_scale, "shift": request.shift,
-            "turbo": job.turbo, "arguments": spec_arguments(spec),
-            "request": job.request.fingerprint(job.pipe.folder.root, job.pipe.profile.compute_dtype)}
-
-
-def spec_arguments(spec: JobSpec) -> dict:
-    plain = dataclasses.asdict(spec)
-    options = plain.pop("options")
-    return {k: v if v is None or isinstance(v, (bool, int, float)) else str(v)
-            for k, v in {**plain, **preflight.run_options(spec), **options}.items()}
-
-
-def write_outputs(output: Path, frames, pipe: StepVideoPipeline, meta: dict, seconds: float, log) -> None:
-    from .video import sidecar_path, write_mp4, write_sidecar
-    info = write_mp4(frames, output)
-    if info.get("padded"):
-        log("note: odd frame size padded by one pixel for H.264 (yuv420p needs even sizes)")
-    meta = {**meta, "model_dir": str(pipe.folder.root), "weight_format": pipe.folder.weight_format,
-            "weights_id": pipe.folder.identity(),
-            "frames": int(frames.shape[0]), "size": [int(frames.shape[1]), int(frames.shape[2])],
-            "profile": describe(pipe.profile), "timings_s": {k: round(v, 2) for k, v in pipe.timings.items()},
-            "total_s": round(seconds, 2), "peak_vram_bytes": _peak_vram(pipe.device),
-            "peak_host_bytes": _peak_host(), "torch": torch.__version__}
-    write_sidecar(sidecar_path(output), meta)
-    log(f"wrote {output} ({meta['frames']} frames, {meta['size'][1]}x{meta['size'][0]}) and "
-        f"{sidecar_path(output).name}")
-
-
-def _peak_vram(device) -> int | None:
-    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-
-
-def _peak_host() -> int | None:
-    """Peak resident memory of this process (Linux reports KiB, macOS bytes); None where unknown."""
-    try:
-        import resource
-    except ImportError:
-        return None
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024

@@ -70,14 +70,14 @@ def test_plan_matches_a_measured_cpu_run(tmp_path, monkeypatch):
     from lowvram_stepvideo.demo import DEMO_PRESET, build_demo_model
     from lowvram_stepvideo.memory import ByteAccountant
     from lowvram_stepvideo.model_folder import open_model_folder
-    from lowvram_stepvideo.pipeline import StepVideoPipeline
+    from lowvram_stepvideo.pipeline import PhasePipeline
     from lowvram_stepvideo.plan import plan_memory
     from lowvram_stepvideo.profiles import load_profile
     monkeypatch.setenv("LOWVRAM_STEPVIDEO_CACHE", str(tmp_path))
     folder, profile = open_model_folder(build_demo_model()), load_profile("cpu")
     plan = plan_memory(folder, profile, DEMO_PRESET)
     acc, measured = ByteAccountant(), {}
-    pipe = StepVideoPipeline(folder, profile, progress=False, log=lambda msg: None)
+    pipe = PhasePipeline(folder, profile, progress=False, log=lambda msg: None)
     pipe.phase_hook = lambda name, event: acc.reset_peak() if event == "start" else \
         measured.__setitem__(name, acc.peak["cpu"])
     with acc, torch.inference_mode():
@@ -91,7 +91,7 @@ def test_plan_matches_a_measured_cpu_run(tmp_path, monkeypatch):
 def test_fit_to_card_starts_the_ladder_at_the_largest_preset_that_fits(tmp_path, monkeypatch):
     from lowvram_stepvideo.demo import build_demo_model
     from lowvram_stepvideo.model_folder import open_model_folder
-    from lowvram_stepvideo.pipeline import StepVideoPipeline
+    from lowvram_stepvideo.pipeline import PhasePipeline
     from lowvram_stepvideo.plan import plan_memory
     from lowvram_stepvideo.profiles import Preset, load_profile
     from lowvram_stepvideo.runner import fit_to_card
@@ -102,7 +102,7 @@ def test_fit_to_card_starts_the_ladder_at_the_largest_preset_that_fits(tmp_path,
     assert peaks[0] > peaks[1] > peaks[2]
     card = int((peaks[0] + peaks[1]) / 2 / 0.95)          # the first does not fit (5% kept free), the second does
     said = []
-    pipe = StepVideoPipeline(folder, profile, progress=False, log=said.append)
+    pipe = PhasePipeline(folder, profile, progress=False, log=said.append)
     assert fit_to_card(pipe, ladder, card, said.append) == ladder[1:]
     assert any("does not fit" in line for line in said)
     assert fit_to_card(pipe, ladder, peaks[0] * 2, said.append) == ladder
