@@ -75,8 +75,8 @@ def build_parser(prog: str = "generate.py") -> argparse.ArgumentParser:
                    help="guidance scale: how strongly the video follows the prompt (default 9.0, turbo 5.0)")
     p.add_argument("--shift", type=float, help="time shift of the noise schedule, > 0 (default 13.0, turbo 17.0)")
     p.add_argument("--turbo", action="store_true",
-                   help="use the turbo checkpoint's defaults (15 steps, cfg 5, shift 17); automatic when the "
-                        "folder name contains 'turbo'")
+                   help="use the turbo checkpoint's defaults (15 steps, cfg 5, shift 17); automatic for a turbo "
+                        "folder (quantize.py records it; else model_index.json or a folder name with 'turbo')")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the initial noise (default 0): the same seed, prompt and settings give the same "
                         "video, another seed another video; an integer from -2^63 to 2^64-1")
