@@ -151,7 +151,7 @@ def _incomplete(demo_dir, parent):
 
 
 ERRORS = {  # name: (arguments, words the one error line must hold)
-    "missing folder": (["--model-dir", "{tmp}/nowhere"], ["not found", "huggingface-cli download"]),
+    "missing folder": (["--model-dir", "{tmp}/nowhere"], ["not found", "hf download", "modelscope download"]),
     "not a model folder": (["--model-dir", "{tmp}"], ["not a Step-Video model folder", "--model-dir"]),
     "incomplete folder": (["--model-dir", "{incomplete}"], ["vae", "no weights found"]),
     "no folder at all": ([], ["--model-dir", "--demo"]),
