@@ -75,7 +75,8 @@ class JobQueue:
         from .runner import say
         self.worker, self.results_dir = worker or run_job, Path(results_dir)
         self.log_line = log_line or say
-        self._lock, self._wake = threading.Lock(), threading.Condition()
+        self._lock = threading.RLock()              # guards every JobStatus; _wake signals changes
+        self._wake = threading.Condition(self._lock)
         self._jobs: dict[str, JobStatus] = {}
         self._events: dict[str, _JobEvents] = {}
         self._pending: list[str] = []
@@ -87,13 +88,14 @@ class JobQueue:
     # ---- the interface -------------------------------------------------------------------------------------------
 
     def submit(self, spec: JobSpec) -> str:
-        """Queue a job; its output path is fixed now (results_dir/<prompt>-<time>.mp4 when not given)."""
-        if spec.output is None:
-            spec = dataclasses.replace(spec, output=self.results_dir / default_output(spec.prompt).name)
+        """Queue a job; its output path is fixed now (results_dir/<prompt>-<time>-<job id>.mp4 when not given)."""
         with self._wake:
             if self._closed:
                 raise StepVideoError("the job queue is closed")
             job_id = f"job-{next(self._ids)}"
+            if spec.output is None:
+                name = f"{default_output(spec.prompt or '').stem}-{job_id}.mp4"
+                spec = dataclasses.replace(spec, output=self.results_dir / name)
             self._jobs[job_id] = JobStatus(job_id, spec, output=Path(spec.output))
             self._pending.append(job_id)
             self._wake.notify()
