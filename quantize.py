@@ -31,6 +31,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from tqdm import tqdm
 
+    from lowvram_stepvideo import exit_codes
     from lowvram_stepvideo.checkpoint import CheckpointError
     from lowvram_stepvideo.quantize_folder import format_verify_table, quantize_folder
 
@@ -42,16 +43,16 @@ def main(argv=None) -> int:
                                  max(1, args.shard_size_mb) * 2**20, log)
     except (CheckpointError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return exit_codes.BAD_INPUT
     except KeyboardInterrupt:
         print(f"interrupted; run the same command again to resume from {args.out}.partial", file=sys.stderr)
-        return 130
+        return exit_codes.INTERRUPTED
     rate = result.source_bytes / max(result.seconds, 1e-9) / 1e6
     print(f"wrote {args.out}: {len(result.written)} shards written, {len(result.reused)} reused, "
           f"{result.source_bytes / 1e9:.2f} GB converted in {result.seconds:.1f} s ({rate:.0f} MB/s)")
     if result.verify_rows:
         print(format_verify_table(result.verify_rows))
-    return 0
+    return exit_codes.OK
 
 
 if __name__ == "__main__":

@@ -5,24 +5,25 @@ import argparse
 import datetime
 import logging
 import sys
+import textwrap
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from . import demo
+from . import demo, exit_codes
 from .checkpoint import CheckpointError
 from .config import ConfigError
 from .fsutil import atomic_path
 from .model_folder import ModelFolderError, open_model_folder
 from .pipeline import TURBO_DEFAULTS, StepVideoPipeline
 from .profiles import (Preset, auto_profile, describe, detect_vram_bytes, list_profiles, load_profile,
-                       with_overrides)
+                       profiles_dir, with_overrides)
 from .resume import ResumeError, checkpoint_path
 from .runner import (Interrupted, OutOfMemory, Request, denoise_with_fallback, fit_to_card, ladder_from,
                      resume_ladder)
-from .sampling import latent_shape
+from .sampling import SEED_MAX, SEED_MIN, latent_shape
 from .tiling import TileOOMError
 from .video import VideoError, output_path_error, sidecar_path
 
@@ -33,57 +34,99 @@ class UsageError(Exception):
     pass
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="generate.py", description="Text to video with Step-Video-T2V on one GPU.")
-    p.add_argument("--model-dir", type=Path, help="release folder (or quantize.py output)")
-    p.add_argument("--demo", action="store_true", help="use a built-in tiny random model (CPU, no downloads)")
-    p.add_argument("--profile", default=None, help=f"memory tier or .toml path; 'auto' picks by the card "
-                                                   f"(available: {', '.join(list_profiles())})")
-    p.add_argument("--prompt", help="what the video shows")
+EPILOG = """\
+examples:
+  %(prog)s --demo --prompt "a cat playing piano"
+      the tiny built-in random model on the CPU: checks the install in about half a minute
+  %(prog)s --model-dir ./stepvideo-t2v-int8 --prompt "a red fox in the snow" --output fox.mp4
+      the profile is picked by the GPU's memory (--profile auto); the largest preset that fits runs
+  %(prog)s --model-dir ./stepvideo-t2v-int8 --profile 16gb --prompt "test" --dry-run
+      the memory plan of each phase on this card, without generating anything
+  %(prog)s --model-dir ./stepvideo-t2v-int8 --prompt "a red fox in the snow" --output fox.mp4 --resume
+      continue a run that was interrupted (Ctrl-C, crash), from the checkpoint saved next to fox.mp4
+  %(prog)s --list-profiles
+      the memory tiers and their preset ladders
+
+presets:
+  Each profile has a ladder of presets written FRAMESxHEIGHTxWIDTH@STEPS: 204x544x992@50 is 204 frames
+  (8.2 s at 25 fps) of 544 x 992 pixels (height x width) in 50 denoising steps. The first is the default; a
+  run that does not fit steps down the ladder. --frames, --height, --width and --steps replace single values.
+
+exit status:
+  0 done; 2 bad input (a one-line "error: ..." says what to change); 3 --dry-run: nothing on the ladder fits;
+  130 interrupted (a resume checkpoint is saved); 1 unexpected error (a bug: the traceback helps)
+"""
+
+
+def build_parser(prog: str = "generate.py") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Text to video with Step-Video-T2V on one GPU (or the CPU).",
+                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-dir", type=Path, help="the downloaded stepvideo-t2v folder, or quantize.py's output")
+    p.add_argument("--demo", action="store_true",
+                   help="use a built-in tiny random-weight model (CPU, no downloads; the video is noise)")
+    p.add_argument("--profile", default=None,
+                   help="memory tier name or path to a .toml file (default: auto = the largest tier that fits the "
+                        f"detected GPU, cpu without one; with --demo: cpu). Tiers: {', '.join(list_profiles())}")
+    p.add_argument("--prompt", help="what the video shows (English or Chinese)")
     p.add_argument("--negative-prompt", help="what to avoid (default: the reference's negative prompt)")
-    p.add_argument("--frames", type=int, help="number of frames (multiple of 17; default from the profile)")
-    p.add_argument("--height", type=int, help="pixels, multiple of 16")
-    p.add_argument("--width", type=int, help="pixels, multiple of 16")
-    p.add_argument("--steps", type=int, help="denoising steps (default 50, turbo 15)")
-    p.add_argument("--cfg", type=float, help="guidance scale (default 9.0, turbo 5.0)")
-    p.add_argument("--shift", type=float, help="time shift (default 13.0, turbo 17.0)")
+    p.add_argument("--frames", type=int,
+                   help="number of frames, a multiple of 17 (default: the profile's first preset; release 204)")
+    p.add_argument("--height", type=int, help="height in pixels, a multiple of 16 (release 544)")
+    p.add_argument("--width", type=int, help="width in pixels, a multiple of 16 (release 992)")
+    p.add_argument("--steps", type=int, help="denoising steps, at least 1 (default: the profile's preset, 30 or 50; turbo 15)")
+    p.add_argument("--cfg", type=float,
+                   help="guidance scale: how strongly the video follows the prompt (default 9.0, turbo 5.0)")
+    p.add_argument("--shift", type=float, help="time shift of the noise schedule, > 0 (default 13.0, turbo 17.0)")
     p.add_argument("--turbo", action="store_true",
-                   help="use the turbo checkpoint's defaults (15 steps, cfg 5, shift 17)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output", type=Path, help="mp4 path (default: results/<prompt>-<time>.mp4)")
-    p.add_argument("--dry-run", action="store_true", help="print the memory plan per phase and exit")
+                   help="use the turbo checkpoint's defaults (15 steps, cfg 5, shift 17); automatic when the "
+                        "folder name contains 'turbo'")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the initial noise (default 0): the same seed, prompt and settings give the same "
+                        "video, another seed another video; an integer from -2^63 to 2^64-1")
+    p.add_argument("--output", type=Path, help="mp4 path (default: results/<prompt>-<time>.mp4); the metadata "
+                                               "goes next to it as <output>.json")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the memory plan of every phase and exit: the pipeline runs on fake tensors (no "
+                        "weights are read, nothing is generated; seconds to a minute)")
     p.add_argument("--json", action="store_true", help="with --dry-run: print the plan as JSON")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
-    p.add_argument("--checkpoint-every", type=int, default=5, help="save latents every N steps (0 = never)")
-    p.add_argument("--save-latents", type=Path, help="also keep the final latents in this file")
-    p.add_argument("--decode-latents", type=Path, help="only decode latents saved with --save-latents")
-    p.add_argument("--no-cache", action="store_true", help="do not use the text-embedding cache")
-    p.add_argument("--attention", choices=["sdpa", "flash", "sage", "auto"], help="override the profile's backend")
-    p.add_argument("--resident-blocks", type=int, help="override: DiT blocks kept on the GPU")
-    p.add_argument("--vae-tile", type=int, help="override: VAE tile in latent pixels (0 = untiled)")
-    p.add_argument("--list-profiles", action="store_true", help="list the profiles and exit")
+    p.add_argument("--checkpoint-every", type=int, default=5,
+                   help="save the latents every N steps for --resume (default 5; 0 = never)")
+    p.add_argument("--save-latents", type=Path, help="also keep the final latents in this .safetensors file")
+    p.add_argument("--decode-latents", type=Path,
+                   help="skip the text and denoising phases: only decode latents saved with --save-latents")
+    p.add_argument("--no-cache", action="store_true",
+                   help="do not read or write the text-embedding cache (~/.cache/lowvram-stepvideo/embeddings)")
+    p.add_argument("--attention", choices=["sdpa", "flash", "sage", "auto"],
+                   help="attention backend instead of the profile's: sdpa (PyTorch), flash (flash-attn), sage "
+                        "(SageAttention), auto (the fastest installed)")
+    p.add_argument("--resident-blocks", type=int,
+                   help="DiT blocks kept on the GPU instead of the profile's (the rest are streamed)")
+    p.add_argument("--vae-tile", type=int,
+                   help="VAE decode tile in latent pixels (x16 image pixels) instead of the profile's; 0 = untiled")
+    p.add_argument("--list-profiles", action="store_true", help="list the profiles with their presets and exit")
     return p
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str], prog: str = "generate.py") -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    args = build_parser().parse_args(argv)
+    args = build_parser(prog).parse_args(argv)
     try:
         return run(args)
     except Interrupted as e:
         _say(str(e))
-        return 130
+        return exit_codes.INTERRUPTED
     except KeyboardInterrupt:
         _say("interrupted")
-        return 130
+        return exit_codes.INTERRUPTED
     except (UsageError, ConfigError, CheckpointError, ModelFolderError, ResumeError, OutOfMemory, TileOOMError,
             VideoError, ValueError) as e:
         _say(f"error: {e}")
-        return 2
+        return exit_codes.BAD_INPUT
     except torch.OutOfMemoryError as e:   # one not handled by a fallback (e.g. placing the VAE)
         what = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         _say(f"error: out of memory: {what}; use a smaller --profile or free GPU memory")
-        return 2
+        return exit_codes.BAD_INPUT
 
 
 def _say(msg: str) -> None:
@@ -95,9 +138,8 @@ def _say(msg: str) -> None:
 
 def run(args) -> int:
     if args.list_profiles:
-        for name in list_profiles():
-            print(f"{name:<12} {load_profile(name).description}")
-        return 0
+        _list_profiles()
+        return exit_codes.OK
     folder = _model_folder(args)
     profile = _profile(args)
     if folder.weight_format != profile.weight_format and profile.device == "cuda":
@@ -120,6 +162,15 @@ def run(args) -> int:
         return _dry_run(args, pipe, preset)
     output = _output_path(args)
     return _generate(args, pipe, preset, output)
+
+
+def _list_profiles() -> None:
+    print(f"profiles in {profiles_dir()} (presets: FRAMESxHEIGHTxWIDTH@STEPS, the first is the default):")
+    for name in list_profiles():
+        profile = load_profile(name)
+        print(f"{name:<12} {profile.description}")
+        ladder = ", ".join(describe(profile)["presets"])
+        print(textwrap.fill(ladder, width=108, initial_indent=" " * 13, subsequent_indent=" " * 13))
 
 
 def _model_folder(args):
@@ -146,6 +197,8 @@ def _check_numbers(args) -> None:
         raise UsageError(f"--steps {args.steps}: needs at least 1 denoising step (release 30-50, turbo 15)")
     if args.shift is not None and not args.shift > 0:
         raise UsageError(f"--shift {args.shift}: must be positive (release 13, turbo 17)")
+    if not SEED_MIN <= args.seed <= SEED_MAX:
+        raise UsageError(f"--seed {args.seed}: must be an integer from -2^63 to 2^64-1")
     if args.checkpoint_every < 0:
         raise UsageError(f"--checkpoint-every {args.checkpoint_every}: must be >= 0 (0 = never)")
 

@@ -12,7 +12,7 @@ import torch
 # Default seed of a fresh `torch.Generator()`; the reference pipeline draws its noise from such a generator.
 REFERENCE_NOISE_SEED = 67280421310721
 
-_SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
 
 
 def flow_sigmas(num_steps: int, time_shift: float) -> torch.Tensor:
@@ -87,7 +87,7 @@ def initial_noise(shape: tuple[int, ...], seed: int, dtype: torch.dtype = torch.
     noise on every machine. Default dtype bf16 like the reference (it draws bf16 directly, then the first Euler
     step promotes to float32); with seed REFERENCE_NOISE_SEED this is the reference's noise when it runs on CPU
     (its CUDA noise differs: different generator). Returned on the CPU; move it to the device yourself."""
-    if not isinstance(seed, int) or isinstance(seed, bool) or not _SEED_MIN <= seed <= _SEED_MAX:
-        raise ValueError(f"seed must be an integer in [{_SEED_MIN}, {_SEED_MAX}], got {seed!r}")
+    if not isinstance(seed, int) or isinstance(seed, bool) or not SEED_MIN <= seed <= SEED_MAX:
+        raise ValueError(f"seed must be an integer in [{SEED_MIN}, {SEED_MAX}], got {seed!r}")
     generator = torch.Generator(device="cpu").manual_seed(seed)
     return torch.randn(shape, generator=generator, dtype=dtype, device="cpu")
