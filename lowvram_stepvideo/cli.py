@@ -129,6 +129,11 @@ def main(argv: list[str], prog: str = "generate.py") -> int:
         return exit_codes.BAD_INPUT
 
 
+def entry_point() -> None:
+    """The `lowvram-stepvideo` command a pip install creates."""
+    sys.exit(main(sys.argv[1:], prog="lowvram-stepvideo"))
+
+
 def _say(msg: str) -> None:
     """A line on stderr; an open progress bar is cleared first and redrawn below it."""
     from tqdm import tqdm
