@@ -73,7 +73,8 @@ def build_parser(prog: str = "generate.py") -> argparse.ArgumentParser:
                    help="number of frames, a multiple of 17 (default: the profile's first preset; release 204)")
     p.add_argument("--height", type=int, help="height in pixels, a multiple of 16 (release 544)")
     p.add_argument("--width", type=int, help="width in pixels, a multiple of 16 (release 992)")
-    p.add_argument("--steps", type=int, help="denoising steps, at least 1 (default: the profile's preset, 30 or 50; turbo 15)")
+    p.add_argument("--steps", type=int,
+                   help="denoising steps, at least 1 (default: the profile's preset, 30 or 50; turbo 15)")
     p.add_argument("--cfg", type=float,
                    help="guidance scale: how strongly the video follows the prompt (default 9.0, turbo 5.0)")
     p.add_argument("--shift", type=float, help="time shift of the noise schedule, > 0 (default 13.0, turbo 17.0)")
@@ -344,6 +345,8 @@ def _write_outputs(output: Path, frames, args, pipe, request, preset, seconds: f
             "preset": str(preset) if preset else None, "steps": preset.steps if preset else None,
             "guidance_scale": request.guidance_scale if request else None, "shift": request.shift if request else None,
             "frames": int(frames.shape[0]), "size": [int(frames.shape[1]), int(frames.shape[2])],
+            "fps": info["fps"], "width": info["width"], "height": info["height"],   # of the mp4 as written
+            "duration_s": round(info["frames"] / info["fps"], 3),
             "profile": describe(pipe.profile), "timings_s": {k: round(v, 2) for k, v in pipe.timings.items()},
             "total_s": round(seconds, 2), "peak_vram_bytes": _peak_vram(pipe.device),
             "peak_host_bytes": _peak_host(), "turbo": bool(args.turbo or pipe.folder.turbo),
@@ -351,8 +354,8 @@ def _write_outputs(output: Path, frames, args, pipe, request, preset, seconds: f
                           for k, v in vars(args).items()},
             "torch": torch.__version__}
     write_sidecar(sidecar_path(output), meta)
-    _say(f"wrote {output} ({meta['frames']} frames, {meta['size'][1]}x{meta['size'][0]}) and "
-         f"{sidecar_path(output).name}")
+    _say(f"wrote {output.resolve()} ({meta['frames']} frames, {info['width']}x{info['height']}, {info['fps']} fps) "
+         f"and {sidecar_path(output).resolve()}")
 
 
 def _peak_vram(device) -> int | None:
