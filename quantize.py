@@ -13,8 +13,20 @@ import sys
 from pathlib import Path
 
 
+EPILOG = """\
+examples:
+  python quantize.py --model-dir ./stepvideo-t2v --out ./stepvideo-t2v-int8 --format int8
+  python quantize.py --model-dir ./stepvideo-t2v --out ./stepvideo-t2v-fp8 --format fp8 --verify
+  an interrupted run continues when the same command is given again (work is kept in OUT.partial/)
+
+exit status:
+  0 done; 2 bad input (a one-line "error: ..." says what to change); 130 interrupted; 1 unexpected error
+"""
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[1], epilog=EPILOG,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-dir", type=Path, required=True, help="release folder (holds model_index.json)")
     ap.add_argument("--out", type=Path, required=True, help="new folder to create (outside --model-dir)")
     ap.add_argument("--format", required=True, help="int8 or fp8 (e4m3); both use per-output-channel scales")

@@ -15,7 +15,7 @@ from .errors import StepVideoError, UsageError
 from .preflight import JobSpec
 from .profiles import describe, detect_vram_bytes, list_profiles, load_profile, profiles_dir
 from .runner import Interrupted, PhasePipeline, say as _say
-from .sampling import sampling_defaults
+from .sampling import RELEASE_DEFAULTS, TURBO_DEFAULTS, sampling_defaults
 
 GiB = 2**30
 
@@ -52,6 +52,7 @@ batches:
 
 
 def build_parser(prog: str = "generate.py") -> argparse.ArgumentParser:
+    release, turbo = RELEASE_DEFAULTS, TURBO_DEFAULTS
     p = argparse.ArgumentParser(prog=prog, description="Text to video with Step-Video-T2V on one GPU (or the CPU).",
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-dir", type=Path, help="the downloaded stepvideo-t2v folder, or quantize.py's output")
@@ -70,13 +71,18 @@ def build_parser(prog: str = "generate.py") -> argparse.ArgumentParser:
                    help="number of frames, a multiple of 17 (default: the profile's first preset; release 204)")
     p.add_argument("--height", type=int, help="height in pixels, a multiple of 16 (release 544)")
     p.add_argument("--width", type=int, help="width in pixels, a multiple of 16 (release 992)")
-    p.add_argument("--steps", type=int, help="denoising steps, at least 1 (default: the profile's preset, 30 or 50; turbo 15)")
+    p.add_argument("--steps", type=int,
+                   help="denoising steps, at least 1 (default: the profile's preset, 30 or 50; "
+                        f"turbo {turbo['steps']})")
     p.add_argument("--cfg", type=float,
-                   help="guidance scale: how strongly the video follows the prompt (default 9.0, turbo 5.0)")
-    p.add_argument("--shift", type=float, help="time shift of the noise schedule, > 0 (default 13.0, turbo 17.0)")
+                   help=f"guidance scale: how strongly the video follows the prompt (default "
+                        f"{release['guidance_scale']}, turbo {turbo['guidance_scale']})")
+    p.add_argument("--shift", type=float, help=f"time shift of the noise schedule, > 0 (default {release['shift']}, "
+                                               f"turbo {turbo['shift']})")
     p.add_argument("--turbo", action="store_true",
-                   help="use the turbo checkpoint's defaults (15 steps, cfg 5, shift 17); automatic for a turbo "
-                        "folder (quantize.py records it; else model_index.json or a folder name with 'turbo')")
+                   help=f"use the turbo checkpoint's defaults ({turbo['steps']} steps, cfg "
+                        f"{turbo['guidance_scale']:g}, shift {turbo['shift']:g}); automatic for a turbo folder "
+                        "(quantize.py records it; else model_index.json or a folder name with 'turbo')")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the initial noise (default 0): the same seed, prompt and settings give the same "
                         "video, another seed another video; an integer from -2^63 to 2^64-1")
@@ -88,7 +94,7 @@ def build_parser(prog: str = "generate.py") -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="with --dry-run: print the plan as JSON")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
     p.add_argument("--checkpoint-every", type=int, default=5,
-                   help="save the latents every N steps for --resume (default 5; 0 = never)")
+                   help="save the latents every N steps for --resume (default %(default)s; 0 = never)")
     p.add_argument("--save-latents", type=Path, help="also keep the final latents in this .safetensors file")
     p.add_argument("--decode-latents", type=Path,
                    help="skip the text and denoising phases: only decode latents saved with --save-latents")

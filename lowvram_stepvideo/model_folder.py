@@ -15,8 +15,9 @@ from .errors import StepVideoError
 from .loaders import Component, open_clip, open_dit, open_step_llm, open_vae
 from .tokenizers import load_clip_tokenizer, load_step_llm_tokenizer
 
-DOWNLOAD_HINT = ("download it with: hf download stepfun-ai/stepvideo-t2v --local-dir {path} (or modelscope download "
-                 "--model stepfun-ai/stepvideo-t2v --local_dir {path})")
+DOWNLOAD_HINT = ("download it with: hf download stepfun-ai/stepvideo-t2v --local-dir {path} "
+                 "(pip install huggingface_hub), or: modelscope download stepfun-ai/stepvideo-t2v --local-dir {path} "
+                 "(pip install modelscope)")
 TURBO_KEY = "lowvram_turbo"   # "true" | "false" in a quantized DiT's safetensors header
 OPENERS = {"transformer": open_dit, "step_llm": open_step_llm, "hunyuan_clip": open_clip, "vae": open_vae}
 

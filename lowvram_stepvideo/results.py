@@ -39,12 +39,14 @@ def write_outputs(output: Path, frames, pipe, meta: dict, seconds: float, log) -
     meta = {**meta, "model_dir": str(pipe.folder.root), "weight_format": pipe.folder.weight_format,
             "weights_id": pipe.folder.identity(),
             "frames": int(frames.shape[0]), "size": [int(frames.shape[1]), int(frames.shape[2])],
+            "fps": info["fps"], "width": info["width"], "height": info["height"],   # of the mp4 as written
+            "duration_s": round(info["frames"] / info["fps"], 3),
             "profile": describe(pipe.profile), "timings_s": {k: round(v, 2) for k, v in pipe.timings.items()},
             "total_s": round(seconds, 2), "peak_vram_bytes": _peak_vram(pipe.device),
             "peak_host_bytes": _peak_host(), "torch": torch.__version__}
     write_sidecar(sidecar_path(output), meta)
-    log(f"wrote {output} ({meta['frames']} frames, {meta['size'][1]}x{meta['size'][0]}) and "
-        f"{sidecar_path(output).name}")
+    log(f"wrote {output.resolve()} ({meta['frames']} frames, {info['width']}x{info['height']}, {info['fps']} fps) "
+        f"and {sidecar_path(output).resolve()}")
 
 
 def _peak_vram(device) -> int | None:
