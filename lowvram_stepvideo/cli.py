@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import logging
 import sys
 import textwrap
@@ -13,12 +14,13 @@ from pathlib import Path
 import torch
 
 from . import demo, exit_codes
+from .budgets import use_expandable_segments
 from .checkpoint import CheckpointError
 from .config import ConfigError
 from .fsutil import atomic_path
 from .model_folder import ModelFolderError, open_model_folder
 from .pipeline import RELEASE_DEFAULTS, TURBO_DEFAULTS, StepVideoPipeline
-from .profiles import (Preset, auto_profile, describe, detect_vram_bytes, list_profiles, load_profile,
+from .profiles import (Preset, auto_choice, describe, detect_vram_bytes, list_profiles, load_profile,
                        profiles_dir, with_overrides)
 from .resume import ResumeError, checkpoint_path
 from .runner import (Interrupted, OutOfMemory, Request, denoise_with_fallback, fit_to_card, ladder_from,
@@ -39,9 +41,12 @@ examples:
   %(prog)s --demo --prompt "a cat playing piano"
       the tiny built-in random model on the CPU: checks the install in about half a minute
   %(prog)s --model-dir ./stepvideo-t2v-int8 --prompt "a red fox in the snow" --output fox.mp4
-      the profile is picked by the GPU's memory (--profile auto); the largest preset that fits runs
+      the profile is picked by the GPU's memory and the RAM (--profile auto); the largest preset that fits runs
   %(prog)s --model-dir ./stepvideo-t2v-int8 --profile 16gb --prompt "test" --dry-run
-      the memory plan of each phase on this card, without generating anything
+      the memory plan of each phase against this machine's VRAM and RAM, and whether it fits (nothing generated)
+  %(prog)s --model-dir ./stepvideo-t2v --profile 12gb --prompt "test" --dry-run --assume-format int8 \
+      --vram-gib 12 --ram-gib 32
+      what a 12 GB card in a 32 GB machine would do with this folder once quantized to int8
   %(prog)s --model-dir ./stepvideo-t2v-int8 --prompt "a red fox in the snow" --output fox.mp4 --resume
       continue a run that was interrupted (Ctrl-C, crash), from the checkpoint saved next to fox.mp4
   %(prog)s --list-profiles
@@ -67,7 +72,8 @@ def build_parser(prog: str = "generate.py") -> argparse.ArgumentParser:
                    help="use a built-in tiny random-weight model (CPU, no downloads; the video is noise)")
     p.add_argument("--profile", default=None,
                    help="memory tier name or path to a .toml file (default: auto = the largest tier that fits the "
-                        f"detected GPU, cpu without one; with --demo: cpu). Tiers: {', '.join(list_profiles())}")
+                        "detected GPU, its host RAM fitted to this machine's; without a GPU the cpu tier that fits "
+                        f"the RAM; with --demo: cpu). Tiers: {', '.join(list_profiles())}")
     p.add_argument("--prompt", help="what the video shows (English or Chinese)")
     p.add_argument("--negative-prompt", help="what to avoid (default: the reference's negative prompt)")
     p.add_argument("--frames", type=int,
@@ -92,9 +98,16 @@ def build_parser(prog: str = "generate.py") -> argparse.ArgumentParser:
     p.add_argument("--output", type=Path, help="mp4 path (default: results/<prompt>-<time>.mp4); the metadata "
                                                "goes next to it as <output>.json")
     p.add_argument("--dry-run", action="store_true",
-                   help="print the memory plan of every phase and exit: the pipeline runs on fake tensors (no "
-                        "weights are read, nothing is generated; seconds to a minute)")
+                   help="print the memory plan of every phase against this machine's budgets and whether it fits, "
+                        "then exit (status 0 fits, 3 nothing on the ladder fits): the pipeline runs on fake tensors "
+                        "(no weights are read, nothing is generated; seconds to a minute)")
     p.add_argument("--json", action="store_true", help="with --dry-run: print the plan as JSON")
+    p.add_argument("--vram-gib", type=float, metavar="N",
+                   help="with --dry-run: plan for a card of N GiB instead of this machine's (e.g. 12)")
+    p.add_argument("--ram-gib", type=float, metavar="N",
+                   help="with --dry-run: plan for a machine with N GiB of RAM instead of this one (e.g. 32)")
+    p.add_argument("--assume-format", choices=["int8", "fp8"],
+                   help="with --dry-run: plan a release (bf16) folder as quantize.py's output in this format")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
     p.add_argument("--checkpoint-every", type=int, default=5,
                    help="save the latents every N steps for --resume (default %(default)s; 0 = never)")
@@ -116,6 +129,7 @@ def build_parser(prog: str = "generate.py") -> argparse.ArgumentParser:
 
 def main(argv: list[str], prog: str = "generate.py") -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    use_expandable_segments()   # before anything initialises CUDA
     args = build_parser(prog).parse_args(argv)
     try:
         return run(args)
@@ -151,14 +165,13 @@ def run(args) -> int:
     if args.list_profiles:
         _list_profiles()
         return exit_codes.OK
+    _check_dry_run_flags(args)
     folder = _model_folder(args)
     profile = _profile(args)
-    if folder.weight_format != profile.weight_format and profile.device == "cuda":
+    if (args.assume_format or folder.weight_format) != profile.weight_format and profile.device == "cuda":
         _say(f"note: profile {profile.name} is sized for {profile.weight_format} weights and this folder has "
              f"{folder.weight_format}; the memory plan accounts for it"
              + (" (python quantize.py ... --format int8 halves the weights)" if folder.weight_format == "bf16" else ""))
-    if args.json and not args.dry_run:
-        raise UsageError("--json only goes with --dry-run")
     if args.decode_latents:
         return _decode_only(args, folder, profile)
     if not args.prompt or not args.prompt.strip():
@@ -192,10 +205,25 @@ def _model_folder(args):
     return open_model_folder(args.model_dir)
 
 
+def _check_dry_run_flags(args) -> None:
+    for flag in ("json", "vram_gib", "ram_gib", "assume_format"):
+        if getattr(args, flag) not in (None, False) and not args.dry_run:
+            raise UsageError(f"--{flag.replace('_', '-')} only goes with --dry-run")
+    for flag in ("vram_gib", "ram_gib"):
+        value = getattr(args, flag)
+        if value is not None and not 0 < value < 2**20:
+            raise UsageError(f"--{flag.replace('_', '-')} {value:g}: give the memory in GiB, e.g. 12 or 31.5")
+
+
 def _profile(args):
     name = args.profile or ("cpu" if args.demo else "auto")
-    vram = detect_vram_bytes()
-    profile = auto_profile(vram) if name == "auto" else load_profile(name)
+    vram = detect_vram_bytes() if args.vram_gib is None else int(args.vram_gib * GiB)
+    if name == "auto":
+        ram = None if args.ram_gib is None else int(args.ram_gib * GiB)
+        profile, reason = auto_choice(vram, ram)
+        _say(reason)
+    else:
+        profile = load_profile(name)
     if profile.device == "cuda" and vram is None and not args.dry_run:
         raise UsageError(f"profile {profile.name!r} needs a CUDA GPU and none was found; use --profile cpu "
                          "(slow) or --dry-run to see its memory plan")
@@ -252,28 +280,18 @@ def _check_writable(path: Path) -> None:
 
 
 def _dry_run(args, pipe, preset) -> int:
-    """The plan for this profile and preset, with resident blocks lowered to fit the card (the detected one, else
-    the profile's nominal size)."""
-    from .plan import fit_profile
-    profile = pipe.profile
-    vram = detect_vram_bytes()
-    if vram is None:
-        vram = profile.min_vram_gib * GiB if profile.device == "cuda" else profile.memory.host_ram_gb * GiB
-    fitted, plan = fit_profile(pipe.folder, profile, preset, int(vram))
-    te = fitted.text_encoders
-    step_llm = "whole on the device" if te.placement == "device" else f"streamed, {te.resident_blocks} resident"
-    if args.json:
-        print(plan.to_json(dit_resident_blocks=fitted.dit.resident_blocks, step_llm=step_llm,
-                           budget_bytes=int(vram)))
-        return 0
-    print(plan.table())
-    print(f"DiT blocks resident: {fitted.dit.resident_blocks} (profile: up to {profile.dit.resident_blocks}); "
-          f"step_llm: {step_llm}; budget {vram / GiB:.1f} GiB")
-    if plan.peak_vram_bytes > vram:
-        print(f"warning: the plan exceeds {vram / GiB:.1f} GiB; a real run steps down the preset ladder")
-    if plan.peak_host_bytes > profile.memory.host_ram_gb * GiB:
-        print(f"warning: planned host RAM exceeds the profile's host_ram_gb ({profile.memory.host_ram_gb})")
-    return 0
+    """The verdict of the plan against this machine (or --vram-gib / --ram-gib): 0 when a preset of the ladder
+    fits, 3 when none does."""
+    from .fit import check_fit
+    vram = None if args.vram_gib is None else int(args.vram_gib * GiB)
+    ram = None if args.ram_gib is None else int(args.ram_gib * GiB)
+    verdict = check_fit(pipe.folder, pipe.profile, preset, vram, ram, args.assume_format)
+    asked = args.resident_blocks
+    if asked is not None and verdict.profile.dit.resident_blocks < asked:
+        _say(f"note: --resident-blocks {asked} lowered to {verdict.profile.dit.resident_blocks}: "
+             f"more do not fit the budget")
+    print(json.dumps(verdict.to_dict(), indent=2) if args.json else verdict.report())
+    return exit_codes.OK if verdict.fits else exit_codes.DOES_NOT_FIT
 
 
 def _request(args, pipe, preset) -> Request:
@@ -287,9 +305,8 @@ def _generate(args, pipe, preset, output: Path) -> int:
         pipe.cache = pipe.embedding_cache()
     request = _request(args, pipe, preset)
     ladder = ladder_from(pipe.profile.presets, preset)
-    vram = detect_vram_bytes()
-    if pipe.device.type == "cuda" and vram and not args.resume:
-        ladder = fit_to_card(pipe, ladder, vram, _say)
+    if pipe.device.type == "cuda" and not args.resume:
+        ladder = fit_to_card(pipe, ladder, None, _say)     # this machine's free VRAM and available RAM
     ckpt = checkpoint_path(output)
     if args.resume:
         ladder = resume_ladder(ladder, ckpt)
