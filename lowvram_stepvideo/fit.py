@@ -28,6 +28,7 @@ from .runner import ladder_from
 
 GiB = 2**30
 HOST_PASSES = 3          # rounds of "less packed RAM, then refit the resident blocks"
+ADJUSTABLE = ("text", "denoise")   # phases whose layout fitting changes (step_llm and DiT blocks, packed RAM)
 
 
 @dataclass
@@ -118,26 +119,43 @@ def plan_fits(plan: Plan, budget: Budget) -> bool:
 def fit_layout(folder: ModelFolder, profile: Profile, preset: Preset, budget: Budget) -> tuple[Profile, Plan]:
     """`profile` with resident blocks and packed host copies lowered (upper bounds, never raised) until the plan
     of `preset` fits `budget`, and that plan; the plan may still exceed it when nothing is left to lower."""
-    profile, plan = fit_profile(folder, profile, preset, budget.device_room(0))
+    profile, plan = fit_profile(folder, clamped(folder, profile), preset, budget.device_room(0))
     for _ in range(HOST_PASSES):
-        if plan_fits(plan, budget):
+        if plan_fits(plan, budget) or not _only_adjustable_over(plan, budget):
             break
-        room = budget.device_room(plan.peak_host_bytes)
-        if budget.device == "cpu" and profile.dit.resident_blocks and plan.peak_vram_bytes > room:
+        phases = [plan.phases[name] for name in ADJUSTABLE if name in plan.phases]
+        room = budget.device_room(max(p.peak_host_bytes for p in phases))
+        excess = host_excess(phases, budget)
+        if budget.device == "cpu" and profile.dit.resident_blocks and plan.phases["denoise"].peak_vram_bytes > room:
             lowered = profile                  # on the cpu, resident blocks give way first (they are RAM too)
-        else:
-            lowered = less_packed(folder, profile, host_excess(plan, budget))
-            if lowered is None:
-                break
+        elif excess <= 0 or (lowered := less_packed(folder, profile, excess)) is None:
+            break                              # the device is short, or there is no packed RAM left to give
         profile, plan = fit_profile(folder, lowered, preset, room)
     return profile, plan
 
 
-def host_excess(plan: Plan, budget: Budget) -> int:
-    """Host bytes over the budget in the worst phase (on the cpu, device and host bytes together)."""
+def _only_adjustable_over(plan: Plan, budget: Budget) -> bool:
+    """Every phase over the budget is one that a layout change can shrink (else the preset cannot fit)."""
+    over = [n for n, p in plan.phases.items() if not budget.phase_fits(p.peak_vram_bytes, p.peak_host_bytes)]
+    return all(name in ADJUSTABLE for name in over)
+
+
+def clamped(folder: ModelFolder, profile: Profile) -> Profile:
+    """Resident block counts capped at the stack's size (so that lowering them changes the plan at once)."""
+    dit_blocks, _ = stack_size(folder, "transformer", profile.torch_dtype)
+    profile = replace(profile, dit=replace(profile.dit, resident_blocks=min(profile.dit.resident_blocks, dit_blocks)))
+    te = profile.text_encoders
+    if te.placement == "stream":
+        llm_blocks, _ = stack_size(folder, "step_llm", profile.torch_dtype)
+        profile = replace(profile, text_encoders=replace(te, resident_blocks=min(te.resident_blocks, llm_blocks)))
+    return profile
+
+
+def host_excess(phases: list, budget: Budget) -> int:
+    """Host bytes over the budget in the worst of `phases` (on the cpu, device and host bytes together)."""
     if budget.device == "cpu":
-        return max(p.peak_vram_bytes + p.peak_host_bytes for p in plan.phases.values()) - budget.host_bytes
-    return max(p.peak_host_bytes for p in plan.phases.values()) - budget.host_bytes
+        return max(p.peak_vram_bytes + p.peak_host_bytes for p in phases) - budget.host_bytes
+    return max(p.peak_host_bytes for p in phases) - budget.host_bytes
 
 
 def less_packed(folder: ModelFolder, profile: Profile, excess: int) -> Profile | None:
@@ -146,14 +164,11 @@ def less_packed(folder: ModelFolder, profile: Profile, excess: int) -> Profile |
     packed = max(packed_bytes(folder, profile, "dit"), packed_bytes(folder, profile, "text_encoders"))
     if packed <= 0:
         return None
-    budget = max(0, packed - excess)
-    memory = replace(profile.memory, packed_gb=budget / GiB)
-    sections = {}
-    for section in ("dit", "text_encoders"):
-        settings = getattr(profile, section)
-        if settings.source == "ram" and packed_blocks(folder, replace(profile, memory=memory), section) == 0:
-            sections[section] = replace(settings, source="disk")
-    return replace(profile, memory=memory, **sections)
+    lowered = replace(profile, memory=replace(profile.memory, packed_gb=max(0, packed - excess) / GiB))
+    if any(packed_blocks(folder, lowered, section) for section in ("dit", "text_encoders")):
+        return lowered
+    sections = {s: replace(getattr(profile, s), source="disk") for s in ("dit", "text_encoders")}
+    return replace(profile, memory=replace(profile.memory, packed_gb=0.0), **sections)   # nothing packs: all disk
 
 
 def packed_blocks(folder: ModelFolder, profile: Profile, section: str) -> int:

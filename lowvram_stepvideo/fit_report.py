@@ -53,12 +53,13 @@ def _b(n: int, limit: int | None = None) -> str:
 
 def _lowered(v: "Verdict") -> str:
     """What fitting changed against the profile as given (resident blocks, packed RAM, sources)."""
-    a, f, out = v.asked, v.profile, []
+    from .fit import clamped
+    a, f, out = clamped(v.folder, v.asked), v.profile, []     # a count above the stack's size is not a lowering
     if f.dit.resident_blocks < a.dit.resident_blocks:
         out.append(f"DiT resident blocks {a.dit.resident_blocks} -> {f.dit.resident_blocks}")
     if f.text_encoders.placement != a.text_encoders.placement:
         out.append("step_llm streamed block by block instead of whole")
-    if f.text_encoders.resident_blocks < a.text_encoders.resident_blocks:
+    elif f.text_encoders.resident_blocks < a.text_encoders.resident_blocks:
         out.append(f"step_llm resident blocks {a.text_encoders.resident_blocks} -> {f.text_encoders.resident_blocks}")
     if f.memory.packed_gb < a.memory.packed_gb:
         out.append(f"packed RAM {a.memory.packed_gb:g} -> {f.memory.packed_gb:.1f} GiB")
