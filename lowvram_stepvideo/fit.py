@@ -17,7 +17,6 @@ import torch
 
 from .assumed_format import assume_format as assume_format_of
 from .budgets import Budget, machine_budget
-from .memory import fmt_bytes
 from .model_folder import ModelFolder
 from .offload import ARENA_BYTES
 from .offload_store import BlockLayout, HostArenas

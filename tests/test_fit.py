@@ -287,3 +287,42 @@ def test_8gb_fits_the_full_preset_in_8_gib_and_16_gib(sparse_4_layers):
     assert d["peak_vram_bytes"] <= d["budget_vram_bytes"] <= 7.2 * GiB + MiB
     assert d["peak_host_bytes"] <= d["budget_host_bytes"] == 14 * GiB
     assert d["layout"]["dit"]["from_disk"] == 3 and verdict.profile == profile    # nothing had to be lowered
+
+
+# ---- bench/plan_vs_gpu.py -----------------------------------------------------------------------------------
+
+def _bench(name: str):
+    import importlib.util
+    from conftest import ROOT
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_plan_vs_gpu_skips_cleanly_without_cuda(capsys, monkeypatch):
+    bench = _bench("plan_vs_gpu")
+    monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: False)
+    assert bench.main(["--demo"]) == 0
+    assert capsys.readouterr().out == "plan_vs_gpu: skipped, no CUDA device (nothing to measure)\n"
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("demo_env", "one_torch_thread")
+def test_plan_vs_gpu_logic_on_the_cpu(capsys, monkeypatch):
+    """The GPU bench's flow with torch.cuda's counters stood in for (the pipeline itself runs on the cpu)."""
+    bench = _bench("plan_vs_gpu")
+    cuda = bench.torch.cuda
+    used = iter(range(10**6))                   # the driver's "in use" grows by 1 MiB per sample
+    monkeypatch.setenv(budgets.ALLOC_CONF, "expandable_segments:True")
+    for name, fake in {"is_available": lambda: True, "synchronize": lambda: None, "get_device_name": lambda: "fake",
+                       "reset_peak_memory_stats": lambda: None, "max_memory_allocated": lambda: 3 * MiB,
+                       "max_memory_reserved": lambda: 4 * MiB,
+                       "mem_get_info": lambda: (8 * GiB - next(used) * MiB, 8 * GiB)}.items():
+        monkeypatch.setattr(cuda, name, fake)
+    assert bench.main(["--demo", "--profile", "cpu", "--preset", "17x16x16", "--steps", "1"]) == 0
+    out = capsys.readouterr().out
+    rows = [ln.split(" | ") for ln in out.splitlines() if ln.startswith(("| text", "| denoise", "| decode"))]
+    assert [r[0] for r in rows] == ["| text", "| denoise", "| decode"]
+    assert all(r[2] == "0.00" and float(r[5].rstrip(" |")) > 0 for r in rows)    # 3 MiB; the driver grew
+    assert "in use after context creation 0.00 GiB" in out and "beyond the plan" in out
