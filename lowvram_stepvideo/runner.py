@@ -75,8 +75,9 @@ def fit_to_card(pipe: StepVideoPipeline, ladder: list[Preset], vram_bytes: int |
     """Drop the head of the ladder while the memory plan says it does not fit the budget (budgets.py: this
     machine's free VRAM and available RAM minus their reserves, or a card of `vram_bytes` in a machine with
     `ram_bytes`); lower the profile's resident blocks and packed RAM to what fits (pipe.profile is updated)."""
-    from .fit import first_fit, profile_budget
+    from .fit import clamped, first_fit, profile_budget
     budget = profile_budget(pipe.profile, vram_bytes, ram_bytes)
+    asked = clamped(pipe.folder, pipe.profile)      # a count above the stack's size is not a lowering
     tried: dict = {}
     found = first_fit(pipe.folder, pipe.profile, ladder, budget, tried)
     if found is None:
@@ -86,9 +87,9 @@ def fit_to_card(pipe: StepVideoPipeline, ladder: list[Preset], vram_bytes: int |
     profile, plan = tried[found]
     if found:
         log(f"plan: {ladder[0]} does not fit ({budget.vram_from}); using {ladder[found]}")
-    if profile.dit.resident_blocks < pipe.profile.dit.resident_blocks:
-        log(f"plan: DiT resident blocks lowered from {pipe.profile.dit.resident_blocks} to "
-            f"{profile.dit.resident_blocks} to fit")
+    if profile.dit.resident_blocks < asked.dit.resident_blocks:
+        log(f"plan: DiT resident blocks lowered from {asked.dit.resident_blocks} to {profile.dit.resident_blocks} "
+            "to fit")
     if profile.memory.packed_gb < pipe.profile.memory.packed_gb:
         log(f"plan: packed host RAM lowered from {pipe.profile.memory.packed_gb:g} to {profile.memory.packed_gb:.1f} "
             f"GiB to fit ({budget.host_from}); the other blocks are read from disk")

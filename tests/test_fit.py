@@ -177,6 +177,17 @@ def test_on_the_cpu_device_and_host_share_the_ram(synthetic):
     assert verdict.to_dict()["budget_vram_bytes"] == verdict.to_dict()["budget_host_bytes"] == total
 
 
+def test_a_real_run_says_what_fitting_lowered(synthetic):
+    from lowvram_stepvideo.runner import fit_to_card
+    profile = profile_24gb()
+    card, ram = _machine(peak(with_overrides(profile, dit_resident_blocks=3), LADDER[0]), host=2 * BLOCK)
+    pipe, said = SimpleNamespace(folder=synthetic, profile=profile), []
+    assert fit_to_card(pipe, LADDER, card, said.append, ram_bytes=ram) == LADDER
+    assert pipe.profile.dit.resident_blocks == 3 and fit.packed_blocks(synthetic, pipe.profile, "dit") == 2
+    assert "plan: DiT resident blocks lowered from 10 to 3 to fit" in said
+    assert any(line.startswith("plan: packed host RAM lowered from 32 to 0.1 GiB") for line in said), said
+
+
 # ---- the command line ---------------------------------------------------------------------------------------
 
 KEYS = {"fits", "preset", "profile", "budget_vram_bytes", "budget_host_bytes", "peak_vram_bytes", "peak_host_bytes",
