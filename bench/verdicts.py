@@ -7,6 +7,7 @@ The folder may be the release (bf16) or the zero-weight one from make_sparse_rel
 are planned with --assume-format int8. Each cuda profile gets the card it is named for (8gb: 8 GiB, ...); cpu
 profiles have RAM only. Prints two markdown tables: the plan of each profile at its first preset as written (no
 fitting), and per RAM size the verdict: the preset that would run, with what was lowered, or the suggestion.
+Plans are memoized within this script (the verdicts for several RAM sizes re-plan the same layouts).
 """
 from __future__ import annotations
 
@@ -19,9 +20,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from lowvram_stepvideo import plan  # noqa: E402
 from lowvram_stepvideo.fit import check_fit, layout  # noqa: E402
 from lowvram_stepvideo.model_folder import open_model_folder  # noqa: E402
-from lowvram_stepvideo.plan import plan_memory  # noqa: E402
 from lowvram_stepvideo.profiles import list_profiles, load_profile  # noqa: E402
 
 GiB = 2**30
@@ -32,11 +33,23 @@ def card_gib(name: str) -> float | None:
     return float(m[1]) if m else None
 
 
+def memoize_plans() -> None:
+    """Same folder, profile and preset: same plan (a bench-only shortcut; the library plans afresh each time)."""
+    plans, original = {}, plan.plan_memory
+
+    def memo(folder, profile, preset, assume_format=None, **kw):
+        key = (folder, profile, preset, assume_format)
+        if key not in plans:
+            plans[key] = original(folder, profile, preset, assume_format, **kw)
+        return plans[key]
+    plan.plan_memory = memo
+
+
 def plan_row(folder, profile, fmt) -> dict:
     start = time.perf_counter()
-    plan = plan_memory(folder, profile, profile.default_preset, assume_format=fmt)
+    p = plan.plan_memory(folder, profile, profile.default_preset, assume_format=fmt)
     return {"profile": profile.name, "weights": fmt or folder.weight_format, "preset": str(profile.default_preset),
-            "phases": {n: [p.peak_vram_bytes, p.peak_host_bytes] for n, p in plan.phases.items()},
+            "phases": {n: [q.peak_vram_bytes, q.peak_host_bytes] for n, q in p.phases.items()},
             "seconds": round(time.perf_counter() - start, 1)}
 
 
@@ -64,6 +77,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     folder = open_model_folder(args.model_dir)
+    memoize_plans()
     rows = []
     for name in args.profiles or list_profiles():
         profile = load_profile(name)

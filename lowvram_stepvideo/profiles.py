@@ -17,7 +17,9 @@ Keys (every file has exactly these; the TOML comments say why each tier picks it
                        fused q/k/v weights); 0 = all heads at once
     presets            ladder of {frames, height, width, steps}, largest first: the first is the default, the
                        runner steps down on OOM. frames % 17 == 0, height and width % 16 == 0.
-    [memory]           host_ram_gb: host RAM the runner may hold; packed_gb: part of it for packed block copies
+    [memory]           host_ram_gb: host RAM (GiB) the tier is sized for (auto pick: cpu tiers are chosen by it, a
+                       cuda tier above the machine's RAM budget is scaled down to it); packed_gb: part of it for
+                       packed block copies
                        (page-locked on cuda, ordinary RAM on cpu)
     [dit]              streaming of the DiT's 48 blocks: resident_blocks kept on the compute device (an upper
                        bound, the memory plan may lower it); prefetch = blocks copied ahead on a side stream
