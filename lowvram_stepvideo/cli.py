@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import textwrap
@@ -11,9 +12,11 @@ from pathlib import Path
 import torch
 
 from . import exit_codes, preflight, results, runner
+from .budgets import use_expandable_segments
 from .errors import StepVideoError, UsageError
 from .preflight import JobSpec
-from .profiles import describe, detect_vram_bytes, list_profiles, load_profile, profiles_dir
+from .profiles import (auto_choice, describe, detect_vram_bytes, list_profiles, load_profile, profiles_dir,
+                       with_overrides)
 from .runner import Interrupted, PhasePipeline, say as _say
 from .sampling import RELEASE_DEFAULTS, TURBO_DEFAULTS, sampling_defaults
 
@@ -25,9 +28,12 @@ examples:
   %(prog)s --demo --prompt "a cat playing piano"
       the tiny built-in random model on the CPU: checks the install in about half a minute
   %(prog)s --model-dir ./stepvideo-t2v-int8 --prompt "a red fox in the snow" --output fox.mp4
-      the profile is picked by the GPU's memory (--profile auto); the largest preset that fits runs
+      the profile is picked by the GPU's memory and the RAM (--profile auto); the largest preset that fits runs
   %(prog)s --model-dir ./stepvideo-t2v-int8 --profile 16gb --prompt "test" --dry-run
-      the memory plan of each phase on this card, without generating anything
+      the memory plan of each phase against this machine's VRAM and RAM, and whether it fits (nothing generated)
+  %(prog)s --model-dir ./stepvideo-t2v --profile 12gb --prompt "test" --dry-run --assume-format int8 \
+      --vram-gib 12 --ram-gib 32
+      what a 12 GB card in a 32 GB machine would do with this folder once quantized to int8
   %(prog)s --model-dir ./stepvideo-t2v-int8 --prompt "a red fox in the snow" --output fox.mp4 --resume
       continue a run that was interrupted (Ctrl-C, crash), from the checkpoint saved next to fox.mp4
   %(prog)s --list-profiles
@@ -60,7 +66,8 @@ def build_parser(prog: str = "generate.py") -> argparse.ArgumentParser:
                    help="use a built-in tiny random-weight model (CPU, no downloads; the video is noise)")
     p.add_argument("--profile", default=None,
                    help="memory tier name or path to a .toml file (default: auto = the largest tier that fits the "
-                        f"detected GPU, cpu without one; with --demo: cpu). Tiers: {', '.join(list_profiles())}")
+                        "detected GPU, its host RAM fitted to this machine's; without a GPU the cpu tier that fits "
+                        f"the RAM; with --demo: cpu). Tiers: {', '.join(list_profiles())}")
     p.add_argument("--prompt", help="what the video shows (English or Chinese)")
     p.add_argument("--prompts-file", type=Path, help="a batch: one prompt per line (see 'batches' below)")
     p.add_argument("--seeds", help="with --prompts-file: make each prompt once per seed, e.g. 0,1,2 (default: --seed)")
@@ -89,9 +96,16 @@ def build_parser(prog: str = "generate.py") -> argparse.ArgumentParser:
     p.add_argument("--output", type=Path, help="mp4 path (default: results/<prompt>-<time>.mp4); the metadata "
                                                "goes next to it as <output>.json")
     p.add_argument("--dry-run", action="store_true",
-                   help="print the memory plan of every phase and exit: the pipeline runs on fake tensors (no "
-                        "weights are read, nothing is generated; seconds to a minute)")
+                   help="print the memory plan of every phase against this machine's budgets and whether it fits, "
+                        "then exit (status 0 fits, 3 nothing on the ladder fits): the pipeline runs on fake tensors "
+                        "(no weights are read, nothing is generated; seconds to a minute)")
     p.add_argument("--json", action="store_true", help="with --dry-run: print the plan as JSON")
+    p.add_argument("--vram-gib", type=float, metavar="N",
+                   help="with --dry-run: plan for a card of N GiB instead of this machine's (e.g. 12)")
+    p.add_argument("--ram-gib", type=float, metavar="N",
+                   help="with --dry-run: plan for a machine with N GiB of RAM instead of this one (e.g. 32)")
+    p.add_argument("--assume-format", choices=["int8", "fp8"],
+                   help="with --dry-run: plan a release (bf16) folder as quantize.py's output in this format")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
     p.add_argument("--checkpoint-every", type=int, default=5,
                    help="save the latents every N steps for --resume (default %(default)s; 0 = never)")
@@ -113,6 +127,7 @@ def build_parser(prog: str = "generate.py") -> argparse.ArgumentParser:
 
 def main(argv: list[str], prog: str = "generate.py") -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    use_expandable_segments()   # before anything initialises CUDA
     args = build_parser(prog).parse_args(argv)
     try:
         return run(args)
@@ -140,9 +155,8 @@ def run(args) -> int:
     if args.list_profiles:
         _list_profiles()
         return exit_codes.OK
+    _check_dry_run_flags(args)
     spec = job_spec(args)
-    if args.json and not args.dry_run:
-        raise UsageError("--json only goes with --dry-run")
     if args.prompts_file:
         return _batch(args, spec)
     _check_not_batch(args)
@@ -191,34 +205,45 @@ def _list_profiles() -> None:
         print(textwrap.fill(ladder, width=108, initial_indent=" " * 13, subsequent_indent=" " * 13))
 
 
+def _check_dry_run_flags(args) -> None:
+    for flag in ("json", "vram_gib", "ram_gib", "assume_format"):
+        if getattr(args, flag) not in (None, False) and not args.dry_run:
+            raise UsageError(f"--{flag.replace('_', '-')} only goes with --dry-run")
+    for flag in ("vram_gib", "ram_gib"):
+        value = getattr(args, flag)
+        if value is not None and not 0 < value < 2**20:
+            raise UsageError(f"--{flag.replace('_', '-')} {value:g}: give the memory in GiB, e.g. 12 or 31.5")
+
+
 def _dry_run(args, spec: JobSpec) -> int:
-    """The plan for this profile and preset, with resident blocks lowered to fit the card (the detected one, else
-    the profile's nominal size)."""
-    from .plan import fit_profile
+    """The verdict of the plan against this machine (or --vram-gib / --ram-gib): 0 when a preset of the ladder
+    fits, 3 when none does."""
+    from .fit import check_fit
+    vram = None if args.vram_gib is None else int(args.vram_gib * GiB)
+    ram = None if args.ram_gib is None else int(args.ram_gib * GiB)
     folder = preflight.model_folder(spec)
-    profile = preflight.profile_for(spec, need_device=False)
-    runner.note_weight_format(folder, profile, _say)
+    profile = _dry_run_profile(spec, vram, ram)
+    if not args.assume_format:
+        runner.note_weight_format(folder, profile, _say)
     preflight.check_numbers(spec)
     turbo = args.turbo or folder.turbo
     preset = preflight.preset_for(spec, profile, sampling_defaults(True)["steps"] if turbo else None, _say)
-    vram = detect_vram_bytes()
-    if vram is None:
-        vram = profile.min_vram_gib * GiB if profile.device == "cuda" else profile.memory.host_ram_gb * GiB
-    fitted, plan = fit_profile(folder, profile, preset, int(vram))
-    te = fitted.text_encoders
-    step_llm = "whole on the device" if te.placement == "device" else f"streamed, {te.resident_blocks} resident"
-    if args.json:
-        print(plan.to_json(dit_resident_blocks=fitted.dit.resident_blocks, step_llm=step_llm,
-                           budget_bytes=int(vram)))
-        return exit_codes.OK
-    print(plan.table())
-    print(f"DiT blocks resident: {fitted.dit.resident_blocks} (profile: up to {profile.dit.resident_blocks}); "
-          f"step_llm: {step_llm}; budget {vram / GiB:.1f} GiB")
-    if plan.peak_vram_bytes > vram:
-        print(f"warning: the plan exceeds {vram / GiB:.1f} GiB; a real run steps down the preset ladder")
-    if plan.peak_host_bytes > profile.memory.host_ram_gb * GiB:
-        print(f"warning: planned host RAM exceeds the profile's host_ram_gb ({profile.memory.host_ram_gb})")
-    return exit_codes.OK
+    verdict = check_fit(folder, profile, preset, vram, ram, args.assume_format)
+    asked = args.resident_blocks
+    if asked is not None and verdict.profile.dit.resident_blocks < asked:
+        _say(f"note: --resident-blocks {asked} lowered to {verdict.profile.dit.resident_blocks}: "
+             f"more do not fit the budget")
+    print(json.dumps(verdict.to_dict(), indent=2) if args.json else verdict.report())
+    return exit_codes.OK if verdict.fits else exit_codes.DOES_NOT_FIT
+
+
+def _dry_run_profile(spec: JobSpec, vram: int | None, ram: int | None):
+    """The spec's profile; 'auto' picks for --vram-gib / --ram-gib when given, and says why."""
+    if (spec.profile or ("cpu" if spec.demo else "auto")) != "auto":
+        return preflight.profile_for(spec, need_device=False)
+    profile, reason = auto_choice(detect_vram_bytes() if vram is None else vram, ram)   # scaled to the RAM
+    _say(reason)
+    return with_overrides(profile, **{k: v for k, v in spec.options.items() if k not in preflight.RUN_OPTIONS})
 
 
 def _decode_only(args, spec: JobSpec) -> int:
