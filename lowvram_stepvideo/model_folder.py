@@ -8,16 +8,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import StepVideoError
 from .checkpoint import CheckpointError
-from .config import ConfigError, read_json
+from .config import ClipConfig, ConfigError, read_json
 from .loaders import Component, open_clip, open_dit, open_step_llm, open_vae
-from .tokenizers import load_clip_tokenizer, load_step_llm_tokenizer
+from .tokenizers import load_clip_tokenizer, load_step_llm_tokenizer, truncation_warnings
 
 DOWNLOAD_HINT = "download it with: huggingface-cli download stepfun-ai/stepvideo-t2v --local-dir {path}"
 OPENERS = {"transformer": open_dit, "step_llm": open_step_llm, "hunyuan_clip": open_clip, "vae": open_vae}
 
 
-class ModelFolderError(ValueError):
+class ModelFolderError(StepVideoError, ValueError):
     """The folder is missing, incomplete or not a Step-Video model; the message is one line with the fix."""
 
 
@@ -35,7 +36,13 @@ class ModelFolder:
         return load_step_llm_tokenizer(self.root / "step_llm")
 
     def clip_tokenizer(self):
-        return load_clip_tokenizer(self.root / "hunyuan_clip")
+        """At the release's 77 tokens whatever the tokenizer config says, like the reference (the DiT takes 77)."""
+        return load_clip_tokenizer(self.root / "hunyuan_clip", ClipConfig.max_length)
+
+    def prompt_warnings(self, prompt: str, negative_prompt: str | None) -> list[str]:
+        """Warnings for user texts longer than what the text encoders read (the tokens past it are dropped)."""
+        texts = {"prompt": prompt, **({"negative prompt": negative_prompt} if negative_prompt else {})}
+        return truncation_warnings({"step_llm": self.step_llm_tokenizer(), "clip": self.clip_tokenizer()}, texts)
 
     def files(self, component: str) -> list[Path]:
         return [f.path for f in self.open(component).source.files]

@@ -141,6 +141,8 @@ class StepVideoPipeline:
         if not prompt or not prompt.strip():
             raise ValueError("the prompt is empty; describe the video to generate")
         texts = [prompt + pos_magic, NEG_MAGIC if negative_prompt is None else negative_prompt]
+        for warning in [] if self.planning else self.folder.prompt_warnings(prompt, negative_prompt):
+            self.log(warning)
         cached = self.cache.get(texts) if self.cache else None
         if cached is not None:
             self.log("text: embeddings taken from the cache")

@@ -32,6 +32,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from .errors import StepVideoError
 from . import quant
 from .checkpoint import SAFETENSORS_DTYPES, CheckpointError, SafetensorsFile, WeightSource, open_weights
 from .fsutil import atomic_path
@@ -45,7 +46,7 @@ DISK_MARGIN = 64 * 2**20
 DTYPE_CODES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 
 
-class QuantizeError(ValueError):
+class QuantizeError(StepVideoError, ValueError):
     """A problem with the request or the folders; the message is one line and says what to do."""
 
 

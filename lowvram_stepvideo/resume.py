@@ -12,10 +12,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from .errors import StepVideoError
 from .fsutil import atomic_path
 
 
-class ResumeError(ValueError):
+class ResumeError(StepVideoError, ValueError):
     pass
 
 

@@ -16,13 +16,14 @@ import imageio_ffmpeg
 import numpy as np
 import torch
 
+from .errors import StepVideoError
 from .fsutil import atomic_path, writable_dir_error
 
 # The reference writer's extra ffmpeg filter (it replaces imageio's own `-vf scale=...`, see §5.7).
 REFERENCE_DENOISE = "atadenoise=0a=0.1:0b=0.1:1a=0.1:1b=0.1"
 
 
-class VideoError(RuntimeError):
+class VideoError(StepVideoError, RuntimeError):
     """The mp4 could not be encoded or written."""
 
 
