@@ -187,7 +187,8 @@ class StepVideoPipeline:
                       self.folder.root / "hunyuan_clip" / "tokenizer" / "vocab.txt",
                       self.folder.root / "hunyuan_clip" / "tokenizer" / "tokenizer_config.json"]
         files = self.folder.files("step_llm") + self.folder.files("hunyuan_clip") + tokenizers
-        return EmbeddingCache(model_identity(files) + f"-{self.profile.compute_dtype}")
+        widths = tuple(self.folder.open("transformer").module.cfg.caption_channels)   # what the DiT reads
+        return EmbeddingCache(model_identity(files) + f"-{self.profile.compute_dtype}", widths=widths)
 
     # ------------------------------------------------------------------ denoise
 
