@@ -5,10 +5,10 @@
                                [--heads 8]
 
 Runs the memory planner (lowvram_stepvideo/plan.py: the real pipeline on fake tensors, one denoising step) for each
-profile three times: "off" = no token chunking (ffn_chunk_tokens = 0) and all heads at once; "tokens" = the
-profile's ffn_chunk_tokens (which also chunks the DiT's other token-wise ops), all heads at once; "profile" = that
+profile three times: "off" = no token chunking (token_chunk = 0) and all heads at once; "tokens" = the
+profile's token_chunk (which also chunks the DiT's other token-wise ops), all heads at once; "profile" = that
 plus the attention head chunk (`attention_head_chunk` when profiles have that key, else --heads, applied around
-pipeline.set_ffn_chunk). Prints the planned peak of the denoise phase, the DiT weights placed on
+pipeline.set_token_chunk). Prints the planned peak of the denoise phase, the DiT weights placed on
 the device for it (profile streaming settings; the folder's own dtype) and their difference, the activations.
 
 The model folder is a zero-weight sparse release (../shared/tools/make_sparse_release.py, written there when
@@ -45,16 +45,16 @@ def head_chunk(profile, heads: int | None):
     if hasattr(profile, HEAD_KEY):                    # wired through the profile: pipeline.py sets it
         yield with_overrides(profile, **{HEAD_KEY: heads or 0})
         return
-    plain = pipeline.set_ffn_chunk
+    plain = pipeline.set_token_chunk
 
     def set_both(model, tokens):
         plain(model, tokens)
         set_attention_head_chunk(model, heads or None)
-    pipeline.set_ffn_chunk = set_both
+    pipeline.set_token_chunk = set_both
     try:
         yield profile
     finally:
-        pipeline.set_ffn_chunk = plain
+        pipeline.set_token_chunk = plain
 
 
 def dit_weight_bytes(folder, profile) -> int:
@@ -65,7 +65,7 @@ def dit_weight_bytes(folder, profile) -> int:
 
 
 def plan_row(folder, profile, preset, tokens: int, heads: int | None) -> dict:
-    profile = with_overrides(profile, ffn_chunk_tokens=tokens, presets=[preset])
+    profile = with_overrides(profile, token_chunk=tokens, presets=[preset])
     start = time.perf_counter()
     with head_chunk(profile, heads) as planned:
         peak = plan_memory(folder, planned, preset).phases["denoise"].peak_vram_bytes
@@ -96,8 +96,8 @@ def main() -> None:
     for name in args.profiles.split(","):
         profile = load_profile(name)
         heads = getattr(profile, HEAD_KEY, args.heads)
-        settings = (("off", 0, None), ("tokens", profile.ffn_chunk_tokens, None),
-                    ("profile", profile.ffn_chunk_tokens, heads))
+        settings = (("off", 0, None), ("tokens", profile.token_chunk, None),
+                    ("profile", profile.token_chunk, heads))
         for label, tokens, h in settings:
             r = plan_row(folder, profile, preset, tokens, h)
             print(f"{name:<8} {label:<8} {r['tokens']:>6} {r['heads']:>5} {r['peak'] / GiB:>9.2f} "

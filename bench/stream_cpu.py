@@ -10,8 +10,8 @@ slot-sized host buffer:
 - disk:   positioned file reads (os.preadv) into the buffer, the source="disk" path; the first read comes after
           posix_fadvise(DONTNEED) on the weight files (cold page cache, where the kernel honours it), later reads
           are warm;
-- mmap:   copies out of the memory-mapped tensors (source="pinned" beyond the pin budget: pageable RAM);
-- packed: copies out of the packed host image (source="pinned" within budget; page-locked when CUDA exists).
+- mmap:   copies out of the memory-mapped tensors (source="ram" beyond the pin budget: pageable RAM);
+- packed: copies out of the packed host image (source="ram" within budget; page-locked when CUDA exists).
 Reports GB/s per path (median of the warm repeats) and prints a markdown table.
 
 Caveat for sparse releases: their weight files are holes. Reading a hole costs no device I/O: the kernel hands out
@@ -75,8 +75,8 @@ def time_reads(engine: BlockStreamer, block: int, repeats: int, before_first=Non
 def measure(model, block: int, repeats: int) -> list[dict]:
     rows = []
     for name, source, budget, cold in [("disk (preadv)", "disk", 0, lambda: drop_file_cache(model)),
-                                       ("mmap (pageable)", "pinned", 0, None),
-                                       ("packed host RAM", "pinned", 2**42, None)]:
+                                       ("mmap (pageable)", "ram", 0, None),
+                                       ("packed host RAM", "ram", 2**42, None)]:
         start = time.perf_counter()
         engine = engine_for(model, block, source, budget)
         attach_s = time.perf_counter() - start
@@ -108,7 +108,7 @@ def main(argv=None) -> None:
     if not 0 <= args.block < len(model.transformer_blocks):
         raise SystemExit(f"--block {args.block}: the model has {len(model.transformer_blocks)} blocks")
     rows = measure(model, args.block, args.repeats)
-    header = (f"one DiT block (dim {model.cfg.dim}, bf16) from {args.folder}, {os.cpu_count()} CPUs, "
+    header = (f"one DiT block (dim {model.config.dim}, bf16) from {args.folder}, {os.cpu_count()} CPUs, "
               f"torch threads {torch.get_num_threads()}")
     print(markdown(rows, header))
     if args.json:

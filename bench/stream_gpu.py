@@ -9,7 +9,7 @@ Blocks are `StepVideoTransformerBlock`s (dim 6144 = 48 heads x 128) with random 
 the modules a quantized folder loads into) or bf16 weights. Block 0 gets random values and the other blocks copies,
 which changes nothing for time or traffic. Token grids are latent (frames x height x width): 3x34x31 = 3,162,
 9x34x62 = 18,972, 36x34x62 = 75,888 (204 frames at 544x992). Streamed blocks live in page-locked RAM
-(source="pinned"), `--prefetch` blocks ahead. Per row, over the forwards after one warm-up: median forward time,
+(source="ram"), `--prefetch` blocks ahead. Per row, over the forwards after one warm-up: median forward time,
 ratio to resident, blocks and bytes copied per forward (fewer blocks than streamed when some stay in a slot from the
 forward before) and the rate that amounts to, host stall, peak VRAM. The pinned->device copy rate of one block image
 is measured once for reference. Prints a markdown table.
@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 from lowvram_stepvideo import quant  # noqa: E402
 from lowvram_stepvideo.checkpoint import build_on_meta  # noqa: E402
 from lowvram_stepvideo.config import DiTConfig  # noqa: E402
-from lowvram_stepvideo.models.dit import StepVideoTransformerBlock, rope_tables, set_ffn_chunk  # noqa: E402
+from lowvram_stepvideo.models.dit import StepVideoTransformerBlock, rope_tables, set_token_chunk  # noqa: E402
 from lowvram_stepvideo.offload import attach_streaming, offload_component, to_device  # noqa: E402
 
 GiB = 2**30
@@ -44,9 +44,9 @@ TINY = {"heads": 2, "layers": 4, "grids": "1x2x3,2x2x3", "batches": "1,2", "resi
 class BlockStack(nn.Module):
     """Just the block loop of StepVideoModel.forward, so attach_streaming finds `transformer_blocks`."""
 
-    def __init__(self, cfg: DiTConfig):
+    def __init__(self, config: DiTConfig):
         super().__init__()
-        self.transformer_blocks = nn.ModuleList(StepVideoTransformerBlock(cfg) for _ in range(cfg.num_layers))
+        self.transformer_blocks = nn.ModuleList(StepVideoTransformerBlock(config) for _ in range(config.num_layers))
 
     def forward(self, h, enc, mod, kv_mask, rope_cos, rope_sin):
         for block in self.transformer_blocks:
@@ -56,8 +56,8 @@ class BlockStack(nn.Module):
 
 def build_stack(heads: int, layers: int, fmt: str) -> BlockStack:
     """Host-side stack: meta build, quantized-module swap, then block 0 random and the others copies of it."""
-    cfg = DiTConfig(num_layers=layers, num_heads=heads, head_dim=128)
-    stack = build_on_meta(lambda: BlockStack(cfg)).to(torch.bfloat16)   # quantized scales: float32 below
+    config = DiTConfig(num_layers=layers, num_heads=heads, head_dim=128)
+    stack = build_on_meta(lambda: BlockStack(config)).to(torch.bfloat16)   # quantized scales: float32 below
     if fmt != "bf16":
         names = [name for name, _ in stack.named_parameters()]
         quant.swap_modules(stack, quant.plan_quantization("transformer", names), quant.get_format(fmt))
@@ -132,7 +132,7 @@ def run_mode(stack, mode: str, resident: int, args, device) -> list[dict]:
         engine = None
         to_device(stack, device)
     else:
-        engine = attach_streaming(stack, device, resident=resident, prefetch=args.prefetch, source="pinned",
+        engine = attach_streaming(stack, device, resident=resident, prefetch=args.prefetch, source="ram",
                                   pin_budget_bytes=args.pin_budget_gb * GiB)
     rows = []
     for grid in args.grids:
@@ -229,7 +229,7 @@ def main(argv=None) -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device here; use --device cpu (with --tiny)")
     stack = build_stack(args.heads, args.layers, args.format)
-    set_ffn_chunk(stack, args.ffn_chunk)
+    set_token_chunk(stack, args.ffn_chunk)
     rows = run_mode(stack, "resident", args.layers, args, device)
     for resident in args.resident:
         rows += run_mode(stack, "streamed", resident, args, device)

@@ -214,7 +214,7 @@ def _dry_run(args, pipe, preset) -> int:
 
 def _request(args, pipe, preset) -> Request:
     d = TURBO_DEFAULTS if args.turbo else pipe.defaults
-    return Request(args.prompt, args.negative_prompt, preset, d["cfg"] if args.cfg is None else args.cfg,
+    return Request(args.prompt, args.negative_prompt, preset, d["guidance_scale"] if args.cfg is None else args.cfg,
                    d["shift"] if args.shift is None else args.shift, args.seed)
 
 
@@ -284,7 +284,7 @@ def _write_outputs(output: Path, frames, args, pipe, request, preset, seconds: f
     meta = {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "seed": args.seed,
             "model_dir": str(pipe.folder.root), "weight_format": pipe.folder.weight_format,
             "preset": str(preset) if preset else None, "steps": preset.steps if preset else None,
-            "cfg": request.cfg if request else None, "shift": request.shift if request else None,
+            "guidance_scale": request.guidance_scale if request else None, "shift": request.shift if request else None,
             "frames": int(frames.shape[0]), "size": [int(frames.shape[1]), int(frames.shape[2])],
             "profile": describe(pipe.profile), "timings_s": {k: round(v, 2) for k, v in pipe.timings.items()},
             "total_s": round(seconds, 2), "peak_vram_bytes": _peak_vram(pipe.device),

@@ -191,9 +191,9 @@ class VAEConfig:
         kw = _typed(cls, raw, path, "", skip={"encoder", "decoder"})
         kw["encoder"] = VAEEncoderConfig(**_typed(VAEEncoderConfig, raw.get("encoder", {}), path, "encoder."))
         kw["decoder"] = VAEDecoderConfig(**_typed(VAEDecoderConfig, raw.get("decoder", {}), path, "decoder."))
-        cfg = cls(**kw)
-        cfg._check(path)
-        return cfg
+        config = cls(**kw)
+        config._check(path)
+        return config
 
     def _check(self, path: Path) -> None:
         enc, dec = self.encoder, self.decoder

@@ -45,17 +45,17 @@ def _read_config(read: Callable[[Path], object], folder: Path, component: str):
 def open_dit(folder: Path) -> Component:
     from .models.dit import StepVideoModel
     folder = Path(folder)
-    cfg = _read_config(lambda f: DiTConfig.from_file(f / "config.json"), folder, "transformer/")
+    config = _read_config(lambda f: DiTConfig.from_file(f / "config.json"), folder, "transformer/")
     source = open_weights(folder, ("diffusion_pytorch_model", "model"))
-    return Component(build_on_meta(lambda: StepVideoModel(cfg)), source)
+    return Component(build_on_meta(lambda: StepVideoModel(config)), source)
 
 
 def open_step_llm(folder: Path) -> Component:
     from .models.step_llm import Step1Model
     folder = Path(folder)
-    cfg = _read_config(lambda f: StepLLMConfig.from_file(f / "config.json"), folder, "step_llm/")
+    config = _read_config(lambda f: StepLLMConfig.from_file(f / "config.json"), folder, "step_llm/")
     source = open_weights(folder, ("model",))
-    return Component(build_on_meta(lambda: Step1Model(cfg)), source)
+    return Component(build_on_meta(lambda: Step1Model(config)), source)
 
 
 def open_clip(folder: Path) -> Component:
@@ -64,10 +64,10 @@ def open_clip(folder: Path) -> Component:
     folder = Path(folder)
     if (folder / "clip_text_encoder").is_dir():
         folder = folder / "clip_text_encoder"
-    cfg = _read_config(lambda f: ClipConfig.from_file(f / "config.json"), folder, "hunyuan_clip/")
+    config = _read_config(lambda f: ClipConfig.from_file(f / "config.json"), folder, "hunyuan_clip/")
     source = open_weights(folder, ("model", "pytorch_model"))
     with_pooler = any((_strip_bert(k) or "").startswith("pooler.") for k in source.keys())
-    return Component(build_on_meta(lambda: BertModel(cfg, with_pooler=with_pooler)), source, _strip_bert)
+    return Component(build_on_meta(lambda: BertModel(config, with_pooler=with_pooler)), source, _strip_bert)
 
 
 def _strip_bert(key: str) -> str | None:
@@ -79,11 +79,11 @@ def open_vae(folder: Path) -> Component:
     """The decoder is required; the encoder is built only when the config says so and its weights exist."""
     from .models.vae import AutoencoderKL
     folder = Path(folder)
-    cfg = _read_config(VAEConfig.from_folder, folder, "vae/")
+    config = _read_config(VAEConfig.from_folder, folder, "vae/")
     source = open_weights(folder, ("vae_v2", "vae", "model"))
-    with_encoder = cfg.encoder.present and any(k.startswith("encoder.") for k in source.keys())
+    with_encoder = config.encoder.present and any(k.startswith("encoder.") for k in source.keys())
     rename = _vae_rename if with_encoder else _vae_rename_decoder_only
-    return Component(build_on_meta(lambda: AutoencoderKL(cfg, with_encoder=with_encoder)), source, rename)
+    return Component(build_on_meta(lambda: AutoencoderKL(config, with_encoder=with_encoder)), source, rename)
 
 
 def _vae_rename(key: str) -> str:

@@ -9,7 +9,7 @@ A slot keeps its block until the slot is needed for another one, so a block stil
 (short stacks, `cyclic` prefetch) is not copied again.
 
 Streamed blocks live in packed host images (page-locked when CUDA exists) up to `pin_budget_bytes`; beyond it
-they stay in pageable RAM (source="pinned") or are read from the checkpoint files (source="disk"). Those go
+they stay in pageable RAM (source="ram") or are read from the checkpoint files (source="disk"). Those go
 through a worker thread and, on CUDA, a small pinned staging ring, so reading overlaps compute. On a CPU device the
 same engine runs with plain buffers and no streams, so its logic is tested everywhere.
 """
@@ -30,8 +30,8 @@ from .offload_store import (BlockLayout, HostArenas, RamSegment, as_bytes, block
 
 log = logging.getLogger(__name__)
 GiB = 2**30
-SOURCES = ("pinned", "disk")
-PIN_FRACTION = 0.5                    # default pinned budget (source="pinned"): this share of physical RAM
+SOURCES = ("ram", "disk")
+PIN_FRACTION = 0.5                    # default pinned budget (source="ram"): this share of physical RAM
 BLOCK_LISTS = ("transformer_blocks", "transformer.layers")   # DiT, step_llm
 ARENA_BYTES = 256 * 2**20             # packed host images come in arenas of this size (a power of two)
 STAGING_BYTES, STAGING_BUFFERS = 64 * 2**20, 3                # pinned staging ring for disk/pageable blocks
@@ -47,10 +47,10 @@ class StreamStats:
     slots: int = 0
     slot_bytes: int = 0
     resident_blocks: int = 0
-    pinned_blocks: int = 0
+    packed_blocks: int = 0
     pageable_blocks: int = 0
     disk_blocks: int = 0
-    pinned_bytes: int = 0             # host bytes of packed block images actually allocated
+    packed_bytes: int = 0             # host bytes of packed block images actually allocated
     pin_budget_bytes: int = 0
     page_locked: bool = False         # packed images are page-locked (CUDA) rather than plain RAM
 
@@ -78,7 +78,7 @@ class BlockStreamer:
     one of fetch | evict | bind | release.
     """
 
-    def __init__(self, blocks: nn.ModuleList, device, resident=0, prefetch: int = 1, source: str = "pinned",
+    def __init__(self, blocks: nn.ModuleList, device, resident=0, prefetch: int = 1, source: str = "ram",
                  pin_budget_bytes: int | None = None, weight_refs: dict | None = None, prefix: str = "",
                  cyclic: bool = False, keep_log: bool = False, staging_bytes: int = STAGING_BYTES,
                  staging_buffers: int = STAGING_BUFFERS, arena_bytes: int = ARENA_BYTES):
@@ -91,7 +91,7 @@ class BlockStreamer:
         self.resident = _resident_indices(resident, len(self.blocks))
         self.prefetch, self.source, self.cyclic = prefetch, source, cyclic
         if pin_budget_bytes is None:
-            pin_budget_bytes = int(PIN_FRACTION * physical_ram_bytes()) if source == "pinned" else 0
+            pin_budget_bytes = int(PIN_FRACTION * physical_ram_bytes()) if source == "ram" else 0
         self.weight_refs, self.prefix = weight_refs, prefix
         self.staging_bytes, self.staging_buffers, self.arena_bytes = staging_bytes, staging_buffers, arena_bytes
         self.stats = StreamStats(pin_budget_bytes=int(pin_budget_bytes))
@@ -169,7 +169,7 @@ class BlockStreamer:
             if pos < n_pinned:
                 for piece, off in self._arenas.pieces(pos):
                     fill_range(self.layout, segments, piece, off, off + piece.numel())
-                self._kind[i], self._pin_pos[i] = "pinned", pos
+                self._kind[i], self._pin_pos[i] = "packed", pos
             else:
                 self._kind[i], self._segments[i] = ("disk" if self.source == "disk" else "pageable"), segments
         self._update_source_stats(pin)
@@ -182,9 +182,9 @@ class BlockStreamer:
     def _update_source_stats(self, pin: bool) -> None:
         kinds = list(self._kind.values())
         s = self.stats
-        s.resident_blocks, s.pinned_blocks = len(self.resident), kinds.count("pinned")
+        s.resident_blocks, s.packed_blocks = len(self.resident), kinds.count("packed")
         s.pageable_blocks, s.disk_blocks = kinds.count("pageable"), kinds.count("disk")
-        s.pinned_bytes, s.page_locked = self._arenas.nbytes, pin and s.pinned_blocks > 0
+        s.packed_bytes, s.page_locked = self._arenas.nbytes, pin and s.packed_blocks > 0
 
     def _move_resident(self, device: torch.device) -> None:
         if not self.cuda:
@@ -199,7 +199,7 @@ class BlockStreamer:
         self._slot_of: dict[int, _Slot] = {}
         self._windows = [self._window(i) for i in range(len(self.blocks))]
         self.stats.slots, self.stats.slot_bytes = count, self.layout.nbytes
-        staged = any(kind != "pinned" for kind in self._kind.values())
+        staged = any(kind != "packed" for kind in self._kind.values())
         self._worker = ThreadPoolExecutor(1, "block-stream") if staged and (self.cuda or self.source == "disk") \
             else None
         self._copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
@@ -219,7 +219,7 @@ class BlockStreamer:
 
     def _host_tensors(self, i: int) -> list[torch.Tensor]:
         """Plain host tensors of a streamed block (originals where they are kept, else rebuilt)."""
-        if self._kind[i] != "pinned":
+        if self._kind[i] != "packed":
             return [seg.materialise() for seg in self._segments[i]]
         out = []
         for e in self.layout.entries:
@@ -269,7 +269,7 @@ class BlockStreamer:
         slot.stamp = self.stats.blocks_fetched
         self.stats.bytes_moved += self.layout.nbytes
         self._record("fetch", j)
-        if self._kind[j] == "pinned" and self.cuda:
+        if self._kind[j] == "packed" and self.cuda:
             self._copy_pinned(j, slot)
         elif self._worker is None:
             self._read_block(j, slot.flat, 0, self.layout.nbytes)
@@ -320,7 +320,7 @@ class BlockStreamer:
 
     def _read_block(self, j: int, dst: torch.Tensor, a: int, b: int) -> None:
         """Host side: bytes [a, b) of block j's image into the host buffer `dst`."""
-        if self._kind[j] == "pinned":
+        if self._kind[j] == "packed":
             self._arenas.read(self._pin_pos[j], dst, a, b)
         else:
             fill_range(self.layout, self._segments[j], dst, a, b)
@@ -357,9 +357,9 @@ class BlockStreamer:
         streamed = len(self.blocks) - s.resident_blocks
         where = "page-locked" if s.page_locked else "host RAM"
         return (f"block streaming to {self.device}: {len(self.blocks)} blocks, {s.resident_blocks} resident, "
-                f"{streamed} streamed ({s.pinned_blocks} packed in {where}, {s.pageable_blocks} pageable, "
+                f"{streamed} streamed ({s.packed_blocks} packed in {where}, {s.pageable_blocks} pageable, "
                 f"{s.disk_blocks} from disk), prefetch {self.prefetch}, {s.slots} slots x {_size(s.slot_bytes)}; "
-                f"packed {_size(s.pinned_bytes)} of {_size(s.pin_budget_bytes)} pin budget")
+                f"packed {_size(s.packed_bytes)} of {_size(s.pin_budget_bytes)} pin budget")
 
 
 def _size(n: int) -> str:
@@ -424,7 +424,7 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     raise ValueError(f"{type(model).__name__} has no block list ({' or '.join(BLOCK_LISTS)}) to stream")
 
 
-def attach_streaming(model: nn.Module, device, resident=0, prefetch: int = 1, source: str = "pinned",
+def attach_streaming(model: nn.Module, device, resident=0, prefetch: int = 1, source: str = "ram",
                      pin_budget_bytes: int | None = None, **options) -> BlockStreamer:
     """Stream `model`'s blocks to `device` and put every other weight there. `offload_component(model)` (or the
     returned engine's `detach()` for the blocks) undoes it. `options` go to BlockStreamer (cyclic, keep_log...)."""

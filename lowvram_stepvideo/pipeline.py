@@ -17,7 +17,7 @@ from tqdm import tqdm
 from .attention import use_attention_backend
 from .embed_cache import EmbeddingCache, model_identity
 from .model_folder import ModelFolder, open_model_folder
-from .models.dit import set_attention_head_chunk, set_ffn_chunk
+from .models.dit import set_attention_head_chunk, set_token_chunk
 from .offload import attach_streaming, device_memory_report, offload_component, to_device
 from .profiles import Profile, load_profile
 from .sampling import cfg_combine, dit_timestep, euler_step, flow_sigmas, initial_noise, latent_shape
@@ -27,8 +27,8 @@ from .video import postprocess
 # Suffixes the reference appends to every prompt / uses as the negative prompt (its config.py defaults).
 POS_MAGIC = "超高清、HDR 视频、环境光、杜比全景声、画面稳定、流畅动作、逼真的细节、专业级构图、超现实主义、自然、生动、超细节、清晰。"
 NEG_MAGIC = "画面暗、低分辨率、不良手、文本、缺少手指、多余的手指、裁剪、低质量、颗粒状、签名、水印、用户名、模糊。"
-RELEASE_DEFAULTS = {"steps": 50, "cfg": 9.0, "shift": 13.0}
-TURBO_DEFAULTS = {"steps": 15, "cfg": 5.0, "shift": 17.0}
+RELEASE_DEFAULTS = {"steps": 50, "guidance_scale": 9.0, "shift": 13.0}
+TURBO_DEFAULTS = {"steps": 15, "guidance_scale": 5.0, "shift": 17.0}
 CLIP_TOKENS = 77
 GiB = 2**30
 
@@ -72,7 +72,7 @@ class StepVideoPipeline:
         if output_type not in ("latent", "video", "uint8"):
             raise ValueError(f"output_type must be 'latent', 'video' or 'uint8', got {output_type!r}")
         steps = num_inference_steps or self.defaults["steps"]
-        g = self.defaults["cfg"] if guidance_scale is None else guidance_scale
+        g = self.defaults["guidance_scale"] if guidance_scale is None else guidance_scale
         shift = time_shift or self.defaults["shift"]
         if prompt_embeds is None:
             prompt_embeds = self.encode_prompt(prompt, negative_prompt, pos_magic)
@@ -86,7 +86,7 @@ class StepVideoPipeline:
         return video if output_type == "video" else postprocess(video)
 
     def latent_channels(self) -> int:
-        return self.folder.open("transformer").module.cfg.in_channels
+        return self.folder.open("transformer").module.config.in_channels
 
     # ------------------------------------------------------------------ phases
 
@@ -117,7 +117,7 @@ class StepVideoPipeline:
             return
         engine = attach_streaming(model, self.device, resident=streaming.resident_blocks,
                                   prefetch=streaming.prefetch, source=streaming.source,
-                                  pin_budget_bytes=int(self.profile.memory.pinned_gb * GiB),
+                                  pin_budget_bytes=int(self.profile.memory.packed_gb * GiB),
                                   cyclic=hasattr(model, "transformer_blocks"))   # the DiT runs in a loop
         self.log(f"{type(model).__name__}: {engine.summary()}")
 
@@ -187,7 +187,7 @@ class StepVideoPipeline:
                       self.folder.root / "hunyuan_clip" / "tokenizer" / "vocab.txt",
                       self.folder.root / "hunyuan_clip" / "tokenizer" / "tokenizer_config.json"]
         files = self.folder.files("step_llm") + self.folder.files("hunyuan_clip") + tokenizers
-        widths = tuple(self.folder.open("transformer").module.cfg.caption_channels)   # what the DiT reads
+        widths = tuple(self.folder.open("transformer").module.config.caption_channels)   # what the DiT reads
         return EmbeddingCache(model_identity(files) + f"-{self.profile.compute_dtype}", widths=widths)
 
     # ------------------------------------------------------------------ denoise
@@ -202,7 +202,7 @@ class StepVideoPipeline:
             dit = self.load("transformer", self.dtype)
             with self.placed(dit, self.profile.dit), tqdm(total=steps, initial=start_step, desc="denoise",
                                                           unit="step", disable=not self.progress) as bar:
-                set_ffn_chunk(dit, self.profile.ffn_chunk_tokens or None)
+                set_token_chunk(dit, self.profile.token_chunk or None)
                 set_attention_head_chunk(dit, self.profile.attention_head_chunk or None)
                 if not self.planning:
                     use_attention_backend(dit, self.profile.attention, fallback=True)
@@ -220,7 +220,7 @@ class StepVideoPipeline:
         y, y_mask, clip = embeds
         mask = None if self.planning else y_mask   # the key mask's length depends on data: plan without it
         x = latents.to(self.dtype)
-        if self.profile.cfg == "batch":
+        if self.profile.cfg_mode == "batch":
             v = dit(torch.cat([x, x]), dit_timestep(t, 2, self.dtype).to(self.device), y, clip, mask)
             v_cond, v_uncond = v.chunk(2)
         else:

@@ -140,7 +140,7 @@ def _memo_by_shape(fn):
 def footprint(model: torch.nn.Module, streaming, profile: Profile) -> tuple[int, int]:
     """(device bytes, host bytes) that placing `model` holds: all its weights on the device, or for a streamed
     stack the non-block weights + resident blocks + `prefetch + 1` slots on the device and the packed block
-    images (within the pinned budget, source "pinned") plus staging buffers in host RAM; see offload.py."""
+    images (within the pinned budget, source "ram") plus staging buffers in host RAM; see offload.py."""
     total = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
     if streaming is None or streaming.resident_blocks >= len(stream_blocks(model)):
         return total, 0
@@ -151,9 +151,9 @@ def footprint(model: torch.nn.Module, streaming, profile: Profile) -> tuple[int,
     rest = total - sum(t.numel() * t.element_size() for t in blocks.parameters())
     device = rest + (streaming.resident_blocks + slots) * block
     host = 0
-    if streaming.source == "pinned":
+    if streaming.source == "ram":
         arenas = HostArenas(block, ARENA_BYTES, pin=False)
-        host = arenas.cost(arenas.fit(int(profile.memory.pinned_gb * GiB), streamed))
+        host = arenas.cost(arenas.fit(int(profile.memory.packed_gb * GiB), streamed))
     if profile.device == "cuda" and (streaming.source == "disk" or host < streamed * block):
         host += STAGING_BUFFERS * min(STAGING_BYTES, block)
     return device, host

@@ -11,18 +11,18 @@ Keys (every file has exactly these; the TOML comments say why each tier picks it
     weight_format      "bf16" | "int8" | "fp8": what the DiT and step_llm weights of the folder this tier is sized
                        for are stored in (the release is bf16; quantize.py writes int8/fp8)
     attention          "sdpa" | "flash" | "sage" | "auto" (best importable)
-    cfg                "batch" (cond+uncond as a batch of 2) | "sequential" (two passes)
-    ffn_chunk_tokens   FFN (and other token-wise ops) run over at most this many tokens at once; 0 = no chunking
+    cfg_mode           "batch" (cond+uncond as a batch of 2) | "sequential" (two passes)
+    token_chunk   FFN (and other token-wise ops) run over at most this many tokens at once; 0 = no chunking
     attention_head_chunk  DiT attention runs this many heads at a time (each group projects only its rows of the
                        fused q/k/v weights); 0 = all heads at once
     presets            ladder of {frames, height, width, steps}, largest first: the first is the default, the
                        runner steps down on OOM. frames % 17 == 0, height and width % 16 == 0.
-    [memory]           host_ram_gb: host RAM the runner may hold; pinned_gb: part of it for block copies
+    [memory]           host_ram_gb: host RAM the runner may hold; packed_gb: part of it for packed block copies
                        (page-locked on cuda, ordinary RAM on cpu)
     [dit]              streaming of the DiT's 48 blocks: resident_blocks kept on the compute device (an upper
                        bound, the memory plan may lower it); prefetch = blocks copied ahead on a side stream
-                       (0 = synchronous); source of the others each forward: "pinned" (a copy held in RAM,
-                       within pinned_gb) | "disk" (read from the memory-mapped checkpoint, nothing held)
+                       (0 = synchronous); source of the others each forward: "ram" (a packed copy held in RAM,
+                       within packed_gb; page-locked on cuda) | "disk" (read from the checkpoint files, nothing held)
     [text_encoders]    placement: "device" (step_llm whole on the compute device for the text phase) |
                        "stream" (its blocks streamed with the settings below); CLIP (1.3 GB) is always whole.
                        resident_blocks, prefetch, source as for [dit]
@@ -83,7 +83,7 @@ class Preset:
 @dataclass(frozen=True)
 class Memory:
     host_ram_gb: float
-    pinned_gb: float
+    packed_gb: float
 
 
 @dataclass(frozen=True)
@@ -117,8 +117,8 @@ class Profile:
     compute_dtype: str
     weight_format: str
     attention: str
-    cfg: str
-    ffn_chunk_tokens: int
+    cfg_mode: str
+    token_chunk: int
     attention_head_chunk: int
     presets: tuple[Preset, ...]
     memory: Memory
@@ -166,7 +166,7 @@ def _text(v):
     return None if isinstance(v, str) and v.strip() else "must be a non-empty string"
 
 
-SOURCE = _choice("pinned", "disk")
+SOURCE = _choice("ram", "disk")
 RULES = {
     "description": _text,
     "device": _choice("cuda", "cpu"),
@@ -174,11 +174,11 @@ RULES = {
     "compute_dtype": _choice("bfloat16", "float16", "float32"),
     "weight_format": _choice("bf16", "int8", "fp8"),
     "attention": _choice("sdpa", "flash", "sage", "auto"),
-    "cfg": _choice("batch", "sequential"),
-    "ffn_chunk_tokens": _int(),
+    "cfg_mode": _choice("batch", "sequential"),
+    "token_chunk": _int(),
     "attention_head_chunk": _int(),
     "memory.host_ram_gb": _number(),
-    "memory.pinned_gb": _number(),
+    "memory.packed_gb": _number(),
     "dit.resident_blocks": _int(),
     "dit.prefetch": _int(),
     "dit.source": SOURCE,
@@ -264,8 +264,8 @@ def validate(p: Profile) -> Profile:
             fail(f"presets[{i}]: {_preset_problem(preset)}")
         if i and preset.tokens > p.presets[i - 1].tokens:
             fail(f"presets[{i}] = {preset} is larger than presets[{i - 1}]; list presets largest first")
-    if p.memory.pinned_gb > p.memory.host_ram_gb:
-        fail(f"memory.pinned_gb = {p.memory.pinned_gb} exceeds memory.host_ram_gb = {p.memory.host_ram_gb}")
+    if p.memory.packed_gb > p.memory.host_ram_gb:
+        fail(f"memory.packed_gb = {p.memory.packed_gb} exceeds memory.host_ram_gb = {p.memory.host_ram_gb}")
     if p.vae.tile and p.vae.tile <= 2 * p.vae.overlap:
         fail(f"vae.tile = {p.vae.tile} must exceed twice vae.overlap = {p.vae.overlap} (or be 0 = untiled)")
     if p.device == "cuda" and p.min_vram_gib <= 0:
@@ -317,8 +317,8 @@ def load_profile(name_or_path: str | os.PathLike) -> Profile:
 
 
 def with_overrides(profile: Profile, **overrides) -> Profile:
-    """A copy with CLI overrides applied. Keys are top-level names (`attention`, `cfg`, ...) or
-    `<section>_<key>` (`dit_resident_blocks`, `vae_tile`, `memory_pinned_gb`, ...); None means "not given".
+    """A copy with CLI overrides applied. Keys are top-level names (`attention`, `cfg_mode`, ...) or
+    `<section>_<key>` (`dit_resident_blocks`, `vae_tile`, `memory_packed_gb`, ...); None means "not given".
     `presets` takes a sequence of Preset. Values are validated like the file's."""
     top, nested = {}, {sec: {} for sec in SECTIONS}
     for key, value in overrides.items():

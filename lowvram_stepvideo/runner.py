@@ -46,14 +46,14 @@ class Request:
     prompt: str
     negative_prompt: str | None
     preset: Preset
-    cfg: float
+    guidance_scale: float
     shift: float
     seed: int
 
     def fingerprint(self, model_dir: Path, compute_dtype: str) -> dict:
         """What a resume checkpoint must match."""
         return {"model": str(model_dir), "prompt": self.prompt, "negative_prompt": self.negative_prompt,
-                "preset": str(self.preset), "steps": self.preset.steps, "cfg": self.cfg, "shift": self.shift,
+                "preset": str(self.preset), "steps": self.preset.steps, "guidance_scale": self.guidance_scale, "shift": self.shift,
                 "seed": self.seed, "compute_dtype": compute_dtype}
 
 
@@ -128,7 +128,7 @@ def denoise(pipe: StepVideoPipeline, req: Request, embeds, ckpt: Path | None, re
     sigmas = flow_sigmas(req.preset.steps, req.shift)
     try:
         with torch.no_grad():
-            return pipe.denoise(embeds, latents, sigmas, req.cfg, start, on_step)
+            return pipe.denoise(embeds, latents, sigmas, req.guidance_scale, start, on_step)
     except KeyboardInterrupt:
         if ckpt is None:
             raise

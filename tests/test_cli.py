@@ -44,7 +44,7 @@ def test_demo_run_writes_a_playable_mp4_and_a_sidecar(reference, demo_dir):
     assert frames.std() > 1   # not a constant picture
     meta = read_sidecar(out / "fox.mp4")
     assert (meta["prompt"], meta["seed"], meta["model_dir"]) == (PROMPT, 7, str(demo_dir))
-    assert (meta["preset"], meta["steps"], meta["cfg"], meta["shift"]) == ("34x64x96", 4, 9.0, 13.0)
+    assert (meta["preset"], meta["steps"], meta["guidance_scale"], meta["shift"]) == ("34x64x96", 4, 9.0, 13.0)
     assert (meta["frames"], meta["size"], meta["turbo"]) == (34, [64, 96], False)
     assert meta["profile"]["name"] == "cpu" and meta["profile"]["vae"] == {"tile": 32, "overlap": 8}
     assert meta["arguments"]["checkpoint_every"] == 5 and meta["arguments"]["no_cache"] is False
@@ -132,7 +132,7 @@ def test_turbo_defaults_from_flag_or_folder_name(demo_dir, tmp_path, capsys):
         assert rc == 0, err
     for name in ("flag", "folder"):
         meta = read_sidecar(tmp_path / f"{name}.mp4")
-        assert (meta["steps"], meta["cfg"], meta["shift"], meta["turbo"]) == (15, 5.0, 17.0, True), name
+        assert (meta["steps"], meta["guidance_scale"], meta["shift"], meta["turbo"]) == (15, 5.0, 17.0, True), name
     # (a run without either: release defaults 9.0 / 13.0 and turbo false, see the reference run's sidecar)
 
 

@@ -29,8 +29,8 @@ def test_tiny_matches_reference(fixture_dir, run):
 
 
 def test_full_size_names_and_shapes_match_release():
-    cfg = ClipConfig.from_file(RELEASE_MODEL / "hunyuan_clip" / "clip_text_encoder" / "config.json")
-    model = build_on_meta(lambda: BertModel(cfg, with_pooler=True))
+    config = ClipConfig.from_file(RELEASE_MODEL / "hunyuan_clip" / "clip_text_encoder" / "config.json")
+    model = build_on_meta(lambda: BertModel(config, with_pooler=True))
     got = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     assert got == manifest_shapes("hunyuan_clip")
 

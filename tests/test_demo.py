@@ -71,8 +71,8 @@ def test_loads_with_every_loader(demo_dir):
     llm = load_step_llm(demo_dir / "step_llm")
     clip = load_clip(demo_dir / "hunyuan_clip")
     vae = load_vae(demo_dir / "vae")
-    assert dit.cfg.caption_channels == (llm.cfg.hidden_size, clip.cfg.hidden_size)
-    assert dit.cfg.in_channels == vae.cfg.z_channels
+    assert dit.config.caption_channels == (llm.config.hidden_size, clip.config.hidden_size)
+    assert dit.config.in_channels == vae.config.z_channels
     for model in (dit, llm, clip, vae):
         for name, p in model.named_parameters():
             assert torch.isfinite(p).all() and p.float().std() > 0.01, name   # seeded noise, no constants
@@ -191,7 +191,7 @@ def generate(demo_dir, prompt: str, decode: bool = True, preset=demo.DEMO_PRESET
         clip_ids, clip_mask = clip_tok(prompts)
         c = clip(clip_ids, clip_mask)                                          # (2, 77, 32)
         full_mask = torch.cat([torch.ones_like(clip_mask), mask], dim=1)       # (2, 77 + 320)
-        shape = sampling.latent_shape(preset.frames, preset.height, preset.width, channels=vae.cfg.z_channels)
+        shape = sampling.latent_shape(preset.frames, preset.height, preset.width, channels=vae.config.z_channels)
         x = sampling.initial_noise(shape.shape, seed, torch.float32)
         sigmas = sampling.flow_sigmas(preset.steps, 13.0)
         for i in range(preset.steps):

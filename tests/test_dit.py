@@ -9,7 +9,7 @@ from lowvram_stepvideo.checkpoint import build_on_meta
 from lowvram_stepvideo.config import DiTConfig
 from lowvram_stepvideo.models import load_dit
 from lowvram_stepvideo.models.dit import (FeedForward, StepVideoModel, StepVideoTransformerBlock, cross_attention_mask,
-                                          rope_tables, set_attention_head_chunk, set_ffn_chunk)
+                                          rope_tables, set_attention_head_chunk, set_token_chunk)
 from lowvram_stepvideo.models.layers import RMSNorm, row_projector
 
 ATOL = 1e-4
@@ -78,13 +78,13 @@ def test_ffn_chunking_same_result(fixture_dir):
         plain = model(*_inputs(t))
         tokens = plain.shape[0] * plain.shape[1] * plain.shape[3] * plain.shape[4]
         for chunk in (1, 7, tokens // 2, tokens - 1, tokens, 10 * tokens):
-            set_ffn_chunk(model, chunk)
+            set_token_chunk(model, chunk)
             chunked = model(*_inputs(t))
             # GEMMs over fewer rows may sum in another order: equal up to float32 rounding, not always bit-exact
             assert (chunked - plain).abs().max().item() <= 1e-5, chunk
-    set_ffn_chunk(model, None)
+    set_token_chunk(model, None)
     with pytest.raises(ValueError, match="positive"):
-        set_ffn_chunk(model, 0)
+        set_token_chunk(model, 0)
 
 
 def test_ffn_chunk_bounds_hidden_rows():
@@ -154,8 +154,8 @@ def _record_widths(model, names):
 
 def _random_dit(num_heads: int) -> tuple[StepVideoModel, list[torch.Tensor]]:
     """A one-block DiT with random weights and matching inputs (batch 2, ragged text mask)."""
-    cfg = DiTConfig(num_layers=1, num_heads=num_heads, in_channels=4, out_channels=4, caption_channels=(16, 8))
-    model = StepVideoModel(cfg)
+    config = DiTConfig(num_layers=1, num_heads=num_heads, in_channels=4, out_channels=4, caption_channels=(16, 8))
+    model = StepVideoModel(config)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.05)
@@ -167,12 +167,12 @@ def _random_dit(num_heads: int) -> tuple[StepVideoModel, list[torch.Tensor]]:
 
 def test_head_and_token_chunking_same_result(fixture_dir):
     model, t = _load(fixture_dir)
-    heads = model.cfg.num_heads
+    heads = model.config.num_heads
     with torch.inference_mode():
         plain = model(*_inputs(t))
         for group, tokens in ((1, None), (1, 7), (max(heads - 1, 1), 4), (heads, 1), (heads + 3, None), (None, 13)):
             set_attention_head_chunk(model, group)
-            set_ffn_chunk(model, tokens)
+            set_token_chunk(model, tokens)
             chunked = model(*_inputs(t))
             assert _max_diff(chunked, plain) <= CHUNK_ATOL, (group, tokens)
             _close(chunked, t["out.x"])
@@ -203,7 +203,7 @@ def test_head_groups_slice_quantized_linears(fixture_dir):
     names = [n for n, _ in model.named_parameters()]
     quantize_model(model, get_format("int8"), plan_quantization("transformer", names))
     assert isinstance(model.transformer_blocks[0].attn1.wqkv, QuantLinear)
-    heads = model.cfg.num_heads
+    heads = model.config.num_heads
     with torch.inference_mode():
         plain = model(*_inputs(t))
         set_attention_head_chunk(model, 1)
@@ -247,7 +247,7 @@ def test_chunked_blocks_leave_their_input_untouched(fixture_dir):
     with torch.inference_mode():
         for group, tokens in ((None, None), (1, 5)):
             set_attention_head_chunk(model, group)
-            set_ffn_chunk(model, tokens)
+            set_token_chunk(model, tokens)
             model(*_inputs(t))
     for h in pre:
         h.remove()
@@ -257,7 +257,7 @@ def test_chunked_blocks_leave_their_input_untouched(fixture_dir):
 
 def test_knob_setters_reach_every_module_and_validate():
     model, _ = _random_dit(2)
-    set_ffn_chunk(model, 64)
+    set_token_chunk(model, 64)
     set_attention_head_chunk(model, 1)
     block = model.transformer_blocks[0]
     assert [m.chunk_tokens for m in (model, block, block.attn1, block.attn2, block.ff)] == [64] * 5
@@ -279,7 +279,7 @@ def _block_peak_units(block, seq: int, tokens, heads) -> float:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from lowvram_stepvideo.memory import ByteAccountant
-    set_ffn_chunk(block, tokens)
+    set_token_chunk(block, tokens)
     set_attention_head_chunk(block, heads)
     acc, dim = ByteAccountant(), block.dim
     with FakeTensorMode(allow_non_fake_inputs=True):
@@ -311,8 +311,8 @@ def test_chunking_bounds_block_activations():
 # ------------------------------------------------------------------ full size
 
 def test_full_size_state_dict_matches_release_manifest():
-    cfg = DiTConfig.from_file(RELEASE_MODEL / "transformer" / "config.json")
-    model = build_on_meta(lambda: StepVideoModel(cfg))
+    config = DiTConfig.from_file(RELEASE_MODEL / "transformer" / "config.json")
+    model = build_on_meta(lambda: StepVideoModel(config))
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     assert shapes == manifest_shapes("transformer")
     assert len(shapes) == 785

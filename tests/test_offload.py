@@ -107,7 +107,7 @@ def _check_streamed_equals_plain(model, inputs, device="cpu", plain=None, repeat
 # ---------------------------------------------------------------- toy: equality
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
-@pytest.mark.parametrize("source", ["pinned", "disk"])
+@pytest.mark.parametrize("source", ["ram", "disk"])
 @pytest.mark.parametrize("resident,prefetch", SETTINGS)
 def test_toy_streamed_equals_resident(toy_dir, dtype, source, resident, prefetch):
     model = load_toy(toy_dir, 32, 7, dtype)
@@ -129,8 +129,8 @@ def test_pin_budget_splits_pinned_and_pageable(toy_dir, budget_blocks, pinned, c
     engine = _check_streamed_equals_plain(model, [torch.randn(3, 32, dtype=torch.bfloat16)], resident=1,
                                           prefetch=1, pin_budget_bytes=budget, arena_bytes=512)
     s = engine.stats
-    assert (s.pinned_blocks, s.pageable_blocks, s.disk_blocks) == (pinned, 6 - pinned, 0)
-    assert s.pinned_bytes <= budget and s.pin_budget_bytes == budget and not s.page_locked
+    assert (s.packed_blocks, s.pageable_blocks, s.disk_blocks) == (pinned, 6 - pinned, 0)
+    assert s.packed_bytes <= budget and s.pin_budget_bytes == budget and not s.page_locked
     assert f"{pinned} packed in host RAM" in engine.summary()
     assert engine.summary() in caplog.text                  # the same line is logged at attach
 
@@ -139,7 +139,7 @@ def test_disk_mode_with_pinned_part(toy_dir):
     model = load_toy(toy_dir, 32, 7, torch.bfloat16)
     engine = _check_streamed_equals_plain(model, [torch.randn(4, 32, dtype=torch.bfloat16)], source="disk",
                                           pin_budget_bytes=3 * 2**20, prefetch=2)
-    assert engine.stats.pinned_blocks + engine.stats.disk_blocks == 7 and engine.stats.pinned_blocks > 0
+    assert engine.stats.packed_blocks + engine.stats.disk_blocks == 7 and engine.stats.packed_blocks > 0
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
@@ -147,7 +147,7 @@ def test_every_source_gives_the_same_block_image(toy_dir, dtype):
     """Packed RAM, pageable RAM and the file (cast or not) put the same tensors in a slot image (padding bytes
     between tensors are left unspecified)."""
     images = []
-    for source, budget in [("pinned", 2**30), ("pinned", 0), ("disk", 0)]:
+    for source, budget in [("ram", 2**30), ("ram", 0), ("disk", 0)]:
         model = load_toy(toy_dir, 32, 7, dtype)
         engine = BlockStreamer(model.transformer_blocks, "cpu", source=source, pin_budget_bytes=budget,
                                weight_refs=model.weight_refs, prefix="transformer_blocks.").attach()
@@ -201,7 +201,7 @@ def fake_cuda(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
-@pytest.mark.parametrize("source,budget", [("pinned", 2**30), ("pinned", 0), ("disk", 0), ("disk", 40000)])
+@pytest.mark.parametrize("source,budget", [("ram", 2**30), ("ram", 0), ("disk", 0), ("disk", 40000)])
 def test_cuda_branch_with_fake_streams(toy_dir, fake_cuda, source, budget, dtype):
     model = load_toy(toy_dir, 32, 7, dtype)
     x = torch.randn(3, 32, dtype=dtype)
@@ -211,8 +211,8 @@ def test_cuda_branch_with_fake_streams(toy_dir, fake_cuda, source, budget, dtype
                            staging_bytes=3000, staging_buffers=2, keep_log=True)
     engine.cuda = True                   # take every CUDA code path with the fakes above
     engine.attach()
-    assert engine.stats.page_locked == (engine.stats.pinned_blocks > 0)
-    assert (engine._worker is None) == (engine.stats.pinned_blocks == 6)
+    assert engine.stats.page_locked == (engine.stats.packed_blocks > 0)
+    assert (engine._worker is None) == (engine.stats.packed_blocks == 6)
     for _ in range(3):
         assert torch.equal(_run(model, x), plain)
     engine.detach()
@@ -252,7 +252,7 @@ def _replay_slots(log, slots: int) -> None:
         assert len(in_slots) <= slots
 
 
-@pytest.mark.parametrize("source", ["pinned", "disk"])
+@pytest.mark.parametrize("source", ["ram", "disk"])
 @pytest.mark.parametrize("resident,prefetch", [(0, 0), (0, 1), (2, 1), (1, 3)])
 def test_transfer_log_order_and_bounds(toy_dir, source, resident, prefetch):
     model = load_toy(toy_dir, 32, 7, torch.float32)
@@ -321,7 +321,7 @@ def test_block_failure_then_next_forward_is_correct(toy_dir):
 def test_setting_errors(toy_dir, tmp_path):
     model = load_toy(toy_dir, 32, 7, torch.float32)
     with pytest.raises(ValueError, match="unknown offload source"):
-        attach_streaming(model, "cpu", source="ram")
+        attach_streaming(model, "cpu", source="pinned")
     with pytest.raises(ValueError, match="prefetch"):
         attach_streaming(model, "cpu", prefetch=-1)
     plain = ToyModel(8, 3)   # no weight_refs: disk streaming is impossible
@@ -381,7 +381,7 @@ def growth(source, budget):
     return status_bytes("VmHWM") - before
 
 # disk first (nothing packed), then the control: every block packed in RAM must show up in the measure
-print(json.dumps({{"disk": growth("disk", 0), "pinned": growth("pinned", 2**40)}}))
+print(json.dumps({{"disk": growth("disk", 0), "ram": growth("ram", 2**40)}}))
 """
 
 
@@ -397,7 +397,7 @@ def test_disk_mode_rss_stays_bounded(tmp_path):
     growth = json.loads(done.stdout.splitlines()[-1])
     print({"model_bytes": size, "rss_growth": growth})
     assert growth["disk"] < 0.2 * size
-    assert growth["pinned"] > 0.8 * size
+    assert growth["ram"] > 0.8 * size
 
 
 # ---------------------------------------------------------------- fixture models
@@ -407,9 +407,9 @@ def _long_copy(fixture_dir, tmp_path, component, stem, layer_key, layers):
     src = fixture_dir / "model_dir" / component
     out = tmp_path / component
     out.mkdir()
-    cfg = json.loads((src / "config.json").read_text())
-    cfg["num_layers"] = layers
-    (out / "config.json").write_text(json.dumps(cfg))
+    config = json.loads((src / "config.json").read_text())
+    config["num_layers"] = layers
+    (out / "config.json").write_text(json.dumps(config))
     source = open_weights(src, (stem,))
     tensors = {}
     for key in source.keys():
@@ -434,7 +434,7 @@ def _dit_inputs(fixture_dir, dtype):
     return [t[f"in.{k}"].to(dtype) for k in DIT_INPUTS]
 
 
-FIXTURE_SETTINGS = [("pinned", 0, 0), ("disk", 1, 2), ("pinned", 2, 1)]   # (source, resident, prefetch)
+FIXTURE_SETTINGS = [("ram", 0, 0), ("disk", 1, 2), ("ram", 2, 1)]   # (source, resident, prefetch)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
@@ -482,12 +482,12 @@ def test_quantized_folder_streamed_equals_resident(quantized_dir, fixture_dir, d
     model = load_dit(quantized_dir / "transformer", dtype)
     assert isinstance(model.transformer_blocks[0].attn1.wqkv, QuantLinear)
     plain = _run(model, *dit_inputs)
-    for source, resident, prefetch in [("disk", 0, 0), ("pinned", 0, 1), ("disk", 1, 0)]:
+    for source, resident, prefetch in [("disk", 0, 0), ("ram", 0, 1), ("disk", 1, 0)]:
         _check_streamed_equals_plain(load_dit(quantized_dir / "transformer", dtype), dit_inputs, plain=plain,
                                      repeats=2, source=source, resident=resident, prefetch=prefetch)
     io, _ = read_io(fixture_dir / "text_io.safetensors")
     ids = [io["in.step_llm.input_ids"]]
-    for source in ("disk", "pinned"):
+    for source in ("disk", "ram"):
         _check_streamed_equals_plain(load_step_llm(quantized_dir / "step_llm", dtype), ids, source=source,
                                      prefetch=0)
 
@@ -520,7 +520,7 @@ gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("source,budget", [("pinned", None), ("pinned", 0), ("disk", 0), ("disk", 2**20)])
+@pytest.mark.parametrize("source,budget", [("ram", None), ("ram", 0), ("disk", 0), ("disk", 2**20)])
 @pytest.mark.parametrize("resident,prefetch", [(0, 0), (0, 1), (2, 2)])
 def test_gpu_streamed_equals_resident(toy_dir, source, budget, resident, prefetch):
     model = load_toy(toy_dir, 32, 7, torch.bfloat16)
@@ -532,7 +532,7 @@ def test_gpu_streamed_equals_resident(toy_dir, source, budget, resident, prefetc
                               pin_budget_bytes=budget, staging_bytes=4096, keep_log=True)
     for _ in range(3):
         assert torch.equal(_run(model, x.cuda()).cpu(), plain)
-    assert engine.stats.page_locked == (engine.stats.pinned_blocks > 0)
+    assert engine.stats.page_locked == (engine.stats.packed_blocks > 0)
     offload_component(model)
 
 

@@ -57,7 +57,7 @@ def test_sequential_cfg_equals_batched(model_dir, reference):
                   height=call["height"], width=call["width"], num_inference_steps=2, output_type="latent")
     outs = []
     for mode in ("batch", "sequential"):
-        profile = with_overrides(load_profile("cpu"), cfg=mode)
+        profile = with_overrides(load_profile("cpu"), cfg_mode=mode)
         pipe = StepVideoPipeline.from_pretrained(model_dir, profile=profile, progress=False)
         outs.append(pipe(**kwargs))
     torch.testing.assert_close(outs[0], outs[1], atol=1e-4, rtol=0)   # same math, other summation order

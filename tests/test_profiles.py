@@ -60,14 +60,14 @@ def test_tiers_are_ordered():
     assert tiles == sorted(tiles)
     assert [t.dit.resident_blocks for t in tiers] == sorted(t.dit.resident_blocks for t in tiers)
     small, big = tiers[0], tiers[-1]
-    assert small.vae.tile > 0 and small.ffn_chunk_tokens > 0 and small.cfg == "sequential"
-    assert big.dit.resident_blocks >= 36 and big.vae.tile == 0 and big.cfg == "batch"
+    assert small.vae.tile > 0 and small.token_chunk > 0 and small.cfg_mode == "sequential"
+    assert big.dit.resident_blocks >= 36 and big.vae.tile == 0 and big.cfg_mode == "batch"
     assert big.text_encoders.placement == "device"
 
 
 def test_cpu_lowram_holds_nothing():
     p = P.load_profile("cpu-lowram")
-    assert p.device == "cpu" and p.memory.pinned_gb == 0
+    assert p.device == "cpu" and p.memory.packed_gb == 0
     assert (p.dit.resident_blocks, p.dit.source) == (0, "disk")
     assert (p.text_encoders.placement, p.text_encoders.resident_blocks, p.text_encoders.source) == \
         ("stream", 0, "disk")
@@ -87,19 +87,19 @@ def test_missing_file_path():
 
 BASE = (ROOT / "profiles" / "24gb.toml").read_text()
 BAD = {
-    "unknown top-level key": (BASE.replace('cfg = "sequential"', 'cfg = "sequential"\ncfgg = 1'), "'cfgg'"),
-    "unknown section key": (BASE.replace("prefetch = 2\nsource = \"pinned\"",
-                                         "prefetch = 2\nsource = \"pinned\"\nresident = 3"), "'dit.resident'"),
+    "unknown top-level key": (BASE.replace('cfg_mode = "sequential"', 'cfg_mode = "sequential"\ncfgg = 1'), "'cfgg'"),
+    "unknown section key": (BASE.replace("prefetch = 2\nsource = \"ram\"",
+                                         "prefetch = 2\nsource = \"ram\"\nresident = 3"), "'dit.resident'"),
     "missing key": (BASE.replace("overlap = 8", ""), "'vae.overlap'"),
     "missing section": (BASE.replace("[memory]", "[memoryx]"), "'memoryx'"),
     "bad choice": (BASE.replace('attention = "auto"', 'attention = "xformers"'), "attention = 'xformers'"),
     "bool for int": (BASE.replace("resident_blocks = 12", "resident_blocks = true"), "dit.resident_blocks"),
-    "negative": (BASE.replace("ffn_chunk_tokens = 16384", "ffn_chunk_tokens = -1"), "ffn_chunk_tokens"),
+    "negative": (BASE.replace("token_chunk = 16384", "token_chunk = -1"), "token_chunk"),
     "frames not x17": (BASE.replace("frames = 136,", "frames = 130,"), "presets[1]"),
     "height not x16": (BASE.replace("height = 384,", "height = 380,"), "presets[7]"),
     "preset key": (BASE.replace("steps = 50 },   # release", "step = 50 },   # release"), "presets[0]"),
     "ladder order": (BASE.replace("frames = 68,", "frames = 170,"), "presets[3]"),
-    "pinned > host": (BASE.replace("pinned_gb = 32", "pinned_gb = 64"), "memory.pinned_gb"),
+    "pinned > host": (BASE.replace("packed_gb = 32", "packed_gb = 64"), "memory.packed_gb"),
     "tile vs overlap": (BASE.replace("tile = 32", "tile = 16"), "vae.tile"),
     "syntax": (BASE.replace('device = "cuda"', "device = cuda"), "not valid TOML"),
 }
@@ -125,11 +125,11 @@ def test_profiles_dir_from_environment(tmp_path, monkeypatch):
 
 def test_overrides():
     base = P.load_profile("24gb")
-    p = P.with_overrides(base, attention="sdpa", cfg="batch", dit_resident_blocks=0, vae_tile=0,
-                         text_encoders_source="pinned", memory_host_ram_gb=100, ffn_chunk_tokens=None)
-    assert (p.attention, p.cfg, p.dit.resident_blocks, p.vae.tile) == ("sdpa", "batch", 0, 0)
-    assert p.text_encoders.source == "pinned" and p.memory.host_ram_gb == 100
-    assert p.ffn_chunk_tokens == base.ffn_chunk_tokens                   # None = flag not given
+    p = P.with_overrides(base, attention="sdpa", cfg_mode="batch", dit_resident_blocks=0, vae_tile=0,
+                         text_encoders_source="ram", memory_host_ram_gb=100, token_chunk=None)
+    assert (p.attention, p.cfg_mode, p.dit.resident_blocks, p.vae.tile) == ("sdpa", "batch", 0, 0)
+    assert p.text_encoders.source == "ram" and p.memory.host_ram_gb == 100
+    assert p.token_chunk == base.token_chunk                   # None = flag not given
     assert (p.dit.prefetch, p.vae.overlap) == (base.dit.prefetch, base.vae.overlap)
     assert base.attention == "auto"                                       # the original is untouched
     small = P.Preset.parse("51x384x672", steps=20)
@@ -142,10 +142,10 @@ def test_overrides():
 @pytest.mark.parametrize("kw, expected", [
     (dict(atention="sdpa"), "unknown profile override 'atention'"),
     (dict(dit_foo=1), "unknown profile override 'dit_foo'"),
-    (dict(cfg="both"), "override cfg = 'both'"),
+    (dict(cfg_mode="both"), "override cfg_mode = 'both'"),
     (dict(dit_prefetch=-2), "override dit_prefetch"),
     (dict(vae_tile=4), "vae.tile"),                                       # 4 <= 2 * overlap 8
-    (dict(memory_pinned_gb=1000), "memory.pinned_gb"),
+    (dict(memory_packed_gb=1000), "memory.packed_gb"),
     (dict(device="cpu", attention="flash"), "needs CUDA"),
     (dict(presets=[]), "at least one preset"),
 ])

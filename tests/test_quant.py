@@ -203,8 +203,8 @@ def test_full_size_quantized_component_is_within_one_percent_of_half(component):
 
 
 def test_dit_policy_quantizes_every_block_linear_and_keeps_small_projections():
-    cfg = DiTConfig.from_file(RELEASE_MODEL / "transformer" / "config.json")
-    model = build_on_meta(lambda: StepVideoModel(cfg))
+    config = DiTConfig.from_file(RELEASE_MODEL / "transformer" / "config.json")
+    model = build_on_meta(lambda: StepVideoModel(config))
     linears = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     plan = quant.plan_quantization("transformer", model.state_dict())
     assert set(plan) <= linears

@@ -26,7 +26,7 @@ def write_profile(folder, name: str, presets: list[str], tile: int = 0, overlap:
     text = re.sub(r"(?ms)^presets = \[.*?^\]", f"presets = [\n{rows}\n]", text)
     text = re.sub(r"(?m)^tile = \d+", f"tile = {tile}", text)
     text = re.sub(r"(?m)^overlap = \d+", f"overlap = {overlap}", text)
-    text = re.sub(r'(?m)^cfg = "\w+"', f'cfg = "{cfg}"', text)
+    text = re.sub(r'(?m)^cfg_mode = "\w+"', f'cfg_mode = "{cfg}"', text)
     path = folder / f"{name}.toml"
     path.write_text(text)
     return path
@@ -227,7 +227,7 @@ def profile_latents(tmp_path_factory, demo_cache):
     folder = tmp_path_factory.mktemp("profiles")
     sequential = folder / "cpu-sequential.toml"   # profiles/cpu.toml but for the CFG mode
     cpu = (ROOT / "profiles" / "cpu.toml").read_text()
-    sequential.write_text(re.sub(r'(?m)^cfg = "\w+"', 'cfg = "sequential"', cpu))
+    sequential.write_text(re.sub(r'(?m)^cfg_mode = "\w+"', 'cfg_mode = "sequential"', cpu))
     latents, streamed = {}, {}
     with pytest.MonkeyPatch.context() as mp, _single_thread():
         mp.setenv("LOWVRAM_STEPVIDEO_CACHE", str(demo_cache))
@@ -259,7 +259,7 @@ def test_cpu_lowram_streams_from_disk_with_the_same_latents(profile_latents):
     latents, streamed, sequential = profile_latents
     assert streamed["cpu"] == []
     assert sorted(streamed["cpu-lowram"]) == [("Step1Model", "disk"), ("StepVideoModel", "disk")]
-    assert torch.equal(latents["cpu-lowram"], latents[sequential])   # cpu.toml with cfg = "sequential"
+    assert torch.equal(latents["cpu-lowram"], latents[sequential])   # cpu.toml with cfg_mode = "sequential"
 
 
 def test_cpu_and_cpu_lowram_profiles_give_identical_latents(profile_latents):

@@ -49,8 +49,8 @@ def test_alibi_slopes_follow_spec():
 @torch.no_grad()
 def test_tiled_attention_equals_untiled_and_respects_budget(fixture_dir, monkeypatch):
     model = _tiny(fixture_dir)
-    cfg = model.cfg
-    ids = torch.randint(0, cfg.vocab_size, (2, 150))
+    config = model.config
+    ids = torch.randint(0, config.vocab_size, (2, 150))
     whole = model(ids, None)  # default budget: one tile per KV group at this size
 
     tiles = []
@@ -64,7 +64,7 @@ def test_tiled_attention_equals_untiled_and_respects_budget(fixture_dir, monkeyp
     budget = 2 * 150 * 4 * 7  # 7 (head, query) rows of 150 keys: splits heads and queries into ragged tiles
     _set_budget(model, budget)
     tiled = model(ids, None)
-    assert len(tiles) > cfg.num_layers * cfg.num_heads  # really tiled (several query blocks per head)
+    assert len(tiles) > config.num_layers * config.num_heads  # really tiled (several query blocks per head)
     assert max(tiles) <= budget
     torch.testing.assert_close(tiled, whole, atol=1e-5, rtol=0)
 
@@ -88,11 +88,11 @@ def test_layers_are_called_in_order_with_one_tensor(fixture_dir):
     for i, layer in enumerate(model.transformer.layers):
         layer.register_forward_pre_hook(lambda mod, args, i=i: calls.append((i, [type(a) for a in args])))
     model(torch.tensor([[1, 5, 7, 2]]), None)
-    assert calls == [(i, [torch.Tensor]) for i in range(model.cfg.num_layers)]
+    assert calls == [(i, [torch.Tensor]) for i in range(model.config.num_layers)]
 
 
 def test_full_size_names_and_shapes_match_release():
-    cfg = StepLLMConfig.from_file(RELEASE_MODEL / "step_llm" / "config.json")
-    model = build_on_meta(lambda: Step1Model(cfg))
+    config = StepLLMConfig.from_file(RELEASE_MODEL / "step_llm" / "config.json")
+    model = build_on_meta(lambda: Step1Model(config))
     got = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     assert got == manifest_shapes("step_llm")

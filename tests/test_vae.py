@@ -89,7 +89,7 @@ def test_chunk_frame_count(fixture_dir, k):
     vae = tiny_vae(fixture_dir)
     frames = vae.decode_chunk(latent_like(fixture_dir, k, h=1, w=1))
     assert frames.shape[1:] == ((2 * k - 1) * 4 - 3, 3, 16, 16)
-    assert frames.shape[1] == vae.cfg.frames_for_latents(k)
+    assert frames.shape[1] == vae.config.frames_for_latents(k)
 
 
 def test_decode_chunk_rejects_long_or_malformed_latents(fixture_dir):
@@ -97,7 +97,7 @@ def test_decode_chunk_rejects_long_or_malformed_latents(fixture_dir):
     with pytest.raises(ValueError, match="at most 3"):
         vae.decode_chunk(latent_like(fixture_dir, 4, h=1, w=1))
     with pytest.raises(ValueError, match="latents must be"):
-        vae.decode(torch.randn(1, 3, vae.cfg.z_channels + 1, 1, 1))
+        vae.decode(torch.randn(1, 3, vae.config.z_channels + 1, 1, 1))
 
 
 def test_time_sliced_convs_match_plain_path(fixture_dir, monkeypatch):
@@ -184,8 +184,8 @@ def write_vae_folder(folder, cfg_raw, tensors):
 
 
 def test_encode_sample_is_mean_plus_std_times_generator_noise(tmp_path):
-    cfg = tiny_encoder_config()
-    vae = AutoencoderKL(cfg, with_encoder=True).eval()
+    config = tiny_encoder_config()
+    vae = AutoencoderKL(config, with_encoder=True).eval()
     video = torch.randn(1, 9, 3, 16, 16)                                # 8n+1 frames per chunk
     moments = vae.encode_moments(video)
     assert moments.shape == (1, 2, 8, 1, 1)
@@ -196,8 +196,8 @@ def test_encode_sample_is_mean_plus_std_times_generator_noise(tmp_path):
 
 
 def test_loader_builds_encoder_when_config_and_weights_have_it(tmp_path):
-    cfg = tiny_encoder_config()
-    state = AutoencoderKL(cfg, with_encoder=True).state_dict()
+    config = tiny_encoder_config()
+    state = AutoencoderKL(config, with_encoder=True).state_dict()
     stored = {k.replace("decoder.conv_out.conv.", "decoder.conv_out."): v for k, v in state.items()}
     raw = {"z_channels": 4, "encoder": {"ch": 32, "ch_mult": [1, 1, 1, 1], "present": True},
            "decoder": {"ch": 32, "ch_mult": [2, 1, 1, 1]}}

@@ -14,12 +14,12 @@ from ..config import ClipConfig
 
 
 class BertEmbeddings(nn.Module):
-    def __init__(self, cfg: ClipConfig):
+    def __init__(self, config: ClipConfig):
         super().__init__()
-        self.word_embeddings = empty_embedding(cfg.vocab_size, cfg.hidden_size)
-        self.position_embeddings = empty_embedding(cfg.max_position_embeddings, cfg.hidden_size)
-        self.token_type_embeddings = empty_embedding(cfg.type_vocab_size, cfg.hidden_size)
-        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.word_embeddings = empty_embedding(config.vocab_size, config.hidden_size)
+        self.position_embeddings = empty_embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type_embeddings = empty_embedding(config.type_vocab_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         s = input_ids.shape[1]
@@ -29,12 +29,12 @@ class BertEmbeddings(nn.Module):
 
 
 class BertSelfAttention(nn.Module):
-    def __init__(self, cfg: ClipConfig):
+    def __init__(self, config: ClipConfig):
         super().__init__()
-        self.num_heads = cfg.num_heads
-        self.query = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-        self.key = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-        self.value = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.num_heads = config.num_heads
+        self.query = nn.Linear(config.hidden_size, config.hidden_size)
+        self.key = nn.Linear(config.hidden_size, config.hidden_size)
+        self.value = nn.Linear(config.hidden_size, config.hidden_size)
 
     def forward(self, x: torch.Tensor, key_bias: torch.Tensor) -> torch.Tensor:
         b, s, hidden = x.shape
@@ -47,40 +47,40 @@ class BertSelfAttention(nn.Module):
 class BertSelfOutput(nn.Module):
     """dense + residual + LayerNorm; also the shape of BertOutput."""
 
-    def __init__(self, in_features: int, cfg: ClipConfig):
+    def __init__(self, in_features: int, config: ClipConfig):
         super().__init__()
-        self.dense = nn.Linear(in_features, cfg.hidden_size)
-        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dense = nn.Linear(in_features, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         return self.LayerNorm(self.dense(h) + residual)
 
 
 class BertAttention(nn.Module):
-    def __init__(self, cfg: ClipConfig):
+    def __init__(self, config: ClipConfig):
         super().__init__()
-        self.self = BertSelfAttention(cfg)
-        self.output = BertSelfOutput(cfg.hidden_size, cfg)
+        self.self = BertSelfAttention(config)
+        self.output = BertSelfOutput(config.hidden_size, config)
 
     def forward(self, x: torch.Tensor, key_bias: torch.Tensor) -> torch.Tensor:
         return self.output(self.self(x, key_bias), x)
 
 
 class BertIntermediate(nn.Module):
-    def __init__(self, cfg: ClipConfig):
+    def __init__(self, config: ClipConfig):
         super().__init__()
-        self.dense = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.gelu(self.dense(x))  # exact (erf) GELU, BERT's "gelu"
 
 
 class BertLayer(nn.Module):
-    def __init__(self, cfg: ClipConfig):
+    def __init__(self, config: ClipConfig):
         super().__init__()
-        self.attention = BertAttention(cfg)
-        self.intermediate = BertIntermediate(cfg)
-        self.output = BertSelfOutput(cfg.intermediate_size, cfg)
+        self.attention = BertAttention(config)
+        self.intermediate = BertIntermediate(config)
+        self.output = BertSelfOutput(config.intermediate_size, config)
 
     def forward(self, x: torch.Tensor, key_bias: torch.Tensor) -> torch.Tensor:
         a = self.attention(x, key_bias)
@@ -88,27 +88,27 @@ class BertLayer(nn.Module):
 
 
 class BertEncoder(nn.Module):
-    def __init__(self, cfg: ClipConfig):
+    def __init__(self, config: ClipConfig):
         super().__init__()
-        self.layer = nn.ModuleList(BertLayer(cfg) for _ in range(cfg.num_layers))
+        self.layer = nn.ModuleList(BertLayer(config) for _ in range(config.num_layers))
 
 
 class BertPooler(nn.Module):
-    def __init__(self, cfg: ClipConfig):
+    def __init__(self, config: ClipConfig):
         super().__init__()
-        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
 
     def forward(self, last_hidden_state: torch.Tensor) -> torch.Tensor:
         return torch.tanh(self.dense(last_hidden_state[:, 0]))
 
 
 class BertModel(nn.Module):
-    def __init__(self, cfg: ClipConfig, with_pooler: bool = True):
+    def __init__(self, config: ClipConfig, with_pooler: bool = True):
         super().__init__()
-        self.cfg = cfg
-        self.embeddings = BertEmbeddings(cfg)
-        self.encoder = BertEncoder(cfg)
-        self.pooler = BertPooler(cfg) if with_pooler else None
+        self.config = config
+        self.embeddings = BertEmbeddings(config)
+        self.encoder = BertEncoder(config)
+        self.pooler = BertPooler(config) if with_pooler else None
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids, attention_mask (B, S) -> last_hidden_state (B, S, hidden), padding positions included."""

@@ -2,7 +2,7 @@
 
 Runtime knobs are plain attributes set from outside; none of them changes the math:
 - each attention module's `attend` callable (see `lowvram_stepvideo.attention.use_attention_backend`);
-- `chunk_tokens` on the model, its blocks, attention modules and FeedForwards (see `set_ffn_chunk`): every
+- `chunk_tokens` on the model, its blocks, attention modules and FeedForwards (see `set_token_chunk`): every
   token-wise op (modulated norms, QK-norm + RoPE, attention output projections, gated residuals, FFN, final
   layer) runs over runs of at most that many tokens, so besides a few (B, S, D) tensors nothing full-length lives;
 - `head_chunk` on the attention modules (see `set_attention_head_chunk`): attention runs for a group of heads at a
@@ -229,12 +229,12 @@ class FeedForward(nn.Module):
         return out.view(x.shape)
 
 
-def set_ffn_chunk(model: nn.Module, tokens: int | None) -> None:
+def set_token_chunk(model: nn.Module, tokens: int | None) -> None:
     """Run the FFN and every other token-wise op of `model` (modulated norms, QK-norm + RoPE, attention output
     projections, gated residuals, final layer) over runs of at most `tokens` tokens (None: all at once). Same math;
     a matmul over fewer rows may sum in another order, so floats can differ in the last bits."""
     if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1):
-        raise ValueError(f"FFN chunk must be a positive number of tokens or None, got {tokens!r}")
+        raise ValueError(f"token chunk must be a positive number of tokens or None, got {tokens!r}")
     chunked = (FeedForward, SelfAttention, CrossAttention, StepVideoTransformerBlock, StepVideoModel)
     for m in model.modules():
         if isinstance(m, chunked):
@@ -254,15 +254,15 @@ def set_attention_head_chunk(model: nn.Module, heads: int | None) -> None:
 # ---------------------------------------------------------------- block
 
 class StepVideoTransformerBlock(nn.Module):
-    def __init__(self, cfg: DiTConfig):
+    def __init__(self, config: DiTConfig):
         super().__init__()
-        d = cfg.dim
+        d = config.dim
         self.dim = d
         self.scale_shift_table = nn.Parameter(torch.empty(6, d))
-        self.norm1 = nn.LayerNorm(d, eps=cfg.block_norm_eps)
-        self.attn1 = SelfAttention(d, cfg.num_heads, cfg.head_dim)
-        self.norm2 = nn.LayerNorm(d, eps=cfg.block_norm_eps)
-        self.attn2 = CrossAttention(d, cfg.num_heads, cfg.head_dim)
+        self.norm1 = nn.LayerNorm(d, eps=config.block_norm_eps)
+        self.attn1 = SelfAttention(d, config.num_heads, config.head_dim)
+        self.norm2 = nn.LayerNorm(d, eps=config.block_norm_eps)
+        self.attn2 = CrossAttention(d, config.num_heads, config.head_dim)
         self.ff = FeedForward(d)
         self.chunk_tokens: int | None = None
 
@@ -373,23 +373,23 @@ def cross_attention_mask(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 # ---------------------------------------------------------------- model
 
 class StepVideoModel(nn.Module):
-    def __init__(self, cfg: DiTConfig):
+    def __init__(self, config: DiTConfig):
         super().__init__()
-        if cfg.head_dim != sum(ROPE_SPLIT):
+        if config.head_dim != sum(ROPE_SPLIT):
             raise ValueError(f"Step-Video DiT needs head_dim {sum(ROPE_SPLIT)} (RoPE split {ROPE_SPLIT}), "
-                             f"the config says {cfg.head_dim}")
-        d, p = cfg.dim, cfg.patch_size
-        self.cfg = cfg
-        self.pos_embed = PatchEmbed(cfg.in_channels, d, p)
-        self.transformer_blocks = nn.ModuleList(StepVideoTransformerBlock(cfg) for _ in range(cfg.num_layers))
-        self.norm_out = nn.LayerNorm(d, eps=cfg.norm_eps, elementwise_affine=False)
-        self.proj_out = nn.Linear(d, p * p * cfg.out_channels)
+                             f"the config says {config.head_dim}")
+        d, p = config.dim, config.patch_size
+        self.config = config
+        self.pos_embed = PatchEmbed(config.in_channels, d, p)
+        self.transformer_blocks = nn.ModuleList(StepVideoTransformerBlock(config) for _ in range(config.num_layers))
+        self.norm_out = nn.LayerNorm(d, eps=config.norm_eps, elementwise_affine=False)
+        self.proj_out = nn.Linear(d, p * p * config.out_channels)
         self.scale_shift_table = nn.Parameter(torch.empty(2, d))
         self.adaln_single = AdaLayerNormSingle(d)
-        self.caption_norm = nn.LayerNorm(cfg.caption_channels[0], eps=cfg.norm_eps, elementwise_affine=False)
-        self.caption_projection = TextProjection(cfg.caption_channels[0], d)
-        self.clip_projection = nn.Linear(cfg.caption_channels[1], d)
-        self.chunk_tokens: int | None = None  # final layer over runs of tokens (see set_ffn_chunk)
+        self.caption_norm = nn.LayerNorm(config.caption_channels[0], eps=config.norm_eps, elementwise_affine=False)
+        self.caption_projection = TextProjection(config.caption_channels[0], d)
+        self.clip_projection = nn.Linear(config.caption_channels[1], d)
+        self.chunk_tokens: int | None = None  # final layer over runs of tokens (see set_token_chunk)
 
     def embed_text(self, y: torch.Tensor, clip: torch.Tensor, mask: torch.Tensor | None):
         """y (B, Ly, Cy), clip (B, Lc, Cc), mask (B, Lc+Ly) -> enc (B, Skv, D), key mask (B, Skv) bool or None."""
@@ -404,7 +404,7 @@ class StepVideoModel(nn.Module):
         """hidden_states (B, F, C, H, W), timestep (B,) in [0, 1), encoder_hidden_states (B, Ly, 6144),
         encoder_hidden_states_2 (B, Lc, 1024), encoder_attention_mask (B, Lc+Ly) -> velocity (B, F, C, H, W)."""
         b, f, c, height, width = hidden_states.shape
-        p = self.cfg.patch_size
+        p = self.config.patch_size
         h = self.pos_embed(hidden_states.reshape(b * f, c, height, width))  # (B*F, L, D)
         h = h.reshape(b, -1, h.shape[-1])                                    # (B, F*L, D), frame-major
         mod, embedded_t = self.adaln_single(timestep, h.dtype)
@@ -421,7 +421,7 @@ class StepVideoModel(nn.Module):
 
     def unpatchify(self, x: torch.Tensor, frames: int, height: int, width: int) -> torch.Tensor:
         """x (B, F*L, p*p*C) -> (B, F, C, H, W)."""
-        p, c = self.cfg.patch_size, self.cfg.out_channels
+        p, c = self.config.patch_size, self.config.out_channels
         b = x.shape[0]
         x = x.reshape(b, frames, height // p, width // p, p, p, c)
         x = x.permute(0, 1, 6, 2, 4, 3, 5)  # (B, F, C, H/p, p, W/p, p)

@@ -67,11 +67,11 @@ def sqrt_alibi_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 class MultiQueryAttention(nn.Module):
-    def __init__(self, cfg: StepLLMConfig):
+    def __init__(self, config: StepLLMConfig):
         super().__init__()
-        self.num_heads, self.num_groups, self.head_dim = cfg.num_heads, cfg.num_groups, cfg.head_dim
-        self.wqkv = nn.Linear(cfg.hidden_size, cfg.hidden_size + 2 * cfg.num_groups * cfg.head_dim, bias=False)
-        self.wo = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.num_heads, self.num_groups, self.head_dim = config.num_heads, config.num_groups, config.head_dim
+        self.wqkv = nn.Linear(config.hidden_size, config.hidden_size + 2 * config.num_groups * config.head_dim, bias=False)
+        self.wo = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
         self.score_budget_bytes = DEFAULT_SCORE_BUDGET_BYTES
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -88,11 +88,11 @@ class MultiQueryAttention(nn.Module):
 class FeedForward(nn.Module):
     """SwiGLU: w1 gives [gate | up]; the hidden width is rounded up to a multiple of 256 like the release."""
 
-    def __init__(self, cfg: StepLLMConfig):
+    def __init__(self, config: StepLLMConfig):
         super().__init__()
-        hidden = FFN_MULTIPLE_OF * math.ceil(cfg.ffn_hidden_size / FFN_MULTIPLE_OF)
-        self.w1 = nn.Linear(cfg.hidden_size, 2 * hidden, bias=False)
-        self.w2 = nn.Linear(hidden, cfg.hidden_size, bias=False)
+        hidden = FFN_MULTIPLE_OF * math.ceil(config.ffn_hidden_size / FFN_MULTIPLE_OF)
+        self.w1 = nn.Linear(config.hidden_size, 2 * hidden, bias=False)
+        self.w2 = nn.Linear(hidden, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.w1(x).chunk(2, dim=-1)
@@ -100,12 +100,12 @@ class FeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, cfg: StepLLMConfig):
+    def __init__(self, config: StepLLMConfig):
         super().__init__()
-        self.attention = MultiQueryAttention(cfg)
-        self.feed_forward = FeedForward(cfg)
-        self.attention_norm = RMSNorm(cfg.hidden_size, cfg.eps)
-        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.eps)
+        self.attention = MultiQueryAttention(config)
+        self.feed_forward = FeedForward(config)
+        self.attention_norm = RMSNorm(config.hidden_size, config.eps)
+        self.ffn_norm = RMSNorm(config.hidden_size, config.eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x + self.attention(self.attention_norm(x))
@@ -113,29 +113,29 @@ class TransformerBlock(nn.Module):
 
 
 class Embedding(nn.Module):
-    def __init__(self, cfg: StepLLMConfig):
+    def __init__(self, config: StepLLMConfig):
         super().__init__()
-        self.word_embeddings = empty_embedding(cfg.vocab_size, cfg.hidden_size)
+        self.word_embeddings = empty_embedding(config.vocab_size, config.hidden_size)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.word_embeddings(input_ids)
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: StepLLMConfig):
+    def __init__(self, config: StepLLMConfig):
         super().__init__()
-        self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.num_layers))
 
 
 class Step1Model(nn.Module):
-    def __init__(self, cfg: StepLLMConfig):
+    def __init__(self, config: StepLLMConfig):
         super().__init__()
-        if cfg.num_heads * cfg.head_dim != cfg.hidden_size or cfg.num_heads % cfg.num_groups:
-            raise ConfigError(f"step_llm config: {cfg.num_heads} heads x {cfg.head_dim} must equal hidden "
-                              f"{cfg.hidden_size} and be divisible into {cfg.num_groups} groups")
-        self.cfg = cfg
-        self.tok_embeddings = Embedding(cfg)
-        self.transformer = Transformer(cfg)
+        if config.num_heads * config.head_dim != config.hidden_size or config.num_heads % config.num_groups:
+            raise ConfigError(f"step_llm config: {config.num_heads} heads x {config.head_dim} must equal hidden "
+                              f"{config.hidden_size} and be divisible into {config.num_groups} groups")
+        self.config = config
+        self.tok_embeddings = Embedding(config)
+        self.transformer = Transformer(config)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids (B, S) -> last block's output (B, S, hidden), no final norm. `attention_mask` is ignored like

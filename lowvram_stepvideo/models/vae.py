@@ -264,9 +264,9 @@ class ConvPixelUnshuffleDown(nn.Module):
 
 # ---------------------------------------------------------------------------------------------- encoder / decoder
 
-def patch_channels(cfg: VAEConfig) -> int:
+def patch_channels(config: VAEConfig) -> int:
     """Width between the latent and the first/last resnet level (2048 in the release)."""
-    return 4 * cfg.z_channels * 2**3
+    return 4 * config.z_channels * 2**3
 
 
 def res_blocks(in_channels: int, out_channels: int, count: int) -> nn.ModuleList:
@@ -302,29 +302,29 @@ class DownLevel(nn.Module):
 class VideoDecoder(nn.Module):
     """One chunk of latents (b, z, k, h, w) -> frames (b, 3, (2k-1)*4 - 3, 16h, 16w) (release widths)."""
 
-    def __init__(self, cfg: VAEConfig):
+    def __init__(self, config: VAEConfig):
         super().__init__()
-        d = cfg.decoder
+        d = config.decoder
         width = [d.ch * m for m in d.ch_mult]                       # per level; level 0 = full resolution
-        self.patch_channels = patch_channels(cfg)
+        self.patch_channels = patch_channels(config)
         self.top_channels = width[-1]
         self.dropped_frames = d.temporal_downsample - 1
-        self.conv_in = CausalConv(cfg.z_channels, self.patch_channels, 3)
+        self.conv_in = CausalConv(config.z_channels, self.patch_channels, 3)
         self.conv_unpatchify = ConvPixelShuffleUp(self.patch_channels, width[-1], 2)
         self.mid = MidBlock(width[-1])
         level_in = width[1:] + width[-1:]                           # level i starts at the width of level i+1
         # one more resnet block per level than the encoder (num_res_blocks + 1), as released; run top level first
-        self.up = nn.ModuleList(UpLevel(level_in[i], width[i], cfg.num_res_blocks + 1, self._upsample(cfg, i))
+        self.up = nn.ModuleList(UpLevel(level_in[i], width[i], config.num_res_blocks + 1, self._upsample(config, i))
                                 for i in range(len(width)))
         self.norm_out = FrameGroupNorm(width[0])
-        self.conv_out = CausalConv(width[0], cfg.out_channels, 3)
+        self.conv_out = CausalConv(width[0], config.out_channels, 3)
 
     @staticmethod
-    def _upsample(cfg: VAEConfig, level: int) -> nn.Module | None:
-        channels = cfg.decoder.ch * cfg.decoder.ch_mult[level]
+    def _upsample(config: VAEConfig, level: int) -> nn.Module | None:
+        channels = config.decoder.ch * config.decoder.ch_mult[level]
         if level == 0:
             return None
-        return Upsample3D(channels) if level in cfg.decoder.temporal_up_layers else Upsample2D(channels)
+        return Upsample3D(channels) if level in config.decoder.temporal_up_layers else Upsample2D(channels)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         # release widths, z (b, 64, k, h, w)
@@ -340,14 +340,14 @@ class VideoDecoder(nn.Module):
 class VideoEncoder(nn.Module):
     """One chunk of frames (b, 3, t, H, W) -> moments [mean | logvar] (b, 2z, t_lat, H/16, W/16); 17 frames -> 3."""
 
-    def __init__(self, cfg: VAEConfig):
+    def __init__(self, config: VAEConfig):
         super().__init__()
-        e = cfg.encoder
+        e = config.encoder
         width = [e.ch] + [e.ch * m for m in e.ch_mult]              # width[i] enters level i, width[i+1] leaves it
-        self.patch_channels = patch_channels(cfg)
-        self.moment_channels = 2 * cfg.z_channels
-        self.conv_in = CausalConv(cfg.in_channels, e.ch, 3)
-        self.down = nn.ModuleList(DownLevel(width[i], width[i + 1], cfg.num_res_blocks, self._downsample(cfg, i))
+        self.patch_channels = patch_channels(config)
+        self.moment_channels = 2 * config.z_channels
+        self.conv_in = CausalConv(config.in_channels, e.ch, 3)
+        self.down = nn.ModuleList(DownLevel(width[i], width[i + 1], config.num_res_blocks, self._downsample(config, i))
                                   for i in range(len(e.ch_mult)))
         self.mid = MidBlock(width[-1])
         self.norm_out = FrameGroupNorm(width[-1])
@@ -355,11 +355,11 @@ class VideoEncoder(nn.Module):
         self.conv_out = CausalConv(self.patch_channels, self.moment_channels, 3)
 
     @staticmethod
-    def _downsample(cfg: VAEConfig, level: int) -> nn.Module | None:
-        channels = cfg.encoder.ch * cfg.encoder.ch_mult[level]
-        if level == len(cfg.encoder.ch_mult) - 1:
+    def _downsample(config: VAEConfig, level: int) -> nn.Module | None:
+        channels = config.encoder.ch * config.encoder.ch_mult[level]
+        if level == len(config.encoder.ch_mult) - 1:
             return None
-        return Downsample3D(channels) if level in cfg.encoder.down_sampling_layer else Downsample2D(channels)
+        return Downsample3D(channels) if level in config.encoder.down_sampling_layer else Downsample2D(channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # release widths, x (b, 3, 17, H, W)
@@ -375,11 +375,11 @@ class VideoEncoder(nn.Module):
 class AutoencoderKL(nn.Module):
     """Step-Video VAE v2. Public tensors are (b, t, c, h, w); outputs have the module's dtype."""
 
-    def __init__(self, cfg: VAEConfig, with_encoder: bool):
+    def __init__(self, config: VAEConfig, with_encoder: bool):
         super().__init__()
-        self.cfg = cfg
-        self.encoder = VideoEncoder(cfg) if with_encoder else None
-        self.decoder = VideoDecoder(cfg)
+        self.config = config
+        self.encoder = VideoEncoder(config) if with_encoder else None
+        self.decoder = VideoDecoder(config)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -387,10 +387,10 @@ class AutoencoderKL(nn.Module):
 
     def decode_chunk(self, z: torch.Tensor) -> torch.Tensor:
         """One chunk, decoded on its own (fresh causal padding), not blended: (b, k <= latent_len, z, h, w) ->
-        (b, cfg.frames_for_latents(k), 3, 16h, 16w), i.e. (2k-1)*4 - 3 frames. Any h, w (spatial tiles too)."""
+        (b, config.frames_for_latents(k), 3, 16h, 16w), i.e. (2k-1)*4 - 3 frames. Any h, w (spatial tiles too)."""
         self._check_latents(z)
-        if z.shape[1] > self.cfg.latent_len:
-            raise ValueError(f"decode_chunk takes at most {self.cfg.latent_len} latent frames, got {z.shape[1]}; "
+        if z.shape[1] > self.config.latent_len:
+            raise ValueError(f"decode_chunk takes at most {self.config.latent_len} latent frames, got {z.shape[1]}; "
                              "use decode() for longer latents")
         frames = self.decoder(rearrange(z.to(self.dtype), "b t c h w -> b c t h w"))
         return rearrange(frames, "b c t h w -> b t c h w")
@@ -399,15 +399,15 @@ class AutoencoderKL(nn.Module):
         """(b, T_lat, z, h, w) -> (b, T, 3, 16h, 16w): chunks of latent_len latents decoded independently,
         concatenated (frame_len frames each, fewer for a short last chunk), then blended at chunk boundaries."""
         self._check_latents(z)
-        chunks = [self.decode_chunk(c) for c in z.split(self.cfg.latent_len, dim=1)]
-        return mix_chunks(torch.cat(chunks, dim=1), self.cfg.frame_len, inplace=True)
+        chunks = [self.decode_chunk(c) for c in z.split(self.config.latent_len, dim=1)]
+        return mix_chunks(torch.cat(chunks, dim=1), self.config.frame_len, inplace=True)
 
     def encode_moments(self, x: torch.Tensor) -> torch.Tensor:
         """(b, T, 3, H, W) -> [mean | logvar] (b, T_lat, 2z, H/16, W/16), chunks of frame_len frames."""
         if self.encoder is None:
             raise ValueError("this VAE was loaded without encoder weights; encoding needs a vae_v2 file that has them")
         x = rearrange(x.to(self.dtype), "b t c h w -> b c t h w")
-        chunks = x.split(self.cfg.frame_len, dim=2)
+        chunks = x.split(self.config.frame_len, dim=2)
         if not self._encodable(chunks[-1].shape[2]):
             raise ValueError(f"cannot encode {x.shape[2]} frames: the last chunk would have {chunks[-1].shape[2]}, "
                              "the encoder takes 8n+1 to 8n+4 frames per chunk (e.g. 17)")
@@ -423,11 +423,11 @@ class AutoencoderKL(nn.Module):
 
     def _encodable(self, frames: int) -> bool:
         """The final pixel unshuffle needs an even count after one padding frame, i.e. an odd count before it."""
-        for _ in self.cfg.encoder.down_sampling_layer:
+        for _ in self.config.encoder.down_sampling_layer:
             frames = (frames - 1) // 2 + 1
         return frames % 2 == 1
 
     def _check_latents(self, z: torch.Tensor) -> None:
-        if z.ndim != 5 or z.shape[2] != self.cfg.z_channels:
-            raise ValueError(f"VAE latents must be (batch, frames, {self.cfg.z_channels}, h, w), "
+        if z.ndim != 5 or z.shape[2] != self.config.z_channels:
+            raise ValueError(f"VAE latents must be (batch, frames, {self.config.z_channels}, h, w), "
                              f"got {tuple(z.shape)}")
