@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import datetime
 import logging
 import sys
 import time
@@ -14,17 +13,18 @@ import torch
 from . import demo
 from .checkpoint import CheckpointError
 from .config import ConfigError
-from .fsutil import atomic_path
+from .errors import StepVideoError
 from .model_folder import ModelFolderError, open_model_folder
 from .pipeline import TURBO_DEFAULTS, StepVideoPipeline
 from .profiles import (Preset, auto_profile, describe, detect_vram_bytes, list_profiles, load_profile,
                        with_overrides)
-from .resume import ResumeError, checkpoint_path
+from .outputs import RunOutputs, plan_outputs
+from .resume import ResumeError, load_latents, save_latents
 from .runner import (Interrupted, OutOfMemory, Request, denoise_with_fallback, fit_to_card, ladder_from,
                      resume_ladder)
-from .sampling import latent_shape
+from .sampling import latent_shape, sampling_problem
 from .tiling import TileOOMError
-from .video import VideoError, output_path_error, sidecar_path
+from .video import VideoError, sidecar_path
 
 GiB = 2**30
 
@@ -49,8 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shift", type=float, help="time shift (default 13.0, turbo 17.0)")
     p.add_argument("--turbo", action="store_true",
                    help="use the turbo checkpoint's defaults (15 steps, cfg 5, shift 17)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output", type=Path, help="mp4 path (default: results/<prompt>-<time>.mp4)")
+    p.add_argument("--seed", type=int, default=0, help="0 to 2**64-1 (default 0)")
+    p.add_argument("--output", type=Path, help="mp4 path (default: results/<prompt>-<time>.mp4, made unique)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace existing outputs (and start again over an earlier run's resume checkpoint)")
     p.add_argument("--dry-run", action="store_true", help="print the memory plan per phase and exit")
     p.add_argument("--json", action="store_true", help="with --dry-run: print the plan as JSON")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
@@ -76,8 +78,8 @@ def main(argv: list[str]) -> int:
     except KeyboardInterrupt:
         _say("interrupted")
         return 130
-    except (UsageError, ConfigError, CheckpointError, ModelFolderError, ResumeError, OutOfMemory, TileOOMError,
-            VideoError, ValueError) as e:
+    except (StepVideoError, UsageError, ConfigError, CheckpointError, ModelFolderError, ResumeError, OutOfMemory,
+            TileOOMError, VideoError, ValueError) as e:
         _say(f"error: {e}")
         return 2
     except torch.OutOfMemoryError as e:   # one not handled by a fallback (e.g. placing the VAE)
@@ -95,9 +97,10 @@ def _say(msg: str) -> None:
 
 def run(args) -> int:
     if args.list_profiles:
-        for name in list_profiles():
-            print(f"{name:<12} {load_profile(name).description}")
-        return 0
+        return _list_profiles()
+    if args.dry_run and args.decode_latents:
+        raise UsageError("--dry-run plans a generation; --decode-latents only runs the VAE (nothing to plan): "
+                         "drop one of them")
     folder = _model_folder(args)
     profile = _profile(args)
     if folder.weight_format != profile.weight_format and profile.device == "cuda":
@@ -118,8 +121,18 @@ def run(args) -> int:
     pipe = StepVideoPipeline(folder, profile, log=_say)
     if args.dry_run:
         return _dry_run(args, pipe, preset)
-    output = _output_path(args)
-    return _generate(args, pipe, preset, output)
+    outputs = _outputs(args, folder, profile)
+    return _generate(args, pipe, preset, outputs)
+
+
+def _list_profiles() -> int:
+    """Every profile with its description; one that does not load is listed as bad, with the reason."""
+    for name in list_profiles():
+        try:
+            print(f"{name:<12} {load_profile(name).description}")
+        except (ConfigError, OSError) as e:
+            print(f"{name:<12} BAD PROFILE: {e}")
+    return 0
 
 
 def _model_folder(args):
@@ -146,6 +159,9 @@ def _check_numbers(args) -> None:
         raise UsageError(f"--steps {args.steps}: needs at least 1 denoising step (release 30-50, turbo 15)")
     if args.shift is not None and not args.shift > 0:
         raise UsageError(f"--shift {args.shift}: must be positive (release 13, turbo 17)")
+    problem = sampling_problem(args.cfg, args.shift, args.seed)
+    if problem:
+        raise UsageError(problem)
     if args.checkpoint_every < 0:
         raise UsageError(f"--checkpoint-every {args.checkpoint_every}: must be >= 0 (0 = never)")
 
@@ -169,22 +185,11 @@ def _preset(args, profile, turbo: bool = False) -> Preset:
     return Preset(shape.num_frames, shape.height, shape.width, steps)
 
 
-def _output_path(args) -> Path:
-    out = args.output
-    if out is None:
-        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        safe = "".join(c if c.isalnum() or c in " -_" else "_" for c in args.prompt[:50]).strip()
-        out = Path("results") / f"{safe or 'video'}-{stamp}.mp4"
-    _check_writable(out)
-    if args.save_latents:
-        _check_writable(args.save_latents)   # before the denoising, not after it
-    return out
-
-
-def _check_writable(path: Path) -> None:
-    problem = output_path_error(path, create_dirs=path.parent == Path("results"))
-    if problem:
-        raise UsageError(problem)
+def _outputs(args, folder, profile, decode_from: Path | None = None) -> RunOutputs:
+    """The run's output paths, checked against each other and every input before any heavy work."""
+    return plan_outputs(args.output, prompt=args.prompt, save_latents=args.save_latents,
+                        inputs=[profile.path], model_root=folder.root, overwrite=args.overwrite,
+                        resume=args.resume, decode_from=decode_from)
 
 
 def _dry_run(args, pipe, preset) -> int:
@@ -218,7 +223,7 @@ def _request(args, pipe, preset) -> Request:
                    d["shift"] if args.shift is None else args.shift, args.seed)
 
 
-def _generate(args, pipe, preset, output: Path) -> int:
+def _generate(args, pipe, preset, outputs: RunOutputs) -> int:
     if not args.no_cache:
         pipe.cache = pipe.embedding_cache()
     request = _request(args, pipe, preset)
@@ -226,16 +231,16 @@ def _generate(args, pipe, preset, output: Path) -> int:
     vram = detect_vram_bytes()
     if pipe.device.type == "cuda" and vram and not args.resume:
         ladder = fit_to_card(pipe, ladder, vram, _say)
-    ckpt = checkpoint_path(output)
+    ckpt = outputs.checkpoint
     if args.resume:
         ladder = resume_ladder(ladder, ckpt)
     start = time.perf_counter()
     latents, used = denoise_with_fallback(pipe, request, ladder, ckpt, args.resume, args.checkpoint_every)
-    if args.save_latents:
-        _save_latents(args.save_latents, latents)
     try:
+        if outputs.save_latents:
+            _save_latents(outputs.save_latents, latents, replace(request, preset=used), pipe)
         frames = _decode_frames(pipe, latents)
-        _write_outputs(output, frames, args, pipe, request, used, time.perf_counter() - start)
+        _write_outputs(outputs.output, frames, args, pipe, request, used, time.perf_counter() - start)
     except BaseException:
         if ckpt.is_file():
             _say(f"note: the denoised latents are kept in {ckpt}; run the same command with --resume to only decode")
@@ -250,29 +255,20 @@ def _decode_frames(pipe, latents):
         return postprocess(pipe.decode(latents))
 
 
-def _save_latents(path: Path, latents: torch.Tensor) -> None:
-    from safetensors.torch import save_file
-    _check_writable(path)
-    with atomic_path(path, ".safetensors") as tmp:
-        save_file({"latents": latents.contiguous()}, str(tmp))
+def _save_latents(path: Path, latents: torch.Tensor, request: Request, pipe) -> None:
+    try:
+        save_latents(path, latents, request.fingerprint(pipe.folder.root, pipe.profile.compute_dtype))
+    except OSError as e:
+        raise UsageError(f"could not write --save-latents {path} ({e.strerror or e})") from None
 
 
 def _decode_only(args, folder, profile) -> int:
-    from safetensors.torch import load_file
-    try:
-        latents = load_file(str(args.decode_latents))["latents"]
-    except Exception as e:
-        raise UsageError(f"{args.decode_latents}: not a latents file written by --save-latents ({e})") from None
-    output = args.output or args.decode_latents.with_suffix(".mp4")
-    _check_writable(output)
+    outputs = _outputs(args, folder, profile, decode_from=args.decode_latents)
     pipe = StepVideoPipeline(folder, profile, log=_say)
-    channels = pipe.latent_channels()
-    if latents.dim() != 5 or latents.shape[2] != channels:
-        raise UsageError(f"{args.decode_latents}: latents of shape {tuple(latents.shape)} do not fit this model "
-                         f"(expected (B, T, {channels}, h, w)); decode them with the model that made them")
+    latents = load_latents(args.decode_latents, folder.root, pipe.latent_channels())
     start = time.perf_counter()
     frames = _decode_frames(pipe, latents)
-    _write_outputs(output, frames, args, pipe, None, None, time.perf_counter() - start)
+    _write_outputs(outputs.output, frames, args, pipe, None, None, time.perf_counter() - start)
     return 0
 
 

@@ -28,6 +28,21 @@ class ResumeError(StepVideoError, ValueError):
     pass
 
 
+class NonFiniteLatents(StepVideoError):
+    """The latents became NaN or infinite while denoising."""
+
+
+def check_step_latents(latents: torch.Tensor, step: int, steps: int, ckpt: Path | None) -> None:
+    """One cheap reduction per step: a NaN/inf stops the run before it is saved or decoded."""
+    if bool(torch.isfinite(latents).all()):
+        return
+    kept = (f"the last good checkpoint {ckpt} is kept" if ckpt is not None and Path(ckpt).is_file()
+            else "no checkpoint was saved before it")
+    raise NonFiniteLatents(f"the latents became NaN or infinite at step {step} of {steps}; likely cause: NaN/inf "
+                           "in the weights (a corrupt download or quantized folder: re-download or re-quantize) or a "
+                           f"numerical overflow (a very large --cfg, or float16 compute); {kept}, no video written")
+
+
 def checkpoint_path(output: Path) -> Path:
     output = Path(output)
     return output.with_name(output.name + ".resume.safetensors")

@@ -22,8 +22,8 @@ import torch
 
 from .pipeline import StepVideoPipeline
 from .profiles import Preset, TextEncoders
-from .resume import load_checkpoint, save_checkpoint, saved_request
-from .sampling import flow_sigmas, initial_noise, latent_shape
+from .resume import check_step_latents, load_checkpoint, save_checkpoint, saved_request, weights_identity
+from .sampling import flow_sigmas, initial_noise, latent_shape, sampling_problem
 
 _OOM = torch.OutOfMemoryError
 GiB = 2**30
@@ -51,10 +51,10 @@ class Request:
     seed: int
 
     def fingerprint(self, model_dir: Path, compute_dtype: str) -> dict:
-        """What a resume checkpoint must match."""
-        return {"model": str(model_dir), "prompt": self.prompt, "negative_prompt": self.negative_prompt,
-                "preset": str(self.preset), "steps": self.preset.steps, "guidance_scale": self.guidance_scale, "shift": self.shift,
-                "seed": self.seed, "compute_dtype": compute_dtype}
+        """What a resume checkpoint must match: the whole request and the identity of the weights."""
+        return {"weights": weights_identity(model_dir), "prompt": self.prompt, "negative_prompt": self.negative_prompt,
+                "preset": str(self.preset), "steps": self.preset.steps, "guidance_scale": self.guidance_scale,
+                "shift": self.shift, "seed": self.seed, "compute_dtype": compute_dtype}
 
 
 def ladder_from(presets: tuple[Preset, ...], first: Preset) -> list[Preset]:
@@ -91,9 +91,13 @@ def fit_to_card(pipe: StepVideoPipeline, ladder: list[Preset], vram_bytes: int,
 def denoise_with_fallback(pipe: StepVideoPipeline, request: Request, ladder: list[Preset], ckpt: Path | None,
                           resume: bool, every: int) -> tuple[torch.Tensor, Preset]:
     """Final latents and the preset that produced them."""
+    problem = sampling_problem(request.guidance_scale, request.shift, request.seed)
+    if problem:
+        raise ValueError(problem)
     if resume and ckpt is not None:   # a missing or mismatched checkpoint is refused before any heavy work
-        load_checkpoint(ckpt, dataclasses.replace(request, preset=ladder[0]).fingerprint(
-            pipe.folder.root, pipe.profile.compute_dtype))
+        first = dataclasses.replace(request, preset=ladder[0])
+        load_checkpoint(ckpt, first.fingerprint(pipe.folder.root, pipe.profile.compute_dtype),
+                        _shape(pipe, first.preset), first.preset.steps)
     embeds = encode_with_fallback(pipe, request)
     for i, preset in enumerate(ladder):
         req = dataclasses.replace(request, preset=preset)
@@ -110,20 +114,21 @@ def denoise_with_fallback(pipe: StepVideoPipeline, request: Request, ladder: lis
 
 def denoise(pipe: StepVideoPipeline, req: Request, embeds, ckpt: Path | None, resume: bool,
             every: int) -> torch.Tensor:
-    shape = latent_shape(req.preset.frames, req.preset.height, req.preset.width, channels=pipe.latent_channels())
+    shape = _shape(pipe, req.preset)
     fingerprint = req.fingerprint(pipe.folder.root, pipe.profile.compute_dtype)
-    latents, start = initial_noise(shape.shape, req.seed), 0
+    latents, start = initial_noise(shape, req.seed), 0
     if resume and ckpt is not None:
-        latents, start = load_checkpoint(ckpt, fingerprint)
+        latents, start = load_checkpoint(ckpt, fingerprint, shape, req.preset.steps)
         pipe.log(f"resuming at step {start} of {req.preset.steps} from {ckpt}")
         if start >= req.preset.steps:
             return latents   # denoising had finished (the decode failed): nothing to load the DiT for
     state = {"step": start, "latents": latents}
 
     def on_step(done: int, current: torch.Tensor) -> None:
+        check_step_latents(current, done, req.preset.steps, ckpt)   # before anything is saved from them
         state.update(step=done, latents=current)
         if ckpt is not None and every and (done % every == 0 or done == req.preset.steps):
-            save_checkpoint(ckpt, current, done, fingerprint)
+            _save(pipe, ckpt, current, done, fingerprint)
 
     sigmas = flow_sigmas(req.preset.steps, req.shift)
     try:
@@ -132,8 +137,24 @@ def denoise(pipe: StepVideoPipeline, req: Request, embeds, ckpt: Path | None, re
     except KeyboardInterrupt:
         if ckpt is None:
             raise
-        save_checkpoint(ckpt, state["latents"], state["step"], fingerprint)
+        if not _save(pipe, ckpt, state["latents"], state["step"], fingerprint):
+            raise
         raise Interrupted(ckpt, state["step"]) from None
+
+
+def _shape(pipe: StepVideoPipeline, preset: Preset) -> tuple[int, ...]:
+    return latent_shape(preset.frames, preset.height, preset.width, channels=pipe.latent_channels()).shape
+
+
+def _save(pipe: StepVideoPipeline, ckpt: Path, latents: torch.Tensor, step: int, fingerprint: dict) -> bool:
+    """Save a checkpoint; a failed write (disk full) keeps the previous one and the run goes on."""
+    try:
+        save_checkpoint(ckpt, latents, step, fingerprint)
+        return True
+    except OSError as e:
+        kept = f"the previous checkpoint in {ckpt} is kept" if ckpt.is_file() else "no checkpoint is kept"
+        pipe.log(f"warning: could not save the checkpoint after step {step} ({e.strerror or e}); {kept}")
+        return False
 
 
 def encode_with_fallback(pipe: StepVideoPipeline, req: Request):

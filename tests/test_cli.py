@@ -74,7 +74,8 @@ def test_embedding_cache_skips_the_text_encoders(tmp_path, capsys, monkeypatch):
     metas = []
     for extra in ([], [], ["--no-cache"]):
         loaded.clear()
-        rc, _, err = run_cli(capsys, "--demo", "--prompt", prompt, *TINY, "--output", tmp_path / "b.mp4", *extra)
+        rc, _, err = run_cli(capsys, "--demo", "--prompt", prompt, *TINY, "--output", tmp_path / "b.mp4",
+                             "--overwrite", *extra)
         assert rc == 0, err
         metas.append((list(loaded), "text: embeddings taken from the cache" in err,
                       "text" in read_sidecar(tmp_path / "b.mp4")["timings_s"]))
@@ -168,7 +169,7 @@ ERRORS = {  # name: (arguments, words the one error line must hold)
     "latents folder missing": (["--demo", "--save-latents", "{tmp}/missing/z.safetensors"], ["does not exist"]),
     "json without dry run": (["--demo", "--json"], ["--json", "--dry-run"]),
     "not a latents file": (["--demo", "--decode-latents", "{demo}/vae/config.json"], ["not a latents file"]),
-    "latents of another model": (["--demo", "--decode-latents", "{other}"], ["(1, 3, 16, 2, 3)", "(B, T, 4, h, w)"]),
+    "latents of another model": (["--demo", "--decode-latents", "{other}"], ["(1, 3, 16, 2, 3)", "(1, T, 4, h, w)"]),
     "nothing to resume": (["--demo", "--resume"] + TINY, ["nothing to resume", "without --resume"]),
 }
 
