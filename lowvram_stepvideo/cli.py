@@ -157,8 +157,6 @@ def _profile(args):
 def _check_numbers(args) -> None:
     if args.steps is not None and args.steps < 1:
         raise UsageError(f"--steps {args.steps}: needs at least 1 denoising step (release 30-50, turbo 15)")
-    if args.shift is not None and not args.shift > 0:
-        raise UsageError(f"--shift {args.shift}: must be positive (release 13, turbo 17)")
     problem = sampling_problem(args.cfg, args.shift, args.seed)
     if problem:
         raise UsageError(problem)
