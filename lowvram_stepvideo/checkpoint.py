@@ -266,7 +266,7 @@ def _check_dtype(ref: TensorRef, key: str, stored: torch.dtype | None) -> None:
 def check_finite(t: torch.Tensor, ref: TensorRef, key: str) -> None:
     """A small floating tensor read from disk must hold no NaN/inf (large ones are covered by the per-step check
     of the latents); costs nothing next to the load."""
-    if t.is_floating_point() and t.device.type != "meta" and t.numel() <= SMALL_TENSOR_ELEMS:
+    if t.dtype in FLOAT_DTYPES and t.device.type != "meta" and t.numel() <= SMALL_TENSOR_ELEMS:
         if not torch.isfinite(t).all():
             raise CheckpointError(f"{ref.file}: tensor {key} holds NaN or inf values; the file is corrupt, "
                                   "re-download it (or re-run quantize.py on a good source)")

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .fsutil import atomic_path
+from .fsutil import atomic_path, clean_orphans
 
 Embeds = tuple[torch.Tensor, torch.Tensor, torch.Tensor]   # y (B,S,D), y_mask (B,77+S), clip (B,77,Dc)
 CACHE_ENV = "LOWVRAM_STEPVIDEO_CACHE"
@@ -85,6 +85,7 @@ class EmbeddingCache:
         y, mask, clip = (t.detach().cpu().contiguous() for t in embeds)
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
+            clean_orphans(self.folder)   # temp files of runs that were killed while storing an entry
             with atomic_path(self._path(prompts), ".safetensors") as tmp:
                 save_file({"y": y, "y_mask": mask, "clip": clip}, str(tmp))
         except OSError as e:
