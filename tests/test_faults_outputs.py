@@ -106,7 +106,6 @@ def test_a_run_never_discards_an_earlier_runs_checkpoint(made, tmp_path, capsys)
     err = run_ok(capsys, *argv, "--resume")          # continues it: only the decode was left
     assert "resuming at step 2 of 2" in err and out.exists() and not ckpt.exists()
     ckpt.write_bytes(checkpoint_path(made / "k.mp4").read_bytes())
-    run_ok(capsys, *argv, "--output", tmp_path / "fresh.mp4")          # another output: not its checkpoint
     out.unlink()
     run_ok(capsys, *argv, "--overwrite")             # starts again, then removes it
     assert out.exists() and not ckpt.exists()
