@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from . import preflight, results, runner
+from . import outputs, preflight, results, runner
 from .errors import StepVideoError, UsageError
 from .fsutil import atomic_path
 from .jobs import JobQueue
@@ -105,7 +105,7 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def item_output(out_dir: Path, item: BatchItem) -> Path:
-    name = "_".join(preflight.slug(item.prompt, 40).split()) or "prompt"
+    name = outputs.name_words(item.prompt, 40) or "prompt"
     return Path(out_dir) / f"{item.line:04d}-{name}-seed{item.seed}.mp4"
 
 
@@ -164,23 +164,21 @@ def _spec(base: JobSpec, item: BatchItem, out_dir: Path) -> JobSpec:
 
 
 def _check_all(specs: list[JobSpec], rows: list[Row], folder: ModelFolder, log) -> list[int]:
-    """Pre-flight of every video; finished ones are marked skipped, bad ones failed. The indexes left to run."""
-    todo, weights_id = [], folder.identity()
+    """Pre-flight of every video; finished ones are marked skipped, bad ones failed (an existing file that is not
+    this request's video is kept: outputs.py refuses it). The indexes left to run."""
+    todo = []
     for i, (spec, row) in enumerate(zip(specs, rows)):
         try:
-            job = runner.prepare_job(spec, log, folder=folder)
+            job = runner.prepare_request(spec, log, folder=folder)
+            fingerprint = job.request.fingerprint(folder.root, job.pipe.profile.compute_dtype)
+            finished = results.finished_sidecar(spec.output, fingerprint)
+            if finished:
+                row.state, row.preset, row.seconds = "skipped", finished.get("preset"), finished.get("timings_s", {})
+                continue
+            runner.prepare_job(spec, log, folder=folder)
+            todo.append(i)
         except StepVideoError as e:
             row.state, row.error = "failed", str(e)
-            continue
-        fingerprint = job.request.fingerprint(folder.root, job.pipe.profile.compute_dtype)
-        finished = results.finished_sidecar(job.output, fingerprint, weights_id)
-        if finished:
-            row.state, row.preset, row.seconds = "skipped", finished.get("preset"), finished.get("timings_s", {})
-        elif job.output.exists():
-            row.state, row.error = "failed", (f"{job.output} exists and was not made by this request on these "
-                                              "weights; move it away or use another --output-dir")
-        else:
-            todo.append(i)
     return todo
 
 
