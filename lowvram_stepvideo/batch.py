@@ -4,7 +4,9 @@ Prompts file: UTF-8, one prompt per line; blank lines and lines starting with '#
 ` --seed N` to give that prompt its own seed. Every other prompt is generated once per seed of `--seeds 1,2,3`
 (default: `--seed`, 0). Videos are named `<line>-<prompt start>-seed<N>.mp4` in the output folder, so a rerun of
 the same command finds them: a finished video whose sidecar matches the request and the weights is skipped, an
-interrupted one continues from its checkpoint, the rest run. One prompt failing is recorded and the batch goes on.
+interrupted one continues from its checkpoint, the rest run (--overwrite: all of them again, from the start). One
+prompt failing is recorded and the batch goes on. With --no-cache the shared embeddings live in a temporary folder
+for the batch's duration.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from . import preflight, results, runner
+from . import outputs, preflight, results, runner
 from .errors import StepVideoError, UsageError
 from .fsutil import atomic_path
 from .jobs import JobQueue
@@ -105,7 +107,7 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def item_output(out_dir: Path, item: BatchItem) -> Path:
-    name = "_".join(preflight.slug(item.prompt, 40).split()) or "prompt"
+    name = outputs.name_words(item.prompt, 40) or "prompt"
     return Path(out_dir) / f"{item.line:04d}-{name}-seed{item.seed}.mp4"
 
 
@@ -159,28 +161,28 @@ def _embedding_cache(base: JobSpec):
 
 
 def _spec(base: JobSpec, item: BatchItem, out_dir: Path) -> JobSpec:
+    """With overwrite every video is made again from the start; without, an interrupted one resumes."""
+    resume = False if preflight.run_options(base)["overwrite"] else "auto"
     return dataclasses.replace(base, prompt=item.prompt, seed=item.seed, output=item_output(out_dir, item),
-                               options={**base.options, "resume": "auto", "save_latents": None})
+                               options={**base.options, "resume": resume, "save_latents": None})
 
 
 def _check_all(specs: list[JobSpec], rows: list[Row], folder: ModelFolder, log) -> list[int]:
-    """Pre-flight of every video; finished ones are marked skipped, bad ones failed. The indexes left to run."""
-    todo, weights_id = [], folder.identity()
+    """Pre-flight of every video; finished ones are marked skipped, bad ones failed (an existing file that is not
+    this request's video is kept: outputs.py refuses it). The indexes left to run."""
+    todo = []
     for i, (spec, row) in enumerate(zip(specs, rows)):
         try:
-            job = runner.prepare_job(spec, log, folder=folder)
+            job = runner.prepare_request(spec, log, folder=folder)
+            fingerprint = job.request.fingerprint(folder.root, job.pipe.profile.compute_dtype)
+            finished = results.finished_sidecar(spec.output, fingerprint)
+            if finished and not job.options["overwrite"]:
+                row.state, row.preset, row.seconds = "skipped", finished.get("preset"), finished.get("timings_s", {})
+                continue
+            runner.prepare_job(spec, log, folder=folder)
+            todo.append(i)
         except StepVideoError as e:
             row.state, row.error = "failed", str(e)
-            continue
-        fingerprint = job.request.fingerprint(folder.root, job.pipe.profile.compute_dtype)
-        finished = results.finished_sidecar(job.output, fingerprint, weights_id)
-        if finished:
-            row.state, row.preset, row.seconds = "skipped", finished.get("preset"), finished.get("timings_s", {})
-        elif job.output.exists():
-            row.state, row.error = "failed", (f"{job.output} exists and was not made by this request on these "
-                                              "weights; move it away or use another --output-dir")
-        else:
-            todo.append(i)
     return todo
 
 

@@ -13,10 +13,13 @@ import torch
 
 from . import exit_codes, preflight, results, runner
 from .budgets import use_expandable_segments
+from .config import ConfigError
 from .errors import StepVideoError, UsageError
+from .outputs import plan_outputs
 from .preflight import JobSpec
 from .profiles import (auto_choice, describe, detect_vram_bytes, list_profiles, load_profile, profiles_dir,
                        with_overrides)
+from .resume import load_latents
 from .runner import Interrupted, PhasePipeline, say as _say
 from .sampling import RELEASE_DEFAULTS, TURBO_DEFAULTS, sampling_defaults
 
@@ -92,9 +95,11 @@ def build_parser(prog: str = "generate.py") -> argparse.ArgumentParser:
                         "(quantize.py records it; else model_index.json or a folder name with 'turbo')")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the initial noise (default 0): the same seed, prompt and settings give the same "
-                        "video, another seed another video; an integer from -2^63 to 2^64-1")
-    p.add_argument("--output", type=Path, help="mp4 path (default: results/<prompt>-<time>.mp4); the metadata "
-                                               "goes next to it as <output>.json")
+                        "video, another seed another video; an integer from 0 to 2**64-1")
+    p.add_argument("--output", type=Path, help="mp4 path (default: results/<prompt>-<time>.mp4, made unique); the "
+                                               "metadata goes next to it as <output>.json")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace existing outputs (and start again over an earlier run's resume checkpoint)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the memory plan of every phase against this machine's budgets and whether it fits, "
                         "then exit (status 0 fits, 3 nothing on the ladder fits): the pipeline runs on fake tensors "
@@ -156,6 +161,9 @@ def run(args) -> int:
         _list_profiles()
         return exit_codes.OK
     _check_dry_run_flags(args)
+    if args.dry_run and args.decode_latents:
+        raise UsageError("--dry-run plans a generation; --decode-latents only runs the VAE (nothing to plan): "
+                         "drop one of them")
     spec = job_spec(args)
     if args.prompts_file:
         return _batch(args, spec)
@@ -190,16 +198,21 @@ def _batch(args, spec: JobSpec) -> int:
 def job_spec(args) -> JobSpec:
     options = {"attention": args.attention, "dit_resident_blocks": args.resident_blocks, "vae_tile": args.vae_tile,
                "resume": args.resume, "checkpoint_every": args.checkpoint_every, "save_latents": args.save_latents,
-               "cache": not args.no_cache, "turbo": args.turbo}
+               "cache": not args.no_cache, "overwrite": args.overwrite, "turbo": args.turbo}
     return JobSpec(args.prompt, args.negative_prompt, args.seed, args.frames, args.height, args.width, args.steps,
                    args.cfg, args.shift, args.model_dir, args.demo, args.profile, args.output,
                    {k: v for k, v in options.items() if v is not None})
 
 
 def _list_profiles() -> None:
+    """Every profile with its description and ladder; one that does not load is listed as bad, with the reason."""
     print(f"profiles in {profiles_dir()} (presets: FRAMESxHEIGHTxWIDTH@STEPS, the first is the default):")
     for name in list_profiles():
-        profile = load_profile(name)
+        try:
+            profile = load_profile(name)
+        except (ConfigError, OSError) as e:   # one bad file does not hide the others
+            print(f"{name:<12} BAD PROFILE: {e}")
+            continue
         print(f"{name:<12} {profile.description}")
         ladder = ", ".join(describe(profile)["presets"])
         print(textwrap.fill(ladder, width=108, initial_indent=" " * 13, subsequent_indent=" " * 13))
@@ -247,25 +260,17 @@ def _dry_run_profile(spec: JobSpec, vram: int | None, ram: int | None):
 
 
 def _decode_only(args, spec: JobSpec) -> int:
-    from safetensors.torch import load_file
     folder = preflight.model_folder(spec)
     profile = preflight.profile_for(spec)
-    try:
-        latents = load_file(str(args.decode_latents))["latents"]
-    except Exception as e:
-        raise UsageError(f"{args.decode_latents}: not a latents file written by --save-latents ({e})") from None
-    output = args.output or args.decode_latents.with_suffix(".mp4")
-    preflight.check_writable(output)
+    outputs = plan_outputs(args.output, prompt=args.prompt, inputs=[profile.path], model_root=folder.root,
+                           overwrite=args.overwrite, decode_from=args.decode_latents)
     pipe = PhasePipeline(folder, profile, log=_say)
-    channels = pipe.latent_channels()
-    if latents.dim() != 5 or latents.shape[2] != channels:
-        raise UsageError(f"{args.decode_latents}: latents of shape {tuple(latents.shape)} do not fit this model "
-                         f"(expected (B, T, {channels}, h, w)); decode them with the model that made them")
+    latents = load_latents(args.decode_latents, folder.root, pipe.latent_channels())
     start = time.perf_counter()
     frames = runner.decode_frames(pipe, latents)
     meta = {"prompt": args.prompt, "decoded_from": str(args.decode_latents),
             "arguments": results.spec_arguments(spec)}
-    results.write_outputs(output, frames, pipe, meta, time.perf_counter() - start, _say)
+    results.write_outputs(outputs.output, frames, pipe, meta, time.perf_counter() - start, _say)
     return exit_codes.OK
 
 

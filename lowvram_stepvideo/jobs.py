@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import StepVideoError
-from .preflight import JobSpec, default_output
+from .outputs import default_name
+from .preflight import JobSpec
 from .runner import Events, Interrupted, JobResult, run_job
 
 __all__ = ["JobQueue", "JobSpec", "JobStatus", "JobResult"]
@@ -94,7 +95,7 @@ class JobQueue:
                 raise StepVideoError("the job queue is closed")
             job_id = f"job-{next(self._ids)}"
             if spec.output is None:
-                name = f"{default_output(spec.prompt or '').stem}-{job_id}.mp4"
+                name = f"{Path(default_name(spec.prompt or '')).stem}-{job_id}.mp4"
                 spec = dataclasses.replace(spec, output=self.results_dir / name)
             self._jobs[job_id] = JobStatus(job_id, spec, output=Path(spec.output))
             self._pending.append(job_id)
@@ -191,6 +192,8 @@ class JobQueue:
             return "done", None, self.worker(spec, events)
         except Interrupted as e:
             return "cancelled", str(e), None
+        except KeyboardInterrupt:   # stopped, but the checkpoint could not be written (see the log)
+            return "cancelled", "stopped; its checkpoint could not be saved (see the log)", None
         except StepVideoError as e:
             return "failed", str(e), None
         except torch.OutOfMemoryError as e:

@@ -8,12 +8,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import StepVideoError
 from .checkpoint import CheckpointError
-from .config import ConfigError, read_json
-from .embed_cache import model_identity
+from .config import ClipConfig, ConfigError, read_json
 from .errors import StepVideoError
 from .loaders import Component, open_clip, open_dit, open_step_llm, open_vae
-from .tokenizers import load_clip_tokenizer, load_step_llm_tokenizer
+from .tokenizers import load_clip_tokenizer, load_step_llm_tokenizer, truncation_warnings
 
 DOWNLOAD_HINT = ("download it with: hf download stepfun-ai/stepvideo-t2v --local-dir {path} "
                  "(pip install huggingface_hub), or: modelscope download stepfun-ai/stepvideo-t2v --local-dir {path} "
@@ -40,15 +40,16 @@ class ModelFolder:
         return load_step_llm_tokenizer(self.root / "step_llm")
 
     def clip_tokenizer(self):
-        return load_clip_tokenizer(self.root / "hunyuan_clip")
+        """At the release's 77 tokens whatever the tokenizer config says, like the reference (the DiT takes 77)."""
+        return load_clip_tokenizer(self.root / "hunyuan_clip", ClipConfig.max_length)
+
+    def prompt_warnings(self, prompt: str, negative_prompt: str | None) -> list[str]:
+        """Warnings for user texts longer than what the text encoders read (the tokens past it are dropped)."""
+        texts = {"prompt": prompt, **({"negative prompt": negative_prompt} if negative_prompt else {})}
+        return truncation_warnings({"step_llm": self.step_llm_tokenizer(), "clip": self.clip_tokenizer()}, texts)
 
     def files(self, component: str) -> list[Path]:
         return [f.path for f in self.open(component).source.files]
-
-    def identity(self) -> str:
-        """Changes whenever any network's weights do (names, sizes, times and headers of every weight file)."""
-        return model_identity([f for c in OPENERS for f in self.files(c)])
-
 
 def open_model_folder(root: Path) -> ModelFolder:
     root = Path(root).expanduser()

@@ -145,9 +145,11 @@ class PhasePipeline:
     def encode_prompts(self, prompts: list[tuple[str | None, str | None]], pos_magic: str = POS_MAGIC) -> list[Embeds]:
         """encode_prompt for many (prompt, negative prompt) pairs in one text phase: each network is loaded once,
         pairs in the embedding cache are taken from it."""
-        for prompt, _ in prompts:
+        for prompt, negative_prompt in prompts:
             if not prompt or not prompt.strip():
                 raise ValueError("the prompt is empty; describe the video to generate")
+            for warning in [] if self.planning else self.folder.prompt_warnings(prompt, negative_prompt):
+                self.log(warning)
         texts = [[prompt + pos_magic, NEG_MAGIC if neg is None else neg] for prompt, neg in prompts]
         embeds = [self.cache.get(t) if self.cache else None for t in texts]
         if any(e is not None for e in embeds):
@@ -202,7 +204,8 @@ class PhasePipeline:
                       self.folder.root / "hunyuan_clip" / "tokenizer" / "vocab.txt",
                       self.folder.root / "hunyuan_clip" / "tokenizer" / "tokenizer_config.json"]
         files = self.folder.files("step_llm") + self.folder.files("hunyuan_clip") + tokenizers
-        return EmbeddingCache(model_identity(files) + f"-{self.profile.compute_dtype}", folder)
+        widths = tuple(self.folder.open("transformer").module.config.caption_channels)   # what the DiT reads
+        return EmbeddingCache(model_identity(files) + f"-{self.profile.compute_dtype}", folder, widths=widths)
 
     # ------------------------------------------------------------------ denoise
 

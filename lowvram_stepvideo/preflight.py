@@ -2,7 +2,6 @@
 run, a preset, the sampling settings and writable outputs, or a one-line `StepVideoError` naming the fix."""
 from __future__ import annotations
 
-import datetime
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -10,7 +9,7 @@ from . import demo
 from .errors import UsageError
 from .model_folder import ModelFolder, open_model_folder
 from .profiles import Preset, Profile, auto_profile, detect_vram_bytes, load_profile, with_overrides
-from .sampling import SEED_MAX, SEED_MIN, latent_shape
+from .sampling import latent_shape, sampling_problem
 from .video import output_path_error
 
 GiB = 2**30
@@ -21,6 +20,7 @@ RUN_OPTIONS = {"resume": False,          # True: continue from the checkpoint; "
                "checkpoint": None,       # the resume checkpoint (default: next to the output)
                "cache": True,            # use the text-embedding cache
                "cache_dir": None,        # its folder (default: embed_cache.default_cache_dir())
+               "overwrite": False,       # replace existing outputs (and an earlier run's checkpoint)
                "turbo": False}           # the turbo checkpoint's defaults whatever the folder
 
 
@@ -77,10 +77,11 @@ def check_numbers(spec: JobSpec) -> None:
         raise UsageError("--prompt is empty; describe the video to generate, e.g. --prompt \"a cat playing piano\"")
     if spec.steps is not None and spec.steps < 1:
         raise UsageError(f"--steps {spec.steps}: needs at least 1 denoising step (release 30-50, turbo 15)")
-    if spec.shift is not None and not spec.shift > 0:
-        raise UsageError(f"--shift {spec.shift}: must be positive (release 13, turbo 17)")
-    if isinstance(spec.seed, bool) or not isinstance(spec.seed, int) or not SEED_MIN <= spec.seed <= SEED_MAX:
-        raise UsageError(f"--seed {spec.seed}: must be an integer from -2^63 to 2^64-1")
+    if isinstance(spec.seed, bool) or not isinstance(spec.seed, int):
+        raise UsageError(f"--seed {spec.seed!r}: must be an integer")
+    problem = sampling_problem(spec.guidance_scale, spec.shift, spec.seed)
+    if problem:
+        raise UsageError(problem)
     every = run_options(spec)["checkpoint_every"]
     if every < 0:
         raise UsageError(f"--checkpoint-every {every}: must be >= 0 (0 = never)")
@@ -104,16 +105,6 @@ def preset_for(spec: JobSpec, profile: Profile, default_steps: int | None, log) 
         log(f"warning: {frames}x{height}x{width} rounded to {shape.num_frames}x{shape.height}x{shape.width} "
             "(frames come in 17-frame chunks, sizes in multiples of 16)")
     return Preset(shape.num_frames, shape.height, shape.width, spec.steps or default_steps or base.steps)
-
-
-def default_output(prompt: str) -> Path:
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path("results") / f"{slug(prompt) or 'video'}-{stamp}.mp4"
-
-
-def slug(text: str, limit: int = 50) -> str:
-    """A file-name-safe form of a prompt's start."""
-    return "".join(c if c.isalnum() or c in " -_" else "_" for c in text[:limit]).strip()
 
 
 def check_writable(path: Path) -> None:

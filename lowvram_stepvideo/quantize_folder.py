@@ -33,7 +33,7 @@ from typing import Callable, Iterator
 import torch
 
 from . import progress, quant
-from .checkpoint import SAFETENSORS_DTYPES, CheckpointError, SafetensorsFile, WeightSource, open_weights
+from .checkpoint import FLOAT_DTYPES, SAFETENSORS_DTYPES, CheckpointError, SafetensorsFile, WeightSource, open_weights
 from .errors import StepVideoError
 from .fsutil import atomic_path
 from .model_folder import TURBO_KEY, is_turbo
@@ -265,8 +265,16 @@ def _produce(shard: Shard, reader: TensorReader, tick: Callable[[int], None]) ->
         else:
             spans = [(t.source, b0, min(t.nbytes, b0 + COPY_BYTES)) for b0 in range(0, t.nbytes, COPY_BYTES)]
             for (_, b0, _), chunk in zip(spans, _read_ahead(reader.pool, spans, reader.raw)):
+                _check_finite(reader, t, chunk)
                 yield t.name, b0, chunk.numpy()
                 tick(chunk.numel())
+
+
+def _check_finite(reader: TensorReader, t: OutTensor, chunk: torch.Tensor) -> None:
+    """A float tensor copied unchanged must hold no NaN/inf either (quantized ones are checked by quantize_rows)."""
+    if t.dtype in FLOAT_DTYPES and not torch.isfinite(chunk.view(t.dtype)).all():
+        raise CheckpointError(f"{reader.source.label}: tensor {t.source} holds NaN or inf values; the checkpoint "
+                              "is corrupt, re-download it")
 
 
 def _read_ahead(pool: ThreadPoolExecutor, spans: list, read: Callable):
@@ -484,6 +492,8 @@ def quantize_folder(src: Path, dst: Path, fmt_name: str, components=DEFAULT_COMP
                     log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> Result:
     src, dst = Path(src), Path(dst)
     fmt = quant.get_format(fmt_name)
+    if not isinstance(shard_bytes, int) or shard_bytes < 2**20:
+        raise QuantizeError(f"shard size {shard_bytes} bytes: must be at least 1 MB (--shard-size-mb 1 or more)")
     components = _parse_components(components)
     check_request(src, dst, force)
     check_not_quantized(src)
@@ -497,7 +507,11 @@ def quantize_folder(src: Path, dst: Path, fmt_name: str, components=DEFAULT_COMP
     check_disk_space(dst, sum(s.nbytes for _, s in todo) + carry_bytes)
     prepare_partial(partial, bool(done), log)
     reused, start = sorted(done), time.perf_counter()
-    _write_all(partial, todo, done, fp, log)
+    try:
+        _write_all(partial, todo, done, fp, log)
+    except CheckpointError as e:   # bad source data: a rerun cannot reuse anything until the source changes
+        _remove(partial)
+        raise CheckpointError(f"{e} (removed {partial})") from None
     _write_indexes(partial, jobs)
     carry(src, partial, files)
     (partial / STATE_FILE).unlink()

@@ -37,7 +37,6 @@ def write_outputs(output: Path, frames, pipe, meta: dict, seconds: float, log) -
     if info.get("padded"):
         log("note: odd frame size padded by one pixel for H.264 (yuv420p needs even sizes)")
     meta = {**meta, "model_dir": str(pipe.folder.root), "weight_format": pipe.folder.weight_format,
-            "weights_id": pipe.folder.identity(),
             "frames": int(frames.shape[0]), "size": [int(frames.shape[1]), int(frames.shape[2])],
             "fps": info["fps"], "width": info["width"], "height": info["height"],   # of the mp4 as written
             "duration_s": round(info["frames"] / info["fps"], 3),
@@ -63,13 +62,13 @@ def _peak_host() -> int | None:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
-def finished_sidecar(output: Path, request: dict, weights_id: str) -> dict | None:
+def finished_sidecar(output: Path, request: dict) -> dict | None:
     """The sidecar of `output` when the video and its sidecar exist and were made for `request` (the resume
-    fingerprint of the request as asked) from weights with identity `weights_id`; None otherwise."""
+    fingerprint of the request as asked, which holds the identity of the weights); None otherwise."""
     try:
         meta = json.loads(sidecar_path(output).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     if not isinstance(meta, dict) or not Path(output).is_file():
         return None
-    return meta if meta.get("request") == request and meta.get("weights_id") == weights_id else None
+    return meta if meta.get("request") == request else None

@@ -27,15 +27,16 @@ from typing import Callable
 
 import torch
 
-from . import preflight, progress, results
-from .errors import StepVideoError
-from .fsutil import atomic_path
+from . import outputs, preflight, progress, results
+from .errors import StepVideoError, UsageError
 from .model_folder import ModelFolder
 from .pipeline import PhasePipeline
 from .preflight import JobSpec
 from .profiles import Preset, TextEncoders
-from .resume import checkpoint_path, load_checkpoint, save_checkpoint, saved_request
-from .sampling import flow_sigmas, initial_noise, latent_shape, sampling_defaults
+from .resume import (check_step_latents, checkpoint_path, load_checkpoint, save_checkpoint, saved_request,
+                     weights_identity)
+from .resume import save_latents as save_latents_file
+from .sampling import flow_sigmas, initial_noise, latent_shape, sampling_defaults, sampling_problem
 
 _OOM = torch.OutOfMemoryError
 GiB = 2**30
@@ -67,10 +68,10 @@ class Request:
     seed: int
 
     def fingerprint(self, model_dir: Path, compute_dtype: str) -> dict:
-        """What a resume checkpoint must match."""
-        return {"model": str(model_dir), "prompt": self.prompt, "negative_prompt": self.negative_prompt,
-                "preset": str(self.preset), "steps": self.preset.steps, "guidance_scale": self.guidance_scale, "shift": self.shift,
-                "seed": self.seed, "compute_dtype": compute_dtype}
+        """What a resume checkpoint must match: the whole request and the identity of the weights."""
+        return {"weights": weights_identity(model_dir), "prompt": self.prompt, "negative_prompt": self.negative_prompt,
+                "preset": str(self.preset), "steps": self.preset.steps, "guidance_scale": self.guidance_scale,
+                "shift": self.shift, "seed": self.seed, "compute_dtype": compute_dtype}
 
 
 def ladder_from(presets: tuple[Preset, ...], first: Preset) -> list[Preset]:
@@ -117,14 +118,18 @@ def fit_to_card(pipe: PhasePipeline, ladder: list[Preset], vram_bytes: int | Non
 
 def check_resumable(pipe: PhasePipeline, request: Request, ladder: list[Preset], ckpt: Path) -> None:
     """A missing or mismatched checkpoint is refused before any heavy work."""
-    load_checkpoint(ckpt, dataclasses.replace(request, preset=ladder[0]).fingerprint(
-        pipe.folder.root, pipe.profile.compute_dtype))
+    first = dataclasses.replace(request, preset=ladder[0])
+    load_checkpoint(ckpt, first.fingerprint(pipe.folder.root, pipe.profile.compute_dtype),
+                    _shape(pipe, first.preset), first.preset.steps)
 
 
 def denoise_with_fallback(pipe: PhasePipeline, request: Request, ladder: list[Preset], ckpt: Path | None,
                           resume: bool, every: int, embeds=None,
                           should_stop: Callable[[], bool] | None = None) -> tuple[torch.Tensor, Preset]:
     """Final latents and the preset that produced them; the prompt is encoded here unless `embeds` are given."""
+    problem = sampling_problem(request.guidance_scale, request.shift, request.seed)
+    if problem:
+        raise ValueError(problem)
     if resume and ckpt is not None:
         check_resumable(pipe, request, ladder, ckpt)
     if embeds is None:
@@ -146,20 +151,21 @@ def denoise(pipe: PhasePipeline, req: Request, embeds, ckpt: Path | None, resume
             every: int, should_stop: Callable[[], bool] | None = None) -> torch.Tensor:
     """Latents after the request's steps; a stop request after a step (or Ctrl-C) saves them to `ckpt` and raises
     Interrupted."""
-    shape = latent_shape(req.preset.frames, req.preset.height, req.preset.width, channels=pipe.latent_channels())
+    shape = _shape(pipe, req.preset)
     fingerprint = req.fingerprint(pipe.folder.root, pipe.profile.compute_dtype)
-    latents, start = initial_noise(shape.shape, req.seed), 0
+    latents, start = initial_noise(shape, req.seed), 0
     if resume and ckpt is not None:
-        latents, start = load_checkpoint(ckpt, fingerprint)
+        latents, start = load_checkpoint(ckpt, fingerprint, shape, req.preset.steps)
         pipe.log(f"resuming at step {start} of {req.preset.steps} from {ckpt}")
         if start >= req.preset.steps:
             return latents   # denoising had finished (the decode failed): nothing to load the DiT for
     state = {"step": start, "latents": latents}
 
     def on_step(done: int, current: torch.Tensor) -> None:
+        check_step_latents(current, done, req.preset.steps, ckpt)   # before anything is saved from them
         state.update(step=done, latents=current)
         if ckpt is not None and every and (done % every == 0 or done == req.preset.steps):
-            save_checkpoint(ckpt, current, done, fingerprint)
+            _save(pipe, ckpt, current, done, fingerprint)
         if should_stop and should_stop() and done < req.preset.steps and ckpt is not None:
             raise _StopRequested   # saved and turned into Interrupted below, like Ctrl-C
 
@@ -170,8 +176,24 @@ def denoise(pipe: PhasePipeline, req: Request, embeds, ckpt: Path | None, resume
     except (KeyboardInterrupt, _StopRequested):
         if ckpt is None:
             raise
-        save_checkpoint(ckpt, state["latents"], state["step"], fingerprint)
+        if not _save(pipe, ckpt, state["latents"], state["step"], fingerprint):
+            raise KeyboardInterrupt from None   # nothing new saved: stopped like a plain Ctrl-C
         raise Interrupted(ckpt, state["step"]) from None
+
+
+def _shape(pipe: PhasePipeline, preset: Preset) -> tuple[int, ...]:
+    return latent_shape(preset.frames, preset.height, preset.width, channels=pipe.latent_channels()).shape
+
+
+def _save(pipe: PhasePipeline, ckpt: Path, latents: torch.Tensor, step: int, fingerprint: dict) -> bool:
+    """Save a checkpoint; a failed write (disk full) keeps the previous one and the run goes on."""
+    try:
+        save_checkpoint(ckpt, latents, step, fingerprint)
+        return True
+    except OSError as e:
+        kept = f"the previous checkpoint in {ckpt} is kept" if ckpt.is_file() else "no checkpoint is kept"
+        pipe.log(f"warning: could not save the checkpoint after step {step} ({e.strerror or e}); {kept}")
+        return False
 
 
 def encode_with_fallback(pipe: PhasePipeline, req: Request):
@@ -271,8 +293,26 @@ def run_job(spec: JobSpec, events: Events | None = None) -> JobResult:
 
 def prepare_job(spec: JobSpec, log: Callable[[str], None], folder: ModelFolder | None = None,
                 writes_video: bool = True) -> PreparedJob:
-    """Pre-flight: folder (unless already opened), profile and device, sizes and numbers, outputs; nothing heavy
-    is loaded."""
+    """Pre-flight: the request (see prepare_request), then the files it writes, planned by outputs.py (an existing
+    file is kept unless overwrite; a checkpoint left by an earlier run needs resume or overwrite). Without
+    writes_video only the checkpoint option is a file. Nothing heavy is loaded."""
+    job = prepare_request(spec, log, folder)
+    options = job.options
+    if not writes_video:
+        job.checkpoint = Path(options["checkpoint"]) if options["checkpoint"] else None
+        if job.checkpoint:
+            preflight.check_writable(job.checkpoint)
+        return job
+    earlier = checkpoint_path(spec.output) if spec.output else None
+    planned = outputs.plan_outputs(spec.output, prompt=spec.prompt, save_latents=options["save_latents"],
+                                   inputs=[job.pipe.profile.path], model_root=job.pipe.folder.root,
+                                   overwrite=options["overwrite"], resume=wants_resume(options, earlier))
+    job.output, job.checkpoint = planned.output, planned.checkpoint
+    return job
+
+
+def prepare_request(spec: JobSpec, log: Callable[[str], None], folder: ModelFolder | None = None) -> PreparedJob:
+    """Folder (unless already opened), profile and device, sizes and numbers; no output paths yet."""
     folder = folder or preflight.model_folder(spec)
     profile = preflight.profile_for(spec)
     note_weight_format(folder, profile, log)
@@ -284,13 +324,12 @@ def prepare_job(spec: JobSpec, log: Callable[[str], None], folder: ModelFolder |
     request = Request(spec.prompt, spec.negative_prompt, preset,
                       defaults["guidance_scale"] if spec.guidance_scale is None else spec.guidance_scale,
                       defaults["shift"] if spec.shift is None else spec.shift, spec.seed)
-    output = (Path(spec.output) if spec.output else preflight.default_output(spec.prompt)) if writes_video else None
-    checkpoint = options["checkpoint"] or (checkpoint_path(output) if output else None)
-    for path in (output, options["save_latents"], checkpoint):
-        if path:
-            preflight.check_writable(Path(path))   # before the denoising, not after it
-    return PreparedJob(spec, PhasePipeline(folder, profile, log=log), request, output,
-                       Path(checkpoint) if checkpoint else None, options, turbo)
+    return PreparedJob(spec, PhasePipeline(folder, profile, log=log), request, None, None, options, turbo)
+
+
+def wants_resume(options: dict, ckpt: Path | None) -> bool:
+    """resume True, or "auto" and a checkpoint is there."""
+    return options["resume"] is True or (options["resume"] == "auto" and ckpt is not None and ckpt.is_file())
 
 
 def note_weight_format(folder, profile, log) -> None:
@@ -303,11 +342,13 @@ def note_weight_format(folder, profile, log) -> None:
 def execute(job: PreparedJob, events: Events) -> JobResult:
     start = time.perf_counter()
     latents, used = denoise_job(job, events)
+    request = dataclasses.replace(job.request, preset=used)
     try:
+        if job.options["save_latents"]:
+            save_latents(Path(job.options["save_latents"]), latents, request, job.pipe)
         events.phase("decode")
         frames = decode_frames(job.pipe, latents)
         events.phase("write")
-        request = dataclasses.replace(job.request, preset=used)
         results.write_outputs(job.output, frames, job.pipe, results.job_metadata(job, request),
                               time.perf_counter() - start, events.log)
     except BaseException:
@@ -324,7 +365,7 @@ def denoise_job(job: PreparedJob, events: Events) -> tuple[torch.Tensor, Preset]
     """Plan, text phase, denoising (with checkpoints, OOM step-down and stop requests): final latents and the
     preset that made them."""
     pipe, options, ckpt = job.pipe, job.options, job.checkpoint
-    resume = ckpt is not None and (options["resume"] is True or (options["resume"] == "auto" and ckpt.is_file()))
+    resume = ckpt is not None and wants_resume(options, ckpt)
     if options["cache"]:
         pipe.cache = pipe.embedding_cache(options["cache_dir"])
     events.phase("plan")
@@ -336,8 +377,6 @@ def denoise_job(job: PreparedJob, events: Events) -> tuple[torch.Tensor, Preset]
     events.phase("denoise")
     latents, used = denoise_with_fallback(pipe, job.request, ladder, ckpt, resume, options["checkpoint_every"],
                                           embeds, events.should_stop)
-    if options["save_latents"]:
-        save_latents(Path(options["save_latents"]), latents)
     return latents, used
 
 
@@ -357,8 +396,9 @@ def decode_frames(pipe: PhasePipeline, latents: torch.Tensor):
         return postprocess(pipe.decode(latents))
 
 
-def save_latents(path: Path, latents: torch.Tensor) -> None:
-    from safetensors.torch import save_file
-    preflight.check_writable(path)
-    with atomic_path(path, ".safetensors") as tmp:
-        save_file({"latents": latents.contiguous()}, str(tmp))
+def save_latents(path: Path, latents: torch.Tensor, request: Request, pipe: PhasePipeline) -> None:
+    """--save-latents: the final latents with the request and weights they came from (for --decode-latents)."""
+    try:
+        save_latents_file(path, latents, request.fingerprint(pipe.folder.root, pipe.profile.compute_dtype))
+    except OSError as e:
+        raise UsageError(f"could not write --save-latents {path} ({e.strerror or e})") from None
