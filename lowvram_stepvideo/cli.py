@@ -41,6 +41,8 @@ examples:
       continue a run that was interrupted (Ctrl-C, crash), from the checkpoint saved next to fox.mp4
   %(prog)s --list-profiles
       the memory tiers and their preset ladders
+  %(prog)s --web --demo
+      the local web page on http://127.0.0.1:7860/ (pip install -e ".[web]"): queue, progress, cancel, videos
 
 presets:
   Each profile has a ladder of presets written FRAMESxHEIGHTxWIDTH@STEPS: 204x544x992@50 is 204 frames
@@ -127,6 +129,13 @@ def build_parser(prog: str = "generate.py") -> argparse.ArgumentParser:
     p.add_argument("--vae-tile", type=int,
                    help="VAE decode tile in latent pixels (x16 image pixels) instead of the profile's; 0 = untiled")
     p.add_argument("--list-profiles", action="store_true", help="list the profiles with their presets and exit")
+    p.add_argument("--web", action="store_true",
+                   help="serve the local web page instead of making one video (needs the web extra: pip install "
+                        "-e \".[web]\"); its model list is --model-dir, --demo and the folders of "
+                        "~/.config/lowvram-stepvideo/web.toml")
+    p.add_argument("--port", type=int, help="with --web: the port (default 7860)")
+    p.add_argument("--listen", action="store_true",
+                   help="with --web: serve on every network interface instead of 127.0.0.1 (no password!)")
     return p
 
 
@@ -160,6 +169,14 @@ def run(args) -> int:
     if args.list_profiles:
         _list_profiles()
         return exit_codes.OK
+    if args.port is not None and not 0 < args.port < 65536:
+        raise UsageError(f"--port {args.port}: must be 1-65535 (default 7860)")
+    if args.web:
+        _check_web_flags(args)
+        from .web import serve
+        return serve(args.model_dir, args.demo, args.profile, args.port, args.listen)
+    if args.port is not None or args.listen:
+        raise UsageError("--port and --listen go with --web (python generate.py --web --demo --port 8080)")
     _check_dry_run_flags(args)
     if args.dry_run and args.decode_latents:
         raise UsageError("--dry-run plans a generation; --decode-latents only runs the VAE (nothing to plan): "
@@ -193,6 +210,18 @@ def _batch(args, spec: JobSpec) -> int:
     out_dir = args.output_dir or Path("results") / args.prompts_file.stem
     report = batch.run_batch(items, spec, out_dir, _say)
     return exit_codes.OK if report.ok else exit_codes.BATCH_INCOMPLETE
+
+
+WEB_FLAGS = {"web", "model_dir", "demo", "profile", "port", "listen"}
+
+
+def _check_web_flags(args) -> None:
+    """--web takes its settings from the page: a flag for one video given with it would be silently ignored."""
+    defaults = vars(build_parser().parse_args([]))
+    extra = [k for k, v in vars(args).items() if k not in WEB_FLAGS and v != defaults[k]]
+    if extra:
+        raise UsageError(f"--{extra[0].replace('_', '-')} does not go with --web (set it in the page); --web takes "
+                         "--model-dir, --demo, --profile, --port and --listen")
 
 
 def job_spec(args) -> JobSpec:
