@@ -300,3 +300,11 @@ def test_decode_bar_knows_its_total_from_the_start_and_across_a_fallback(capsys)
     assert seen[-1] == (1 + 2 * 4, 1 + 2 * 4)          # chunk 0 whole, chunks 1-2 in 2 x 2 tiles
     assert all(done <= total for done, total in seen)
     assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+
+
+@pytest.mark.parametrize("size", [(34, 62), (48, 48)], ids=["544x992", "768x768"])
+def test_every_profile_tiles_within_1_4x_the_untiled_work(size):
+    from lowvram_stepvideo.profiles import list_profiles, load_profile
+    for name in list_profiles():
+        vae = load_profile(name).vae
+        assert tile_overhead(size, vae.tile or max(size), vae.overlap) <= 1.4, name
