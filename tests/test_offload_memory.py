@@ -123,3 +123,61 @@ def test_failed_page_locking_falls_back_with_one_warning(toy_dir, fake_cuda, mon
     engine.detach()
     with torch.inference_mode():
         assert torch.equal(model(x), plain)
+
+
+# ---------------------------------------------------------------- no host RAM spike at detach
+
+# Peak RSS across one detach: reset the high-water mark (5 > clear_refs) just before it, read VmHWM after.
+DETACH_SCRIPT = """
+import json, sys, torch
+sys.path.insert(0, {tests!r})
+from test_offload import load_toy
+from lowvram_stepvideo.offload import attach_streaming, offload_component
+
+def status_bytes(key):
+    return int(open("/proc/self/status").read().split(key + ":")[1].split()[0]) * 1024
+
+def reset_peak():
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return status_bytes("VmRSS")
+
+def across_detach(dtype, discard):
+    model = load_toy({folder!r}, {dim}, {n}, dtype)
+    before_attach = reset_peak()
+    attach_streaming(model, "cpu", prefetch=1, source="ram", pin_budget_bytes=2**40, arena_bytes={arena})
+    with torch.inference_mode():
+        model(torch.randn(1, 4, {dim}, dtype=dtype))
+    attached = status_bytes("VmRSS") - before_attach
+    before = reset_peak()
+    offload_component(model, discard=discard)
+    spike = status_bytes("VmHWM") - before
+    with torch.inference_mode():
+        ok = discard or bool(torch.isfinite(model(torch.randn(1, 4, {dim}, dtype=dtype))).all())
+    return {{"attached": attached, "spike": spike, "ok": ok}}
+
+out = {{"discard": across_detach(torch.float32, True),      # file float32, run float32: mapped originals
+       "keep_mapped": across_detach(torch.float32, False),
+       "keep_cast": across_detach(torch.bfloat16, False)}}   # file float32, run bf16: originals were copies
+print(json.dumps(out))
+"""
+
+
+def test_detach_has_no_host_ram_spike(tmp_path):
+    """Packed arenas of a 200 MB stack: giving the weights back (or dropping them) must not hold the stack twice
+    (the old detach rebuilt a copy of every packed block while the arenas were still allocated)."""
+    dim, n, arena = 512, 48, 32 * 2**20
+    folder = write_toy(tmp_path / "big", dim, n, dtype=torch.float32, random=False)
+    size = (folder / "model.safetensors").stat().st_size
+    code = DETACH_SCRIPT.format(tests=str(Path(__file__).parent), folder=str(folder), dim=dim, n=n, arena=arena)
+    # a fixed mmap threshold: freed buffers go back to the OS at once, as the 256 MiB arenas of a real run do
+    env = dict(os.environ, OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="65536")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.splitlines()[-1])
+    print({"stack_bytes": size, **result})
+    assert result["discard"]["attached"] > 0.8 * size             # the measure sees the packed images
+    assert result["discard"]["spike"] < 0.05 * size
+    assert result["keep_mapped"]["spike"] < 0.05 * size and result["keep_mapped"]["ok"]
+    block = size // n                                            # the cast copies are rebuilt as arenas go
+    assert result["keep_cast"]["spike"] < arena + 2 * block and result["keep_cast"]["ok"]
