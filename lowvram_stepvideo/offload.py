@@ -9,15 +9,16 @@ A slot keeps its block until the slot is needed for another one, so a block stil
 (short stacks, `cyclic` prefetch) is not copied again.
 
 With source="ram", streamed blocks live in packed host images (page-locked when CUDA exists) up to
-`pin_budget_bytes`, clamped to the RAM the machine has available (`clamp_packed_budget`); beyond it they stay in
-their original (memory-mapped) tensors, i.e. pageable RAM. With source="disk" nothing is packed: every block is read
-from the checkpoint files. Unpacked blocks go through a worker thread and, on CUDA, a small pinned staging ring, so
-reading overlaps compute. If page-locking fails, the engine logs one warning and carries on with what it got (fewer
-packed blocks, pageable staging). On a CPU device the same engine runs with plain buffers and no streams, so its
-logic is tested everywhere.
+`pin_budget_bytes`, clamped to the RAM the machine has available (`clamp_packed_budget`); the others are "pageable":
+read at each forward from the checkpoint's page cache with positioned reads (or from the module's tensors where the
+file does not hold them as they run). With source="disk" nothing is packed: every block is read from the checkpoint
+files. Unpacked blocks go through a worker thread and, on CUDA, a small pinned staging ring, so reading overlaps
+compute. If page-locking fails, the engine logs one warning and carries on with what it got (fewer packed blocks,
+pageable staging). On a CPU device the same engine runs with plain buffers and no streams, so its logic is tested
+everywhere.
 
 Host and device bytes an engine holds are `streaming_footprint(...)` of its settings; a live engine reports its
-actual allocations with `footprint()`, and the two agree (tests/test_offload.py). `detach(discard=True)` frees
+actual allocations with `footprint()`, and the two agree (tests/test_offload_memory.py). `detach(discard=True)` frees
 everything and leaves the blocks empty (for a model about to be thrown away); `detach()` gives the blocks their
 original tensors back (memory-mapped views where they were loaded as such), never a second copy next to the arenas.
 """
@@ -34,8 +35,8 @@ import torch
 from torch import nn
 
 from . import offload_store
-from .offload_store import (BlockLayout, HostArenas, RamSegment, as_bytes, available_ram_bytes, block_tensors,
-                            disk_segments, fill_range, physical_ram_bytes)
+from .offload_store import (BlockLayout, CastSegment, HostArenas, RamSegment, as_bytes, available_ram_bytes,
+                            block_tensors, disk_segments, fill_range, physical_ram_bytes)
 
 log = logging.getLogger(__name__)
 GiB = 2**30
@@ -298,20 +299,28 @@ class BlockStreamer:
             self._warned = True
 
     def _source_segments(self, i: int) -> list:
+        """Where an unpacked block is read from at each forward: its checkpoint file (source "disk"; for "ram" too
+        when the file holds the block as it runs, so no cast is repeated), else the module's tensors."""
         if self.source == "disk":
             return disk_segments(self.layout, self._tensors[i], self.weight_refs, f"{self.prefix}{i}.", self._fds)
-        return [RamSegment(t.data) for t in self._tensors[i]]
+        segments = self._file_segments(i)
+        if segments is None or any(isinstance(seg, CastSegment) for seg in segments):
+            return [RamSegment(t.data) for t in self._tensors[i]]
+        return segments
 
     def _packing_segments(self, i: int) -> list:
-        """Where a packed image is filled from: the checkpoint file with positioned reads when the block's weights
-        are there as loaded (reading through the memory map would also leave the file's pages resident in this
-        process: the block twice in its RSS), else the module's tensors."""
-        if self.weight_refs is not None:
-            try:
-                return disk_segments(self.layout, self._tensors[i], self.weight_refs, f"{self.prefix}{i}.", self._fds)
-            except ValueError:        # the module changed after loading (e.g. quantized in memory)
-                pass
-        return [RamSegment(t.data) for t in self._tensors[i]]
+        return self._file_segments(i) or [RamSegment(t.data) for t in self._tensors[i]]
+
+    def _file_segments(self, i: int) -> list | None:
+        """Block i read from the checkpoint with positioned reads, if its weights are there as loaded. Reading
+        through the memory map instead would leave the file's pages mapped into this process: the block counted
+        again in its RSS, on top of the packed image or slot it was copied into."""
+        if self.weight_refs is None:
+            return None
+        try:
+            return disk_segments(self.layout, self._tensors[i], self.weight_refs, f"{self.prefix}{i}.", self._fds)
+        except ValueError:        # the module changed after loading (e.g. quantized in memory)
+            return None
 
     def _update_source_stats(self, pin: bool) -> None:
         kinds = list(self._kind.values())
