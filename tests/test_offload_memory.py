@@ -125,6 +125,38 @@ def test_failed_page_locking_falls_back_with_one_warning(toy_dir, fake_cuda, mon
         assert torch.equal(model(x), plain)
 
 
+# ---------------------------------------------------------------- what detach gives back
+
+@pytest.mark.parametrize("source,budget_blocks", [("ram", 100), ("ram", 2.5), ("disk", 0)])
+@pytest.mark.parametrize("cuda", [False, True], ids=["cpu", "fake-cuda"])
+def test_kept_model_gets_its_mapped_tensors_back(toy_dir, fake_cuda, source, budget_blocks, cuda):
+    """Loaded in the file's dtype, every weight is a view of the memory map; after a keep-detach each block tensor
+    is that very view again (same storage pointer), resident, packed, pageable or disk alike: no copies."""
+    model = load_toy(toy_dir, DIM, N, torch.bfloat16)
+    before = {k: v.data_ptr() for k, v in model.state_dict().items()}
+    block = BlockLayout(model.transformer_blocks[0]).nbytes
+    engine = BlockStreamer(model.transformer_blocks, "cpu", resident=2, prefetch=1, source=source,
+                           pin_budget_bytes=int(budget_blocks * block), weight_refs=model.weight_refs,
+                           prefix="transformer_blocks.")
+    engine.cuda = cuda
+    engine.attach()
+    with torch.inference_mode():
+        model(torch.randn(2, DIM, dtype=torch.bfloat16))
+    engine.detach()
+    assert {k: v.data_ptr() for k, v in model.state_dict().items()} == before
+
+
+def test_discard_leaves_the_model_empty(toy_dir):
+    model = load_toy(toy_dir, DIM, N, torch.bfloat16)
+    engine = attach_streaming(model, "cpu", resident=2, prefetch=1, pin_budget_bytes=2**30)
+    with torch.inference_mode():
+        model(torch.randn(2, DIM, dtype=torch.bfloat16))
+    offload_component(model, discard=True)
+    assert all(t.numel() == 0 and t.device.type == "cpu" for t in model.state_dict().values())
+    assert engine._arenas is None and engine._slots == [] and engine.footprint() == Footprint(0, 0)
+    assert not any(b._forward_pre_hooks or b._forward_hooks for b in model.modules())
+
+
 # ---------------------------------------------------------------- no host RAM spike at detach
 
 # Peak RSS across one detach: reset the high-water mark (5 > clear_refs) just before it, read VmHWM after.
