@@ -343,8 +343,8 @@ class BlockStreamer:
         self._windows = [self._window(i) for i in range(len(self.blocks))]
         self.stats.slots, self.stats.slot_bytes = count, self.layout.nbytes
         staged = any(kind != "packed" for kind in self._kind.values())
-        self._worker = ThreadPoolExecutor(1, "block-stream") if staged and (self.cuda or self.source == "disk") \
-            else None
+        reads_files = any(not isinstance(seg, RamSegment) for segs in self._segments.values() for seg in segs)
+        self._worker = ThreadPoolExecutor(1, "block-stream") if staged and (self.cuda or reads_files) else None
         self._copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
         size = min(self.staging_bytes, self.layout.nbytes)
         self._staging = [(self._staging_buffer(size), torch.cuda.Event())
