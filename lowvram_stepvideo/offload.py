@@ -519,7 +519,7 @@ class BlockStreamer:
         return (f"block streaming to {self.device}: {len(self.blocks)} blocks, {s.resident_blocks} resident, "
                 f"{streamed} streamed ({s.packed_blocks} packed in {where}, {s.pageable_blocks} pageable, "
                 f"{s.disk_blocks} from disk), prefetch {self.prefetch}, {s.slots} slots x {_size(s.slot_bytes)}; "
-                f"packed {_size(s.packed_bytes)} of {_size(s.pin_budget_bytes)} pin budget")
+                f"packed {_size(s.packed_bytes)} of {_size(s.pin_budget_bytes)} budget")
 
 
 def _size(n: int) -> str:
