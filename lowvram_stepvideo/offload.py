@@ -287,10 +287,9 @@ class BlockStreamer:
             return blocks
         except RuntimeError as e:     # RLIMIT_MEMLOCK, a full RAM, or a driver that cannot pin more
             got = self._arenas.keep_whole_blocks(blocks)
-            rest = "pageable RAM" if self.source == "ram" else "disk"
             self._warn(f"could not {'page-lock' if self.cuda else 'allocate'} {_size(self._arenas.cost(blocks))} "
                        f"of host RAM for packed blocks ({_first_line(e)}); {got} of {blocks} blocks packed, the "
-                       f"others are read from {rest} (slower copies)")
+                       "others are read from the checkpoint or pageable RAM at each forward (slower copies)")
             return got
 
     def _warn(self, message: str) -> None:
