@@ -195,6 +195,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_detach_has_no_host_ram_spike(tmp_path):
     """Packed arenas of a 200 MB stack: giving the weights back (or dropping them) must not hold the stack twice
     (the old detach rebuilt a copy of every packed block while the arenas were still allocated)."""

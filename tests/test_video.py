@@ -272,6 +272,7 @@ print(json.dumps({{"postprocess": post, "ffmpeg": ffmpeg}}))
 """
 
 
+@pytest.mark.slow
 def test_host_ram_estimates_cover_postprocess_and_writer(tmp_path):
     """The decoded-video and mp4-writer estimates a memory plan uses, against this machine: postprocess's peak RSS
     (plus the decoded video it starts from) and ffmpeg's peak RSS, in a fresh process."""
