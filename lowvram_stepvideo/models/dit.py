@@ -292,6 +292,12 @@ class StepVideoTransformerBlock(nn.Module):
         return h
 
 
+# Modules whose linears are called once per token run (attention output projections in the attention modules, the
+# FFN per run of the block): an engine may keep a quantized linear's expanded weight for the duration of one call
+# of the innermost of these that holds it (quant.keep_expanded_weights).
+TOKEN_RUN_SCOPES = (SelfAttention, CrossAttention, StepVideoTransformerBlock)
+
+
 # ---------------------------------------------------------------- embeddings
 
 class PatchEmbed(nn.Module):
