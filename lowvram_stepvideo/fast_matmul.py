@@ -31,37 +31,50 @@ MIN_ROWS = 17          # torch._int_mm on CUDA takes more than 16 rows
 WIDTH_MULTIPLE = 16    # _scaled_mm wants K and N multiples of 16 (_int_mm: 8)
 
 
+FAST_ROWS = 4096       # tokens per kernel call: bounds the int32/float32 (rows, N) temporaries
+
+
 def int8_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
     """x (..., K) float, codes (N, K) int8, scale (N,) float32 -> (..., N) in x.dtype."""
-    rows = x.reshape(-1, x.shape[-1])
-    sx = _row_scale(rows, 127.0)
-    xq = (rows.float() / sx).round_().clamp_(-127, 127).to(torch.int8)
-    acc = torch._int_mm(xq, codes.t())                       # (M, N) int32, exact
-    del xq
-    y = torch.mul(acc, sx).mul_(scale)                          # float32
-    del acc
-    return _finish(y.to(x.dtype), bias, x)
+    def piece(rows: torch.Tensor, out: torch.Tensor) -> None:
+        sx = _row_scale(rows, 127.0)
+        xq = (rows.float() / sx).round_().clamp_(-127, 127).to(torch.int8)
+        acc = torch._int_mm(xq, codes.t())                    # (m, N) int32, exact
+        del xq
+        out.copy_(torch.mul(acc, sx).mul_(scale))             # float32 epilogue, rounded once into out
+    return _by_pieces(piece, x, codes.shape[0], bias)
 
 
 def fp8_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
     """x (..., K) float, codes (N, K) e4m3, scale (N,) float32 -> (..., N) in x.dtype."""
+    scale_b = scale[None, :].float()
+
+    def piece(rows: torch.Tensor, out: torch.Tensor) -> None:
+        sx = _row_scale(rows, 448.0)
+        xq = (rows.float() / sx).clamp_(-448.0, 448.0).to(torch.float8_e4m3fn)
+        out.copy_(torch._scaled_mm(xq, codes.t(), scale_a=sx, scale_b=scale_b, out_dtype=out.dtype))
+    return _by_pieces(piece, x, codes.shape[0], bias)
+
+
+def _by_pieces(piece, x: torch.Tensor, n: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """Run piece(rows (m, K), out (m, N)) over runs of FAST_ROWS rows of x; the last run takes a short remainder
+    (every run keeps at least MIN_ROWS rows). Returns (..., N) in x.dtype."""
     rows = x.reshape(-1, x.shape[-1])
-    sx = _row_scale(rows, 448.0)
-    xq = (rows.float() / sx).clamp_(-448.0, 448.0).to(torch.float8_e4m3fn)
-    y = torch._scaled_mm(xq, codes.t(), scale_a=sx, scale_b=scale[None, :].float(), out_dtype=x.dtype)
-    return _finish(y, bias, x)
+    out = torch.empty((rows.shape[0], n), dtype=x.dtype, device=x.device)
+    starts = list(range(0, rows.shape[0], FAST_ROWS))
+    if len(starts) > 1 and rows.shape[0] - starts[-1] < MIN_ROWS:
+        starts.pop()
+    for a, b in zip(starts, starts[1:] + [rows.shape[0]]):
+        piece(rows[a:b], out[a:b])
+    if bias is not None:
+        out.add_(bias)
+    return out.view(*x.shape[:-1], n)
 
 
 def _row_scale(rows: torch.Tensor, qmax: float) -> torch.Tensor:
     """(M, K) -> (M, 1) float32 scale per row; an all-zero row gets 1 (codes 0, no NaN)."""
     amax = torch.maximum(rows.amax(dim=1, keepdim=True), -rows.amin(dim=1, keepdim=True)).float()
     return torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
-
-
-def _finish(y: torch.Tensor, bias, x: torch.Tensor) -> torch.Tensor:
-    if bias is not None:
-        y = y.add_(bias)
-    return y.view(*x.shape[:-1], y.shape[-1])
 
 
 KERNELS: dict[str, Callable] = {"int8": int8_linear, "fp8": fp8_linear}
