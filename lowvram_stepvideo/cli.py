@@ -24,6 +24,7 @@ from .resume import ResumeError, checkpoint_path
 from .runner import (Interrupted, OutOfMemory, Request, denoise_with_fallback, fit_to_card, ladder_from,
                      resume_ladder)
 from .sampling import SEED_MAX, SEED_MIN, latent_shape
+from .speed import SpeedOptions
 from .tiling import TileOOMError
 from .video import VideoError, output_path_error, sidecar_path
 
@@ -106,6 +107,15 @@ def build_parser(prog: str = "generate.py") -> argparse.ArgumentParser:
     p.add_argument("--attention", choices=["sdpa", "flash", "sage", "auto"],
                    help="attention backend instead of the profile's: sdpa (PyTorch), flash (flash-attn), sage "
                         "(SageAttention), auto (the fastest installed)")
+    p.add_argument("--matmul", choices=["weight-only", "fast"],
+                   help="matmuls of int8/fp8 folders instead of the profile's: weight-only (exact: weights expanded "
+                        "to bf16) or fast (int8 x int8 / fp8 x fp8 tensor-core matmuls on cards that have them; "
+                        "also rounds the activations)")
+    p.add_argument("--cache", type=float, metavar="THRESHOLD",
+                   help="first-block step cache (default off): skip the other DiT blocks while the first block's "
+                        "output changes by less than THRESHOLD (e.g. 0.1); faster, slightly different video")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the DiT blocks (the first step compiles; needs Triton on CUDA)")
     p.add_argument("--resident-blocks", type=int,
                    help="DiT blocks kept on the GPU instead of the profile's (the rest are streamed)")
     p.add_argument("--vae-tile", type=int,
@@ -168,7 +178,7 @@ def run(args) -> int:
     if turbo:
         profile = with_overrides(profile, presets=[replace(p, steps=TURBO_DEFAULTS["steps"]) for p in profile.presets])
     preset = _preset(args, profile, turbo)
-    pipe = StepVideoPipeline(folder, profile, log=_say)
+    pipe = StepVideoPipeline(folder, profile, log=_say, options=_speed_options(args))
     if args.dry_run:
         return _dry_run(args, pipe, preset)
     output = _output_path(args)
@@ -199,8 +209,15 @@ def _profile(args):
     if profile.device == "cuda" and vram is None and not args.dry_run:
         raise UsageError(f"profile {profile.name!r} needs a CUDA GPU and none was found; use --profile cpu "
                          "(slow) or --dry-run to see its memory plan")
-    overrides = {"attention": args.attention, "dit_resident_blocks": args.resident_blocks, "vae_tile": args.vae_tile}
+    overrides = {"attention": args.attention, "matmul": args.matmul, "dit_resident_blocks": args.resident_blocks, "vae_tile": args.vae_tile}
     return with_overrides(profile, **overrides)
+
+
+def _speed_options(args) -> SpeedOptions:
+    try:
+        return SpeedOptions(cache=args.cache or 0.0, compile=args.compile)
+    except ValueError as e:
+        raise UsageError(f"--cache: {e}") from None
 
 
 def _check_numbers(args) -> None:
@@ -352,7 +369,8 @@ def _write_outputs(output: Path, frames, args, pipe, request, preset, seconds: f
             "frames": int(frames.shape[0]), "size": [int(frames.shape[1]), int(frames.shape[2])],
             "fps": info["fps"], "width": info["width"], "height": info["height"],   # of the mp4 as written
             "duration_s": round(info["frames"] / info["fps"], 3),
-            "profile": describe(pipe.profile), "timings_s": {k: round(v, 2) for k, v in pipe.timings.items()},
+            "profile": describe(pipe.profile), "speed": pipe.speed,
+            "timings_s": {k: round(v, 2) for k, v in pipe.timings.items()},
             "total_s": round(seconds, 2), "peak_vram_bytes": _peak_vram(pipe.device),
             "peak_host_bytes": _peak_host(), "turbo": bool(args.turbo or pipe.folder.turbo),
             "arguments": {k: v if v is None or isinstance(v, (bool, int, float)) else str(v)
