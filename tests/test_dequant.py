@@ -8,6 +8,8 @@ from lowvram_stepvideo import quant
 from lowvram_stepvideo.config import DiTConfig
 from lowvram_stepvideo.models.dit import TOKEN_RUN_SCOPES, StepVideoModel, set_attention_head_chunk, set_token_chunk
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def _ulp(ref: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Spacing of `dtype` numbers around each value of the float64 tensor `ref`."""

@@ -10,6 +10,8 @@ from lowvram_stepvideo import quant
 from lowvram_stepvideo.loaders import load_dit
 from lowvram_stepvideo.profiles import load_profile, with_overrides
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 # relative Frobenius error of the activation rounding on Gaussian data (int8: ~0.6%, e4m3: ~2%), with headroom
 ACTIVATION_ERROR = {"int8": 0.012, "fp8": 0.04}
 
