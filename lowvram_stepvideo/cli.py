@@ -276,7 +276,7 @@ def _dry_run(args, pipe, preset) -> int:
     vram = detect_vram_bytes()
     if vram is None:
         vram = profile.min_vram_gib * GiB if profile.device == "cuda" else profile.memory.host_ram_gb * GiB
-    fitted, plan = fit_profile(pipe.folder, profile, preset, int(vram))
+    fitted, plan = fit_profile(pipe.folder, profile, preset, int(vram), options=pipe.options)
     te = fitted.text_encoders
     step_llm = "whole on the device" if te.placement == "device" else f"streamed, {te.resident_blocks} resident"
     if args.json:

@@ -215,8 +215,8 @@ class StepVideoPipeline:
                         if step_callback:
                             step_callback(i + 1, latents)
                 finally:
-                    levers.detach()
                     self._report_levers(levers)
+                    levers.detach()
             latents = latents.float().cpu()
         return latents
 

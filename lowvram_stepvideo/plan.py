@@ -20,6 +20,7 @@ from .offload import ARENA_BYTES, STAGING_BUFFERS, STAGING_BYTES
 from .offload_store import BlockLayout, HostArenas
 from .pipeline import StepVideoPipeline, stream_blocks
 from .profiles import Preset, Profile
+from .speed import SpeedOptions
 
 GiB = 2**30
 DEVICE, HOST = "meta", "cpu"           # the compute device is stood in for by "meta"
@@ -64,10 +65,12 @@ def flash_style_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mas
     return torch.empty_like(q)
 
 
-def plan_memory(folder: ModelFolder, profile: Profile, preset: Preset, prompt: str = "a memory plan") -> Plan:
+def plan_memory(folder: ModelFolder, profile: Profile, preset: Preset, prompt: str = "a memory plan",
+                options: SpeedOptions | None = None) -> Plan:
+    """`options`: the run's speed options (the step cache's saved residuals are counted)."""
     acc = ByteAccountant()
     plan = Plan(profile.name, str(preset))
-    pipe = StepVideoPipeline(folder, profile, device="meta", progress=False, log=lambda msg: None)
+    pipe = StepVideoPipeline(folder, profile, device="meta", progress=False, log=lambda msg: None, options=options)
     pipe.planning = True
     pipe.reader = lambda ref: torch.empty(ref.shape, dtype=ref.dtype, device="meta")
     pipe.phase_hook = _phase_recorder(acc, plan)
@@ -159,16 +162,17 @@ def footprint(model: torch.nn.Module, streaming, profile: Profile) -> tuple[int,
     return device, host
 
 
-def fit_profile(folder: ModelFolder, profile: Profile, preset: Preset, budget_bytes: int) -> tuple[Profile, Plan]:
+def fit_profile(folder: ModelFolder, profile: Profile, preset: Preset, budget_bytes: int,
+                options: SpeedOptions | None = None) -> tuple[Profile, Plan]:
     """Stream step_llm if it does not fit whole, and lower the profile's resident DiT / step_llm blocks (upper
     bounds) until the plan fits `budget_bytes` of device memory. Returns the adjusted profile and its plan, which
     may still exceed the budget when even zero resident blocks do not fit (the caller then steps down the ladder)."""
-    plan = plan_memory(folder, profile, preset)
+    plan = plan_memory(folder, profile, preset, options=options)
     te = profile.text_encoders
     if te.placement == "device" and plan.phases["text"].peak_vram_bytes > budget_bytes:
         streamed = replace(te, placement="stream", resident_blocks=0, prefetch=max(1, te.prefetch))
         profile = replace(profile, text_encoders=streamed)   # step_llm whole does not fit: stream it
-        plan = plan_memory(folder, profile, preset)
+        plan = plan_memory(folder, profile, preset, options=options)
     for section, phase in (("dit", "denoise"), ("text_encoders", "text")):
         if section == "text_encoders" and profile.text_encoders.placement != "stream":
             continue
@@ -180,7 +184,7 @@ def fit_profile(folder: ModelFolder, profile: Profile, preset: Preset, budget_by
                 break
             fewer = max(0, settings.resident_blocks - -(-excess // block))
             profile = replace(profile, **{section: replace(settings, resident_blocks=fewer)})
-            plan = plan_memory(folder, profile, preset)
+            plan = plan_memory(folder, profile, preset, options=options)
     return profile, plan
 
 

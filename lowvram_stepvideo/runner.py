@@ -77,7 +77,7 @@ def fit_to_card(pipe: StepVideoPipeline, ladder: list[Preset], vram_bytes: int,
     from .plan import fit_profile
     budget = int(vram_bytes * 0.95)    # allocator fragmentation and kernels' workspaces
     for i, preset in enumerate(ladder):
-        profile, plan = fit_profile(pipe.folder, pipe.profile, preset, budget)
+        profile, plan = fit_profile(pipe.folder, pipe.profile, preset, budget, options=pipe.options)
         if plan.peak_vram_bytes <= budget:
             if i:
                 log(f"plan: {ladder[0]} does not fit in {vram_bytes / GiB:.1f} GiB; using {preset}")
