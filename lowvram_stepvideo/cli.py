@@ -209,7 +209,8 @@ def _profile(args):
     if profile.device == "cuda" and vram is None and not args.dry_run:
         raise UsageError(f"profile {profile.name!r} needs a CUDA GPU and none was found; use --profile cpu "
                          "(slow) or --dry-run to see its memory plan")
-    overrides = {"attention": args.attention, "matmul": args.matmul, "dit_resident_blocks": args.resident_blocks, "vae_tile": args.vae_tile}
+    overrides = {"attention": args.attention, "matmul": args.matmul, "dit_resident_blocks": args.resident_blocks,
+                 "vae_tile": args.vae_tile}
     return with_overrides(profile, **overrides)
 
 

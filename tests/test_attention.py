@@ -109,9 +109,11 @@ class _TwoAttn(nn.Module):
         self.a.attend = self.b.attend = None
 
 
-RTX_4090, RTX_3090, A100, H100, L40 = (A.Card((8, 9), "NVIDIA GeForce RTX 4090"), A.Card((8, 6), "NVIDIA GeForce RTX 3090"),
-                                        A.Card((8, 0), "NVIDIA A100-SXM4-80GB"), A.Card((9, 0), "NVIDIA H100 80GB HBM3"),
-                                        A.Card((8, 9), "NVIDIA L40S"))
+RTX_4090 = A.Card((8, 9), "NVIDIA GeForce RTX 4090")
+RTX_3090 = A.Card((8, 6), "NVIDIA GeForce RTX 3090")
+A100 = A.Card((8, 0), "NVIDIA A100-SXM4-80GB")
+H100 = A.Card((9, 0), "NVIDIA H100 80GB HBM3")
+L40 = A.Card((8, 9), "NVIDIA L40S")
 
 
 @pytest.mark.parametrize("card, importable, expected", [
