@@ -16,7 +16,6 @@ are tested here.
 """
 from __future__ import annotations
 
-import functools
 from typing import Callable
 
 import torch
@@ -78,6 +77,7 @@ def _row_scale(rows: torch.Tensor, qmax: float) -> torch.Tensor:
 
 
 KERNELS: dict[str, Callable] = {"int8": int8_linear, "fp8": fp8_linear}
+FORMAT_DTYPES = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
 
 
 def _takes(x: torch.Tensor, codes: torch.Tensor, fmt: str, cuda: bool) -> bool:
@@ -121,9 +121,24 @@ def choose(mode: str, fmt: str | None, device_type: str, capability: tuple[int, 
     return fmt, f"{what} (compute capability {capability[0]}.{capability[1]})"
 
 
-@functools.cache
-def device_capability(device_type: str) -> tuple[int, int] | None:
-    return torch.cuda.get_device_capability() if device_type == "cuda" and torch.cuda.is_available() else None
+def device_capability(device) -> tuple[int, int] | None:
+    """Compute capability of a CUDA `device`; None for any other device."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return tuple(torch.cuda.get_device_capability(device))
+
+
+def probe(fmt: str, device, dtype: torch.dtype = torch.bfloat16) -> str | None:
+    """Run the `fmt` kernel once on small tensors on `device`: None if it works, else the error's first line (a
+    torch build or card without the kernel then falls back instead of failing mid-run)."""
+    codes = torch.zeros(32, 64, dtype=FORMAT_DTYPES[fmt], device=device)
+    scale = torch.ones(32, device=device)
+    try:
+        KERNELS[fmt](torch.ones(32, 64, dtype=dtype, device=device), codes, scale, None)
+    except (RuntimeError, NotImplementedError) as e:
+        return (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return None
 
 
 def use_matmul(model: nn.Module, kernel_format: str | None, cuda: bool) -> list[int]:

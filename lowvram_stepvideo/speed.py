@@ -72,8 +72,11 @@ class DiTLevers:
             use = fmt if self.profile.matmul == "fast" and fmt in fast_matmul.KERNEL_TABLE and cuda else None
             why = "planned"
         else:
-            capability = fast_matmul.device_capability(self.device.type)
+            capability = fast_matmul.device_capability(self.device)
             use, why = fast_matmul.choose(self.profile.matmul, fmt, self.device.type, capability)
+            failed = use and fast_matmul.probe(use, self.device, self.profile.torch_dtype)
+            if failed:
+                use, why = None, f"{why} failed here ({failed}); using weight-only"
         self.matmul_calls = fast_matmul.use_matmul(self.dit, use, cuda)
         self.info["matmul"] = "weight-only" if use is None else f"{use} x {use}"
         self.info["matmul_reason"] = why

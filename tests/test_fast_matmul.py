@@ -76,6 +76,15 @@ def test_profile_key_and_override_are_validated():
         with_overrides(profile, matmul="int4")
 
 
+def test_probe_reports_a_kernel_that_fails(monkeypatch):
+    assert fm.probe("int8", "cpu") is None and fm.probe("fp8", "cpu", torch.float32) is None
+
+    def broken(*args):
+        raise RuntimeError("no kernel image\nsecond line")
+    monkeypatch.setitem(fm.KERNELS, "fp8", broken)
+    assert fm.probe("fp8", "cpu") == "no kernel image"
+
+
 def test_small_or_odd_calls_run_weight_only():
     codes, scale, bias = _layer("int8", 48, 64)
     layer = quant.QuantLinear(64, 48, True, quant.FORMATS["int8"])
@@ -109,3 +118,16 @@ def test_fixture_dit_error_of_fast_against_weight_only(fixture_dir, fmt):
     assert count[0] > 0
     err = float((fast - weight_only).norm() / weight_only.norm())
     assert 0 < err < {"int8": 0.02, "fp8": 0.06}[fmt]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_cuda_kernel_matches_the_cpu_kernel(fmt):
+    if fm.choose("fast", fmt, "cuda", fm.device_capability("cuda"))[0] is None:
+        pytest.skip(f"this card has no {fmt} tensor-core matmul")
+    codes, scale, bias = _layer(fmt, 256, 512)
+    x = torch.randn(2, 100, 512).bfloat16()
+    cpu = fm.KERNELS[fmt](x.float(), codes, scale, bias).double()
+    gpu = fm.KERNELS[fmt](x.cuda(), codes.cuda(), scale.cuda(), bias.bfloat16().cuda()).double().cpu()
+    assert _rel(gpu, cpu) < 1e-2
