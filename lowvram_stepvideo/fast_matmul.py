@@ -94,13 +94,10 @@ def fast_kernel(fmt: str, cuda: bool, count: list | None = None) -> Callable:
     kernel = KERNELS[fmt]
 
     def matmul(x, codes, scale, bias):
-        if not _takes(x, codes, fmt, cuda):
-            if count is not None:
-                count[1] += 1
-            return None
-        if count is not None:
-            count[0] += 1
-        return kernel(x, codes, scale, bias)
+        takes = _takes(x, codes, fmt, cuda)
+        if count is not None and not torch.compiler.is_compiling():   # a traced count would recompile per call
+            count[0 if takes else 1] += 1
+        return kernel(x, codes, scale, bias) if takes else None
     return matmul
 
 

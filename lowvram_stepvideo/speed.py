@@ -56,11 +56,13 @@ class DiTLevers:
             kernel, why = choose_backend(self.profile.attention, current_card(self.device), fallback=True)
             self.info["attention"] = use_attention_backend(self.dit, kernel)
             self.info["attention_reason"] = why
-        self.expanded = keep_expanded_weights(self.dit, TOKEN_RUN_SCOPES)
+        self.compiled = self.options.compile and not self.planning
+        # hooks inside a compiled block would be guarded per block (a recompile each): a compiled block leaves
+        # repeated expansions of a weight to the compiler
+        self.expanded = None if self.compiled else keep_expanded_weights(self.dit, TOKEN_RUN_SCOPES)
         self._attach_matmul()
         if self.options.cache:
             self.cache = FirstBlockCache(self.options.cache, self.options.cache_max_reuse).attach(self.dit)
-        self.compiled = self.options.compile and not self.planning
         if self.compiled:
             compile_blocks(self.dit.transformer_blocks)
         return self
@@ -82,7 +84,8 @@ class DiTLevers:
         self.info["matmul_reason"] = why
 
     def detach(self) -> None:
-        self.expanded.remove()
+        if self.expanded is not None:
+            self.expanded.remove()
         fast_matmul.use_matmul(self.dit, None, False)
         if self.cache is not None:
             self.cache.detach()

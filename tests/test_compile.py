@@ -58,6 +58,22 @@ def test_one_graph_for_every_block_and_step_with_streaming_hooks_outside():
 
 
 @pytest.mark.slow
+def test_fast_int8_matmul_in_compiled_blocks_does_not_recompile():
+    """The fast kernel's call counter stays outside the trace (a traced count would recompile every call)."""
+    from lowvram_stepvideo import fast_matmul, quant
+    model, inputs = _dit(2)
+    names = [n for n, _ in model.named_parameters()]
+    quant.quantize_model(model, quant.FORMATS["int8"], quant.plan_quantization("transformer", names))
+    counts = fast_matmul.use_matmul(model, "int8", cuda=False)
+    eager = _steps(model, inputs)
+    compiled = _compiled_run(model, inputs, backend="aot_eager")
+    assert counts[0] > 0
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["recompiles"]
+    for got, want in zip(compiled, eager):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
 def test_inductor_compiled_blocks_equal_eager():
     """Generated C++ kernels (needs a compiler); ~1 min on a busy 2-core machine."""
     model, inputs = _dit(2)
