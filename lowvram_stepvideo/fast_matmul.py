@@ -28,8 +28,6 @@ MODES = ("weight-only", "fast")
 KERNEL_TABLE = {"int8": ((8, 0), "int8 x int8 (torch._int_mm)"), "fp8": ((8, 9), "fp8 x fp8 (torch._scaled_mm)")}
 MIN_ROWS = 17          # torch._int_mm on CUDA takes more than 16 rows
 WIDTH_MULTIPLE = 16    # _scaled_mm wants K and N multiples of 16 (_int_mm: 8)
-
-
 FAST_ROWS = 4096       # tokens per kernel call: bounds the int32/float32 (rows, N) temporaries
 
 
