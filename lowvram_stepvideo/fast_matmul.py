@@ -104,7 +104,7 @@ def choose(mode: str, fmt: str | None, device_type: str, capability: tuple[int, 
     if mode not in MODES:
         raise ValueError(f"unknown matmul mode {mode!r}; choose one of {', '.join(MODES)}")
     if mode == "weight-only":
-        return None, "weight-only (exact dequantized weights)"
+        return None, "exact"
     if fmt not in KERNEL_TABLE:
         return None, f"fast matmul needs an int8 or fp8 folder (this one holds {fmt} weights); using weight-only"
     need, what = KERNEL_TABLE[fmt]
