@@ -10,6 +10,7 @@ from .errors import UsageError
 from .model_folder import ModelFolder, open_model_folder
 from .profiles import Preset, Profile, auto_profile, detect_vram_bytes, load_profile, with_overrides
 from .sampling import latent_shape, sampling_problem
+from .speed import SpeedOptions
 from .video import output_path_error
 
 GiB = 2**30
@@ -21,7 +22,9 @@ RUN_OPTIONS = {"resume": False,          # True: continue from the checkpoint; "
                "cache": True,            # use the text-embedding cache
                "cache_dir": None,        # its folder (default: embed_cache.default_cache_dir())
                "overwrite": False,       # replace existing outputs (and an earlier run's checkpoint)
-               "turbo": False}           # the turbo checkpoint's defaults whatever the folder
+               "turbo": False,           # the turbo checkpoint's defaults whatever the folder
+               "step_cache": 0.0,        # first-block step cache threshold (speed.SpeedOptions.cache; 0 = off)
+               "compile": False}         # regional torch.compile of the DiT blocks
 
 
 @dataclass
@@ -46,6 +49,14 @@ class JobSpec:
 def run_options(spec: JobSpec) -> dict:
     """RUN_OPTIONS with the spec's values."""
     return {k: spec.options.get(k, v) for k, v in RUN_OPTIONS.items()}
+
+
+def speed_options(spec: JobSpec) -> SpeedOptions:
+    options = run_options(spec)
+    try:
+        return SpeedOptions(cache=options["step_cache"] or 0.0, compile=bool(options["compile"]))
+    except ValueError as e:
+        raise UsageError(f"--cache: {e}") from None
 
 
 def model_folder(spec: JobSpec) -> ModelFolder:
