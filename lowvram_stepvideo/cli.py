@@ -241,7 +241,8 @@ def _generate(args, pipe, preset, outputs: RunOutputs) -> int:
         _write_outputs(outputs.output, frames, args, pipe, request, used, time.perf_counter() - start)
     except BaseException:
         if ckpt.is_file():
-            _say(f"note: the denoised latents are kept in {ckpt}; run the same command with --resume to only decode")
+            flags = "--resume --overwrite" if outputs.output.exists() else "--resume"   # the mp4 may be written
+            _say(f"note: the denoised latents are kept in {ckpt}; run the same command with {flags} to only decode")
         raise
     ckpt.unlink(missing_ok=True)
     return 0
