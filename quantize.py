@@ -13,8 +13,20 @@ import sys
 from pathlib import Path
 
 
+EPILOG = """\
+examples:
+  python quantize.py --model-dir ./stepvideo-t2v --out ./stepvideo-t2v-int8 --format int8
+  python quantize.py --model-dir ./stepvideo-t2v --out ./stepvideo-t2v-fp8 --format fp8 --verify
+  an interrupted run continues when the same command is given again (work is kept in OUT.partial/)
+
+exit status:
+  0 done; 2 bad input (a one-line "error: ..." says what to change); 130 interrupted; 1 unexpected error
+"""
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[1], epilog=EPILOG,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-dir", type=Path, required=True, help="release folder (holds model_index.json)")
     ap.add_argument("--out", type=Path, required=True, help="new folder to create (outside --model-dir)")
     ap.add_argument("--format", required=True, help="int8 or fp8 (e4m3); both use per-output-channel scales")
@@ -31,6 +43,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from tqdm import tqdm
 
+    from lowvram_stepvideo import exit_codes
     from lowvram_stepvideo.checkpoint import CheckpointError
     from lowvram_stepvideo.quantize_folder import format_verify_table, quantize_folder
 
@@ -42,16 +55,16 @@ def main(argv=None) -> int:
                                  args.shard_size_mb * 2**20, log)
     except (CheckpointError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return exit_codes.BAD_INPUT
     except KeyboardInterrupt:
         print(f"interrupted; run the same command again to resume from {args.out}.partial", file=sys.stderr)
-        return 130
+        return exit_codes.INTERRUPTED
     rate = result.source_bytes / max(result.seconds, 1e-9) / 1e6
     print(f"wrote {args.out}: {len(result.written)} shards written, {len(result.reused)} reused, "
           f"{result.source_bytes / 1e9:.2f} GB converted in {result.seconds:.1f} s ({rate:.0f} MB/s)")
     if result.verify_rows:
         print(format_verify_table(result.verify_rows))
-    return 0
+    return exit_codes.OK
 
 
 if __name__ == "__main__":

@@ -4,20 +4,21 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import textwrap
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from . import demo
+from . import demo, exit_codes
 from .checkpoint import CheckpointError
 from .config import ConfigError
 from .errors import StepVideoError
 from .model_folder import ModelFolderError, open_model_folder
-from .pipeline import TURBO_DEFAULTS, StepVideoPipeline
+from .pipeline import RELEASE_DEFAULTS, TURBO_DEFAULTS, StepVideoPipeline
 from .profiles import (Preset, auto_profile, describe, detect_vram_bytes, list_profiles, load_profile,
-                       with_overrides)
+                       profiles_dir, with_overrides)
 from .outputs import RunOutputs, plan_outputs
 from .resume import ResumeError, load_latents, save_latents
 from .runner import (Interrupted, OutOfMemory, Request, denoise_with_fallback, fit_to_card, ladder_from,
@@ -33,59 +34,112 @@ class UsageError(Exception):
     pass
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="generate.py", description="Text to video with Step-Video-T2V on one GPU.")
-    p.add_argument("--model-dir", type=Path, help="release folder (or quantize.py output)")
-    p.add_argument("--demo", action="store_true", help="use a built-in tiny random model (CPU, no downloads)")
-    p.add_argument("--profile", default=None, help=f"memory tier or .toml path; 'auto' picks by the card "
-                                                   f"(available: {', '.join(list_profiles())})")
-    p.add_argument("--prompt", help="what the video shows")
+EPILOG = """\
+examples:
+  %(prog)s --demo --prompt "a cat playing piano"
+      the tiny built-in random model on the CPU: checks the install in about half a minute
+  %(prog)s --model-dir ./stepvideo-t2v-int8 --prompt "a red fox in the snow" --output fox.mp4
+      the profile is picked by the GPU's memory (--profile auto); the largest preset that fits runs
+  %(prog)s --model-dir ./stepvideo-t2v-int8 --profile 16gb --prompt "test" --dry-run
+      the memory plan of each phase on this card, without generating anything
+  %(prog)s --model-dir ./stepvideo-t2v-int8 --prompt "a red fox in the snow" --output fox.mp4 --resume
+      continue a run that was interrupted (Ctrl-C, crash), from the checkpoint saved next to fox.mp4
+  %(prog)s --list-profiles
+      the memory tiers and their preset ladders
+
+presets:
+  Each profile has a ladder of presets written FRAMESxHEIGHTxWIDTH@STEPS: 204x544x992@50 is 204 frames
+  (8.2 s at 25 fps) of 544 x 992 pixels (height x width) in 50 denoising steps. The first is the default; a
+  run that does not fit steps down the ladder. --frames, --height, --width and --steps replace single values.
+
+exit status:
+  0 done; 2 bad input (a one-line "error: ..." says what to change); 3 --dry-run: nothing on the ladder fits;
+  130 interrupted (a resume checkpoint is saved); 1 unexpected error (a bug: the traceback helps)
+"""
+
+
+def build_parser(prog: str = "generate.py") -> argparse.ArgumentParser:
+    release, turbo = RELEASE_DEFAULTS, TURBO_DEFAULTS
+    p = argparse.ArgumentParser(prog=prog, description="Text to video with Step-Video-T2V on one GPU (or the CPU).",
+                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-dir", type=Path, help="the downloaded stepvideo-t2v folder, or quantize.py's output")
+    p.add_argument("--demo", action="store_true",
+                   help="use a built-in tiny random-weight model (CPU, no downloads; the video is noise)")
+    p.add_argument("--profile", default=None,
+                   help="memory tier name or path to a .toml file (default: auto = the largest tier that fits the "
+                        f"detected GPU, cpu without one; with --demo: cpu). Tiers: {', '.join(list_profiles())}")
+    p.add_argument("--prompt", help="what the video shows (English or Chinese)")
     p.add_argument("--negative-prompt", help="what to avoid (default: the reference's negative prompt)")
-    p.add_argument("--frames", type=int, help="number of frames (multiple of 17; default from the profile)")
-    p.add_argument("--height", type=int, help="pixels, multiple of 16")
-    p.add_argument("--width", type=int, help="pixels, multiple of 16")
-    p.add_argument("--steps", type=int, help="denoising steps (default 50, turbo 15)")
-    p.add_argument("--cfg", type=float, help="guidance scale (default 9.0, turbo 5.0)")
-    p.add_argument("--shift", type=float, help="time shift (default 13.0, turbo 17.0)")
+    p.add_argument("--frames", type=int,
+                   help="number of frames, a multiple of 17 (default: the profile's first preset; release 204)")
+    p.add_argument("--height", type=int, help="height in pixels, a multiple of 16 (release 544)")
+    p.add_argument("--width", type=int, help="width in pixels, a multiple of 16 (release 992)")
+    p.add_argument("--steps", type=int,
+                   help="denoising steps, at least 1 (default: the profile's preset, 30 or 50; "
+                        f"turbo {turbo['steps']})")
+    p.add_argument("--cfg", type=float,
+                   help=f"guidance scale: how strongly the video follows the prompt (default "
+                        f"{release['guidance_scale']}, turbo {turbo['guidance_scale']})")
+    p.add_argument("--shift", type=float, help=f"time shift of the noise schedule, > 0 (default {release['shift']}, "
+                                               f"turbo {turbo['shift']})")
     p.add_argument("--turbo", action="store_true",
-                   help="use the turbo checkpoint's defaults (15 steps, cfg 5, shift 17)")
-    p.add_argument("--seed", type=int, default=0, help="0 to 2**64-1 (default 0)")
-    p.add_argument("--output", type=Path, help="mp4 path (default: results/<prompt>-<time>.mp4, made unique)")
+                   help=f"use the turbo checkpoint's defaults ({turbo['steps']} steps, cfg "
+                        f"{turbo['guidance_scale']:g}, shift {turbo['shift']:g}); automatic when the folder name "
+                        "contains 'turbo'")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the initial noise (default 0): the same seed, prompt and settings give the same "
+                        "video, another seed another video; an integer from 0 to 2^64-1")
+    p.add_argument("--output", type=Path, help="mp4 path (default: results/<prompt>-<time>.mp4, made unique); the "
+                                               "metadata goes next to it as <output>.json")
     p.add_argument("--overwrite", action="store_true",
                    help="replace existing outputs (and start again over an earlier run's resume checkpoint)")
-    p.add_argument("--dry-run", action="store_true", help="print the memory plan per phase and exit")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the memory plan of every phase and exit: the pipeline runs on fake tensors (no "
+                        "weights are read, nothing is generated; seconds to a minute)")
     p.add_argument("--json", action="store_true", help="with --dry-run: print the plan as JSON")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
-    p.add_argument("--checkpoint-every", type=int, default=5, help="save latents every N steps (0 = never)")
-    p.add_argument("--save-latents", type=Path, help="also keep the final latents in this file")
-    p.add_argument("--decode-latents", type=Path, help="only decode latents saved with --save-latents")
-    p.add_argument("--no-cache", action="store_true", help="do not use the text-embedding cache")
-    p.add_argument("--attention", choices=["sdpa", "flash", "sage", "auto"], help="override the profile's backend")
-    p.add_argument("--resident-blocks", type=int, help="override: DiT blocks kept on the GPU")
-    p.add_argument("--vae-tile", type=int, help="override: VAE tile in latent pixels (0 = untiled)")
-    p.add_argument("--list-profiles", action="store_true", help="list the profiles and exit")
+    p.add_argument("--checkpoint-every", type=int, default=5,
+                   help="save the latents every N steps for --resume (default %(default)s; 0 = never)")
+    p.add_argument("--save-latents", type=Path, help="also keep the final latents in this .safetensors file")
+    p.add_argument("--decode-latents", type=Path,
+                   help="skip the text and denoising phases: only decode latents saved with --save-latents")
+    p.add_argument("--no-cache", action="store_true",
+                   help="do not read or write the text-embedding cache (~/.cache/lowvram-stepvideo/embeddings)")
+    p.add_argument("--attention", choices=["sdpa", "flash", "sage", "auto"],
+                   help="attention backend instead of the profile's: sdpa (PyTorch), flash (flash-attn), sage "
+                        "(SageAttention), auto (the fastest installed)")
+    p.add_argument("--resident-blocks", type=int,
+                   help="DiT blocks kept on the GPU instead of the profile's (the rest are streamed)")
+    p.add_argument("--vae-tile", type=int,
+                   help="VAE decode tile in latent pixels (x16 image pixels) instead of the profile's; 0 = untiled")
+    p.add_argument("--list-profiles", action="store_true", help="list the profiles with their presets and exit")
     return p
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str], prog: str = "generate.py") -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    args = build_parser().parse_args(argv)
+    args = build_parser(prog).parse_args(argv)
     try:
         return run(args)
     except Interrupted as e:
         _say(str(e))
-        return 130
+        return exit_codes.INTERRUPTED
     except KeyboardInterrupt:
         _say("interrupted")
-        return 130
+        return exit_codes.INTERRUPTED
     except (StepVideoError, UsageError, ConfigError, CheckpointError, ModelFolderError, ResumeError, OutOfMemory,
             TileOOMError, VideoError, ValueError) as e:
         _say(f"error: {e}")
-        return 2
+        return exit_codes.BAD_INPUT
     except torch.OutOfMemoryError as e:   # one not handled by a fallback (e.g. placing the VAE)
         what = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         _say(f"error: out of memory: {what}; use a smaller --profile or free GPU memory")
-        return 2
+        return exit_codes.BAD_INPUT
+
+
+def entry_point() -> None:
+    """The `lowvram-stepvideo` command a pip install creates."""
+    sys.exit(main(sys.argv[1:], prog="lowvram-stepvideo"))
 
 
 def _say(msg: str) -> None:
@@ -97,7 +151,8 @@ def _say(msg: str) -> None:
 
 def run(args) -> int:
     if args.list_profiles:
-        return _list_profiles()
+        _list_profiles()
+        return exit_codes.OK
     if args.dry_run and args.decode_latents:
         raise UsageError("--dry-run plans a generation; --decode-latents only runs the VAE (nothing to plan): "
                          "drop one of them")
@@ -125,14 +180,18 @@ def run(args) -> int:
     return _generate(args, pipe, preset, outputs)
 
 
-def _list_profiles() -> int:
-    """Every profile with its description; one that does not load is listed as bad, with the reason."""
+def _list_profiles() -> None:
+    """Every profile with its description and ladder; one that does not load is listed as bad, with the reason."""
+    print(f"profiles in {profiles_dir()} (presets: FRAMESxHEIGHTxWIDTH@STEPS, the first is the default):")
     for name in list_profiles():
         try:
-            print(f"{name:<12} {load_profile(name).description}")
+            profile = load_profile(name)
         except (ConfigError, OSError) as e:
             print(f"{name:<12} BAD PROFILE: {e}")
-    return 0
+            continue
+        print(f"{name:<12} {profile.description}")
+        ladder = ", ".join(describe(profile)["presets"])
+        print(textwrap.fill(ladder, width=108, initial_indent=" " * 13, subsequent_indent=" " * 13))
 
 
 def _model_folder(args):
@@ -281,6 +340,8 @@ def _write_outputs(output: Path, frames, args, pipe, request, preset, seconds: f
             "preset": str(preset) if preset else None, "steps": preset.steps if preset else None,
             "guidance_scale": request.guidance_scale if request else None, "shift": request.shift if request else None,
             "frames": int(frames.shape[0]), "size": [int(frames.shape[1]), int(frames.shape[2])],
+            "fps": info["fps"], "width": info["width"], "height": info["height"],   # of the mp4 as written
+            "duration_s": round(info["frames"] / info["fps"], 3),
             "profile": describe(pipe.profile), "timings_s": {k: round(v, 2) for k, v in pipe.timings.items()},
             "total_s": round(seconds, 2), "peak_vram_bytes": _peak_vram(pipe.device),
             "peak_host_bytes": _peak_host(), "turbo": bool(args.turbo or pipe.folder.turbo),
@@ -288,8 +349,8 @@ def _write_outputs(output: Path, frames, args, pipe, request, preset, seconds: f
                           for k, v in vars(args).items()},
             "torch": torch.__version__}
     write_sidecar(sidecar_path(output), meta)
-    _say(f"wrote {output} ({meta['frames']} frames, {meta['size'][1]}x{meta['size'][0]}) and "
-         f"{sidecar_path(output).name}")
+    _say(f"wrote {output.resolve()} ({meta['frames']} frames, {info['width']}x{info['height']}, {info['fps']} fps) "
+         f"and {sidecar_path(output).resolve()}")
 
 
 def _peak_vram(device) -> int | None:

@@ -14,7 +14,9 @@ from .config import ClipConfig, ConfigError, read_json
 from .loaders import Component, open_clip, open_dit, open_step_llm, open_vae
 from .tokenizers import load_clip_tokenizer, load_step_llm_tokenizer, truncation_warnings
 
-DOWNLOAD_HINT = "download it with: huggingface-cli download stepfun-ai/stepvideo-t2v --local-dir {path}"
+DOWNLOAD_HINT = ("download it with: hf download stepfun-ai/stepvideo-t2v --local-dir {path} "
+                 "(pip install huggingface_hub), or: modelscope download stepfun-ai/stepvideo-t2v --local-dir {path} "
+                 "(pip install modelscope)")
 OPENERS = {"transformer": open_dit, "step_llm": open_step_llm, "hunyuan_clip": open_clip, "vae": open_vae}
 
 

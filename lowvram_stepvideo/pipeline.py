@@ -12,8 +12,8 @@ import time
 from typing import Callable
 
 import torch
-from tqdm import tqdm
 
+from . import progress as progress_bars
 from .attention import use_attention_backend
 from .embed_cache import EmbeddingCache, model_identity
 from .model_folder import ModelFolder, open_model_folder
@@ -22,7 +22,7 @@ from .offload import attach_streaming, device_memory_report, offload_component, 
 from .profiles import Profile, load_profile
 from .sampling import (cfg_combine, dit_timestep, euler_step, flow_sigmas, initial_noise, latent_shape,
                        sampling_problem)
-from .tiling import decode_with_fallback, halving_tiles
+from .tiling import decode_with_fallback, halving_tiles, tile_count
 from .video import postprocess
 
 # Suffixes the reference appends to every prompt / uses as the negative prompt (its config.py defaults).
@@ -172,7 +172,7 @@ class StepVideoPipeline:
     def block_progress(self, model: torch.nn.Module, name: str):
         """A progress bar over a stack's blocks (step_llm streamed from disk takes a while on a small card)."""
         blocks = stream_blocks(model)
-        with tqdm(total=len(blocks), desc=name, unit="block", disable=not self.progress) as bar:
+        with progress_bars.bar(name, len(blocks), unit="block", show=self.progress) as bar:
             hooks = [b.register_forward_hook(_ticker(bar)) for b in blocks]
             try:
                 yield
@@ -204,8 +204,8 @@ class StepVideoPipeline:
         steps = len(sigmas) - 1
         with self.phase("denoise"):
             dit = self.load("transformer", self.dtype)
-            with self.placed(dit, self.profile.dit), tqdm(total=steps, initial=start_step, desc="denoise",
-                                                          unit="step", disable=not self.progress) as bar:
+            with self.placed(dit, self.profile.dit), progress_bars.bar("denoise", steps, unit="step",
+                                                                       initial=start_step, show=self.progress) as bar:
                 set_token_chunk(dit, self.profile.token_chunk or None)
                 set_attention_head_chunk(dit, self.profile.attention_head_chunk or None)
                 if not self.planning:
@@ -244,9 +244,10 @@ class StepVideoPipeline:
             tile = tile or self.profile.vae.tile or max(h, w)
             overlap = min(self.profile.vae.overlap, max(0, (min(tile, h, w) - 1) // 2))
             tiles = halving_tiles(tile, overlap, (h, w))
-            with self.placed(vae), tqdm(desc="decode", unit="tile", disable=not self.progress) as bar:
+            total = tile_count(z.shape, tiles[0], overlap)
+            with self.placed(vae), progress_bars.bar("decode", total, unit="tile", show=self.progress) as bar:
                 return decode_with_fallback(vae.decode_chunk, z, tiles, overlap, on_oom=self._tile_oom,
-                                            out_device="cpu", progress=_bar_progress(bar))
+                                            out_device="cpu", progress=_tile_progress(bar))
 
     def _tile_oom(self, failed: tuple, nxt: tuple) -> None:
         gc.collect()
@@ -267,9 +268,17 @@ def _ticker(bar):
     return hook
 
 
-def _bar_progress(bar):
+def _tile_progress(bar):
+    """decode_tiled's (done, total) of each attempt -> one bar: after an out-of-memory retry with smaller tiles,
+    the total becomes the tiles already decoded plus those the retry has left."""
+    offset = 0
+
     def update(done: int, total: int) -> None:
-        bar.total = total
-        bar.n = done
-        bar.refresh()
+        nonlocal offset
+        if done == 0:
+            offset = bar.done
+            if bar.total != offset + total:
+                bar.set_total(offset + total)
+        if offset + done > bar.done:
+            bar.update(offset + done - bar.done)
     return update

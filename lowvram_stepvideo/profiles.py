@@ -29,9 +29,10 @@ Keys (every file has exactly these; the TOML comments say why each tier picks it
     [vae]              tile: spatial tile size in latent pixels (x16 image pixels), 0 = untiled;
                        overlap: latent pixels shared by neighbouring tiles (blended)
 
-Where the files live: the repository's `profiles/` folder is the single copy. The package finds it next to
-itself (`<repo>/lowvram_stepvideo/../profiles`), which holds for a checkout and for `pip install -e .`;
-LOWVRAM_STEPVIDEO_PROFILES points elsewhere, and --profile also takes a path to any .toml file.
+Where the files live: the repository's `profiles/` folder is the single copy, the one to edit or copy. A checkout
+and `pip install -e .` read it next to the package (`<repo>/lowvram_stepvideo/../profiles`); a wheel (`pip install
+.`) carries a copy of it as `lowvram_stepvideo/profile_files/` (setup.cfg maps the folder there), read from any
+working directory. LOWVRAM_STEPVIDEO_PROFILES points elsewhere, and --profile also takes a path to any .toml file.
 """
 from __future__ import annotations
 
@@ -47,7 +48,8 @@ try:
 except ModuleNotFoundError:  # python < 3.11
     import tomli as tomllib
 
-PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
+PACKAGED_PROFILES_DIR = Path(__file__).resolve().parent / "profile_files"   # installed from a wheel
+REPO_PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"      # a checkout or an editable install
 ENV_DIR = "LOWVRAM_STEPVIDEO_PROFILES"
 GiB = 2**30
 
@@ -286,7 +288,9 @@ def _read_toml(path: Path) -> dict:
 
 
 def profiles_dir() -> Path:
-    return Path(os.environ.get(ENV_DIR) or PROFILES_DIR)
+    if os.environ.get(ENV_DIR):
+        return Path(os.environ[ENV_DIR])
+    return PACKAGED_PROFILES_DIR if PACKAGED_PROFILES_DIR.is_dir() else REPO_PROFILES_DIR
 
 
 def list_profiles() -> list[str]:

@@ -32,9 +32,9 @@ from typing import Callable, Iterator
 
 import torch
 
-from .errors import StepVideoError
-from . import quant
+from . import progress, quant
 from .checkpoint import FLOAT_DTYPES, SAFETENSORS_DTYPES, CheckpointError, SafetensorsFile, WeightSource, open_weights
+from .errors import StepVideoError
 from .fsutil import atomic_path
 
 STATE_FILE = ".quantize_state.json"
@@ -542,10 +542,8 @@ def _reusable(partial: Path, recorded: dict[str, dict], jobs: list[Job], log) ->
 
 
 def _write_all(partial: Path, todo: list[tuple[Job, Shard]], done: dict[str, dict], fp: str, log) -> None:
-    from tqdm import tqdm
     total = sum(s.source_bytes for _, s in todo)
-    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="quantize", disable=None,
-              file=sys.stderr) as bar:
+    with progress.bar("quantize", total, unit="B") as bar:
         for job, shard in todo:
             reader = TensorReader(job.source)
             try:

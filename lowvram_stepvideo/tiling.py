@@ -19,7 +19,7 @@ import torch
 from .models.vae import mix_chunks
 
 DecodeFn = Callable[[torch.Tensor], torch.Tensor]  # (B, t<=3, C, h, w) latents -> (B, T, 3, H, W) frames
-Progress = Callable[[int, int], None]               # (tiles done, tiles total) of the current call
+Progress = Callable[[int, int], None]               # (tiles done, tiles total) of the current call, from (0, total)
 
 _OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
@@ -145,6 +145,14 @@ def _decode_time_chunk(decode_chunk: DecodeFn, z: torch.Tensor, spans_y, spans_x
     return acc, dtype
 
 
+def tile_count(latents_shape: Sequence[int], tile, overlap=0, latents_per_chunk: int = 3) -> int:
+    """Tiles `decode_tiled` decodes for latents of shape (B, T, C, h, w): time chunks x tiles per frame."""
+    _, num_latents, _, h, w = latents_shape
+    tile, overlap = check_tiling(tile, overlap, (h, w))
+    per_frame = len(tile_spans(h, tile[0], overlap[0])) * len(tile_spans(w, tile[1], overlap[1]))
+    return -(-num_latents // latents_per_chunk) * per_frame
+
+
 def _chunk_layout(num_latents: int, per_chunk: int) -> tuple[list[int], list[int]]:
     """Latents in each time chunk, and each chunk's first output frame followed by the total frame count."""
     sizes = [min(per_chunk, num_latents - s) for s in range(0, num_latents, per_chunk)]
@@ -154,6 +162,8 @@ def _chunk_layout(num_latents: int, per_chunk: int) -> tuple[list[int], list[int
 
 def _counter(progress: Progress | None, total: int) -> Callable[[], None]:
     done = 0
+    if progress is not None:
+        progress(0, total)   # the total is known before the first tile
 
     def tick() -> None:
         nonlocal done
@@ -181,7 +191,7 @@ def decode_tiled(decode_chunk: DecodeFn, z: torch.Tensor, tile, overlap=0, scale
     Time: chunks of `latents_per_chunk` latents as in the reference, boundaries blended (`mix_boundary`).
     Space: tiles of `tile` latent pixels overlapping by `overlap` (int or (h, w)), blended with linear ramps.
     The video is allocated on `out_device` (default: z's device); give a `state` to resume after an error.
-    `progress(done, total)` counts the tiles of this call."""
+    `progress(done, total)` counts the tiles of this call: (0, total) before the first one, then once per tile."""
     state = state if state is not None else DecodeState()
     _, num_latents, _, h, w = z.shape
     tile, overlap = check_tiling(tile, overlap, (h, w))

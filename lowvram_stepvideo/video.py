@@ -22,6 +22,8 @@ from .fsutil import atomic_path, temp_prefix, writable_dir_error
 
 # The reference writer's extra ffmpeg filter (it replaces imageio's own `-vf scale=...`, see §5.7).
 REFERENCE_DENOISE = "atadenoise=0a=0.1:0b=0.1:1a=0.1:1b=0.1"
+# The index ('moov' box) before the frames: a browser or player starts playing before the whole file arrived.
+FAST_START = ["-movflags", "+faststart"]
 
 
 class VideoError(StepVideoError, RuntimeError):
@@ -100,8 +102,8 @@ def write_mp4(frames: np.ndarray | Iterable, path: Path, fps: float = 25, crf: i
     """Write uint8 frames (T, H, W, 3), or an iterable of (H, W, 3) frames, as an H.264 yuv420p mp4, atomically.
 
     Like the reference writer: libx264, crf 25, 25 fps, and (denoise=True) its atadenoise filter. Odd heights or
-    widths are padded by one repeated row/column (yuv420p needs even sides). Returns what was written:
-    {"path", "frames", "width", "height", "padded"}. Encoding errors raise VideoError; nothing is left at `path`
+    widths are padded by one repeated row/column (yuv420p needs even sides). The file is fast-start (index
+    first). Returns what was written: {"path", "frames", "width", "height", "fps", "padded"}. Encoding errors raise VideoError; nothing is left at `path`
     (an existing file there stays untouched)."""
     path = Path(path)
     if not (isinstance(crf, int) and 0 <= crf <= 51) or not fps > 0:
@@ -111,7 +113,7 @@ def write_mp4(frames: np.ndarray | Iterable, path: Path, fps: float = 25, crf: i
     if first is None:
         raise ValueError(f"no frames to write to {path}")
     first = _check_frame(first, None)
-    params = ["-crf", str(crf)] + (["-vf", REFERENCE_DENOISE] if denoise else []) + ["-f", "mp4"]  # temp: *.tmp
+    params = ["-crf", str(crf), *FAST_START] + (["-vf", REFERENCE_DENOISE] if denoise else []) + ["-f", "mp4"]
     try:
         with atomic_path(path, ".mp4") as tmp:
             count = _encode(tmp, frames, first, fps, params)
@@ -122,7 +124,7 @@ def write_mp4(frames: np.ndarray | Iterable, path: Path, fps: float = 25, crf: i
         msg = str(e).strip().splitlines()[0].rstrip(": ") if str(e).strip() else type(e).__name__
         raise VideoError(f"could not write {path}: {msg} (ffmpeg prints the cause above)") from e
     h, w = first.shape[:2]
-    return {"path": str(path), "frames": count, "width": w + w % 2, "height": h + h % 2,
+    return {"path": str(path), "frames": count, "width": w + w % 2, "height": h + h % 2, "fps": fps,
             "padded": bool(h % 2 or w % 2)}
 
 

@@ -26,8 +26,9 @@ def run_cli(capsys, *argv) -> tuple[int, str, str]:
 
 
 def _is_bar(line: str) -> bool:
-    """A tqdm progress line ('denoise:  50%|#####     | 2/4 [...]', 'decode: 0tile [00:00, ?tile/s]')."""
-    return line.startswith(BARS) and ("|" in line or "/s]" in line)
+    """A progress line: tqdm's ('denoise:  50%|#####     | 2/4 [...]') or, off a terminal, a plain one
+    ('denoise: 2/4 steps (50%), 0:01 elapsed, about 0:01 left')."""
+    return line.startswith(BARS) and ("|" in line or "/s]" in line or " elapsed" in line)
 
 
 def read_frames(path) -> np.ndarray:

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from cli_support import leftovers, loads_of, read_frames, read_sidecar, run_cli, subprocess_env
 from conftest import ROOT
-from lowvram_stepvideo import demo
+from lowvram_stepvideo import cli, demo
 from lowvram_stepvideo.embed_cache import EmbeddingCache
 
 PROMPT = "a red fox runs through fresh snow"
@@ -38,7 +38,12 @@ def reference(tmp_path_factory, demo_cache):
 def test_demo_run_writes_a_playable_mp4_and_a_sidecar(reference, demo_dir):
     out, proc = reference
     assert proc.returncode == 0, proc.stderr
-    assert proc.stderr.splitlines()[-1] == f"wrote {out / 'fox.mp4'} (34 frames, 96x64) and fox.mp4.json"
+    video, sidecar = (out / "fox.mp4").resolve(), (out / "fox.mp4.json").resolve()
+    assert proc.stderr.splitlines()[-1] == f"wrote {video} (34 frames, 96x64, 25 fps) and {sidecar}"
+    # stderr is not a terminal: plain progress lines, no carriage returns, the decode total known from the start
+    assert "\r" not in proc.stderr and "denoise: 4/4 steps (100%)" in proc.stderr
+    decode = [ln for ln in proc.stderr.splitlines() if ln.startswith("decode: ")]
+    assert decode[0].startswith("decode: 0/2 tiles (0%)") and decode[-1].startswith("decode: 2/2 tiles (100%)")
     frames = read_frames(out / "fox.mp4")
     assert frames.shape == (demo.DEMO_PRESET.frames, demo.DEMO_PRESET.height, demo.DEMO_PRESET.width, 3)
     assert frames.std() > 1   # not a constant picture
@@ -46,6 +51,7 @@ def test_demo_run_writes_a_playable_mp4_and_a_sidecar(reference, demo_dir):
     assert (meta["prompt"], meta["seed"], meta["model_dir"]) == (PROMPT, 7, str(demo_dir))
     assert (meta["preset"], meta["steps"], meta["guidance_scale"], meta["shift"]) == ("34x64x96", 4, 9.0, 13.0)
     assert (meta["frames"], meta["size"], meta["turbo"]) == (34, [64, 96], False)
+    assert (meta["fps"], meta["width"], meta["height"], meta["duration_s"]) == (25, 96, 64, 1.36)
     assert meta["profile"]["name"] == "cpu" and meta["profile"]["vae"] == {"tile": 32, "overlap": 8}
     assert meta["arguments"]["checkpoint_every"] == 5 and meta["arguments"]["no_cache"] is False
     assert set(meta["timings_s"]) == {"text", "denoise", "decode"} and meta["total_s"] > 0
@@ -152,7 +158,9 @@ def _incomplete(demo_dir, parent):
 
 
 ERRORS = {  # name: (arguments, words the one error line must hold)
-    "missing folder": (["--model-dir", "{tmp}/nowhere"], ["not found", "huggingface-cli download"]),
+    "missing folder": (["--model-dir", "{tmp}/nowhere"],
+                       ["not found", "hf download stepfun-ai/stepvideo-t2v --local-dir",
+                        "modelscope download stepfun-ai/stepvideo-t2v --local-dir"]),
     "not a model folder": (["--model-dir", "{tmp}"], ["not a Step-Video model folder", "--model-dir"]),
     "incomplete folder": (["--model-dir", "{incomplete}"], ["vae", "no weights found"]),
     "no folder at all": ([], ["--model-dir", "--demo"]),
@@ -163,6 +171,7 @@ ERRORS = {  # name: (arguments, words the one error line must hold)
     "huge width": (["--demo", "--width", "9000"], ["64x9000", "544x992"]),
     "zero steps": (["--demo", "--steps", "0"], ["--steps 0", "at least 1"]),
     "zero shift": (["--demo", "--shift", "0"], ["--shift 0", "positive"]),
+    "seed out of range": (["--demo", "--seed", str(2**64)], ["--seed 18446744073709551616", "2^64-1"]),
     "empty prompt": (["--demo", "--prompt", "  "], ["--prompt is empty"]),
     "output folder missing": (["--demo", "--output", "{tmp}/missing/out.mp4"], ["does not exist"]),
     "output is a folder": (["--demo", "--output", "{tmp}"], ["it is a folder"]),
@@ -218,3 +227,19 @@ def test_ctrl_c_in_a_real_process_saves_and_exits_130(tmp_path, demo_cache):
                         last), stderr
     assert "Traceback" not in stderr and stdout == ""
     assert [p.name for p in tmp_path.iterdir()] == [ckpt.name]
+
+
+def test_help_has_examples_and_describes_every_flag(capsys):
+    parser = cli.build_parser()
+    undescribed = [a.option_strings[0] for a in parser._actions if not (a.help or "").strip()]
+    assert undescribed == []
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert "examples:\n  generate.py --demo --prompt" in text
+    flat = " ".join(text.split())                                          # argparse wraps the flag help
+    assert "default: auto" in flat and "with --demo: cpu" in flat          # the default profile is named
+    assert "204x544x992@50 is 204 frames" in flat and "(height x width) in 50 denoising steps" in flat
+    assert "seed of the initial noise" in flat and "2^64-1" in flat
+    assert "exit status:" in flat and "130 interrupted" in flat

@@ -84,7 +84,9 @@ def test_quantized_fixture_matches_reference_outputs(fixture_dir, fmt, tmp_path,
 
 def test_every_shard_records_the_scheme_and_the_index_lists_every_tensor(tmp_path, capsys):
     dst = tmp_path / "q"
-    quantize(capsys, fixture_dirs()[0] / "model_dir", dst, "fp8", "--shard-size-mb", "1")
+    _, err = quantize(capsys, fixture_dirs()[0] / "model_dir", dst, "fp8", "--shard-size-mb", "1")
+    progress = [ln for ln in err.splitlines() if ln.startswith("quantize: ")]   # stderr is not a terminal here
+    assert progress[0].startswith("quantize: 0.00/") and "(100%)" in progress[-1] and "\r" not in err
     index = json.loads((dst / "transformer/diffusion_pytorch_model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 1
@@ -235,7 +237,7 @@ def test_existing_out_is_refused_without_force_and_replaced_with_it(model_dir, t
     dst.mkdir()
     (dst / "keep.txt").write_text("user data")
     code, _, err = run(capsys, "--model-dir", model_dir, "--out", dst, "--format", "int8")
-    assert code == 1 and "already exists; pass --force" in err and (dst / "keep.txt").exists()
+    assert code == 2 and "already exists; pass --force" in err and (dst / "keep.txt").exists()
     quantize(capsys, model_dir, dst, "int8", "--force")
     assert not (dst / "keep.txt").exists() and (dst / "transformer/config.json").is_file()
 
@@ -306,8 +308,8 @@ def _case(case: str, model_dir: Path, tmp_path: Path, capsys, monkeypatch) -> tu
 def test_bad_requests_fail_with_one_line(case, model_dir, tmp_path, capsys, monkeypatch):
     args, words = _case(case, model_dir, tmp_path, capsys, monkeypatch)
     code, out, err = run(capsys, *args)
-    lines = err.strip().splitlines()
-    assert code == 1 and len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], err
+    lines = [ln for ln in err.strip().splitlines() if not ln.startswith("quantize: ")]   # progress lines
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], err
     assert "Traceback" not in err and out == ""
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
     assert model_dir.is_dir()
@@ -316,7 +318,7 @@ def test_bad_requests_fail_with_one_line(case, model_dir, tmp_path, capsys, monk
 def test_process_exit_code_and_message_without_traceback(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "quantize.py"), "--model-dir", str(tmp_path / "nowhere"),
                            "--out", str(tmp_path / "q"), "--format", "int8"], capture_output=True, text=True)
-    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.returncode == 2 and proc.stdout == ""   # the same status as generate.py's usage errors
     assert proc.stderr.strip().splitlines() == [f"error: --model-dir {tmp_path / 'nowhere'}: folder not found"]
 
 

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from lowvram_stepvideo.tiling import (DecodeState, TileOOMError, axis_weights, check_tiling, chunk_frames,
                                       decode_tiled, decode_untiled, decode_with_fallback, halving_tiles,
-                                      mix_boundary, tile_spans)
+                                      mix_boundary, tile_count, tile_spans)
 
 SCALE = 8  # stand-in upscale factor (the real VAE has 16; smaller keeps the tests fast)
 TO_RGB = torch.tensor([[0.9, -0.4, 0.3, 0.2], [-0.2, 0.7, 0.5, -0.6], [0.4, 0.1, -0.8, 0.5]])  # (3, C=4)
@@ -199,7 +199,8 @@ def test_wrong_decoder_output_shape_is_reported():
 def test_progress_counts_tiles():
     calls = []
     tiled_decode(pointwise_decoder, _latents(t=5, h=5, w=6), (3, 4), 1, progress=lambda d, n: calls.append((d, n)))
-    assert calls == [(i, 8) for i in range(1, 9)]  # 2 chunks x (2 x 2) tiles
+    assert calls == [(i, 8) for i in range(0, 9)]  # 2 chunks x (2 x 2) tiles, the total known before the first
+    assert tile_count(_latents(t=5, h=5, w=6).shape, (3, 4), 1) == 8
 
 
 class _FlakyDecoder:
@@ -274,3 +275,17 @@ def test_full_cover_tiled_vae_decode_is_the_reference_decode(fixture_dir):
     assert [c.shape[1] for c in decoded] == [chunk_frames(c.shape[1]) for c in z.split(3, dim=1)]
     assert torch.equal(video, mix_chunks(torch.cat(decoded, dim=1), 17, inplace=True))  # = AutoencoderKL.decode
     assert (video - io["vae.out.video"]).abs().max().item() <= 1e-4
+
+
+def test_decode_bar_knows_its_total_from_the_start_and_across_a_fallback(capsys):
+    from lowvram_stepvideo import progress
+    from lowvram_stepvideo.pipeline import _tile_progress
+    z, seen = _latents(t=8, h=5, w=6), []
+    flaky = _FlakyDecoder(fail_call=2)                  # chunk 0 decoded whole, then out of memory
+    with progress.listen(lambda *a: seen.append(a[1:])):
+        with progress.bar("decode", tile_count(z.shape, (5, 6), 0), unit="tile") as bar:
+            decode_with_fallback(flaky, z, [(5, 6), (3, 4)], 1, progress=_tile_progress(bar), scale=SCALE)
+    assert seen[0] == (0, 3)                            # 3 chunks x 1 tile, before any decoding
+    assert seen[-1] == (1 + 2 * 4, 1 + 2 * 4)          # chunk 0 whole, chunks 1-2 in 2 x 2 tiles
+    assert all(done <= total for done, total in seen)
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)

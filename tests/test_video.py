@@ -1,6 +1,7 @@
 """Post-processing against the reference frames; mp4/sidecar writing, atomicity, output path checks."""
 import json
 import os
+import struct
 
 import imageio.v2 as imageio
 import imageio_ffmpeg
@@ -91,7 +92,7 @@ def test_write_mp4_round_trip(tmp_path, denoise):
     frames = _smooth_frames()
     path = tmp_path / "clip.mp4"
     info = write_mp4(frames, path, fps=25, crf=25, denoise=denoise)
-    assert info == {"path": str(path), "frames": 5, "width": 48, "height": 32, "padded": False}
+    assert info == {"path": str(path), "frames": 5, "width": 48, "height": 32, "fps": 25, "padded": False}
     meta, back = _read_back(path)
     assert meta["codec"] == "h264" and meta["pix_fmt"].startswith("yuv420p") and meta["fps"] == 25
     assert back.shape == frames.shape
@@ -100,6 +101,25 @@ def test_write_mp4_round_trip(tmp_path, denoise):
     assert reader.count_frames() == 5 and reader.get_meta_data()["size"] == (48, 32)
     reader.close()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.mp4"]  # no temp file left behind
+
+
+def _top_level_boxes(path) -> list[str]:
+    """Types of the top-level ISO-BMFF boxes of an mp4, in file order."""
+    data, pos, boxes = path.read_bytes(), 0, []
+    while pos + 8 <= len(data):
+        size, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        if size == 1:                                   # 64-bit size follows the type
+            size = struct.unpack(">Q", data[pos + 8:pos + 16])[0]
+        boxes.append(kind.decode("latin-1"))
+        pos += size if size else len(data)
+    return boxes
+
+
+def test_write_mp4_is_fast_start(tmp_path):
+    write_mp4(_smooth_frames(t=30), tmp_path / "clip.mp4")
+    boxes = _top_level_boxes(tmp_path / "clip.mp4")
+    assert "moov" in boxes and "mdat" in boxes
+    assert boxes.index("moov") < boxes.index("mdat"), boxes   # index first: plays while it downloads
 
 
 def test_write_mp4_pads_odd_sizes(tmp_path):
