@@ -41,8 +41,12 @@ class RunOutputs:
 def default_name(prompt: str, now: datetime.datetime | None = None) -> str:
     """`<first words of the prompt>-<time>.mp4`: letters, digits, '-' and '_' only (no spaces)."""
     stamp = (now or datetime.datetime.now()).strftime("%Y%m%d-%H%M%S")
-    words = re.sub(r"[^\w-]+", "_", prompt[:50], flags=re.ASCII).strip("_")
-    return f"{words or 'video'}-{stamp}.mp4"
+    return f"{name_words(prompt) or 'video'}-{stamp}.mp4"
+
+
+def name_words(text: str, limit: int = 50) -> str:
+    """The start of a prompt as a file-name part: ASCII letters, digits, '-' and '_' only."""
+    return re.sub(r"[^\w-]+", "_", text[:limit], flags=re.ASCII).strip("_")
 
 
 def unique(path: Path, decode_only: bool = False) -> Path:

@@ -14,11 +14,12 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from .assumed_format import assume_format as assume_format_of
 from .memory import ByteAccountant, fmt_bytes
 from .model_folder import ModelFolder
 from .offload import ARENA_BYTES, STAGING_BUFFERS, STAGING_BYTES
 from .offload_store import BlockLayout, HostArenas
-from .pipeline import StepVideoPipeline, stream_blocks
+from .pipeline import PhasePipeline, stream_blocks
 from .profiles import Preset, Profile
 
 GiB = 2**30
@@ -64,10 +65,13 @@ def flash_style_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mas
     return torch.empty_like(q)
 
 
-def plan_memory(folder: ModelFolder, profile: Profile, preset: Preset, prompt: str = "a memory plan") -> Plan:
+def plan_memory(folder: ModelFolder, profile: Profile, preset: Preset, assume_format: str | None = None,
+                prompt: str = "a memory plan") -> Plan:
+    """The plan of one run; `assume_format` ("int8" | "fp8") plans a release folder as its quantized version."""
+    folder = assume_format_of(folder, assume_format)
     acc = ByteAccountant()
     plan = Plan(profile.name, str(preset))
-    pipe = StepVideoPipeline(folder, profile, device="meta", progress=False, log=lambda msg: None)
+    pipe = PhasePipeline(folder, profile, device="meta", progress=False, log=lambda msg: None)
     pipe.planning = True
     pipe.reader = lambda ref: torch.empty(ref.shape, dtype=ref.dtype, device="meta")
     pipe.phase_hook = _phase_recorder(acc, plan)
@@ -87,7 +91,7 @@ def _phase_recorder(acc: ByteAccountant, plan: Plan):
     return hook
 
 
-def _plan_placement(pipe: StepVideoPipeline, acc: ByteAccountant) -> None:
+def _plan_placement(pipe: PhasePipeline, acc: ByteAccountant) -> None:
     """Weights are data-free tensors on the stand-in device from the start (loading is not counted); placing a
     model adds what the real placement would hold on the device and in host RAM, unplacing removes it."""
     load, placed = pipe.load, {}

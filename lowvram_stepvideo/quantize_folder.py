@@ -36,6 +36,7 @@ from . import progress, quant
 from .checkpoint import FLOAT_DTYPES, SAFETENSORS_DTYPES, CheckpointError, SafetensorsFile, WeightSource, open_weights
 from .errors import StepVideoError
 from .fsutil import atomic_path
+from .model_folder import TURBO_KEY, is_turbo
 
 STATE_FILE = ".quantize_state.json"
 STATE_VERSION = 1
@@ -119,6 +120,7 @@ class Job:
     plan: dict[str, str]         # output weight name -> 'linear' | 'embedding'
     fmt: quant.QFormat
     shards: list[Shard] = field(default_factory=list)
+    extra: dict[str, str] = field(default_factory=dict)   # more header metadata (the DiT: turbo or not)
 
     def consumed(self, src: Path) -> set[Path]:
         """Source files this job replaces (not carried over)."""
@@ -160,7 +162,7 @@ def _plan_shards(job: Job, shard_bytes: int) -> None:
             size = 0
         parts[-1].append((tensors, src_bytes))
         size += out
-    metadata = {"format": "pt", **(quant.Scheme(job.fmt, job.plan).metadata() if job.plan else {})}
+    metadata = {"format": "pt", **(quant.Scheme(job.fmt, job.plan).metadata() if job.plan else {}), **job.extra}
     stem, n = job.spec.out_stem, len(parts)
     job.shards = [Shard(f"{job.spec.folder}/{stem}-{i:05d}-of-{n:05d}.safetensors",
                         [t for tensors, _ in part for t in tensors], metadata, sum(b for _, b in part))
@@ -179,6 +181,8 @@ def plan_jobs(src: Path, fmt: quant.QFormat, components: tuple[str, ...], shard_
         keys = [_clip_key(k) if name == "hunyuan_clip" else k for k in source.keys()]
         plan = quant.plan_quantization(name, [k for k in keys if k]) if name in components else {}
         job = Job(name, spec, source, plan, fmt)
+        if name == "transformer":   # the output folder's name may not say turbo any more: its header does
+            job.extra[TURBO_KEY] = str(is_turbo(src, source.metadata)).lower()
         _plan_shards(job, shard_bytes)
         jobs.append(job)
     return jobs

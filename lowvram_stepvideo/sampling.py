@@ -17,6 +17,18 @@ REFERENCE_NOISE_SEED = 67280421310721
 # (-1 gives the video of 2**64-1), so one range is documented and checked.
 SEED_MIN, SEED_MAX = 0, 2**64 - 1
 
+# The one home of the sampling defaults (the release README's recommendations, docs/STEPVIDEO.md §4): every entry
+# point (generate.py, the Python API, batches, the web page) asks `sampling_defaults`. The profiles' presets carry
+# their own steps: 50, except 12gb/16gb at 30 (the release's low end: a step takes minutes on those cards); turbo
+# replaces the preset's steps with its 15.
+RELEASE_DEFAULTS = {"steps": 50, "guidance_scale": 9.0, "shift": 13.0}
+TURBO_DEFAULTS = {"steps": 15, "guidance_scale": 5.0, "shift": 17.0}
+
+
+def sampling_defaults(turbo: bool) -> dict:
+    """steps, guidance_scale and shift of the release, or of the turbo (step-distilled) checkpoint."""
+    return TURBO_DEFAULTS if turbo else RELEASE_DEFAULTS
+
 
 def flow_sigmas(num_steps: int, time_shift: float) -> torch.Tensor:
     """Sigmas of the reference scheduler, float32, N+1 values running from 0 (noise) to 1 (data)."""
@@ -39,7 +51,7 @@ def sampling_problem(guidance_scale: float | None, shift: float | None, seed: in
     if shift is not None and not (math.isfinite(shift) and shift > 0):
         return f"--shift {shift}: must be a positive finite number (release 13, turbo 17)"
     if seed is not None and not SEED_MIN <= seed <= SEED_MAX:
-        return f"--seed {seed}: seeds go from {SEED_MIN} to 2^64-1 ({SEED_MAX})"
+        return f"--seed {seed}: seeds go from {SEED_MIN} to 2**64-1 = {SEED_MAX}"
     return None
 
 

@@ -18,7 +18,7 @@ from cli_support import loads_of, read_sidecar, run_cli, subprocess_env
 from conftest import ROOT
 from faults_support import (DIT, PROMPT, TINY, files_in, model_copy, read_all, replace_file, run_error, run_ok)
 from lowvram_stepvideo import cli, demo, fsutil, outputs, resume, runner, video
-from lowvram_stepvideo.pipeline import StepVideoPipeline
+from lowvram_stepvideo.pipeline import PhasePipeline
 from lowvram_stepvideo.quantize_folder import quantize_folder
 from lowvram_stepvideo.resume import checkpoint_path
 
@@ -37,7 +37,7 @@ def made(tmp_path_factory, demo_cache):
         mp.setenv(demo.CACHE_ENV, str(demo_cache))
         args = ["--demo", "--prompt", PROMPT, "--seed", "3", *TINY]
         assert cli.main(args + ["--output", str(out / "v.mp4"), "--save-latents", str(out / "z.safetensors")]) == 0
-        mp.setattr(StepVideoPipeline, "decode", _fail_decode)
+        mp.setattr(PhasePipeline, "decode", _fail_decode)
         assert cli.main(args + ["--output", str(out / "k.mp4")]) == 2
     assert checkpoint_path(out / "k.mp4").is_file()
     return out
@@ -163,7 +163,7 @@ def test_resume_on_other_weights_is_refused_naming_them(change, demo_dir, tmp_pa
     out = tmp_path / "k.mp4"
     argv = ["--model-dir", model, "--prompt", PROMPT, *TINY, "--output", out]
     with monkeypatch.context() as m:
-        m.setattr(StepVideoPipeline, "decode", _fail_decode)
+        m.setattr(PhasePipeline, "decode", _fail_decode)
         run_error(capsys, *argv)
     saved = checkpoint_path(out).read_bytes()
     if change == "dit edited in place":

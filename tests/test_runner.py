@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from conftest import ROOT
 from lowvram_stepvideo import cli, pipeline, runner
 from lowvram_stepvideo.memory import ByteAccountant
-from lowvram_stepvideo.pipeline import StepVideoPipeline
+from lowvram_stepvideo.pipeline import PhasePipeline
 from lowvram_stepvideo.profiles import Preset
 from lowvram_stepvideo.resume import checkpoint_path, save_checkpoint
 from cli_support import loads_of, read_frames, read_sidecar, run_cli
@@ -41,7 +41,7 @@ def phase_peaks(limit: int | None = None, stop_at: str | None = None):
     """Count live CPU bytes under a ByteAccountant (raising torch.OutOfMemoryError past `limit`); yields a dict
     phase -> peak bytes (largest over repeats). `stop_at`: raise Stop when that phase starts."""
     acc, peaks = ByteAccountant(limits=None if limit is None else {"cpu": limit}), {}
-    original = StepVideoPipeline.phase
+    original = PhasePipeline.phase
 
     @contextlib.contextmanager
     def phase(self, name):
@@ -52,7 +52,7 @@ def phase_peaks(limit: int | None = None, stop_at: str | None = None):
             yield
         peaks[name] = max(peaks.get(name, 0), acc.peak["cpu"])
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(StepVideoPipeline, "phase", phase)
+        mp.setattr(PhasePipeline, "phase", phase)
         with acc:
             yield peaks
 
@@ -83,7 +83,7 @@ def test_denoise_oom_steps_down_to_the_next_preset(demo_dir, tmp_path, capsys, m
     assert fits < at_big["denoise"], (at_big, at_small)       # the test needs a denoise-only gap
     limit = (fits + at_big["denoise"]) // 2
 
-    denoise_calls, loaded = count_calls(monkeypatch, StepVideoPipeline, "denoise"), loads_of(monkeypatch)
+    denoise_calls, loaded = count_calls(monkeypatch, PhasePipeline, "denoise"), loads_of(monkeypatch)
     with phase_peaks(limit=limit):
         rc, _, err = run_cli(capsys, *base, "--output", tmp_path / "out.mp4")
     assert rc == 0, err
@@ -103,7 +103,7 @@ def test_decode_oom_retries_with_smaller_tiles_without_denoising_again(demo_dir,
         assert cli.main([str(a) for a in base + ["--vae-tile", "8", "--output", tmp_path / "tiled.mp4"]]) == 0
     limit = max(tiled.values()) + 2**20
 
-    denoise_calls = count_calls(monkeypatch, StepVideoPipeline, "denoise")
+    denoise_calls = count_calls(monkeypatch, PhasePipeline, "denoise")
     with phase_peaks(limit=limit):
         rc, _, err = run_cli(capsys, *base, "--output", tmp_path / "out.mp4")
     assert rc == 0, err
@@ -144,7 +144,7 @@ def test_resume_ladder_starts_at_the_checkpoints_preset(tmp_path):
 def interrupt_dit(monkeypatch, after_forwards: int) -> dict:
     """While state['armed'], the DiT raises KeyboardInterrupt at the forward after `after_forwards` of them;
     state['forwards'] counts DiT forwards."""
-    state, original = {"armed": True, "forwards": 0}, StepVideoPipeline.load
+    state, original = {"armed": True, "forwards": 0}, PhasePipeline.load
 
     def hook(module, args):
         if state["armed"] and state["forwards"] == after_forwards:
@@ -156,7 +156,7 @@ def interrupt_dit(monkeypatch, after_forwards: int) -> dict:
         if component == "transformer":
             model.register_forward_pre_hook(hook)
         return model
-    monkeypatch.setattr(StepVideoPipeline, "load", load)
+    monkeypatch.setattr(PhasePipeline, "load", load)
     return state
 
 
@@ -203,7 +203,7 @@ def test_failed_decode_keeps_the_latents_and_resume_only_decodes(tmp_path, capsy
     def no_memory(self, latents, tile=None):
         raise torch.OutOfMemoryError("injected")
     with monkeypatch.context() as m:
-        m.setattr(StepVideoPipeline, "decode", no_memory)
+        m.setattr(PhasePipeline, "decode", no_memory)
         rc, _, err = run_cli(capsys, *args)
     ckpt = checkpoint_path(tmp_path / "v.mp4")
     assert rc == 2 and err.splitlines() == [
