@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from .embed_cache import model_identity
 from .errors import StepVideoError
-from .fsutil import atomic_path
+from .fsutil import atomic_path, files_under
 
 COMPONENTS = ("transformer", "step_llm", "hunyuan_clip", "vae")
 LATENT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -48,14 +48,9 @@ def checkpoint_path(output: Path) -> Path:
     return output.with_name(output.name + ".resume.safetensors")
 
 
-def weights_identity(root: Path) -> dict[str, str]:
+def weights_identity(root: Path, components: tuple[str, ...] = COMPONENTS) -> dict[str, str]:
     """Per component folder, the identity of every file in it (weights, configs, tokenizers)."""
-    ident = {}
-    for name in COMPONENTS:
-        folder = Path(root) / name
-        files = [p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")] if folder.is_dir() else []
-        ident[name] = model_identity(files)
-    return ident
+    return {name: model_identity(files_under(Path(root) / name)) for name in components}
 
 
 def save_checkpoint(path: Path, latents: torch.Tensor, next_step: int, request: dict) -> None:
@@ -165,7 +160,7 @@ def load_latents(path: Path, root: Path, channels: int) -> torch.Tensor:
     check_latents(path, latents, "the latents", fix)
     if "request" in meta:
         saved = _request_of(path, meta, fix).get("weights")
-        vae = weights_identity(root)["vae"]
+        vae = weights_identity(root, ("vae",))["vae"]
         if isinstance(saved, dict) and saved.get("vae") not in (None, vae):
             raise ResumeError(f"{path} was made with other VAE weights than {root}; decode it with the model "
                               "folder that made it")

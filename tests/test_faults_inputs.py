@@ -11,7 +11,7 @@ from cli_support import loads_of, run_cli
 from conftest import ROOT
 from faults_support import (DIT, PROMPT, TINY, files_in, model_copy, read_all, replace_file, replace_json,
                             run_error, run_ok)
-from lowvram_stepvideo import sampling
+from lowvram_stepvideo import cli, sampling
 from lowvram_stepvideo.embed_cache import EmbeddingCache
 from lowvram_stepvideo.model_folder import ModelFolderError, open_model_folder
 from lowvram_stepvideo.quantize_folder import quantize_folder
@@ -191,6 +191,16 @@ def test_bad_request_numbers_and_modes_are_refused_before_any_work(extra, tmp_pa
     loaded = loads_of(monkeypatch)
     err = run_error(capsys, "--demo", "--prompt", PROMPT, *TINY, *extra)
     assert REQUESTS[extra] in err and loaded == [] and files_in(tmp_path) == [], err
+
+
+def test_dry_run_is_honoured_with_resume_and_save_latents(tmp_path, capsys, monkeypatch):
+    planned = []
+    monkeypatch.setattr(cli, "_dry_run", lambda args, spec: planned.append(
+        f"{spec.frames}x{spec.height}x{spec.width}") or 0)
+    loaded = loads_of(monkeypatch)
+    rc, _, err = run_cli(capsys, "--demo", "--prompt", PROMPT, *TINY, "--dry-run", "--resume", "--save-latents",
+                         tmp_path / "z.safetensors", "--output", tmp_path / "o.mp4")
+    assert rc == 0 and planned == ["17x16x16"] and loaded == [] and files_in(tmp_path) == [], err
 
 
 def test_seed_range_is_the_generators(tmp_path):
