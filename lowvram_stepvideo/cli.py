@@ -280,6 +280,8 @@ def _dry_run(args, spec: JobSpec) -> int:
     preflight.check_numbers(spec)
     turbo = args.turbo or folder.turbo
     preset = preflight.preset_for(spec, profile, sampling_defaults(True)["steps"] if turbo else None, _say)
+    if vram is not None and profile.device == "cpu":
+        _say(f"note: --vram-gib does not apply to profile {profile.name} (it computes in RAM; --ram-gib does)")
     verdict = check_fit(folder, profile, preset, vram, ram, args.assume_format, preflight.speed_options(spec))
     asked = args.resident_blocks
     if asked is not None and verdict.profile.dit.resident_blocks < asked:

@@ -18,9 +18,8 @@ import torch
 from .assumed_format import assume_format as assume_format_of
 from .budgets import Budget, machine_budget
 from .model_folder import ModelFolder
-from .offload import ARENA_BYTES
+from .offload import ARENA_BYTES, find_blocks
 from .offload_store import BlockLayout, HostArenas
-from .pipeline import stream_blocks
 from .plan import Plan, fit_profile
 from .profiles import Preset, Profile, list_profiles, load_profile
 from .runner import ladder_from
@@ -192,7 +191,7 @@ def stack_size(folder: ModelFolder, component: str, dtype: torch.dtype) -> tuple
     """(blocks, bytes of one block as streamed) of the DiT or step_llm, from the weight index alone."""
     model = folder.open(component).load(dtype, "cpu", reader=lambda r: torch.empty(r.shape, dtype=r.dtype,
                                                                                     device="meta"))
-    blocks = stream_blocks(model)
+    blocks = find_blocks(model)[1]
     return len(blocks), BlockLayout(blocks[0]).nbytes
 
 

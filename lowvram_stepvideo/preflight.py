@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from . import demo
 from .errors import UsageError
 from .model_folder import ModelFolder, open_model_folder
-from .profiles import Preset, Profile, auto_profile, detect_vram_bytes, load_profile, with_overrides
+from .profiles import Preset, Profile, auto_choice, detect_vram_bytes, load_profile, with_overrides
 from .sampling import latent_shape, sampling_problem
 from .speed import SpeedOptions
 from .video import output_path_error
@@ -67,12 +68,17 @@ def model_folder(spec: JobSpec) -> ModelFolder:
     return open_model_folder(spec.model_dir)
 
 
-def profile_for(spec: JobSpec, need_device: bool = True) -> Profile:
-    """The spec's profile ('auto': by the card) with its overrides; with need_device, a CUDA profile on a machine
-    without a GPU is refused here, before anything is allocated."""
+def profile_for(spec: JobSpec, need_device: bool = True, log: Callable[[str], None] | None = None) -> Profile:
+    """The spec's profile ('auto': by the card and the RAM, said to `log`) with its overrides; with need_device, a
+    CUDA profile on a machine without a GPU is refused here, before anything is allocated."""
     name = spec.profile or ("cpu" if spec.demo else "auto")
     vram = detect_vram_bytes()
-    profile = auto_profile(vram) if name == "auto" else load_profile(name)
+    if name == "auto":
+        profile, reason = auto_choice(vram)
+        if log:
+            log(reason)
+    else:
+        profile = load_profile(name)
     if need_device and profile.device == "cuda" and vram is None:
         raise UsageError(f"profile {profile.name!r} needs a CUDA GPU and none was found; use --profile cpu "
                          "(slow) or --dry-run to see its memory plan")
