@@ -75,13 +75,14 @@ def _strip_bert(key: str) -> str | None:
     return None if key.endswith("position_ids") else key  # old transformers saved this buffer
 
 
-def open_vae(folder: Path) -> Component:
-    """The decoder is required; the encoder is built only when the config says so and its weights exist."""
+def open_vae(folder: Path, with_encoder: bool = True) -> Component:
+    """The decoder is required; the encoder is built only when asked, the config says so and its weights exist
+    (generation only decodes: it opens the VAE without the encoder, whose 110 M parameters never load)."""
     from .models.vae import AutoencoderKL
     folder = Path(folder)
     config = _read_config(VAEConfig.from_folder, folder, "vae/")
     source = open_weights(folder, ("vae_v2", "vae", "model"))
-    with_encoder = config.encoder.present and any(k.startswith("encoder.") for k in source.keys())
+    with_encoder = with_encoder and config.encoder.present and any(k.startswith("encoder.") for k in source.keys())
     rename = _vae_rename if with_encoder else _vae_rename_decoder_only
     return Component(build_on_meta(lambda: AutoencoderKL(config, with_encoder=with_encoder)), source, rename)
 

@@ -33,7 +33,10 @@ class ModelFolder:
     turbo: bool                 # the step-distilled checkpoint (see is_turbo)
 
     def open(self, component: str) -> Component:
-        """A fresh Component (meta module + weight index); loading it assigns memory-mapped tensors."""
+        """A fresh Component (meta module + weight index) as a generation runs it (the VAE without its encoder:
+        nothing here encodes); loading it assigns memory-mapped tensors."""
+        if component == "vae":
+            return open_vae(self.root / component, with_encoder=False)
         return OPENERS[component](self.root / component)
 
     def step_llm_tokenizer(self):

@@ -47,12 +47,24 @@ def decode_untiled(decode_chunk: DecodeFn, z: torch.Tensor, latents_per_chunk: i
 
 
 def tile_spans(length: int, tile: int, overlap: int) -> list[tuple[int, int]]:
-    """[start, end) of tiles covering [0, length): all `tile` long, consecutive ones overlapping by at least
-    `overlap`, the last one flush with the end. One span when the tile covers the whole length."""
+    """[start, end) of tiles covering [0, length): as few tiles as `tile` allows, all of one size (at most `tile`,
+    as small as the coverage allows), spread evenly so consecutive ones overlap by at least `overlap`. Equal tiles
+    with the least total area keep the decoder's extra work low (see `tile_overhead`) and give one tile shape.
+    One span when the tile covers the whole length."""
     if tile >= length:
         return [(0, length)]
-    starts = list(range(0, length - tile, tile - overlap)) + [length - tile]
-    return [(s, s + tile) for s in starts]
+    count = -(-(length - overlap) // (tile - overlap))          # fewest tiles of `tile` covering `length`
+    size = -(-(length + (count - 1) * overlap) // count)        # smallest equal size that still covers
+    starts = [round(j * (length - size) / (count - 1)) for j in range(count)]
+    return [(s, s + size) for s in starts]
+
+
+def tile_overhead(size: tuple[int, int], tile, overlap) -> float:
+    """Decoded area of all tiles over the frame's area: the decoder's work relative to an untiled decode (its
+    convolutions dominate; 1.0 = untiled)."""
+    (th, tw), (oh, ow) = _pair(tile, "tile"), _pair(overlap, "tile overlap")
+    covered = [sum(e - s for s, e in tile_spans(n, t, o)) / n for n, t, o in zip(size, (th, tw), (oh, ow))]
+    return covered[0] * covered[1]
 
 
 def _ramp(n: int, rising: bool) -> torch.Tensor:

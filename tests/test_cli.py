@@ -52,7 +52,7 @@ def test_demo_run_writes_a_playable_mp4_and_a_sidecar(reference, demo_dir):
     assert (meta["preset"], meta["steps"], meta["guidance_scale"], meta["shift"]) == ("34x64x96", 4, 9.0, 13.0)
     assert (meta["frames"], meta["size"], meta["turbo"]) == (34, [64, 96], False)
     assert (meta["fps"], meta["width"], meta["height"], meta["duration_s"]) == (25, 96, 64, 1.36)
-    assert meta["profile"]["name"] == "cpu" and meta["profile"]["vae"] == {"tile": 32, "overlap": 8}
+    assert meta["profile"]["name"] == "cpu" and meta["profile"]["vae"] == {"tile": 32, "overlap": 4}
     assert meta["arguments"]["checkpoint_every"] == 5 and meta["arguments"]["cache"] is True
     assert set(meta["timings_s"]) == {"text", "denoise", "decode"} and meta["total_s"] > 0
     assert meta["peak_host_bytes"] > 0 and meta["peak_vram_bytes"] is None   # CPU run

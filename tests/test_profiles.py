@@ -90,7 +90,7 @@ BAD = {
     "unknown top-level key": (BASE.replace('cfg_mode = "sequential"', 'cfg_mode = "sequential"\ncfgg = 1'), "'cfgg'"),
     "unknown section key": (BASE.replace("prefetch = 2\nsource = \"ram\"",
                                          "prefetch = 2\nsource = \"ram\"\nresident = 3"), "'dit.resident'"),
-    "missing key": (BASE.replace("overlap = 8", ""), "'vae.overlap'"),
+    "missing key": (BASE.replace("overlap = 4", ""), "'vae.overlap'"),
     "missing section": (BASE.replace("[memory]", "[memoryx]"), "'memoryx'"),
     "bad choice": (BASE.replace('attention = "auto"', 'attention = "xformers"'), "attention = 'xformers'"),
     "bool for int": (BASE.replace("resident_blocks = 12", "resident_blocks = true"), "dit.resident_blocks"),
@@ -100,7 +100,7 @@ BAD = {
     "preset key": (BASE.replace("steps = 50 },   # release", "step = 50 },   # release"), "presets[0]"),
     "ladder order": (BASE.replace("frames = 68,", "frames = 170,"), "presets[3]"),
     "pinned > host": (BASE.replace("packed_gb = 32", "packed_gb = 64"), "memory.packed_gb"),
-    "tile vs overlap": (BASE.replace("tile = 32", "tile = 16"), "vae.tile"),
+    "tile vs overlap": (BASE.replace("tile = 32", "tile = 8"), "vae.tile"),
     "syntax": (BASE.replace('device = "cuda"', "device = cuda"), "not valid TOML"),
 }
 
@@ -144,7 +144,7 @@ def test_overrides():
     (dict(dit_foo=1), "unknown profile override 'dit_foo'"),
     (dict(cfg_mode="both"), "override cfg_mode = 'both'"),
     (dict(dit_prefetch=-2), "override dit_prefetch"),
-    (dict(vae_tile=4), "vae.tile"),                                       # 4 <= 2 * overlap 8
+    (dict(vae_tile=4), "vae.tile"),                                       # 4 <= 2 * overlap 4
     (dict(memory_packed_gb=1000), "memory.packed_gb"),
     (dict(device="cpu", attention="flash"), "needs CUDA"),
     (dict(presets=[]), "at least one preset"),

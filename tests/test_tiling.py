@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from lowvram_stepvideo.tiling import (DecodeState, TileOOMError, axis_weights, check_tiling, chunk_frames,
                                       decode_tiled, decode_untiled, decode_with_fallback, halving_tiles,
-                                      mix_boundary, tile_count, tile_spans)
+                                      mix_boundary, tile_count, tile_overhead, tile_spans)
 
 SCALE = 8  # stand-in upscale factor (the real VAE has 16; smaller keeps the tests fast)
 TO_RGB = torch.tensor([[0.9, -0.4, 0.3, 0.2], [-0.2, 0.7, 0.5, -0.6], [0.4, 0.1, -0.8, 0.5]])  # (3, C=4)
@@ -140,9 +140,20 @@ def test_receptive_field_tiled_is_close_and_overlap_helps():
 def test_tile_spans_cover_and_overlap(length, tile, overlap):
     spans = tile_spans(length, tile, overlap)
     assert spans[0][0] == 0 and spans[-1][1] == length
-    assert all(e - s == min(tile, length) for s, e in spans)
+    sizes = {e - s for s, e in spans}
+    assert len(sizes) == 1 and sizes.pop() <= min(tile, length)        # one tile shape, never above `tile`
+    fewest = 1 if tile >= length else -(-(length - overlap) // (tile - overlap))
+    assert len(spans) == fewest
     for (s0, e0), (s1, e1) in zip(spans, spans[1:]):
         assert s0 < s1 and e0 - s1 >= overlap  # consecutive tiles overlap by at least `overlap`
+    if len(spans) > 1:   # the least coverage: one pixel smaller and the tiles no longer cover with that overlap
+        size = spans[0][1] - spans[0][0]
+        assert (size - 1) * len(spans) - (len(spans) - 1) * overlap < length
+
+
+def test_tile_overhead_counts_the_decoded_area():
+    assert tile_overhead((34, 62), 64, 8) == 1.0                          # untiled
+    assert tile_overhead((34, 62), (34, 32), (0, 2)) == pytest.approx(64 / 62)   # two 32-wide tiles, 2 shared
 
 
 @pytest.mark.parametrize("length, tile, overlap", [(5, 2, 1), (9, 3, 2), (9, 4, 1), (34, 16, 4), (7, 7, 3),
@@ -289,3 +300,11 @@ def test_decode_bar_knows_its_total_from_the_start_and_across_a_fallback(capsys)
     assert seen[-1] == (1 + 2 * 4, 1 + 2 * 4)          # chunk 0 whole, chunks 1-2 in 2 x 2 tiles
     assert all(done <= total for done, total in seen)
     assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+
+
+@pytest.mark.parametrize("size", [(34, 62), (48, 48)], ids=["544x992", "768x768"])
+def test_every_profile_tiles_within_1_4x_the_untiled_work(size):
+    from lowvram_stepvideo.profiles import list_profiles, load_profile
+    for name in list_profiles():
+        vae = load_profile(name).vae
+        assert tile_overhead(size, vae.tile or max(size), vae.overlap) <= 1.4, name

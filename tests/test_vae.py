@@ -262,3 +262,42 @@ def test_vae_folder_with_another_networks_config_is_refused(tmp_path):
     (tmp_path / "config.json").write_text((RELEASE_MODEL / "transformer" / "config.json").read_text())
     with pytest.raises(ConfigError, match="another network's config"):
         VAEConfig.from_folder(tmp_path)
+
+
+def test_attention_hands_sdpa_dense_rows_and_keeps_its_math(monkeypatch):
+    """The memory-efficient SDPA kernel needs q/k/v with a dense last dim; the math stays causal softmax(qk^T/sqrt c)v."""
+    block = vae_mod.AttnBlock(32).double().eval()
+    x = torch.randn(1, 32, 2, 3, 4, dtype=torch.float64)
+    real, seen = torch.nn.functional.scaled_dot_product_attention, []
+
+    def recording(q, k, v, **kwargs):
+        seen.append(all(t.is_contiguous() and t.stride(-1) == 1 for t in (q, k, v)))
+        return real(q, k, v, **kwargs)
+    monkeypatch.setattr(vae_mod.F, "scaled_dot_product_attention", recording)
+    out = block(x)
+    assert seen == [True]
+    normed = block.norm(x)
+    q, k, v = (p(normed).flatten(2).transpose(1, 2) for p in (block.q, block.k, block.v))   # (b, t*h*w, c)
+    scores = q @ k.transpose(1, 2) / 32 ** 0.5
+    scores = scores.masked_fill(torch.ones_like(scores, dtype=torch.bool).triu(1), float("-inf"))
+    attn = (scores.softmax(-1) @ v).transpose(1, 2).reshape(x.shape)
+    assert_close(out, block.proj_out(attn, residual=x), atol=1e-10, what="attention")
+
+
+def test_generation_opens_the_vae_without_its_encoder(tmp_path):
+    from lowvram_stepvideo.loaders import open_vae
+    state = AutoencoderKL(tiny_encoder_config(), with_encoder=True).state_dict()
+    stored = {k.replace("decoder.conv_out.conv.", "decoder.conv_out."): v for k, v in state.items()}
+    raw = {"z_channels": 4, "encoder": {"ch": 32, "ch_mult": [1, 1, 1, 1], "present": True},
+           "decoder": {"ch": 32, "ch_mult": [2, 1, 1, 1]}}
+    folder = write_vae_folder(tmp_path / "vae", raw, stored)
+    assert open_vae(folder).module.encoder is not None              # validation sees every tensor
+    decoder_only = open_vae(folder, with_encoder=False)
+    decoder_only.check()                                            # the encoder's tensors are skipped, not missing
+    vae = decoder_only.load(torch.float32)
+    assert vae.encoder is None
+    assert torch.equal(vae.decoder.conv_out.conv.weight, state["decoder.conv_out.conv.weight"])
+    from lowvram_stepvideo.model_folder import ModelFolder
+    import dataclasses
+    fields = {f.name: None for f in dataclasses.fields(ModelFolder)} | {"root": tmp_path}
+    assert ModelFolder(**fields).open("vae").module.encoder is None   # what the pipeline loads to decode

@@ -159,7 +159,9 @@ class AttnBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, t, h, w = x.shape
         normed = self.norm(x)
-        q, k, v = (rearrange(p(normed), "b c t h w -> b 1 (t h w) c") for p in (self.q, self.k, self.v))
+        # Contiguous (b, 1, t*h*w, c): SDPA's memory-efficient kernel needs the last dim dense; with the strided
+        # view it falls back to the math kernel and its (t*h*w)^2 float32 scores. Flash cannot take c = 512.
+        q, k, v = (rearrange(p(normed), "b c t h w -> b 1 (t h w) c").contiguous() for p in (self.q, self.k, self.v))
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True)       # (b, 1, t*h*w, c)
         out = rearrange(out, "b 1 (t h w) c -> b c t h w", t=t, h=h, w=w)
         return self.proj_out(out, residual=x)
