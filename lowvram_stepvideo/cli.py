@@ -88,7 +88,7 @@ def build_parser(prog: str = "generate.py") -> argparse.ArgumentParser:
                         "(quantize.py records it; else model_index.json or a folder name with 'turbo')")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the initial noise (default 0): the same seed, prompt and settings give the same "
-                        "video, another seed another video; an integer from 0 to 2**64-1")
+                        "video, another seed another video; an integer from 0 to 2^64-1")
     p.add_argument("--output", type=Path, help="mp4 path (default: results/<prompt>-<time>.mp4, made unique); the "
                                                "metadata goes next to it as <output>.json")
     p.add_argument("--overwrite", action="store_true",

@@ -21,7 +21,7 @@ from .models.dit import set_attention_head_chunk, set_token_chunk
 from .offload import attach_streaming, device_memory_report, offload_component, to_device
 from .profiles import Profile, load_profile
 from .sampling import (cfg_combine, dit_timestep, euler_step, flow_sigmas, initial_noise, latent_shape,
-                       sampling_defaults)
+                       sampling_defaults, sampling_problem)
 from .tiling import decode_with_fallback, halving_tiles, tile_count
 from .video import postprocess
 
@@ -76,6 +76,9 @@ class PhasePipeline:
         steps = num_inference_steps or self.defaults["steps"]
         g = self.defaults["guidance_scale"] if guidance_scale is None else guidance_scale
         shift = time_shift or self.defaults["shift"]
+        problem = sampling_problem(g, shift, seed)   # a NaN guidance scale would give a black video
+        if problem:
+            raise ValueError(problem)
         if prompt_embeds is None:
             prompt_embeds = self.encode_prompt(prompt, negative_prompt, pos_magic)
         if latents is None:

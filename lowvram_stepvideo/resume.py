@@ -10,6 +10,7 @@ resume checkpoint, damaged latents or latents of another VAE.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -48,14 +49,18 @@ def checkpoint_path(output: Path) -> Path:
     return output.with_name(output.name + ".resume.safetensors")
 
 
-def weights_identity(root: Path) -> dict[str, str]:
+def weights_identity(root: Path, components: tuple[str, ...] = COMPONENTS) -> dict[str, str]:
     """Per component folder, the identity of every file in it (weights, configs, tokenizers)."""
-    ident = {}
-    for name in COMPONENTS:
-        folder = Path(root) / name
-        files = [p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")] if folder.is_dir() else []
-        ident[name] = model_identity(files)
-    return ident
+    return {name: model_identity(_files(Path(root) / name)) for name in components}
+
+
+def _files(folder: Path) -> list[Path]:
+    """Every file under `folder`, through symlinked folders too, hidden ones (temp files) left out."""
+    out = []
+    for top, dirs, files in os.walk(folder, followlinks=True):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        out += [Path(top) / f for f in files if not f.startswith(".") and os.path.isfile(os.path.join(top, f))]
+    return out
 
 
 def save_checkpoint(path: Path, latents: torch.Tensor, next_step: int, request: dict) -> None:
@@ -165,7 +170,7 @@ def load_latents(path: Path, root: Path, channels: int) -> torch.Tensor:
     check_latents(path, latents, "the latents", fix)
     if "request" in meta:
         saved = _request_of(path, meta, fix).get("weights")
-        vae = weights_identity(root)["vae"]
+        vae = weights_identity(root, ("vae",))["vae"]
         if isinstance(saved, dict) and saved.get("vae") not in (None, vae):
             raise ResumeError(f"{path} was made with other VAE weights than {root}; decode it with the model "
                               "folder that made it")

@@ -342,8 +342,9 @@ def execute(job: PreparedJob, events: Events) -> JobResult:
                               time.perf_counter() - start, events.log)
     except BaseException:
         if job.checkpoint and job.checkpoint.is_file():
+            flags = "--resume --overwrite" if job.output.exists() else "--resume"   # the mp4 may be written
             events.log(f"note: the denoised latents are kept in {job.checkpoint}; run the same command with "
-                       "--resume to only decode")
+                       f"{flags} to only decode")
         raise
     if job.checkpoint:
         job.checkpoint.unlink(missing_ok=True)

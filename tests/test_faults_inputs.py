@@ -11,7 +11,7 @@ from cli_support import loads_of, run_cli
 from conftest import ROOT
 from faults_support import (DIT, PROMPT, TINY, files_in, model_copy, read_all, replace_file, replace_json,
                             run_error, run_ok)
-from lowvram_stepvideo import sampling
+from lowvram_stepvideo import cli, sampling
 from lowvram_stepvideo.embed_cache import EmbeddingCache
 from lowvram_stepvideo.model_folder import ModelFolderError, open_model_folder
 from lowvram_stepvideo.quantize_folder import quantize_folder
@@ -135,8 +135,8 @@ def test_quantize_of_a_nan_source_fails_in_one_line_and_leaves_no_partial_folder
     tensors[weight][0, 0] = float("nan")
     replace_file(model / DIT, tensors, meta)
     rc = _quantize_cli().main(["--model-dir", str(model), "--out", str(tmp_path / "q"), "--format", "int8"])
-    err = [ln for ln in capsys.readouterr().err.strip().splitlines() if not ln.startswith("quantize:")]  # progress
-    assert rc == 2 and len(err) == 1 and "NaN" in err[0] and weight in err[0], err
+    err = [ln for ln in capsys.readouterr().err.splitlines() if not ln.startswith("quantize: ")]   # progress
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error: ") and "NaN" in err[0] and weight in err[0], err
     assert files_in(tmp_path) == ["m"]
 
 
@@ -179,7 +179,7 @@ REQUESTS = {  # extra arguments: words of the error
     ("--cfg", "-5"): "--cfg -5.0: a negative guidance scale",
     ("--shift", "inf"): "--shift inf: must be a positive finite number",
     ("--shift", "nan"): "--shift nan: must be a positive finite number",
-    ("--seed", "-1"): "--seed -1: seeds go from 0 to 2**64-1",
+    ("--seed", "-1"): "--seed -1: seeds go from 0 to 2^64-1",
     ("--seed", str(2**64 + 1)): f"--seed {2**64 + 1}: seeds go from 0",
     ("--dry-run", "--decode-latents", "x.safetensors"): "--dry-run plans a generation",
 }
@@ -191,6 +191,15 @@ def test_bad_request_numbers_and_modes_are_refused_before_any_work(extra, tmp_pa
     loaded = loads_of(monkeypatch)
     err = run_error(capsys, "--demo", "--prompt", PROMPT, *TINY, *extra)
     assert REQUESTS[extra] in err and loaded == [] and files_in(tmp_path) == [], err
+
+
+def test_dry_run_is_honoured_with_resume_and_save_latents(tmp_path, capsys, monkeypatch):
+    planned = []
+    monkeypatch.setattr(cli, "_dry_run", lambda args, pipe, preset: planned.append(str(preset)) or 0)
+    loaded = loads_of(monkeypatch)
+    rc, _, err = run_cli(capsys, "--demo", "--prompt", PROMPT, *TINY, "--dry-run", "--resume", "--save-latents",
+                         tmp_path / "z.safetensors", "--output", tmp_path / "o.mp4")
+    assert rc == 0 and planned == ["17x16x16"] and loaded == [] and files_in(tmp_path) == [], err
 
 
 def test_seed_range_is_the_generators(tmp_path):
@@ -219,7 +228,7 @@ def test_list_profiles_lists_bad_profiles_as_bad_and_the_good_ones(tmp_path, cap
     (tmp_path / "broken.toml").write_text("device = [")
     monkeypatch.setenv("LOWVRAM_STEPVIDEO_PROFILES", str(tmp_path))
     rc, out, _ = run_cli(capsys, "--list-profiles")
-    lines = [ln for ln in out.splitlines() if ln.startswith(("broken", "cpu "))]   # no header, no ladders
-    assert rc == 0 and len(lines) == 2
-    assert lines[0].startswith("broken") and "BAD PROFILE" in lines[0] and "not valid TOML" in lines[0]
-    assert lines[1].startswith("cpu ") and "BAD" not in lines[1]
+    listed = {ln.split()[0]: ln for ln in out.splitlines()[1:] if not ln.startswith(" ")}
+    assert rc == 0 and sorted(listed) == ["broken", "cpu"], out
+    assert "BAD PROFILE" in listed["broken"] and "not valid TOML" in listed["broken"]
+    assert "BAD" not in listed["cpu"] and "17x" in out   # the good one with its ladder

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cli_support import loads_of, read_sidecar, subprocess_env
+from cli_support import loads_of, read_sidecar, run_cli, subprocess_env
 from conftest import ROOT
 from faults_support import (DIT, PROMPT, TINY, files_in, model_copy, read_all, replace_file, run_error, run_ok)
 from lowvram_stepvideo import cli, demo, fsutil, outputs, resume, runner, video
@@ -297,9 +297,18 @@ def test_a_failed_sidecar_write_is_one_line(tmp_path, capsys, monkeypatch):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         with original(path, suffix) as tmp:
             yield tmp
-    monkeypatch.setattr(video, "atomic_path", full_for_json)
-    err = run_error(capsys, "--demo", "--prompt", PROMPT, *TINY, "--output", tmp_path / "s.mp4")
-    assert err == f"error: could not write {tmp_path / 's.mp4.json'}: No space left on device"
+    argv = ["--demo", "--prompt", PROMPT, *TINY, "--output", tmp_path / "s.mp4"]
+    with monkeypatch.context() as m:
+        m.setattr(video, "atomic_path", full_for_json)
+        rc, _, err = run_cli(capsys, *argv)
+    assert rc == 2 and err.splitlines()[-2:] == [
+        f"note: the denoised latents are kept in {checkpoint_path(tmp_path / 's.mp4')}; run the same command with "
+        "--resume --overwrite to only decode",
+        f"error: could not write {tmp_path / 's.mp4.json'}: No space left on device"]
+    loaded = loads_of(monkeypatch)
+    run_ok(capsys, *argv, "--resume", "--overwrite")   # the disk has room again: the kept latents are decoded
+    assert "transformer" not in loaded and files_in(tmp_path) == ["s.mp4", "s.mp4.json"]
+
 
 
 def test_demo_with_a_read_only_cache_falls_back_or_says_where_it_must_write(demo_dir, tmp_path, monkeypatch):
