@@ -195,7 +195,8 @@ def test_bad_request_numbers_and_modes_are_refused_before_any_work(extra, tmp_pa
 
 def test_dry_run_is_honoured_with_resume_and_save_latents(tmp_path, capsys, monkeypatch):
     planned = []
-    monkeypatch.setattr(cli, "_dry_run", lambda args, pipe, preset: planned.append(str(preset)) or 0)
+    monkeypatch.setattr(cli, "_dry_run", lambda args, spec: planned.append(
+        f"{spec.frames}x{spec.height}x{spec.width}") or 0)
     loaded = loads_of(monkeypatch)
     rc, _, err = run_cli(capsys, "--demo", "--prompt", PROMPT, *TINY, "--dry-run", "--resume", "--save-latents",
                          tmp_path / "z.safetensors", "--output", tmp_path / "o.mp4")
