@@ -127,7 +127,7 @@ class PhasePipeline:
         self.log(f"{type(model).__name__}: {engine.summary()}")
 
     def unplace(self, model: torch.nn.Module) -> None:
-        offload_component(model)
+        offload_component(model, discard=True)   # each phase loads its model and throws it away after
 
     @contextlib.contextmanager
     def placed(self, model: torch.nn.Module, streaming=None):
