@@ -76,6 +76,16 @@ def clean_orphans(folder: Path) -> list[Path]:
     return removed
 
 
+def files_under(folder: Path) -> list[Path]:
+    """Every file under `folder`, through symlinked folders too; hidden ones (temp files) and dangling links are
+    left out."""
+    out = []
+    for top, dirs, files in os.walk(folder, followlinks=True):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        out += [Path(top) / f for f in files if not f.startswith(".") and os.path.isfile(os.path.join(top, f))]
+    return out
+
+
 def writable_dir_error(path: Path) -> str | None:
     """One-line reason why `path` cannot be written, or None."""
     parent = Path(path).resolve().parent

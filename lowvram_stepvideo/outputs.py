@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import StepVideoError
-from .fsutil import clean_orphans
+from .fsutil import clean_orphans, files_under
 from .resume import COMPONENTS, checkpoint_path
 from .video import output_path_error, sidecar_path
 
@@ -87,11 +87,7 @@ def model_files(root: Path) -> list[Path]:
     """Every file a model folder is made of (component folders followed through symlinks)."""
     root = Path(root)
     files = [p for p in root.iterdir() if p.is_file()] if root.is_dir() else []
-    for name in COMPONENTS:
-        folder = (root / name).resolve()
-        if folder.is_dir():
-            files += [p for p in folder.rglob("*") if p.is_file()]
-    return files
+    return files + [f for name in COMPONENTS for f in files_under(root / name)]
 
 
 def _entry(path: Path) -> Path:

@@ -10,7 +10,6 @@ resume checkpoint, damaged latents or latents of another VAE.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -19,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from .embed_cache import model_identity
 from .errors import StepVideoError
-from .fsutil import atomic_path
+from .fsutil import atomic_path, files_under
 
 COMPONENTS = ("transformer", "step_llm", "hunyuan_clip", "vae")
 LATENT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -51,16 +50,7 @@ def checkpoint_path(output: Path) -> Path:
 
 def weights_identity(root: Path, components: tuple[str, ...] = COMPONENTS) -> dict[str, str]:
     """Per component folder, the identity of every file in it (weights, configs, tokenizers)."""
-    return {name: model_identity(_files(Path(root) / name)) for name in components}
-
-
-def _files(folder: Path) -> list[Path]:
-    """Every file under `folder`, through symlinked folders too, hidden ones (temp files) left out."""
-    out = []
-    for top, dirs, files in os.walk(folder, followlinks=True):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        out += [Path(top) / f for f in files if not f.startswith(".") and os.path.isfile(os.path.join(top, f))]
-    return out
+    return {name: model_identity(files_under(Path(root) / name)) for name in components}
 
 
 def save_checkpoint(path: Path, latents: torch.Tensor, next_step: int, request: dict) -> None:
