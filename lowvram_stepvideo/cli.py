@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import textwrap
@@ -11,11 +12,13 @@ from pathlib import Path
 import torch
 
 from . import exit_codes, preflight, results, runner
+from .budgets import use_expandable_segments
 from .config import ConfigError
 from .errors import StepVideoError, UsageError
 from .outputs import plan_outputs
 from .preflight import JobSpec
-from .profiles import describe, detect_vram_bytes, list_profiles, load_profile, profiles_dir
+from .profiles import (auto_choice, describe, detect_vram_bytes, list_profiles, load_profile, profiles_dir,
+                       with_overrides)
 from .resume import load_latents
 from .runner import Interrupted, PhasePipeline, say as _say
 from .sampling import RELEASE_DEFAULTS, TURBO_DEFAULTS, sampling_defaults
@@ -28,13 +31,18 @@ examples:
   %(prog)s --demo --prompt "a cat playing piano"
       the tiny built-in random model on the CPU: checks the install in about half a minute
   %(prog)s --model-dir ./stepvideo-t2v-int8 --prompt "a red fox in the snow" --output fox.mp4
-      the profile is picked by the GPU's memory (--profile auto); the largest preset that fits runs
+      the profile is picked by the GPU's memory and the RAM (--profile auto); the largest preset that fits runs
   %(prog)s --model-dir ./stepvideo-t2v-int8 --profile 16gb --prompt "test" --dry-run
-      the memory plan of each phase on this card, without generating anything
+      the memory plan of each phase against this machine's VRAM and RAM, and whether it fits (nothing generated)
+  %(prog)s --model-dir ./stepvideo-t2v --profile 12gb --prompt "test" --dry-run --assume-format int8 \
+      --vram-gib 12 --ram-gib 32
+      what a 12 GB card in a 32 GB machine would do with this folder once quantized to int8
   %(prog)s --model-dir ./stepvideo-t2v-int8 --prompt "a red fox in the snow" --output fox.mp4 --resume
       continue a run that was interrupted (Ctrl-C, crash), from the checkpoint saved next to fox.mp4
   %(prog)s --list-profiles
       the memory tiers and their preset ladders
+  %(prog)s --web --demo
+      the local web page on http://127.0.0.1:7860/ (pip install -e ".[web]"): queue, progress, cancel, videos
 
 presets:
   Each profile has a ladder of presets written FRAMESxHEIGHTxWIDTH@STEPS: 204x544x992@50 is 204 frames
@@ -63,7 +71,8 @@ def build_parser(prog: str = "generate.py") -> argparse.ArgumentParser:
                    help="use a built-in tiny random-weight model (CPU, no downloads; the video is noise)")
     p.add_argument("--profile", default=None,
                    help="memory tier name or path to a .toml file (default: auto = the largest tier that fits the "
-                        f"detected GPU, cpu without one; with --demo: cpu). Tiers: {', '.join(list_profiles())}")
+                        "detected GPU, its host RAM fitted to this machine's; without a GPU the cpu tier that fits "
+                        f"the RAM; with --demo: cpu). Tiers: {', '.join(list_profiles())}")
     p.add_argument("--prompt", help="what the video shows (English or Chinese)")
     p.add_argument("--prompts-file", type=Path, help="a batch: one prompt per line (see 'batches' below)")
     p.add_argument("--seeds", help="with --prompts-file: make each prompt once per seed, e.g. 0,1,2 (default: --seed)")
@@ -94,9 +103,16 @@ def build_parser(prog: str = "generate.py") -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="replace existing outputs (and start again over an earlier run's resume checkpoint)")
     p.add_argument("--dry-run", action="store_true",
-                   help="print the memory plan of every phase and exit: the pipeline runs on fake tensors (no "
-                        "weights are read, nothing is generated; seconds to a minute)")
+                   help="print the memory plan of every phase against this machine's budgets and whether it fits, "
+                        "then exit (status 0 fits, 3 nothing on the ladder fits): the pipeline runs on fake tensors "
+                        "(no weights are read, nothing is generated; seconds to a minute)")
     p.add_argument("--json", action="store_true", help="with --dry-run: print the plan as JSON")
+    p.add_argument("--vram-gib", type=float, metavar="N",
+                   help="with --dry-run: plan for a card of N GiB instead of this machine's (e.g. 12)")
+    p.add_argument("--ram-gib", type=float, metavar="N",
+                   help="with --dry-run: plan for a machine with N GiB of RAM instead of this one (e.g. 32)")
+    p.add_argument("--assume-format", choices=["int8", "fp8"],
+                   help="with --dry-run: plan a release (bf16) folder as quantize.py's output in this format")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
     p.add_argument("--checkpoint-every", type=int, default=5,
                    help="save the latents every N steps for --resume (default %(default)s; 0 = never)")
@@ -113,11 +129,19 @@ def build_parser(prog: str = "generate.py") -> argparse.ArgumentParser:
     p.add_argument("--vae-tile", type=int,
                    help="VAE decode tile in latent pixels (x16 image pixels) instead of the profile's; 0 = untiled")
     p.add_argument("--list-profiles", action="store_true", help="list the profiles with their presets and exit")
+    p.add_argument("--web", action="store_true",
+                   help="serve the local web page instead of making one video (needs the web extra: pip install "
+                        "-e \".[web]\"); its model list is --model-dir, --demo and the folders of "
+                        "~/.config/lowvram-stepvideo/web.toml")
+    p.add_argument("--port", type=int, help="with --web: the port (default 7860)")
+    p.add_argument("--listen", action="store_true",
+                   help="with --web: serve on every network interface instead of 127.0.0.1 (no password!)")
     return p
 
 
 def main(argv: list[str], prog: str = "generate.py") -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    use_expandable_segments()   # before anything initialises CUDA
     args = build_parser(prog).parse_args(argv)
     try:
         return run(args)
@@ -145,12 +169,19 @@ def run(args) -> int:
     if args.list_profiles:
         _list_profiles()
         return exit_codes.OK
+    if args.port is not None and not 0 < args.port < 65536:
+        raise UsageError(f"--port {args.port}: must be 1-65535 (default 7860)")
+    if args.web:
+        _check_web_flags(args)
+        from .web import serve
+        return serve(args.model_dir, args.demo, args.profile, args.port, args.listen)
+    if args.port is not None or args.listen:
+        raise UsageError("--port and --listen go with --web (python generate.py --web --demo --port 8080)")
+    _check_dry_run_flags(args)
     if args.dry_run and args.decode_latents:
         raise UsageError("--dry-run plans a generation; --decode-latents only runs the VAE (nothing to plan): "
                          "drop one of them")
     spec = job_spec(args)
-    if args.json and not args.dry_run:
-        raise UsageError("--json only goes with --dry-run")
     if args.prompts_file:
         return _batch(args, spec)
     _check_not_batch(args)
@@ -181,6 +212,18 @@ def _batch(args, spec: JobSpec) -> int:
     return exit_codes.OK if report.ok else exit_codes.BATCH_INCOMPLETE
 
 
+WEB_FLAGS = {"web", "model_dir", "demo", "profile", "port", "listen"}
+
+
+def _check_web_flags(args) -> None:
+    """--web takes its settings from the page: a flag for one video given with it would be silently ignored."""
+    defaults = vars(build_parser().parse_args([]))
+    extra = [k for k, v in vars(args).items() if k not in WEB_FLAGS and v != defaults[k]]
+    if extra:
+        raise UsageError(f"--{extra[0].replace('_', '-')} does not go with --web (set it in the page); --web takes "
+                         "--model-dir, --demo, --profile, --port and --listen")
+
+
 def job_spec(args) -> JobSpec:
     options = {"attention": args.attention, "dit_resident_blocks": args.resident_blocks, "vae_tile": args.vae_tile,
                "resume": args.resume, "checkpoint_every": args.checkpoint_every, "save_latents": args.save_latents,
@@ -204,34 +247,45 @@ def _list_profiles() -> None:
         print(textwrap.fill(ladder, width=108, initial_indent=" " * 13, subsequent_indent=" " * 13))
 
 
+def _check_dry_run_flags(args) -> None:
+    for flag in ("json", "vram_gib", "ram_gib", "assume_format"):
+        if getattr(args, flag) not in (None, False) and not args.dry_run:
+            raise UsageError(f"--{flag.replace('_', '-')} only goes with --dry-run")
+    for flag in ("vram_gib", "ram_gib"):
+        value = getattr(args, flag)
+        if value is not None and not 0 < value < 2**20:
+            raise UsageError(f"--{flag.replace('_', '-')} {value:g}: give the memory in GiB, e.g. 12 or 31.5")
+
+
 def _dry_run(args, spec: JobSpec) -> int:
-    """The plan for this profile and preset, with resident blocks lowered to fit the card (the detected one, else
-    the profile's nominal size)."""
-    from .plan import fit_profile
+    """The verdict of the plan against this machine (or --vram-gib / --ram-gib): 0 when a preset of the ladder
+    fits, 3 when none does."""
+    from .fit import check_fit
+    vram = None if args.vram_gib is None else int(args.vram_gib * GiB)
+    ram = None if args.ram_gib is None else int(args.ram_gib * GiB)
     folder = preflight.model_folder(spec)
-    profile = preflight.profile_for(spec, need_device=False)
-    runner.note_weight_format(folder, profile, _say)
+    profile = _dry_run_profile(spec, vram, ram)
+    if not args.assume_format:
+        runner.note_weight_format(folder, profile, _say)
     preflight.check_numbers(spec)
     turbo = args.turbo or folder.turbo
     preset = preflight.preset_for(spec, profile, sampling_defaults(True)["steps"] if turbo else None, _say)
-    vram = detect_vram_bytes()
-    if vram is None:
-        vram = profile.min_vram_gib * GiB if profile.device == "cuda" else profile.memory.host_ram_gb * GiB
-    fitted, plan = fit_profile(folder, profile, preset, int(vram))
-    te = fitted.text_encoders
-    step_llm = "whole on the device" if te.placement == "device" else f"streamed, {te.resident_blocks} resident"
-    if args.json:
-        print(plan.to_json(dit_resident_blocks=fitted.dit.resident_blocks, step_llm=step_llm,
-                           budget_bytes=int(vram)))
-        return exit_codes.OK
-    print(plan.table())
-    print(f"DiT blocks resident: {fitted.dit.resident_blocks} (profile: up to {profile.dit.resident_blocks}); "
-          f"step_llm: {step_llm}; budget {vram / GiB:.1f} GiB")
-    if plan.peak_vram_bytes > vram:
-        print(f"warning: the plan exceeds {vram / GiB:.1f} GiB; a real run steps down the preset ladder")
-    if plan.peak_host_bytes > profile.memory.host_ram_gb * GiB:
-        print(f"warning: planned host RAM exceeds the profile's host_ram_gb ({profile.memory.host_ram_gb})")
-    return exit_codes.OK
+    verdict = check_fit(folder, profile, preset, vram, ram, args.assume_format)
+    asked = args.resident_blocks
+    if asked is not None and verdict.profile.dit.resident_blocks < asked:
+        _say(f"note: --resident-blocks {asked} lowered to {verdict.profile.dit.resident_blocks}: "
+             f"more do not fit the budget")
+    print(json.dumps(verdict.to_dict(), indent=2) if args.json else verdict.report())
+    return exit_codes.OK if verdict.fits else exit_codes.DOES_NOT_FIT
+
+
+def _dry_run_profile(spec: JobSpec, vram: int | None, ram: int | None):
+    """The spec's profile; 'auto' picks for --vram-gib / --ram-gib when given, and says why."""
+    if (spec.profile or ("cpu" if spec.demo else "auto")) != "auto":
+        return preflight.profile_for(spec, need_device=False)
+    profile, reason = auto_choice(detect_vram_bytes() if vram is None else vram, ram)   # scaled to the RAM
+    _say(reason)
+    return with_overrides(profile, **{k: v for k, v in spec.options.items() if k not in preflight.RUN_OPTIONS})
 
 
 def _decode_only(args, spec: JobSpec) -> int:

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from .assumed_format import assume_format as assume_format_of
 from .memory import ByteAccountant, fmt_bytes
 from .model_folder import ModelFolder
 from .offload import ARENA_BYTES, STAGING_BUFFERS, STAGING_BYTES
@@ -64,7 +65,10 @@ def flash_style_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mas
     return torch.empty_like(q)
 
 
-def plan_memory(folder: ModelFolder, profile: Profile, preset: Preset, prompt: str = "a memory plan") -> Plan:
+def plan_memory(folder: ModelFolder, profile: Profile, preset: Preset, assume_format: str | None = None,
+                prompt: str = "a memory plan") -> Plan:
+    """The plan of one run; `assume_format` ("int8" | "fp8") plans a release folder as its quantized version."""
+    folder = assume_format_of(folder, assume_format)
     acc = ByteAccountant()
     plan = Plan(profile.name, str(preset))
     pipe = PhasePipeline(folder, profile, device="meta", progress=False, log=lambda msg: None)

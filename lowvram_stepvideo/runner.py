@@ -32,7 +32,7 @@ from .errors import StepVideoError, UsageError
 from .model_folder import ModelFolder
 from .pipeline import PhasePipeline
 from .preflight import JobSpec
-from .profiles import Preset, TextEncoders, detect_vram_bytes
+from .profiles import Preset, TextEncoders
 from .resume import (check_step_latents, checkpoint_path, load_checkpoint, save_checkpoint, saved_request,
                      weights_identity)
 from .resume import save_latents as save_latents_file
@@ -87,22 +87,33 @@ def resume_ladder(ladder: list[Preset], ckpt: Path) -> list[Preset]:
     return ladder[at[0]:] if at else ladder
 
 
-def fit_to_card(pipe: PhasePipeline, ladder: list[Preset], vram_bytes: int,
-                log: Callable[[str], None]) -> list[Preset]:
-    """Drop the head of the ladder while the memory plan says it does not fit; lower the profile's resident
-    blocks to what fits (pipe.profile is updated)."""
-    from .plan import fit_profile
-    budget = int(vram_bytes * 0.95)    # allocator fragmentation and kernels' workspaces
-    for i, preset in enumerate(ladder):
-        profile, plan = fit_profile(pipe.folder, pipe.profile, preset, budget)
-        if plan.peak_vram_bytes <= budget:
-            if i:
-                log(f"plan: {ladder[0]} does not fit in {vram_bytes / GiB:.1f} GiB; using {preset}")
-            log(f"plan: {plan.peak_vram_bytes / GiB:.1f} GiB peak, {profile.dit.resident_blocks} DiT blocks resident")
-            pipe.profile = profile
-            return ladder[i:]
-    log(f"plan: even {ladder[-1]} is planned above the card's {vram_bytes / GiB:.1f} GiB; trying it anyway")
-    return ladder[-1:]
+def fit_to_card(pipe: PhasePipeline, ladder: list[Preset], vram_bytes: int | None = None,
+                log: Callable[[str], None] = print, ram_bytes: int | None = None) -> list[Preset]:
+    """Drop the head of the ladder while the memory plan says it does not fit the budget (budgets.py: this
+    machine's free VRAM and available RAM minus their reserves, or a card of `vram_bytes` in a machine with
+    `ram_bytes`); lower the profile's resident blocks and packed RAM to what fits (pipe.profile is updated)."""
+    from .fit import clamped, first_fit, profile_budget
+    budget = profile_budget(pipe.profile, vram_bytes, ram_bytes)
+    asked = clamped(pipe.folder, pipe.profile)      # a count above the stack's size is not a lowering
+    tried: dict = {}
+    found = first_fit(pipe.folder, pipe.profile, ladder, budget, tried)
+    if found is None:
+        log(f"plan: even {ladder[-1]} is planned above the budget ({budget.vram_from}; {budget.host_from}); "
+            "trying it anyway")
+        return ladder[-1:]
+    profile, plan = tried[found]
+    if found:
+        log(f"plan: {ladder[0]} does not fit ({budget.vram_from}); using {ladder[found]}")
+    if profile.dit.resident_blocks < asked.dit.resident_blocks:
+        log(f"plan: DiT resident blocks lowered from {asked.dit.resident_blocks} to {profile.dit.resident_blocks} "
+            "to fit")
+    if profile.memory.packed_gb < pipe.profile.memory.packed_gb:
+        log(f"plan: packed host RAM lowered from {pipe.profile.memory.packed_gb:g} to {profile.memory.packed_gb:.1f} "
+            f"GiB to fit ({budget.host_from}); the other blocks are read from disk")
+    log(f"plan: {plan.peak_vram_bytes / GiB:.1f} GiB device and {plan.peak_host_bytes / GiB:.1f} GiB host peak, "
+        f"{profile.dit.resident_blocks} DiT blocks resident")
+    pipe.profile = profile
+    return ladder[found:]
 
 
 def check_resumable(pipe: PhasePipeline, request: Request, ladder: list[Preset], ckpt: Path) -> None:
@@ -375,9 +386,8 @@ def plan_ladder(pipe: PhasePipeline, preset: Preset, resume_from: Path | None, l
     ladder = ladder_from(pipe.profile.presets, preset)
     if resume_from is not None:
         return resume_ladder(ladder, resume_from)
-    vram = detect_vram_bytes()
-    if pipe.device.type == "cuda" and vram:
-        ladder = fit_to_card(pipe, ladder, vram, log)
+    if pipe.device.type == "cuda":
+        ladder = fit_to_card(pipe, ladder, None, log)     # this machine's free VRAM and available RAM
     return ladder
 
 
