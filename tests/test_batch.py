@@ -114,7 +114,14 @@ def test_a_failing_prompt_is_recorded_and_the_batch_goes_on(tmp_path, capsys, mo
     videos = summary(out)["videos"]
     assert [v["state"] for v in videos] == ["failed", "done"] and not summary(out)["ok"]
     assert videos[0]["error"] == "out of memory even at 17x16x16; use a smaller --profile or free GPU memory"
-    assert [p.name for p in out.glob("*.mp4")] == ["0002-a_lantern_floats_on_a_lake-seed0.mp4"]
+    made = out / "0002-a_lantern_floats_on_a_lake-seed0.mp4"
+    assert list(out.glob("*.mp4")) == [made]
+
+    monkeypatch.setattr(runner, "denoise", original)   # memory back: --overwrite makes both again
+    before = made.stat().st_mtime_ns
+    rc, _, err = run_cli(capsys, "--demo", "--prompts-file", path, "--output-dir", out, *TINY[:-1], "1", "--overwrite")
+    assert rc == 0, err
+    assert [v["state"] for v in summary(out)["videos"]] == ["done", "done"] and made.stat().st_mtime_ns != before
 
 
 KILLER = """
