@@ -29,12 +29,15 @@ class ModelFolder:
     weight_format: str          # "bf16" (release) or the quantized format of the DiT ("int8", "fp8")
     turbo: bool                 # the step-distilled checkpoint (recognised by its folder name)
 
-    def open(self, component: str) -> Component:
+    def open(self, component: str, layers: int | None = None) -> Component:
         """A fresh Component (meta module + weight index) as a generation runs it (the VAE without its encoder:
-        nothing here encodes); loading it assigns memory-mapped tensors."""
+        nothing here encodes); loading it assigns memory-mapped tensors. `layers` (block stacks only:
+        transformer, step_llm, hunyuan_clip) builds that many blocks, for the memory plan."""
         if component == "vae":
             return open_vae(self.root / component, with_encoder=False)
-        return OPENERS[component](self.root / component)
+        if layers is None:
+            return OPENERS[component](self.root / component)
+        return OPENERS[component](self.root / component, layers=layers)
 
     def step_llm_tokenizer(self):
         return load_step_llm_tokenizer(self.root / "step_llm")

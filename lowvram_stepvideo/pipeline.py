@@ -1,25 +1,23 @@
 """Text to video in phases that never share the device: text encoders -> free -> denoise -> free -> decode.
 
-Each phase loads its network from the memory-mapped folder, places it per the profile (whole on the device, or
-blocks streamed), runs, and gives the device back before the next phase starts.
+Each phase asks its runtime (runtime.py) to load its network, place it per the profile (whole on the device, or
+blocks streamed), runs it, and gives the device back before the next phase starts. The memory plan runs this same
+code over a planning runtime (plan.py).
 """
 from __future__ import annotations
 
 import contextlib
-import gc
-import sys
-import time
 from typing import Callable
 
 import torch
 
 from . import progress as progress_bars
-from .attention import use_attention_backend
 from .embed_cache import EmbeddingCache, model_identity
 from .model_folder import ModelFolder, open_model_folder
 from .models.dit import set_attention_head_chunk, set_token_chunk
-from .offload import attach_streaming, device_memory_report, offload_component, to_device
+from .offload import find_blocks
 from .profiles import Profile, load_profile
+from .runtime import DeviceRuntime, Runtime
 from .sampling import cfg_combine, dit_timestep, euler_step, flow_sigmas, initial_noise, latent_shape
 from .tiling import decode_with_fallback, halving_tiles, tile_count
 from .video import postprocess
@@ -30,26 +28,43 @@ NEG_MAGIC = "画面暗、低分辨率、不良手、文本、缺少手指、多�
 RELEASE_DEFAULTS = {"steps": 50, "guidance_scale": 9.0, "shift": 13.0}
 TURBO_DEFAULTS = {"steps": 15, "guidance_scale": 5.0, "shift": 17.0}
 CLIP_TOKENS = 77
-GiB = 2**30
 
 Embeds = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # y (2, S, D), y_mask (2, 77+S), clip (2, 77, Dc)
 StepCallback = Callable[[int, torch.Tensor], None]         # (steps done, latents float32)
 
 
 class StepVideoPipeline:
-    """`pipe(prompt=...)` -> frames; see `__call__`. Phase timings land in `self.timings`."""
+    """`pipe(prompt=...)` -> frames; see `__call__`. Phase timings land in `self.timings`.
+
+    `runtime` does the loading, placing and phase bookkeeping (default: a DeviceRuntime for `profile` on `device`,
+    the profile's device when None); the profile in use is the runtime's (`pipe.profile`)."""
 
     def __init__(self, folder: ModelFolder, profile: Profile, device=None, cache: EmbeddingCache | None = None,
-                 log: Callable[[str], None] | None = None, progress: bool = True):
-        self.folder, self.profile = folder, profile
-        self.device = torch.device(device or profile.device)
-        self.dtype = profile.torch_dtype
+                 log: Callable[[str], None] | None = None, progress: bool = True, runtime: Runtime | None = None):
+        self.folder = folder
+        self.runtime = runtime or DeviceRuntime(folder, profile, device, log)
         self.cache, self.progress = cache, progress
-        self.log = log or (lambda msg: print(msg, file=sys.stderr))
-        self.timings: dict[str, float] = {}
-        self.phase_hook: Callable[[str, str], None] | None = None   # (phase, "start"|"end"), used by the planner
-        self.reader = None            # tensor reader for loading (the planner substitutes fake tensors)
-        self.planning = False         # True under the memory planner (see plan.py)
+        self.log = self.runtime.log
+
+    @property
+    def profile(self) -> Profile:
+        return self.runtime.profile
+
+    @profile.setter
+    def profile(self, profile: Profile) -> None:
+        self.runtime.profile = profile
+
+    @property
+    def device(self) -> torch.device:
+        return self.runtime.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.profile.torch_dtype
+
+    @property
+    def timings(self) -> dict[str, float]:
+        return self.runtime.timings
 
     @classmethod
     def from_pretrained(cls, model_dir, profile: str | Profile = "cpu", **kwargs) -> "StepVideoPipeline":
@@ -86,52 +101,7 @@ class StepVideoPipeline:
         return video if output_type == "video" else postprocess(video)
 
     def latent_channels(self) -> int:
-        return self.folder.open("transformer").module.config.in_channels
-
-    # ------------------------------------------------------------------ phases
-
-    @contextlib.contextmanager
-    def phase(self, name: str):
-        if self.phase_hook:
-            self.phase_hook(name, "start")
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            gc.collect()
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
-            if self.phase_hook:
-                self.phase_hook(name, "end")
-        if self.device.type == "cuda":
-            self.log(f"{name}: done in {self.timings[name]:.1f} s; {device_memory_report(self.device)}")
-
-    def load(self, component: str, dtype: torch.dtype) -> torch.nn.Module:
-        return self.folder.open(component).load(dtype, "cpu", reader=self.reader)
-
-    def place(self, model: torch.nn.Module, streaming=None) -> None:
-        """All weights on the device, or the blocks streamed per `streaming` (resident_blocks/prefetch/source)."""
-        if streaming is None or streaming.resident_blocks >= len(stream_blocks(model)):
-            to_device(model, self.device)
-            return
-        engine = attach_streaming(model, self.device, resident=streaming.resident_blocks,
-                                  prefetch=streaming.prefetch, source=streaming.source,
-                                  pin_budget_bytes=int(self.profile.memory.packed_gb * GiB),
-                                  cyclic=hasattr(model, "transformer_blocks"))   # the DiT runs in a loop
-        self.log(f"{type(model).__name__}: {engine.summary()}")
-
-    def unplace(self, model: torch.nn.Module) -> None:
-        offload_component(model)
-
-    @contextlib.contextmanager
-    def placed(self, model: torch.nn.Module, streaming=None):
-        """The model on the device for the block; whatever happens inside (OOM included), it leaves after."""
-        try:
-            self.place(model, streaming)
-            yield model
-        finally:
-            self.unplace(model)
+        return self.folder.open("transformer", layers=0).config.in_channels
 
     # ------------------------------------------------------------------ text
 
@@ -145,19 +115,18 @@ class StepVideoPipeline:
         if cached is not None:
             self.log("text: embeddings taken from the cache")
             return tuple(t.to(self.device) for t in cached)
-        with self.phase("text"):
+        with self.runtime.phase("text"):
             y, y_mask = self._run_step_llm(texts)
             clip = self._run_clip(texts)
         embeds = (y, y_mask, clip)
-        if self.cache and not self.planning:
+        if self.cache:
             self.cache.put(texts, embeds)
         return embeds
 
     def _run_step_llm(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         ids, mask = self.folder.step_llm_tokenizer()(texts)
-        llm = self.load("step_llm", self.dtype)
-        te = self.profile.text_encoders
-        with self.placed(llm, te if te.placement == "stream" else None), self.block_progress(llm, "step_llm"):
+        llm = self.runtime.load("step_llm", self.dtype)
+        with self.runtime.placed(llm, "text_encoders"), self.block_progress(llm, "step_llm"):
             y = llm(ids.to(self.device), mask.to(self.device)).to(self.dtype)
         ones = torch.ones(len(texts), CLIP_TOKENS, dtype=mask.dtype)
         return y, torch.cat([ones, mask], dim=1).to(self.device)   # CLIP tokens come first, all attended
@@ -165,7 +134,7 @@ class StepVideoPipeline:
     @contextlib.contextmanager
     def block_progress(self, model: torch.nn.Module, name: str):
         """A progress bar over a stack's blocks (step_llm streamed from disk takes a while on a small card)."""
-        blocks = stream_blocks(model)
+        blocks = find_blocks(model)[1]
         with progress_bars.bar(name, len(blocks), unit="block", show=self.progress) as bar:
             hooks = [b.register_forward_hook(_ticker(bar)) for b in blocks]
             try:
@@ -176,8 +145,8 @@ class StepVideoPipeline:
 
     def _run_clip(self, texts: list[str]) -> torch.Tensor:
         ids, mask = self.folder.clip_tokenizer()(texts)
-        clip = self.load("hunyuan_clip", torch.float32)    # the reference runs it in float32
-        with self.placed(clip):
+        clip = self.runtime.load("hunyuan_clip", torch.float32)    # the reference runs it in float32
+        with self.runtime.placed(clip):
             return clip(ids.to(self.device), mask.to(self.device)).to(self.dtype)
 
     def embedding_cache(self) -> EmbeddingCache:
@@ -195,14 +164,12 @@ class StepVideoPipeline:
         y, y_mask, clip = (t.to(self.device) for t in embeds)
         embeds = (y.to(self.dtype), y_mask.to(self.dtype), clip.to(self.dtype))   # mask too (quirk Q1)
         steps = len(sigmas) - 1
-        with self.phase("denoise"):
-            dit = self.load("transformer", self.dtype)
-            with self.placed(dit, self.profile.dit), progress_bars.bar("denoise", steps, unit="step",
-                                                                       initial=start_step, show=self.progress) as bar:
+        with self.runtime.phase("denoise"):
+            dit = self.runtime.load("transformer", self.dtype)
+            with self.runtime.placed(dit, "dit"), progress_bars.bar("denoise", steps, unit="step",
+                                                                    initial=start_step, show=self.progress) as bar:
                 set_token_chunk(dit, self.profile.token_chunk or None)
                 set_attention_head_chunk(dit, self.profile.attention_head_chunk or None)
-                if not self.planning:
-                    use_attention_backend(dit, self.profile.attention, fallback=True)
                 latents = latents.to(self.device)
                 for i in range(start_step, steps):
                     v = self._guided_velocity(dit, latents, sigmas[i], embeds, guidance_scale)
@@ -214,8 +181,7 @@ class StepVideoPipeline:
         return latents
 
     def _guided_velocity(self, dit, latents, t, embeds: Embeds, scale: float) -> torch.Tensor:
-        y, y_mask, clip = embeds
-        mask = None if self.planning else y_mask   # the key mask's length depends on data: plan without it
+        y, mask, clip = embeds
         x = latents.to(self.dtype)
         if self.profile.cfg_mode == "batch":
             v = dit(torch.cat([x, x]), dit_timestep(t, 2, self.dtype).to(self.device), y, clip, mask)
@@ -230,29 +196,23 @@ class StepVideoPipeline:
     def decode(self, latents: torch.Tensor, tile: int | None = None) -> torch.Tensor:
         """Latents (B, T, C, h, w) -> video (B, F, 3, H, W) on the CPU, tiled per the profile; on out-of-memory
         the finished chunks are kept and tiles get smaller."""
-        with self.phase("decode"):
-            vae = self.load("vae", self.dtype)
+        with self.runtime.phase("decode"):
+            vae = self.runtime.load("vae", self.dtype)
             z = latents.to(self.device, self.dtype)
             h, w = z.shape[-2:]
             tile = tile or self.profile.vae.tile or max(h, w)
             overlap = min(self.profile.vae.overlap, max(0, (min(tile, h, w) - 1) // 2))
             tiles = halving_tiles(tile, overlap, (h, w))
             total = tile_count(z.shape, tiles[0], overlap)
-            with self.placed(vae), progress_bars.bar("decode", total, unit="tile", show=self.progress) as bar:
+            with self.runtime.placed(vae), progress_bars.bar("decode", total, unit="tile",
+                                                             show=self.progress) as bar:
                 return decode_with_fallback(vae.decode_chunk, z, tiles, overlap, on_oom=self._tile_oom,
                                             out_device="cpu", progress=_tile_progress(bar))
 
     def _tile_oom(self, failed: tuple, nxt: tuple) -> None:
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        self.runtime.free()
         self.log(f"decode: out of memory with {failed[0]}x{failed[1]} latent tiles; "
                  f"continuing with {nxt[0]}x{nxt[1]} (finished chunks are kept)")
-
-
-def stream_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
-    """The block stack of a DiT or step_llm."""
-    return getattr(model, "transformer_blocks", None) or model.transformer.layers
 
 
 def _ticker(bar):

@@ -13,7 +13,6 @@ where inference mode is off, and such a thread may not write into tensors made u
 from __future__ import annotations
 
 import dataclasses
-import gc
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -156,6 +155,4 @@ def encode_with_fallback(pipe: StepVideoPipeline, req: Request):
 
 
 def _free(pipe: StepVideoPipeline) -> None:
-    gc.collect()
-    if pipe.device.type == "cuda":
-        torch.cuda.empty_cache()
+    pipe.runtime.free()

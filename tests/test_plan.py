@@ -78,8 +78,8 @@ def test_plan_matches_a_measured_cpu_run(tmp_path, monkeypatch):
     plan = plan_memory(folder, profile, DEMO_PRESET)
     acc, measured = ByteAccountant(), {}
     pipe = StepVideoPipeline(folder, profile, progress=False, log=lambda msg: None)
-    pipe.phase_hook = lambda name, event: acc.reset_peak() if event == "start" else \
-        measured.__setitem__(name, acc.peak["cpu"])
+    pipe.runtime.phase_listeners.append(lambda name, event: acc.reset_peak() if event == "start" else
+                                        measured.__setitem__(name, acc.peak["cpu"]))
     with acc, torch.inference_mode():
         pipe(prompt="a cat", num_frames=DEMO_PRESET.frames, height=DEMO_PRESET.height, width=DEMO_PRESET.width,
              num_inference_steps=1, output_type="video")
