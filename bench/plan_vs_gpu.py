@@ -36,7 +36,7 @@ def measure(folder, profile, preset: Preset, steps: int) -> dict[str, int]:
             torch.cuda.reset_peak_memory_stats()
         else:
             peaks[name] = torch.cuda.max_memory_allocated()
-    pipe.phase_hook = hook
+    pipe.runtime.phase_listeners.append(hook)
     pipe(prompt="a red fox running through snow", num_frames=preset.frames, height=preset.height,
          width=preset.width, num_inference_steps=steps, output_type="video", seed=0)
     return peaks
