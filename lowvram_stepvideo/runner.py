@@ -72,19 +72,28 @@ def resume_ladder(ladder: list[Preset], ckpt: Path) -> list[Preset]:
 def fit_to_card(pipe: StepVideoPipeline, ladder: list[Preset], vram_bytes: int,
                 log: Callable[[str], None]) -> list[Preset]:
     """Drop the head of the ladder while the memory plan says it does not fit; lower the profile's resident
-    blocks to what fits (pipe.profile is updated)."""
+    blocks to what fits (pipe.profile is updated). Presets are largest first, so the first that fits is found by
+    bisection: a few plans, not one per preset."""
     from .plan import fit_profile
     budget = int(vram_bytes * 0.95)    # allocator fragmentation and kernels' workspaces
-    for i, preset in enumerate(ladder):
-        profile, plan = fit_profile(pipe.folder, pipe.profile, preset, budget)
-        if plan.peak_vram_bytes <= budget:
-            if i:
-                log(f"plan: {ladder[0]} does not fit in {vram_bytes / GiB:.1f} GiB; using {preset}")
-            log(f"plan: {plan.peak_vram_bytes / GiB:.1f} GiB peak, {profile.dit.resident_blocks} DiT blocks resident")
-            pipe.profile = profile
-            return ladder[i:]
-    log(f"plan: even {ladder[-1]} is planned above the card's {vram_bytes / GiB:.1f} GiB; trying it anyway")
-    return ladder[-1:]
+    fitted = {}
+
+    def fits(i: int) -> bool:
+        fitted[i] = fit_profile(pipe.folder, pipe.profile, ladder[i], budget)
+        return fitted[i][1].peak_vram_bytes <= budget
+    lo, hi = 0, len(ladder)            # the first preset that fits is in ladder[lo:hi], or none does
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if fits(mid) else (mid + 1, hi)
+    if lo == len(ladder):
+        log(f"plan: even {ladder[-1]} is planned above the card's {vram_bytes / GiB:.1f} GiB; trying it anyway")
+        return ladder[-1:]
+    profile, plan = fitted[lo]
+    if lo:
+        log(f"plan: {ladder[0]} does not fit in {vram_bytes / GiB:.1f} GiB; using {ladder[lo]}")
+    log(f"plan: {plan.peak_vram_bytes / GiB:.1f} GiB peak, {profile.dit.resident_blocks} DiT blocks resident")
+    pipe.profile = profile
+    return ladder[lo:]
 
 
 def denoise_with_fallback(pipe: StepVideoPipeline, request: Request, ladder: list[Preset], ckpt: Path | None,
