@@ -223,7 +223,7 @@ class PlanningRuntime(Runtime):
 
     def free(self) -> None:
         """Nothing to give back. No full garbage collection either (0.1-0.2 s each with torch loaded): the planned
-        run frees its tensors by reference counting (tests/test_plan.py checks the plan is the same with one)."""
+        run frees its tensors by reference counting (tests/test_runtime.py checks the plan is the same with one)."""
 
     def _on_phase(self, name: str, event: str) -> None:
         if event == "start":
