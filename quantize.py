@@ -52,7 +52,7 @@ def main(argv=None) -> int:
 
     try:
         result = quantize_folder(args.model_dir, args.out, args.format, args.components, args.force, args.verify,
-                                 max(1, args.shard_size_mb) * 2**20, log)
+                                 args.shard_size_mb * 2**20, log)
     except (CheckpointError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return exit_codes.BAD_INPUT

@@ -1,0 +1,19 @@
+"""lowvram_stepvideo: Step-Video-T2V on one GPU. The public names are loaded on first use, so `import
+lowvram_stepvideo` (and generate.py --help) does not import torch:
+
+    StepVideoPipeline   the Python API (api.py)
+    StepVideoError      the one exception type every one-line error derives from (errors.py)
+    JobSpec, JobQueue   one video's request, and the queue that runs them one at a time (jobs.py)
+"""
+from __future__ import annotations
+
+import importlib
+
+_PUBLIC = {"StepVideoPipeline": "api", "StepVideoError": "errors", "JobSpec": "jobs", "JobQueue": "jobs"}
+__all__ = list(_PUBLIC)
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        return getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -16,15 +16,19 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from .errors import StepVideoError
+
 SAFETENSORS_DTYPES = {
     "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
     "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
 MAX_HEADER_BYTES = 100 * 2**20
+FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+SMALL_TENSOR_ELEMS = 2**20   # tensors up to this size (norms, biases, scales, tables) are checked for NaN/inf at load
 
 
-class CheckpointError(Exception):
+class CheckpointError(StepVideoError):
     """A weight file or folder is missing, corrupt or does not match the network; the message is one line."""
 
 
@@ -136,7 +140,14 @@ class WeightSource:
 
     def __init__(self, files: list, label: str):
         self.files, self.label = files, label
-        self.where = {name: f for f in files for name in f.refs}
+        self.where = {}
+        for f in files:
+            for name in f.refs:
+                if name in self.where:
+                    raise CheckpointError(f"{label}: tensor {name} is in both {self.where[name].path.name} and "
+                                          f"{f.path.name}; shards of different downloads are mixed, re-download "
+                                          "the folder")
+                self.where[name] = f
 
     @property
     def metadata(self) -> dict[str, str]:
@@ -214,7 +225,7 @@ def match_weights(module: nn.Module, source: WeightSource,
     Returns module key -> file key. `rename` maps a file key to a module key (None drops it). A quantized source
     first swaps the module's linears to the scheme its metadata records.
     """
-    _attach_quantization(module, source)
+    keep = _attach_quantization(module, source)
     wanted = {k: tuple(v.shape) for k, v in module.state_dict(keep_vars=True).items()}
     found = {}
     for key in source.keys():
@@ -231,13 +242,34 @@ def match_weights(module: nn.Module, source: WeightSource,
         raise CheckpointError(f"{source.label}: unexpected tensor {unexpected[0]} in "
                               f"{source.ref(unexpected[0]).file.name}; wrong folder, or use the config.json that "
                               "came with these weights")
+    dtypes = {k: v.dtype for k, v in module.state_dict(keep_vars=True).items()}
     for name, shape in wanted.items():
         ref = source.ref(found[name])
         if ref.shape != shape:
             raise CheckpointError(f"{ref.file}: tensor {found[name]} has shape {list(ref.shape)}, the config "
                                   f"expects {list(shape)}; config.json does not match the weights (use the one "
                                   "that came with them)")
+        _check_dtype(ref, found[name], dtypes[name] if name in keep else None)
     return {name: found[name] for name in wanted}
+
+
+def _check_dtype(ref: TensorRef, key: str, stored: torch.dtype | None) -> None:
+    """Quantized codes and scales must have the scheme's dtype, every other tensor a float dtype."""
+    ok = ref.dtype == stored if stored is not None else ref.dtype in FLOAT_DTYPES
+    if not ok:
+        want = str(stored).removeprefix("torch.") if stored is not None else "bf16, f16 or f32"
+        raise CheckpointError(f"{ref.file}: tensor {key} is stored as {str(ref.dtype).removeprefix('torch.')}, "
+                              f"expected {want}; the file is corrupt or not a Step-Video checkpoint, re-download "
+                              "it (or re-run quantize.py)")
+
+
+def check_finite(t: torch.Tensor, ref: TensorRef, key: str) -> None:
+    """A small floating tensor read from disk must hold no NaN/inf (large ones are covered by the per-step check
+    of the latents); costs nothing next to the load."""
+    if t.dtype in FLOAT_DTYPES and t.device.type != "meta" and t.numel() <= SMALL_TENSOR_ELEMS:
+        if not torch.isfinite(t).all():
+            raise CheckpointError(f"{ref.file}: tensor {key} holds NaN or inf values; the file is corrupt, "
+                                  "re-download it (or re-run quantize.py on a good source)")
 
 
 def load_weights(module: nn.Module, source: WeightSource, dtype: torch.dtype,
@@ -259,6 +291,7 @@ def load_weights(module: nn.Module, source: WeightSource, dtype: torch.dtype,
             t = reader(ref)
         else:   # a cast copies anyway: read it without keeping mapped pages
             t = source.read(key) if target != ref.dtype else source.tensor(key)
+            check_finite(t, ref, key)
         state[name] = t.to(target)
     module.load_state_dict(state, strict=True, assign=True)
     module.weight_refs = {name: source.ref(key) for name, key in keys.items()}  # where each tensor lives on disk

@@ -2,36 +2,28 @@
 from __future__ import annotations
 
 import argparse
-import datetime
+import json
 import logging
 import sys
 import textwrap
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from . import demo, exit_codes
-from .checkpoint import CheckpointError
+from . import exit_codes, preflight, results, runner
+from .budgets import use_expandable_segments
 from .config import ConfigError
-from .fsutil import atomic_path
-from .model_folder import ModelFolderError, open_model_folder
-from .pipeline import RELEASE_DEFAULTS, TURBO_DEFAULTS, StepVideoPipeline
-from .profiles import (Preset, auto_profile, describe, detect_vram_bytes, list_profiles, load_profile,
-                       profiles_dir, with_overrides)
-from .resume import ResumeError, checkpoint_path
-from .runner import (Interrupted, OutOfMemory, Request, denoise_with_fallback, fit_to_card, ladder_from,
-                     resume_ladder)
-from .sampling import SEED_MAX, SEED_MIN, latent_shape
-from .tiling import TileOOMError
-from .video import VideoError, output_path_error, sidecar_path
+from .errors import StepVideoError, UsageError
+from .outputs import plan_outputs
+from .preflight import JobSpec
+from .profiles import (auto_choice, describe, detect_vram_bytes, list_profiles, load_profile, profiles_dir,
+                       with_overrides)
+from .resume import load_latents
+from .runner import Interrupted, PhasePipeline, say as _say
+from .sampling import RELEASE_DEFAULTS, TURBO_DEFAULTS, sampling_defaults
 
 GiB = 2**30
-
-
-class UsageError(Exception):
-    pass
 
 
 EPILOG = """\
@@ -39,13 +31,18 @@ examples:
   %(prog)s --demo --prompt "a cat playing piano"
       the tiny built-in random model on the CPU: checks the install in about half a minute
   %(prog)s --model-dir ./stepvideo-t2v-int8 --prompt "a red fox in the snow" --output fox.mp4
-      the profile is picked by the GPU's memory (--profile auto); the largest preset that fits runs
+      the profile is picked by the GPU's memory and the RAM (--profile auto); the largest preset that fits runs
   %(prog)s --model-dir ./stepvideo-t2v-int8 --profile 16gb --prompt "test" --dry-run
-      the memory plan of each phase on this card, without generating anything
+      the memory plan of each phase against this machine's VRAM and RAM, and whether it fits (nothing generated)
+  %(prog)s --model-dir ./stepvideo-t2v --profile 12gb --prompt "test" --dry-run --assume-format int8 \
+      --vram-gib 12 --ram-gib 32
+      what a 12 GB card in a 32 GB machine would do with this folder once quantized to int8
   %(prog)s --model-dir ./stepvideo-t2v-int8 --prompt "a red fox in the snow" --output fox.mp4 --resume
       continue a run that was interrupted (Ctrl-C, crash), from the checkpoint saved next to fox.mp4
   %(prog)s --list-profiles
       the memory tiers and their preset ladders
+  %(prog)s --web --demo
+      the local web page on http://127.0.0.1:7860/ (pip install -e ".[web]"): queue, progress, cancel, videos
 
 presets:
   Each profile has a ladder of presets written FRAMESxHEIGHTxWIDTH@STEPS: 204x544x992@50 is 204 frames
@@ -54,7 +51,14 @@ presets:
 
 exit status:
   0 done; 2 bad input (a one-line "error: ..." says what to change); 3 --dry-run: nothing on the ladder fits;
-  130 interrupted (a resume checkpoint is saved); 1 unexpected error (a bug: the traceback helps)
+  4 --prompts-file: some videos failed (see the summary); 130 interrupted (a resume checkpoint is saved);
+  1 unexpected error (a bug: the traceback helps)
+
+batches:
+  --prompts-file FILE: one prompt per line (UTF-8; blank lines and lines starting with # are skipped; a line may
+  end with " --seed N"). The text encoders run once for all prompts, then each video is made in turn, named
+  <line>-<prompt start>-seed<N>.mp4 in --output-dir (default results/<file name>/), with summary.json. Run the
+  same command again after an interruption: finished videos are skipped, the interrupted one resumes.
 """
 
 
@@ -67,8 +71,13 @@ def build_parser(prog: str = "generate.py") -> argparse.ArgumentParser:
                    help="use a built-in tiny random-weight model (CPU, no downloads; the video is noise)")
     p.add_argument("--profile", default=None,
                    help="memory tier name or path to a .toml file (default: auto = the largest tier that fits the "
-                        f"detected GPU, cpu without one; with --demo: cpu). Tiers: {', '.join(list_profiles())}")
+                        "detected GPU, its host RAM fitted to this machine's; without a GPU the cpu tier that fits "
+                        f"the RAM; with --demo: cpu). Tiers: {', '.join(list_profiles())}")
     p.add_argument("--prompt", help="what the video shows (English or Chinese)")
+    p.add_argument("--prompts-file", type=Path, help="a batch: one prompt per line (see 'batches' below)")
+    p.add_argument("--seeds", help="with --prompts-file: make each prompt once per seed, e.g. 0,1,2 (default: --seed)")
+    p.add_argument("--output-dir", type=Path,
+                   help="with --prompts-file: where the videos and summary.json go (default results/<file name>/)")
     p.add_argument("--negative-prompt", help="what to avoid (default: the reference's negative prompt)")
     p.add_argument("--frames", type=int,
                    help="number of frames, a multiple of 17 (default: the profile's first preset; release 204)")
@@ -84,17 +93,26 @@ def build_parser(prog: str = "generate.py") -> argparse.ArgumentParser:
                                                f"turbo {turbo['shift']})")
     p.add_argument("--turbo", action="store_true",
                    help=f"use the turbo checkpoint's defaults ({turbo['steps']} steps, cfg "
-                        f"{turbo['guidance_scale']:g}, shift {turbo['shift']:g}); automatic when the folder name "
-                        "contains 'turbo'")
+                        f"{turbo['guidance_scale']:g}, shift {turbo['shift']:g}); automatic for a turbo folder "
+                        "(quantize.py records it; else model_index.json or a folder name with 'turbo')")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the initial noise (default 0): the same seed, prompt and settings give the same "
-                        "video, another seed another video; an integer from -2^63 to 2^64-1")
-    p.add_argument("--output", type=Path, help="mp4 path (default: results/<prompt>-<time>.mp4); the metadata "
-                                               "goes next to it as <output>.json")
+                        "video, another seed another video; an integer from 0 to 2**64-1")
+    p.add_argument("--output", type=Path, help="mp4 path (default: results/<prompt>-<time>.mp4, made unique); the "
+                                               "metadata goes next to it as <output>.json")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace existing outputs (and start again over an earlier run's resume checkpoint)")
     p.add_argument("--dry-run", action="store_true",
-                   help="print the memory plan of every phase and exit: the pipeline runs on fake tensors (no "
-                        "weights are read, nothing is generated; seconds to a minute)")
+                   help="print the memory plan of every phase against this machine's budgets and whether it fits, "
+                        "then exit (status 0 fits, 3 nothing on the ladder fits): the pipeline runs on fake tensors "
+                        "(no weights are read, nothing is generated; seconds to a minute)")
     p.add_argument("--json", action="store_true", help="with --dry-run: print the plan as JSON")
+    p.add_argument("--vram-gib", type=float, metavar="N",
+                   help="with --dry-run: plan for a card of N GiB instead of this machine's (e.g. 12)")
+    p.add_argument("--ram-gib", type=float, metavar="N",
+                   help="with --dry-run: plan for a machine with N GiB of RAM instead of this one (e.g. 32)")
+    p.add_argument("--assume-format", choices=["int8", "fp8"],
+                   help="with --dry-run: plan a release (bf16) folder as quantize.py's output in this format")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
     p.add_argument("--checkpoint-every", type=int, default=5,
                    help="save the latents every N steps for --resume (default %(default)s; 0 = never)")
@@ -111,11 +129,19 @@ def build_parser(prog: str = "generate.py") -> argparse.ArgumentParser:
     p.add_argument("--vae-tile", type=int,
                    help="VAE decode tile in latent pixels (x16 image pixels) instead of the profile's; 0 = untiled")
     p.add_argument("--list-profiles", action="store_true", help="list the profiles with their presets and exit")
+    p.add_argument("--web", action="store_true",
+                   help="serve the local web page instead of making one video (needs the web extra: pip install "
+                        "-e \".[web]\"); its model list is --model-dir, --demo and the folders of "
+                        "~/.config/lowvram-stepvideo/web.toml")
+    p.add_argument("--port", type=int, help="with --web: the port (default 7860)")
+    p.add_argument("--listen", action="store_true",
+                   help="with --web: serve on every network interface instead of 127.0.0.1 (no password!)")
     return p
 
 
 def main(argv: list[str], prog: str = "generate.py") -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    use_expandable_segments()   # before anything initialises CUDA
     args = build_parser(prog).parse_args(argv)
     try:
         return run(args)
@@ -125,8 +151,7 @@ def main(argv: list[str], prog: str = "generate.py") -> int:
     except KeyboardInterrupt:
         _say("interrupted")
         return exit_codes.INTERRUPTED
-    except (UsageError, ConfigError, CheckpointError, ModelFolderError, ResumeError, OutOfMemory, TileOOMError,
-            VideoError, ValueError) as e:
+    except (StepVideoError, ValueError) as e:
         _say(f"error: {e}")
         return exit_codes.BAD_INPUT
     except torch.OutOfMemoryError as e:   # one not handled by a fallback (e.g. placing the VAE)
@@ -140,241 +165,142 @@ def entry_point() -> None:
     sys.exit(main(sys.argv[1:], prog="lowvram-stepvideo"))
 
 
-def _say(msg: str) -> None:
-    """A line on stderr; an open progress bar is cleared first and redrawn below it."""
-    from tqdm import tqdm
-    tqdm.write(msg, file=sys.stderr)
-    sys.stderr.flush()
-
-
 def run(args) -> int:
     if args.list_profiles:
         _list_profiles()
         return exit_codes.OK
-    folder = _model_folder(args)
-    profile = _profile(args)
-    if folder.weight_format != profile.weight_format and profile.device == "cuda":
-        _say(f"note: profile {profile.name} is sized for {profile.weight_format} weights and this folder has "
-             f"{folder.weight_format}; the memory plan accounts for it"
-             + (" (python quantize.py ... --format int8 halves the weights)" if folder.weight_format == "bf16" else ""))
-    if args.json and not args.dry_run:
-        raise UsageError("--json only goes with --dry-run")
+    if args.port is not None and not 0 < args.port < 65536:
+        raise UsageError(f"--port {args.port}: must be 1-65535 (default 7860)")
+    if args.web:
+        _check_web_flags(args)
+        from .web import serve
+        return serve(args.model_dir, args.demo, args.profile, args.port, args.listen)
+    if args.port is not None or args.listen:
+        raise UsageError("--port and --listen go with --web (python generate.py --web --demo --port 8080)")
+    _check_dry_run_flags(args)
+    if args.dry_run and args.decode_latents:
+        raise UsageError("--dry-run plans a generation; --decode-latents only runs the VAE (nothing to plan): "
+                         "drop one of them")
+    spec = job_spec(args)
+    if args.prompts_file:
+        return _batch(args, spec)
+    _check_not_batch(args)
     if args.decode_latents:
-        return _decode_only(args, folder, profile)
-    if not args.prompt or not args.prompt.strip():
-        raise UsageError("--prompt is empty; describe the video to generate, e.g. --prompt \"a cat playing piano\"")
-    _check_numbers(args)
-    turbo = args.turbo or folder.turbo
-    if turbo:
-        profile = with_overrides(profile, presets=[replace(p, steps=TURBO_DEFAULTS["steps"]) for p in profile.presets])
-    preset = _preset(args, profile, turbo)
-    pipe = StepVideoPipeline(folder, profile, log=_say)
+        return _decode_only(args, spec)
     if args.dry_run:
-        return _dry_run(args, pipe, preset)
-    output = _output_path(args)
-    return _generate(args, pipe, preset, output)
+        return _dry_run(args, spec)
+    runner.run_job(spec)
+    return exit_codes.OK
+
+
+def _check_not_batch(args) -> None:
+    given = [f for f in ("seeds", "output_dir") if getattr(args, f) is not None]
+    if given:
+        raise UsageError(f"--{given[0].replace('_', '-')} goes with --prompts-file")
+
+
+def _batch(args, spec: JobSpec) -> int:
+    from . import batch
+    clash = [f for f in ("prompt", "output", "save_latents", "decode_latents", "dry_run") if getattr(args, f)]
+    if clash:
+        raise UsageError(f"--{clash[0].replace('_', '-')} does not go with --prompts-file (the prompts come from "
+                         "the file, the videos go to --output-dir; plan with --dry-run --prompt, sizes are shared)")
+    seeds = batch.parse_seeds(args.seeds) if args.seeds is not None else None
+    items = batch.read_prompts_file(args.prompts_file, seeds, args.seed)
+    out_dir = args.output_dir or Path("results") / args.prompts_file.stem
+    report = batch.run_batch(items, spec, out_dir, _say)
+    return exit_codes.OK if report.ok else exit_codes.BATCH_INCOMPLETE
+
+
+WEB_FLAGS = {"web", "model_dir", "demo", "profile", "port", "listen"}
+
+
+def _check_web_flags(args) -> None:
+    """--web takes its settings from the page: a flag for one video given with it would be silently ignored."""
+    defaults = vars(build_parser().parse_args([]))
+    extra = [k for k, v in vars(args).items() if k not in WEB_FLAGS and v != defaults[k]]
+    if extra:
+        raise UsageError(f"--{extra[0].replace('_', '-')} does not go with --web (set it in the page); --web takes "
+                         "--model-dir, --demo, --profile, --port and --listen")
+
+
+def job_spec(args) -> JobSpec:
+    options = {"attention": args.attention, "dit_resident_blocks": args.resident_blocks, "vae_tile": args.vae_tile,
+               "resume": args.resume, "checkpoint_every": args.checkpoint_every, "save_latents": args.save_latents,
+               "cache": not args.no_cache, "overwrite": args.overwrite, "turbo": args.turbo}
+    return JobSpec(args.prompt, args.negative_prompt, args.seed, args.frames, args.height, args.width, args.steps,
+                   args.cfg, args.shift, args.model_dir, args.demo, args.profile, args.output,
+                   {k: v for k, v in options.items() if v is not None})
 
 
 def _list_profiles() -> None:
+    """Every profile with its description and ladder; one that does not load is listed as bad, with the reason."""
     print(f"profiles in {profiles_dir()} (presets: FRAMESxHEIGHTxWIDTH@STEPS, the first is the default):")
     for name in list_profiles():
-        profile = load_profile(name)
+        try:
+            profile = load_profile(name)
+        except (ConfigError, OSError) as e:   # one bad file does not hide the others
+            print(f"{name:<12} BAD PROFILE: {e}")
+            continue
         print(f"{name:<12} {profile.description}")
         ladder = ", ".join(describe(profile)["presets"])
         print(textwrap.fill(ladder, width=108, initial_indent=" " * 13, subsequent_indent=" " * 13))
 
 
-def _model_folder(args):
-    if args.demo:
-        return open_model_folder(demo.build_demo_model())
-    if args.model_dir is None:
-        raise UsageError("give --model-dir PATH (the downloaded stepvideo-t2v folder) or --demo")
-    return open_model_folder(args.model_dir)
+def _check_dry_run_flags(args) -> None:
+    for flag in ("json", "vram_gib", "ram_gib", "assume_format"):
+        if getattr(args, flag) not in (None, False) and not args.dry_run:
+            raise UsageError(f"--{flag.replace('_', '-')} only goes with --dry-run")
+    for flag in ("vram_gib", "ram_gib"):
+        value = getattr(args, flag)
+        if value is not None and not 0 < value < 2**20:
+            raise UsageError(f"--{flag.replace('_', '-')} {value:g}: give the memory in GiB, e.g. 12 or 31.5")
 
 
-def _profile(args):
-    name = args.profile or ("cpu" if args.demo else "auto")
-    vram = detect_vram_bytes()
-    profile = auto_profile(vram) if name == "auto" else load_profile(name)
-    if profile.device == "cuda" and vram is None and not args.dry_run:
-        raise UsageError(f"profile {profile.name!r} needs a CUDA GPU and none was found; use --profile cpu "
-                         "(slow) or --dry-run to see its memory plan")
-    overrides = {"attention": args.attention, "dit_resident_blocks": args.resident_blocks, "vae_tile": args.vae_tile}
-    return with_overrides(profile, **overrides)
+def _dry_run(args, spec: JobSpec) -> int:
+    """The verdict of the plan against this machine (or --vram-gib / --ram-gib): 0 when a preset of the ladder
+    fits, 3 when none does."""
+    from .fit import check_fit
+    vram = None if args.vram_gib is None else int(args.vram_gib * GiB)
+    ram = None if args.ram_gib is None else int(args.ram_gib * GiB)
+    folder = preflight.model_folder(spec)
+    profile = _dry_run_profile(spec, vram, ram)
+    if not args.assume_format:
+        runner.note_weight_format(folder, profile, _say)
+    preflight.check_numbers(spec)
+    turbo = args.turbo or folder.turbo
+    preset = preflight.preset_for(spec, profile, sampling_defaults(True)["steps"] if turbo else None, _say)
+    verdict = check_fit(folder, profile, preset, vram, ram, args.assume_format)
+    asked = args.resident_blocks
+    if asked is not None and verdict.profile.dit.resident_blocks < asked:
+        _say(f"note: --resident-blocks {asked} lowered to {verdict.profile.dit.resident_blocks}: "
+             f"more do not fit the budget")
+    print(json.dumps(verdict.to_dict(), indent=2) if args.json else verdict.report())
+    return exit_codes.OK if verdict.fits else exit_codes.DOES_NOT_FIT
 
 
-def _check_numbers(args) -> None:
-    if args.steps is not None and args.steps < 1:
-        raise UsageError(f"--steps {args.steps}: needs at least 1 denoising step (release 30-50, turbo 15)")
-    if args.shift is not None and not args.shift > 0:
-        raise UsageError(f"--shift {args.shift}: must be positive (release 13, turbo 17)")
-    if not SEED_MIN <= args.seed <= SEED_MAX:
-        raise UsageError(f"--seed {args.seed}: must be an integer from -2^63 to 2^64-1")
-    if args.checkpoint_every < 0:
-        raise UsageError(f"--checkpoint-every {args.checkpoint_every}: must be >= 0 (0 = never)")
+def _dry_run_profile(spec: JobSpec, vram: int | None, ram: int | None):
+    """The spec's profile; 'auto' picks for --vram-gib / --ram-gib when given, and says why."""
+    if (spec.profile or ("cpu" if spec.demo else "auto")) != "auto":
+        return preflight.profile_for(spec, need_device=False)
+    profile, reason = auto_choice(detect_vram_bytes() if vram is None else vram, ram)   # scaled to the RAM
+    _say(reason)
+    return with_overrides(profile, **{k: v for k, v in spec.options.items() if k not in preflight.RUN_OPTIONS})
 
 
-def _preset(args, profile, turbo: bool = False) -> Preset:
-    base = demo.DEMO_PRESET if args.demo else profile.default_preset
-    given = {"frames": args.frames, "height": args.height, "width": args.width}
-    bad = [f"--{k} {v}" for k, v in given.items() if v is not None and v < 1]
-    if bad:
-        raise UsageError(f"{bad[0]}: must be positive (frames in multiples of 17, height and width in multiples "
-                         "of 16; the release uses 204 frames of 544x992)")
-    frames, height, width = (args.frames or base.frames, args.height or base.height, args.width or base.width)
-    if max(height, width) > 4096 or frames > 1024:
-        raise UsageError(f"{frames} frames of {height}x{width} is beyond what the model was trained for "
-                         "(the release uses 204 frames of 544x992); choose a smaller size")
-    shape = latent_shape(frames, height, width)
-    if shape.rounded:
-        _say(f"warning: {frames}x{height}x{width} rounded to {shape.num_frames}x{shape.height}x{shape.width} "
-             "(frames come in 17-frame chunks, sizes in multiples of 16)")
-    steps = args.steps or (TURBO_DEFAULTS["steps"] if turbo else base.steps)
-    return Preset(shape.num_frames, shape.height, shape.width, steps)
-
-
-def _output_path(args) -> Path:
-    out = args.output
-    if out is None:
-        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        safe = "".join(c if c.isalnum() or c in " -_" else "_" for c in args.prompt[:50]).strip()
-        out = Path("results") / f"{safe or 'video'}-{stamp}.mp4"
-    _check_writable(out)
-    if args.save_latents:
-        _check_writable(args.save_latents)   # before the denoising, not after it
-    return out
-
-
-def _check_writable(path: Path) -> None:
-    problem = output_path_error(path, create_dirs=path.parent == Path("results"))
-    if problem:
-        raise UsageError(problem)
-
-
-def _dry_run(args, pipe, preset) -> int:
-    """The plan for this profile and preset, with resident blocks lowered to fit the card (the detected one, else
-    the profile's nominal size)."""
-    from .plan import fit_profile
-    profile = pipe.profile
-    vram = detect_vram_bytes()
-    if vram is None:
-        vram = profile.min_vram_gib * GiB if profile.device == "cuda" else profile.memory.host_ram_gb * GiB
-    fitted, plan = fit_profile(pipe.folder, profile, preset, int(vram))
-    te = fitted.text_encoders
-    step_llm = "whole on the device" if te.placement == "device" else f"streamed, {te.resident_blocks} resident"
-    if args.json:
-        print(plan.to_json(dit_resident_blocks=fitted.dit.resident_blocks, step_llm=step_llm,
-                           budget_bytes=int(vram)))
-        return 0
-    print(plan.table())
-    print(f"DiT blocks resident: {fitted.dit.resident_blocks} (profile: up to {profile.dit.resident_blocks}); "
-          f"step_llm: {step_llm}; budget {vram / GiB:.1f} GiB")
-    if plan.peak_vram_bytes > vram:
-        print(f"warning: the plan exceeds {vram / GiB:.1f} GiB; a real run steps down the preset ladder")
-    if plan.peak_host_bytes > profile.memory.host_ram_gb * GiB:
-        print(f"warning: planned host RAM exceeds the profile's host_ram_gb ({profile.memory.host_ram_gb})")
-    return 0
-
-
-def _request(args, pipe, preset) -> Request:
-    d = TURBO_DEFAULTS if args.turbo else pipe.defaults
-    return Request(args.prompt, args.negative_prompt, preset, d["guidance_scale"] if args.cfg is None else args.cfg,
-                   d["shift"] if args.shift is None else args.shift, args.seed)
-
-
-def _generate(args, pipe, preset, output: Path) -> int:
-    if not args.no_cache:
-        pipe.cache = pipe.embedding_cache()
-    request = _request(args, pipe, preset)
-    ladder = ladder_from(pipe.profile.presets, preset)
-    vram = detect_vram_bytes()
-    if pipe.device.type == "cuda" and vram and not args.resume:
-        ladder = fit_to_card(pipe, ladder, vram, _say)
-    ckpt = checkpoint_path(output)
-    if args.resume:
-        ladder = resume_ladder(ladder, ckpt)
+def _decode_only(args, spec: JobSpec) -> int:
+    folder = preflight.model_folder(spec)
+    profile = preflight.profile_for(spec)
+    outputs = plan_outputs(args.output, prompt=args.prompt, inputs=[profile.path], model_root=folder.root,
+                           overwrite=args.overwrite, decode_from=args.decode_latents)
+    pipe = PhasePipeline(folder, profile, log=_say)
+    latents = load_latents(args.decode_latents, folder.root, pipe.latent_channels())
     start = time.perf_counter()
-    latents, used = denoise_with_fallback(pipe, request, ladder, ckpt, args.resume, args.checkpoint_every)
-    if args.save_latents:
-        _save_latents(args.save_latents, latents)
-    try:
-        frames = _decode_frames(pipe, latents)
-        _write_outputs(output, frames, args, pipe, request, used, time.perf_counter() - start)
-    except BaseException:
-        if ckpt.is_file():
-            _say(f"note: the denoised latents are kept in {ckpt}; run the same command with --resume to only decode")
-        raise
-    ckpt.unlink(missing_ok=True)
-    return 0
-
-
-def _decode_frames(pipe, latents):
-    from .video import postprocess
-    with torch.no_grad():
-        return postprocess(pipe.decode(latents))
-
-
-def _save_latents(path: Path, latents: torch.Tensor) -> None:
-    from safetensors.torch import save_file
-    _check_writable(path)
-    with atomic_path(path, ".safetensors") as tmp:
-        save_file({"latents": latents.contiguous()}, str(tmp))
-
-
-def _decode_only(args, folder, profile) -> int:
-    from safetensors.torch import load_file
-    try:
-        latents = load_file(str(args.decode_latents))["latents"]
-    except Exception as e:
-        raise UsageError(f"{args.decode_latents}: not a latents file written by --save-latents ({e})") from None
-    output = args.output or args.decode_latents.with_suffix(".mp4")
-    _check_writable(output)
-    pipe = StepVideoPipeline(folder, profile, log=_say)
-    channels = pipe.latent_channels()
-    if latents.dim() != 5 or latents.shape[2] != channels:
-        raise UsageError(f"{args.decode_latents}: latents of shape {tuple(latents.shape)} do not fit this model "
-                         f"(expected (B, T, {channels}, h, w)); decode them with the model that made them")
-    start = time.perf_counter()
-    frames = _decode_frames(pipe, latents)
-    _write_outputs(output, frames, args, pipe, None, None, time.perf_counter() - start)
-    return 0
-
-
-def _write_outputs(output: Path, frames, args, pipe, request, preset, seconds: float) -> None:
-    from .video import write_mp4, write_sidecar
-    info = write_mp4(frames, output)
-    if info.get("padded"):
-        _say("note: odd frame size padded by one pixel for H.264 (yuv420p needs even sizes)")
-    meta = {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "seed": args.seed,
-            "model_dir": str(pipe.folder.root), "weight_format": pipe.folder.weight_format,
-            "preset": str(preset) if preset else None, "steps": preset.steps if preset else None,
-            "guidance_scale": request.guidance_scale if request else None, "shift": request.shift if request else None,
-            "frames": int(frames.shape[0]), "size": [int(frames.shape[1]), int(frames.shape[2])],
-            "fps": info["fps"], "width": info["width"], "height": info["height"],   # of the mp4 as written
-            "duration_s": round(info["frames"] / info["fps"], 3),
-            "profile": describe(pipe.profile), "timings_s": {k: round(v, 2) for k, v in pipe.timings.items()},
-            "total_s": round(seconds, 2), "peak_vram_bytes": _peak_vram(pipe.device),
-            "peak_host_bytes": _peak_host(), "turbo": bool(args.turbo or pipe.folder.turbo),
-            "arguments": {k: v if v is None or isinstance(v, (bool, int, float)) else str(v)
-                          for k, v in vars(args).items()},
-            "torch": torch.__version__}
-    write_sidecar(sidecar_path(output), meta)
-    _say(f"wrote {output.resolve()} ({meta['frames']} frames, {info['width']}x{info['height']}, {info['fps']} fps) "
-         f"and {sidecar_path(output).resolve()}")
-
-
-def _peak_vram(device) -> int | None:
-    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-
-
-def _peak_host() -> int | None:
-    """Peak resident memory of this process (Linux reports KiB, macOS bytes); None where unknown."""
-    try:
-        import resource
-    except ImportError:
-        return None
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
+    frames = runner.decode_frames(pipe, latents)
+    meta = {"prompt": args.prompt, "decoded_from": str(args.decode_latents),
+            "arguments": results.spec_arguments(spec)}
+    results.write_outputs(outputs.output, frames, pipe, meta, time.perf_counter() - start, _say)
+    return exit_codes.OK
 
 
 if __name__ == "__main__":

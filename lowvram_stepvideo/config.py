@@ -5,34 +5,67 @@ Runtime choices (offload, tiling, precision) are not here: they live in profiles
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from .errors import StepVideoError
 
-class ConfigError(ValueError):
+# Fields that may be zero (every other integer of an architecture is a size or a count, so at least 1).
+NON_NEGATIVE = {"pad_token_id", "down_sampling_layer", "temporal_up_layers"}
+
+
+class ConfigError(StepVideoError, ValueError):
     """A config file is missing, unreadable or does not describe the expected network."""
 
 
 def read_json(path: Path) -> dict:
+    """A JSON file that holds an object (a list, number or string at the top is refused)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: file not found")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise ConfigError(f"{path}: not a readable JSON file ({e})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a JSON object {{...}}, found a {type(raw).__name__}; "
+                          "re-download this file")
+    return raw
+
+
+def checked_value(path: Path, key: str, value, kind: str, name: str = ""):
+    """`value` as the field type `kind` ('int', 'float', 'bool', 'tuple[int, ...]'), or a one-line ConfigError:
+    integers must be integers (not 2.0 or "2"), floats finite, sizes and epsilons positive."""
+    name = name or key
+    if kind.startswith("tuple"):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: {key} = {value!r} must be a list of integers")
+        return tuple(checked_value(path, f"{key}[{i}]", v, "int", name) for i, v in enumerate(value))
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: {key} = {value!r} must be true or false")
+        return value
+    if kind == "int" and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{path}: {key} = {value!r} must be an integer")
+    if kind == "float" and (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)):
+        raise ConfigError(f"{path}: {key} = {value!r} must be a finite number")
+    if value < 0 or (value == 0 and name not in NON_NEGATIVE):
+        raise ConfigError(f"{path}: {key} = {value!r} must be {'>= 0' if name in NON_NEGATIVE else 'positive'}")
+    return float(value) if kind == "float" else value
+
+
+def _field_kinds(cls) -> dict[str, str]:
+    return {f.name: str(f.type) for f in fields(cls)}
 
 
 def _pick(cls, raw: dict, path: Path, renames: dict[str, str]):
-    """Build `cls` from the release's key names; `renames` maps release key -> field name."""
-    kw = {}
-    for src, dst in renames.items():
-        if src in raw:
-            kw[dst] = tuple(raw[src]) if isinstance(raw[src], list) else raw[src]
+    """Build `cls` from the release's key names (`renames` maps release key -> field name), type-checked."""
     missing = [src for src in renames if src not in raw]
     if missing:
         raise ConfigError(f"{path}: missing keys for {cls.__name__}: {missing}")
-    return cls(**kw)
+    kinds = _field_kinds(cls)
+    return cls(**{dst: checked_value(path, src, raw[src], kinds[dst], dst) for src, dst in renames.items()})
 
 
 @dataclass(frozen=True)
@@ -155,15 +188,11 @@ class VAEConfig:
             raise ConfigError(f"{path}: this is another network's config, not a VAE's; is this the vae/ folder?")
         if raw.get("version", 2) != 2:
             raise ConfigError(f"{path}: VAE version {raw['version']!r} is not supported; use the release's vae_v2")
-        top = {f.name for f in fields(cls)} - {"encoder", "decoder"}
-        kw = {k: v for k, v in raw.items() if k in top}
-        try:
-            kw["encoder"] = _sub(VAEEncoderConfig, raw.get("encoder", {}))
-            kw["decoder"] = _sub(VAEDecoderConfig, raw.get("decoder", {}))
-            config = cls(**kw)
-            config._check(path)
-        except (TypeError, AttributeError) as e:  # wrong value types in the json
-            raise ConfigError(f"{path}: not a VAE config ({e})") from None
+        kw = _typed(cls, raw, path, "", skip={"encoder", "decoder"})
+        kw["encoder"] = VAEEncoderConfig(**_typed(VAEEncoderConfig, raw.get("encoder", {}), path, "encoder."))
+        kw["decoder"] = VAEDecoderConfig(**_typed(VAEDecoderConfig, raw.get("decoder", {}), path, "decoder."))
+        config = cls(**kw)
+        config._check(path)
         return config
 
     def _check(self, path: Path) -> None:
@@ -179,6 +208,10 @@ class VAEConfig:
                               f"{self.frames_for_latents(self.latent_len)} frames)")
 
 
-def _sub(cls, raw: dict):
-    names = {f.name for f in fields(cls)}
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items() if k in names})
+def _typed(cls, raw, path: Path, prefix: str, skip: set[str] = frozenset()) -> dict:
+    """The keys of `raw` that are fields of `cls` (others are ignored), type-checked."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: not a VAE config ({prefix.rstrip('.')} must be a JSON object, found "
+                          f"{type(raw).__name__})")
+    kinds = _field_kinds(cls)
+    return {k: checked_value(path, prefix + k, v, kinds[k], k) for k, v in raw.items() if k in kinds and k not in skip}

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -24,11 +25,13 @@ import torch
 from safetensors.torch import save_file
 
 from .checkpoint import build_on_meta
+from .errors import StepVideoError
 from .config import ClipConfig, DiTConfig, StepLLMConfig, VAEConfig
 from .profiles import Preset
 
 DEMO_VERSION = 1   # bump when the weight init changes (configs, corpus and module shapes are fingerprinted)
 CACHE_ENV = "LOWVRAM_STEPVIDEO_CACHE"
+log = logging.getLogger(__name__)
 MANIFEST = "demo_manifest.json"
 DEMO_FILES = (  # the release layout (STEPVIDEO.md §1) with single-file weights, plus the tiny VAE's config
     "model_index.json", "scheduler/scheduler_config.json",
@@ -140,14 +143,35 @@ def default_demo_dir() -> Path:
     return Path(base) / f"demo-v{DEMO_VERSION}"
 
 
+class DemoError(StepVideoError, ValueError):
+    """The demo model cannot be built where it must go; one line naming the folder and the fix."""
+
+
 def build_demo_model(folder: Path | None = None) -> Path:
-    """The demo model folder, built if missing, incomplete or stale; returns its path."""
+    """The demo model folder, built if missing, incomplete or stale; returns its path. When the default cache
+    folder cannot be written (read-only home), the model is built in the system temp folder instead."""
     final = Path(folder) if folder is not None else default_demo_dir()
+    try:
+        return _build(final)
+    except OSError as e:
+        problem = f"cannot build the demo model in {final} ({e.strerror or e})"
+    if folder is not None:
+        raise DemoError(f"{problem}; pass a writable folder")
+    fallback = Path(tempfile.gettempdir()) / f"lowvram-stepvideo-{os.getuid()}" / final.name
+    log.warning(f"note: {problem}; using {fallback} (set {CACHE_ENV} to a writable folder to keep it)")
+    try:
+        return _build(fallback)
+    except OSError as e:
+        raise DemoError(f"{problem}, nor in {fallback} ({e.strerror or e}); set {CACHE_ENV} to a writable "
+                        "folder") from None
+
+
+def _build(final: Path) -> Path:
     fingerprint = demo_fingerprint()
     if is_complete(final, fingerprint):
         return final
     if final.exists() and not _replaceable(final):
-        raise ValueError(f"{final} exists and is not a demo model folder; remove it or pass another folder")
+        raise DemoError(f"{final} exists and is not a demo model folder; remove it or pass another folder")
     final.parent.mkdir(parents=True, exist_ok=True)
     _remove_abandoned_builds(final)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.building-", dir=final.parent))

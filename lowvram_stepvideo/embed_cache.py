@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .fsutil import atomic_path
+from .fsutil import atomic_path, clean_orphans
 
 Embeds = tuple[torch.Tensor, torch.Tensor, torch.Tensor]   # y (B,S,D), y_mask (B,77+S), clip (B,77,Dc)
 CACHE_ENV = "LOWVRAM_STEPVIDEO_CACHE"
@@ -38,8 +38,10 @@ def model_identity(files: list[Path]) -> str:
 
 
 class EmbeddingCache:
-    def __init__(self, identity: str, folder: Path | None = None):
-        self.identity, self.folder = identity, Path(folder or default_cache_dir())
+    """`widths`: (step_llm width, CLIP width) the entries must have; an entry that does not fit is a miss."""
+
+    def __init__(self, identity: str, folder: Path | None = None, widths: tuple[int, int] | None = None):
+        self.identity, self.folder, self.widths = identity, Path(folder or default_cache_dir()), widths
 
     def _path(self, prompts: list[str]) -> Path:
         key = json.dumps([self.identity, prompts], ensure_ascii=False).encode()
@@ -51,9 +53,31 @@ class EmbeddingCache:
             return None
         try:
             t = load_file(str(path))
-            return t["y"], t["y_mask"], t["clip"]
+            embeds = t["y"], t["y_mask"], t["clip"]
         except Exception:  # a damaged cache entry is only a miss
             return None
+        problem = self.problem(embeds, len(prompts))
+        if problem:
+            log.warning(f"warning: ignoring the cached text embeddings {path.name} ({problem}); computing them again")
+            return None
+        return embeds
+
+    def problem(self, embeds: Embeds, batch: int) -> str | None:
+        """Why cached embeddings cannot be used for `batch` prompts, or None."""
+        y, mask, clip = embeds
+        if y.dim() != 3 or clip.dim() != 3 or mask.dim() != 2:
+            return f"shapes {tuple(y.shape)}, {tuple(mask.shape)}, {tuple(clip.shape)}"
+        if not (y.is_floating_point() and clip.is_floating_point()) or mask.is_floating_point():
+            return f"dtypes {y.dtype}, {mask.dtype}, {clip.dtype}"
+        if {y.shape[0], mask.shape[0], clip.shape[0]} != {batch}:
+            return f"batch {y.shape[0]}/{mask.shape[0]}/{clip.shape[0]}, expected {batch}"
+        if mask.shape[1] != clip.shape[1] + y.shape[1]:
+            return f"mask of {mask.shape[1]} tokens for {clip.shape[1]} + {y.shape[1]}"
+        if self.widths and (y.shape[2], clip.shape[2]) != tuple(self.widths):
+            return f"widths {y.shape[2]}, {clip.shape[2]}, expected {self.widths[0]}, {self.widths[1]}"
+        if not (torch.isfinite(y).all() and torch.isfinite(clip).all()):
+            return "NaN or inf values"
+        return None
 
     def put(self, prompts: list[str], embeds: Embeds) -> None:
         """Store the embeddings; a cache that cannot be written (full disk, read-only folder) is only a warning,
@@ -61,6 +85,7 @@ class EmbeddingCache:
         y, mask, clip = (t.detach().cpu().contiguous() for t in embeds)
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
+            clean_orphans(self.folder)   # temp files of runs that were killed while storing an entry
             with atomic_path(self._path(prompts), ".safetensors") as tmp:
                 save_file({"y": y, "y_mask": mask, "clip": clip}, str(tmp))
         except OSError as e:

@@ -1,17 +1,38 @@
-"""Atomic file writes: a temp file in the destination's folder, renamed over the target only when complete."""
+"""Atomic file writes: a temp file in the destination's folder, renamed over the target only when complete.
+
+Temp files are hidden, end in `.tmp` (so no `*.mp4` or `*.safetensors` listing picks one up as a result) and carry
+their owner: a hash of the host name and the process id. A process killed mid-write (SIGKILL, power loss) leaves
+its temp file behind; `clean_orphans` removes those whose owner is no longer running, at the next start.
+"""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import re
+import socket
 import tempfile
 from pathlib import Path
+
+TEMP_MARK = "lvtmp"
+_ORPHAN = re.compile(rf"^\..+\.{TEMP_MARK}-(?P<host>[0-9a-f]{{8}})-(?P<pid>\d+)-[^/]*\.tmp$")
+
+
+def _host() -> str:
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def temp_prefix(path: Path) -> str:
+    """Prefix of this process's temp files for `path`: `.{name}.lvtmp-{host}-{pid}-`."""
+    return f".{Path(path).name}.{TEMP_MARK}-{_host()}-{os.getpid()}-"
 
 
 @contextlib.contextmanager
 def atomic_path(path: Path, suffix: str = ""):
-    """Yield a temp path next to `path`; on success it replaces `path`, on error it is removed."""
+    """Yield a temp path next to `path`; on success it replaces `path`, on error it is removed. The temp name
+    ends in `suffix` + `.tmp` (writers that pick a format by extension must be told the format)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or ".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=f"{suffix}.tmp", dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
@@ -23,6 +44,36 @@ def atomic_path(path: Path, suffix: str = ""):
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # another user's process
+        return True
+    except OSError:
+        return True
+    return True
+
+
+def clean_orphans(folder: Path) -> list[Path]:
+    """Remove the temp files in `folder` left by processes of this host that are gone; returns what was removed.
+    Files of running processes and of other hosts (a shared folder) are left alone."""
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    host = _host()
+    for entry in entries:
+        m = _ORPHAN.match(entry.name)
+        if m and m["host"] == host and int(m["pid"]) != os.getpid() and not _alive(int(m["pid"])):
+            with contextlib.suppress(OSError):
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+    return removed
 
 
 def writable_dir_error(path: Path) -> str | None:

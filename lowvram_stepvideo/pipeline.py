@@ -18,23 +18,25 @@ from .models.dit import set_attention_head_chunk, set_token_chunk
 from .offload import find_blocks
 from .profiles import Profile, load_profile
 from .runtime import DeviceRuntime, Runtime
-from .sampling import cfg_combine, dit_timestep, euler_step, flow_sigmas, initial_noise, latent_shape
+from .sampling import (cfg_combine, dit_timestep, euler_step, flow_sigmas, initial_noise, latent_shape,
+                       sampling_defaults)
 from .tiling import decode_with_fallback, halving_tiles, tile_count
 from .video import postprocess
 
 # Suffixes the reference appends to every prompt / uses as the negative prompt (its config.py defaults).
 POS_MAGIC = "超高清、HDR 视频、环境光、杜比全景声、画面稳定、流畅动作、逼真的细节、专业级构图、超现实主义、自然、生动、超细节、清晰。"
 NEG_MAGIC = "画面暗、低分辨率、不良手、文本、缺少手指、多余的手指、裁剪、低质量、颗粒状、签名、水印、用户名、模糊。"
-RELEASE_DEFAULTS = {"steps": 50, "guidance_scale": 9.0, "shift": 13.0}
-TURBO_DEFAULTS = {"steps": 15, "guidance_scale": 5.0, "shift": 17.0}
 CLIP_TOKENS = 77
 
 Embeds = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # y (2, S, D), y_mask (2, 77+S), clip (2, 77, Dc)
 StepCallback = Callable[[int, torch.Tensor], None]         # (steps done, latents float32)
 
 
-class StepVideoPipeline:
-    """`pipe(prompt=...)` -> frames; see `__call__`. Phase timings land in `self.timings`.
+class PhasePipeline:
+    """The phases (encode_prompt, denoise, decode) on one folder and profile, with no pre-flight, plan or
+    fallback: those are the runner's (runner.py), and the public `lowvram_stepvideo.StepVideoPipeline` goes through
+    it. `__call__` chains the phases for the memory planner and the reference tests. Phase timings land in
+    `self.timings`.
 
     `runtime` does the loading, placing and phase bookkeeping (default: a DeviceRuntime for `profile` on `device`,
     the profile's device when None); the profile in use is the runtime's (`pipe.profile`)."""
@@ -67,13 +69,13 @@ class StepVideoPipeline:
         return self.runtime.timings
 
     @classmethod
-    def from_pretrained(cls, model_dir, profile: str | Profile = "cpu", **kwargs) -> "StepVideoPipeline":
+    def open(cls, model_dir, profile: str | Profile = "cpu", **kwargs) -> "PhasePipeline":
         profile = profile if isinstance(profile, Profile) else load_profile(profile)
         return cls(open_model_folder(model_dir), profile, **kwargs)
 
     @property
     def defaults(self) -> dict:
-        return TURBO_DEFAULTS if self.folder.turbo else RELEASE_DEFAULTS
+        return sampling_defaults(self.folder.turbo)
 
     @torch.inference_mode()
     def __call__(self, prompt: str | None = None, negative_prompt: str | None = None, num_frames: int = 204,
@@ -108,34 +110,50 @@ class StepVideoPipeline:
     def encode_prompt(self, prompt: str | None, negative_prompt: str | None = None,
                       pos_magic: str = POS_MAGIC) -> Embeds:
         """[prompt + pos_magic, negative prompt (default: the reference's neg_magic)] -> (y, y_mask, clip)."""
-        if not prompt or not prompt.strip():
-            raise ValueError("the prompt is empty; describe the video to generate")
-        texts = [prompt + pos_magic, NEG_MAGIC if negative_prompt is None else negative_prompt]
-        cached = self.cache.get(texts) if self.cache else None
-        if cached is not None:
-            self.log("text: embeddings taken from the cache")
-            return tuple(t.to(self.device) for t in cached)
-        with self.runtime.phase("text"):
-            y, y_mask = self._run_step_llm(texts)
-            clip = self._run_clip(texts)
-        embeds = (y, y_mask, clip)
-        if self.cache:
-            self.cache.put(texts, embeds)
-        return embeds
+        return self.encode_prompts([(prompt, negative_prompt)], pos_magic)[0]
 
-    def _run_step_llm(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        ids, mask = self.folder.step_llm_tokenizer()(texts)
+    def encode_prompts(self, prompts: list[tuple[str | None, str | None]], pos_magic: str = POS_MAGIC) -> list[Embeds]:
+        """encode_prompt for many (prompt, negative prompt) pairs in one text phase: each network is loaded once,
+        pairs in the embedding cache are taken from it."""
+        for prompt, negative_prompt in prompts:
+            if not prompt or not prompt.strip():
+                raise ValueError("the prompt is empty; describe the video to generate")
+            for warning in self.folder.prompt_warnings(prompt, negative_prompt):
+                self.log(warning)
+        texts = [[prompt + pos_magic, NEG_MAGIC if neg is None else neg] for prompt, neg in prompts]
+        embeds = [self.cache.get(t) if self.cache else None for t in texts]
+        if any(e is not None for e in embeds):
+            self.log("text: embeddings taken from the cache" if len(texts) == 1 else
+                     f"text: embeddings of {sum(e is not None for e in embeds)} of {len(texts)} prompts taken "
+                     "from the cache")
+        todo = [i for i, e in enumerate(embeds) if e is None]
+        if todo:
+            with self.runtime.phase("text"):
+                llm_out = self._run_step_llm([texts[i] for i in todo])
+                clips = self._run_clip([texts[i] for i in todo])
+            for i, (y, y_mask), clip in zip(todo, llm_out, clips):
+                embeds[i] = (y, y_mask, clip)
+                if self.cache:
+                    self.cache.put(texts[i], embeds[i])
+        return [tuple(t.to(self.device) for t in e) for e in embeds]
+
+    def _run_step_llm(self, texts: list[list[str]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(y, y_mask) per pair of texts, step_llm loaded and placed once."""
+        tokenizer, out = self.folder.step_llm_tokenizer(), []
         llm = self.runtime.load("step_llm", self.dtype)
-        with self.runtime.placed(llm, "text_encoders"), self.block_progress(llm, "step_llm"):
-            y = llm(ids.to(self.device), mask.to(self.device)).to(self.dtype)
-        ones = torch.ones(len(texts), CLIP_TOKENS, dtype=mask.dtype)
-        return y, torch.cat([ones, mask], dim=1).to(self.device)   # CLIP tokens come first, all attended
+        with self.runtime.placed(llm, "text_encoders"), self.block_progress(llm, "step_llm", len(texts)):
+            for pair in texts:
+                ids, mask = tokenizer(pair)
+                y = llm(ids.to(self.device), mask.to(self.device)).to(self.dtype)
+                ones = torch.ones(len(pair), CLIP_TOKENS, dtype=mask.dtype)
+                out.append((y, torch.cat([ones, mask], dim=1).to(self.device)))   # CLIP tokens first, all attended
+        return out
 
     @contextlib.contextmanager
-    def block_progress(self, model: torch.nn.Module, name: str):
+    def block_progress(self, model: torch.nn.Module, name: str, passes: int = 1):
         """A progress bar over a stack's blocks (step_llm streamed from disk takes a while on a small card)."""
         blocks = find_blocks(model)[1]
-        with progress_bars.bar(name, len(blocks), unit="block", show=self.progress) as bar:
+        with progress_bars.bar(name, len(blocks) * passes, unit="block", show=self.progress) as bar:
             hooks = [b.register_forward_hook(_ticker(bar)) for b in blocks]
             try:
                 yield
@@ -143,18 +161,19 @@ class StepVideoPipeline:
                 for h in hooks:
                     h.remove()
 
-    def _run_clip(self, texts: list[str]) -> torch.Tensor:
-        ids, mask = self.folder.clip_tokenizer()(texts)
+    def _run_clip(self, texts: list[list[str]]) -> list[torch.Tensor]:
+        tokenizer = self.folder.clip_tokenizer()
         clip = self.runtime.load("hunyuan_clip", torch.float32)    # the reference runs it in float32
         with self.runtime.placed(clip):
-            return clip(ids.to(self.device), mask.to(self.device)).to(self.dtype)
+            return [clip(*(t.to(self.device) for t in tokenizer(pair))).to(self.dtype) for pair in texts]
 
-    def embedding_cache(self) -> EmbeddingCache:
+    def embedding_cache(self, folder=None) -> EmbeddingCache:
         tokenizers = [self.folder.root / "step_llm" / "step1_chat_tokenizer.model",
                       self.folder.root / "hunyuan_clip" / "tokenizer" / "vocab.txt",
                       self.folder.root / "hunyuan_clip" / "tokenizer" / "tokenizer_config.json"]
         files = self.folder.files("step_llm") + self.folder.files("hunyuan_clip") + tokenizers
-        return EmbeddingCache(model_identity(files) + f"-{self.profile.compute_dtype}")
+        widths = tuple(self.folder.open("transformer", layers=0).config.caption_channels)   # what the DiT reads
+        return EmbeddingCache(model_identity(files) + f"-{self.profile.compute_dtype}", folder, widths=widths)
 
     # ------------------------------------------------------------------ denoise
 

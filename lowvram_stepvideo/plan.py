@@ -24,14 +24,14 @@ import torch
 from torch import nn
 
 from . import quant
+from .assumed_format import assume_format as assume_format_of
 from .checkpoint import run_dtype
 from .memory import DEVICE, HOST, PlanningAccountant, fmt_bytes
 from .model_folder import ModelFolder
 from .offload import ARENA_BYTES, STAGING_BUFFERS, STAGING_BYTES
 from .offload_store import BlockLayout, HostArenas, block_tensors
-from .pipeline import StepVideoPipeline
+from .pipeline import PhasePipeline
 from .profiles import Preset, Profile
-from .quantize_folder import DEFAULT_COMPONENTS as QUANTIZED_COMPONENTS
 from .runtime import Runtime, streaming_settings
 
 GiB = 2**30
@@ -172,11 +172,12 @@ _TRACES: dict[tuple, Trace] = {}
 
 def trace(folder: ModelFolder, profile: Profile, preset: Preset, assume_format: str | None = None) -> Trace:
     """The stretches of one planned run (cached per folder, preset and `_shaping(profile)`)."""
+    folder = assume_format_of(folder, assume_format)
     key = (folder.root, folder.weight_format, assume_format, _shaping(profile),
            (preset.frames, preset.height, preset.width))
     if key not in _TRACES:
-        runtime = PlanningRuntime(folder, profile, assume_format)
-        pipe = StepVideoPipeline(folder, profile, progress=False, runtime=runtime)
+        runtime = PlanningRuntime(folder, profile)
+        pipe = PhasePipeline(folder, profile, progress=False, runtime=runtime)
         with runtime.accountant:
             pipe(prompt=PLAN_PROMPT, num_frames=preset.frames, height=preset.height, width=preset.width,
                  num_inference_steps=1, output_type="video", seed=0)
@@ -194,10 +195,9 @@ def _shaping(profile: Profile) -> Profile:
 class PlanningRuntime(Runtime):
     """The runtime of a planned run: see the module docstring. `phases` holds what it traced."""
 
-    def __init__(self, folder: ModelFolder, profile: Profile, assume_format: str | None = None):
+    def __init__(self, folder: ModelFolder, profile: Profile):
         # "meta" with an index, so that moves to the device reach the accountant (see PlanningAccountant)
         super().__init__(folder, profile, device=torch.device(DEVICE, 0), log=lambda msg: None)
-        self.assume_format = assume_format
         self.accountant = PlanningAccountant()
         self.phases: Trace = {}
         self.phase_listeners.append(self._on_phase)
@@ -207,7 +207,7 @@ class PlanningRuntime(Runtime):
 
     def load(self, component: str, dtype: torch.dtype):
         with self.accountant.untracked():     # weights are counted by their footprint when placed
-            model, shape = planned_model(self.folder, component, dtype, self.assume_format)
+            model, shape = planned_model(self.folder, component, dtype)
         if component in REPLAYED:
             model = Replaying(model, self.accountant)
         self._shapes[id(model)] = shape
@@ -284,13 +284,13 @@ def flash_style_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mas
 
 # ---------------------------------------------------------------- networks on meta
 
-def planned_model(folder: ModelFolder, component: str, dtype: torch.dtype,
-                  assume_format: str | None = None) -> tuple[nn.Module, ModelShape]:
+def planned_model(folder: ModelFolder, component: str, dtype: torch.dtype) -> tuple[nn.Module, ModelShape]:
     """`component` with the tensors (dtypes, quantized layers) a run would load, data-free on "meta", one block
-    per stack, attention on `flash_style_attention`; and the shape of the whole network."""
+    per stack, attention on `flash_style_attention`; and the shape of the whole network. An assumed-format folder
+    (assumed_format.py) plans as its quantized version: its weight index carries the scheme."""
     opened = folder.open(component, layers=PLANNED_BLOCKS) if component in STACKS else folder.open(component)
     module = opened.module
-    keep = _quantize_as_run(module, component, opened.source.metadata, assume_format)
+    keep = _quantize_as_run(module, opened.source.metadata)
     state = {name: torch.empty(t.shape, dtype=run_dtype(t.dtype, dtype, name in keep), device="meta")
              for name, t in module.state_dict(keep_vars=True).items()}
     module.load_state_dict(state, strict=True, assign=True)
@@ -301,15 +301,11 @@ def planned_model(folder: ModelFolder, component: str, dtype: torch.dtype,
     return module, _shape(module, component, opened.config)
 
 
-def _quantize_as_run(module: nn.Module, component: str, metadata: dict, assume_format: str | None) -> set[str]:
-    """Swap in the quantized layers of a quantized folder (or of `assume_format`); the names keeping their dtype."""
-    if quant.SCHEME_KEY in metadata:
-        scheme = quant.Scheme.from_metadata(metadata)
-    elif assume_format and component in QUANTIZED_COMPONENTS:
-        names = module.state_dict(keep_vars=True).keys()
-        scheme = quant.Scheme(quant.get_format(assume_format), quant.plan_quantization(component, names))
-    else:
+def _quantize_as_run(module: nn.Module, metadata: dict) -> set[str]:
+    """Swap in the quantized layers a quantized folder records; the names keeping their stored dtype."""
+    if quant.SCHEME_KEY not in metadata:
         return set()
+    scheme = quant.Scheme.from_metadata(metadata)
     built = {name: kind for name, kind in scheme.tensors.items() if _has_module(module, name)}   # one block
     quant.swap_modules(module, built, scheme.fmt)
     return quant.stored_dtype_names(module)

@@ -17,12 +17,15 @@ Keys (every file has exactly these; the TOML comments say why each tier picks it
                        fused q/k/v weights); 0 = all heads at once
     presets            ladder of {frames, height, width, steps}, largest first: the first is the default, the
                        runner steps down on OOM. frames % 17 == 0, height and width % 16 == 0.
-    [memory]           host_ram_gb: host RAM the runner may hold; packed_gb: part of it for packed block copies
-                       (page-locked on cuda, ordinary RAM on cpu)
+    [memory]           host_ram_gb: host RAM (GiB) the tier is sized for (auto pick: cpu tiers are chosen by it, a
+                       cuda tier above the machine's RAM budget is scaled down to it); packed_gb: part of it for
+                       packed block copies of source "ram" stacks (page-locked on cuda, ordinary RAM on cpu;
+                       lowered at run time to the available RAM minus offload.PACKED_RAM_MARGIN)
     [dit]              streaming of the DiT's 48 blocks: resident_blocks kept on the compute device (an upper
                        bound, the memory plan may lower it); prefetch = blocks copied ahead on a side stream
                        (0 = synchronous); source of the others each forward: "ram" (a packed copy held in RAM,
-                       within packed_gb; page-locked on cuda) | "disk" (read from the checkpoint files, nothing held)
+                       within packed_gb, page-locked on cuda; beyond it read from the checkpoint's page cache) |
+                       "disk" (read from the checkpoint files, nothing held, packed_gb ignored)
     [text_encoders]    placement: "device" (step_llm whole on the compute device for the text phase) |
                        "stream" (its blocks streamed with the settings below); CLIP (1.3 GB) is always whole.
                        resident_blocks, prefetch, source as for [dit]
@@ -36,6 +39,7 @@ working directory. LOWVRAM_STEPVIDEO_PROFILES points elsewhere, and --profile al
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import asdict, dataclass, fields, replace
@@ -367,17 +371,61 @@ def detect_vram_bytes() -> int | None:
     return torch.cuda.get_device_properties(0).total_memory
 
 
-def auto_profile(vram_bytes: int | None) -> Profile:
-    """The largest cuda tier whose min_vram_gib fits `vram_bytes`; the smallest cuda tier for a card below all
-    of them (the memory plan and the OOM ladder take it from there); "cpu" when there is no CUDA device."""
+def auto_profile(vram_bytes: int | None, ram_bytes: int | None = None) -> Profile:
+    """The profile `--profile auto` picks for a card of `vram_bytes` (None: no CUDA device) in a machine with
+    `ram_bytes` of RAM (None: this machine's available RAM); `auto_reason` says why."""
+    return auto_choice(vram_bytes, ram_bytes)[0]
+
+
+def auto_reason(vram_bytes: int | None, ram_bytes: int | None = None) -> str:
+    return auto_choice(vram_bytes, ram_bytes)[1]
+
+
+def auto_choice(vram_bytes: int | None, ram_bytes: int | None = None) -> tuple[Profile, str]:
+    """By VRAM: the largest cuda tier whose min_vram_gib fits the card (the smallest for a card below all of
+    them). By RAM: when the host-RAM budget (budgets.host_budget) is below the tier's host_ram_gb, its memory is
+    scaled down to the budget (packed copies in the same proportion; blocks that no longer fit come from disk).
+    Without CUDA: the cpu tier with the largest host_ram_gb within the budget (the smallest when none is)."""
+    from .budgets import host_budget
+    ram, ram_from = host_budget(ram_bytes)
+    profiles = list(map(load_profile, list_profiles()))
     if vram_bytes is None:
-        return load_profile("cpu")
-    tiers = [p for p in map(load_profile, list_profiles()) if p.device == "cuda"]
+        return _auto_cpu([p for p in profiles if p.device == "cpu"], ram, ram_from)
+    tiers = sorted((p for p in profiles if p.device == "cuda"), key=lambda p: p.min_vram_gib)
     if not tiers:
         raise ConfigError(f"{profiles_dir()}: no cuda profiles found; pass --profile explicitly")
-    tiers.sort(key=lambda p: p.min_vram_gib)
     fitting = [p for p in tiers if p.min_vram_gib * GiB <= vram_bytes]
-    return fitting[-1] if fitting else tiers[0]
+    tier = fitting[-1] if fitting else tiers[0]
+    why = (f"the largest tier for a {vram_bytes / GiB:.1f} GiB card" if fitting else
+           f"the smallest tier; the {vram_bytes / GiB:.1f} GiB card is below every tier's min_vram_gib")
+    if tier.memory.host_ram_gb * GiB <= ram:
+        return tier, f"auto: {tier.name}, {why}; its {tier.memory.host_ram_gb:g} GiB of host RAM fit ({ram_from})"
+    scaled = _scaled_to_ram(tier, ram)
+    return scaled, (f"auto: {tier.name}, {why}; its {tier.memory.host_ram_gb:g} GiB of host RAM exceed this "
+                    f"machine's {ram / GiB:.1f} GiB ({ram_from}): packed block copies {tier.memory.packed_gb:g} -> "
+                    f"{scaled.memory.packed_gb:.1f} GiB, the other blocks are read from disk")
+
+
+def _scaled_to_ram(tier: Profile, ram: int) -> Profile:
+    host = max(0.0, math.floor(ram / GiB * 10) / 10)          # GiB, rounded down to 0.1
+    share = tier.memory.packed_gb / tier.memory.host_ram_gb if tier.memory.host_ram_gb else 0.0
+    packed = math.floor(share * host * 10) / 10
+    disk = {"dit_source": "disk", "text_encoders_source": "disk"} if packed < 1 else {}
+    return with_overrides(tier, memory_host_ram_gb=host, memory_packed_gb=packed, **disk)
+
+
+def _auto_cpu(tiers: list[Profile], ram: int, ram_from: str) -> tuple[Profile, str]:
+    if not tiers:
+        raise ConfigError(f"{profiles_dir()}: no cpu profiles found; pass --profile explicitly")
+    tiers.sort(key=lambda p: p.memory.host_ram_gb)
+    fitting = [p for p in tiers if p.memory.host_ram_gb * GiB <= ram]
+    if fitting:
+        tier = fitting[-1]
+        return tier, (f"auto: {tier.name}, no CUDA device; the largest cpu tier whose {tier.memory.host_ram_gb:g} "
+                      f"GiB of host RAM fit ({ram_from})")
+    tier = tiers[0]
+    return tier, (f"auto: {tier.name}, no CUDA device; even the smallest cpu tier's {tier.memory.host_ram_gb:g} "
+                  f"GiB of host RAM exceed this machine's {ram / GiB:.1f} GiB ({ram_from})")
 
 
 def describe(profile: Profile) -> dict:

@@ -33,8 +33,10 @@ from typing import Callable, Iterator
 import torch
 
 from . import progress, quant
-from .checkpoint import SAFETENSORS_DTYPES, CheckpointError, SafetensorsFile, WeightSource, open_weights
+from .checkpoint import FLOAT_DTYPES, SAFETENSORS_DTYPES, CheckpointError, SafetensorsFile, WeightSource, open_weights
+from .errors import StepVideoError
 from .fsutil import atomic_path
+from .model_folder import TURBO_KEY, is_turbo
 
 STATE_FILE = ".quantize_state.json"
 STATE_VERSION = 1
@@ -45,7 +47,7 @@ DISK_MARGIN = 64 * 2**20
 DTYPE_CODES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 
 
-class QuantizeError(ValueError):
+class QuantizeError(StepVideoError, ValueError):
     """A problem with the request or the folders; the message is one line and says what to do."""
 
 
@@ -118,6 +120,7 @@ class Job:
     plan: dict[str, str]         # output weight name -> 'linear' | 'embedding'
     fmt: quant.QFormat
     shards: list[Shard] = field(default_factory=list)
+    extra: dict[str, str] = field(default_factory=dict)   # more header metadata (the DiT: turbo or not)
 
     def consumed(self, src: Path) -> set[Path]:
         """Source files this job replaces (not carried over)."""
@@ -159,7 +162,7 @@ def _plan_shards(job: Job, shard_bytes: int) -> None:
             size = 0
         parts[-1].append((tensors, src_bytes))
         size += out
-    metadata = {"format": "pt", **(quant.Scheme(job.fmt, job.plan).metadata() if job.plan else {})}
+    metadata = {"format": "pt", **(quant.Scheme(job.fmt, job.plan).metadata() if job.plan else {}), **job.extra}
     stem, n = job.spec.out_stem, len(parts)
     job.shards = [Shard(f"{job.spec.folder}/{stem}-{i:05d}-of-{n:05d}.safetensors",
                         [t for tensors, _ in part for t in tensors], metadata, sum(b for _, b in part))
@@ -178,6 +181,8 @@ def plan_jobs(src: Path, fmt: quant.QFormat, components: tuple[str, ...], shard_
         keys = [_clip_key(k) if name == "hunyuan_clip" else k for k in source.keys()]
         plan = quant.plan_quantization(name, [k for k in keys if k]) if name in components else {}
         job = Job(name, spec, source, plan, fmt)
+        if name == "transformer":   # the output folder's name may not say turbo any more: its header does
+            job.extra[TURBO_KEY] = str(is_turbo(src, source.metadata)).lower()
         _plan_shards(job, shard_bytes)
         jobs.append(job)
     return jobs
@@ -260,8 +265,16 @@ def _produce(shard: Shard, reader: TensorReader, tick: Callable[[int], None]) ->
         else:
             spans = [(t.source, b0, min(t.nbytes, b0 + COPY_BYTES)) for b0 in range(0, t.nbytes, COPY_BYTES)]
             for (_, b0, _), chunk in zip(spans, _read_ahead(reader.pool, spans, reader.raw)):
+                _check_finite(reader, t, chunk)
                 yield t.name, b0, chunk.numpy()
                 tick(chunk.numel())
+
+
+def _check_finite(reader: TensorReader, t: OutTensor, chunk: torch.Tensor) -> None:
+    """A float tensor copied unchanged must hold no NaN/inf either (quantized ones are checked by quantize_rows)."""
+    if t.dtype in FLOAT_DTYPES and not torch.isfinite(chunk.view(t.dtype)).all():
+        raise CheckpointError(f"{reader.source.label}: tensor {t.source} holds NaN or inf values; the checkpoint "
+                              "is corrupt, re-download it")
 
 
 def _read_ahead(pool: ThreadPoolExecutor, spans: list, read: Callable):
@@ -479,6 +492,8 @@ def quantize_folder(src: Path, dst: Path, fmt_name: str, components=DEFAULT_COMP
                     log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> Result:
     src, dst = Path(src), Path(dst)
     fmt = quant.get_format(fmt_name)
+    if not isinstance(shard_bytes, int) or shard_bytes < 2**20:
+        raise QuantizeError(f"shard size {shard_bytes} bytes: must be at least 1 MB (--shard-size-mb 1 or more)")
     components = _parse_components(components)
     check_request(src, dst, force)
     check_not_quantized(src)
@@ -492,7 +507,11 @@ def quantize_folder(src: Path, dst: Path, fmt_name: str, components=DEFAULT_COMP
     check_disk_space(dst, sum(s.nbytes for _, s in todo) + carry_bytes)
     prepare_partial(partial, bool(done), log)
     reused, start = sorted(done), time.perf_counter()
-    _write_all(partial, todo, done, fp, log)
+    try:
+        _write_all(partial, todo, done, fp, log)
+    except CheckpointError as e:   # bad source data: a rerun cannot reuse anything until the source changes
+        _remove(partial)
+        raise CheckpointError(f"{e} (removed {partial})") from None
     _write_indexes(partial, jobs)
     carry(src, partial, files)
     (partial / STATE_FILE).unlink()

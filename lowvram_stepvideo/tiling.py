@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from .errors import StepVideoError
 from .models.vae import mix_chunks
 
 DecodeFn = Callable[[torch.Tensor], torch.Tensor]  # (B, t<=3, C, h, w) latents -> (B, T, 3, H, W) frames
@@ -24,7 +25,7 @@ Progress = Callable[[int, int], None]               # (tiles done, tiles total) 
 _OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
 
-class TileOOMError(RuntimeError):
+class TileOOMError(StepVideoError, RuntimeError):
     """The decode ran out of memory even with the smallest tile size tried."""
 
 

@@ -17,7 +17,8 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processor
 from .checkpoint import CheckpointError
 from .config import ClipConfig, StepLLMConfig, read_json
 
-Tokenize = Callable[[Sequence[str] | str], tuple[torch.Tensor, torch.Tensor]]
+Tokenize = Callable[[Sequence[str] | str], tuple[torch.Tensor, torch.Tensor]]   # also .count(text), .room
+MAX_CLIP_TOKENS = 512    # BERT position embeddings; a tokenizer config asking for more is broken
 
 STEP_LLM_TOKENIZER_FILE = "step1_chat_tokenizer.model"
 STEP_BOS, STEP_EOS, STEP_PAD = 1, 2, 2
@@ -54,6 +55,8 @@ def load_step_llm_tokenizer(folder: Path, max_length: int = StepLLMConfig.max_le
         ids = [r + [STEP_PAD] * (max_length - len(r)) for r in rows]
         return torch.tensor(ids, dtype=torch.int64), torch.tensor(mask, dtype=torch.int64)
 
+    tokenize.count = lambda text: len(sp.encode(text, out_type=int))
+    tokenize.room = max_length - 2
     return tokenize
 
 
@@ -72,8 +75,10 @@ def load_clip_tokenizer(folder: Path, max_length: int | None = None) -> Tokenize
     if (folder / "tokenizer").is_dir():
         folder = folder / "tokenizer"
     vocab = _read_vocab(_require(folder / "vocab.txt"))
-    options = read_json(_require(folder / "tokenizer_config.json"))
-    max_length = max_length or int(options.get("model_max_length", ClipConfig.max_length))
+    config = _require(folder / "tokenizer_config.json")
+    options = read_json(config)
+    max_length = max_length or _clip_length(options.get("model_max_length", ClipConfig.max_length), config)
+    full = _bert_tokenizer(vocab, options, folder / "vocab.txt")
     tk = _bert_tokenizer(vocab, options, folder / "vocab.txt")
     tk.enable_truncation(max_length)
     tk.enable_padding(length=max_length, pad_id=vocab["[PAD]"], pad_token="[PAD]")
@@ -84,7 +89,28 @@ def load_clip_tokenizer(folder: Path, max_length: int | None = None) -> Tokenize
         mask = torch.tensor([e.attention_mask for e in enc], dtype=torch.int64).view(-1, max_length)
         return ids, mask
 
+    tokenize.count = lambda text: len(full.encode(text).ids) - 2    # without [CLS] and [SEP]
+    tokenize.room = max_length - 2
     return tokenize
+
+
+def _clip_length(value, config: Path) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= MAX_CLIP_TOKENS:
+        raise CheckpointError(f"{config}: model_max_length {value!r} is not a token count from 2 to "
+                              f"{MAX_CLIP_TOKENS} (the release has {ClipConfig.max_length}); re-download this file")
+    return value
+
+
+def truncation_warnings(tokenizers: dict[str, Tokenize], texts: dict[str, str]) -> list[str]:
+    """One line per text (name -> text) that a tokenizer (name -> tokenizer) cuts: how many tokens are lost."""
+    lines = []
+    for label, text in texts.items():
+        for encoder, tokenize in tokenizers.items():
+            n = tokenize.count(text)
+            if n > tokenize.room:
+                lines.append(f"warning: the {label} is {n} {encoder} tokens long; {encoder} reads the first "
+                             f"{tokenize.room} and drops the last {n - tokenize.room}")
+    return lines
 
 
 def _read_vocab(path: Path) -> dict[str, int]:

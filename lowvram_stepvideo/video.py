@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -16,15 +17,24 @@ import imageio_ffmpeg
 import numpy as np
 import torch
 
-from .fsutil import atomic_path, writable_dir_error
+from .errors import StepVideoError
+from .fsutil import atomic_path, temp_prefix, writable_dir_error
 
 # The reference writer's extra ffmpeg filter (it replaces imageio's own `-vf scale=...`, see §5.7).
 REFERENCE_DENOISE = "atadenoise=0a=0.1:0b=0.1:1a=0.1:1b=0.1"
 # The index ('moov' box) before the frames: a browser or player starts playing before the whole file arrived.
 FAST_START = ["-movflags", "+faststart"]
 
+# Host RAM of the mp4 writer, for memory plans (`mp4_writer_host_bytes`). ffmpeg's peak RSS measured on the dev VM
+# (2 vCPU; libx264 crf 25 through write_mp4; random frames, the encoder's worst case; the peak of the encoding and
+# the frame-count check): 261 MiB at 34 frames of 256x448, 242 MiB at 51 x 272x480, 298 MiB at 51 x 540x960,
+# 374 MiB at 102 x 540x960, 525 MiB at 204 x 540x960. The model below is above all five, by 9-38%. x264 runs more threads on more cores (more frames in flight): a many-core machine needs more.
+FFMPEG_BASE_BYTES = 256 * 2**20
+FFMPEG_BYTES_PER_PIXEL = 160          # lookahead and reference frames
+FFMPEG_BYTES_PER_PIXEL_FRAME = 3      # grows with the clip (buffered encoded frames)
 
-class VideoError(RuntimeError):
+
+class VideoError(StepVideoError, RuntimeError):
     """The mp4 could not be encoded or written."""
 
 
@@ -60,6 +70,31 @@ def postprocess(video: torch.Tensor, crop: bool = True) -> np.ndarray:
     (a view into the uncropped frames when cropped)."""
     frames = to_uint8_frames(video)
     return crop_540p(frames) if crop else frames
+
+
+def written_frame_shape(height: int, width: int) -> tuple[int, int]:
+    """(height, width) of the frames `write_mp4` encodes for a decoded video of height x width (after the
+    reference crop and the even-side padding)."""
+    h, w = crop_540p(np.broadcast_to(np.uint8(0), (1, height, width, 3))).shape[1:3]
+    return h + h % 2, w + w % 2
+
+
+def decoded_video_host_bytes(frames: int, height: int, width: int, dtype: torch.dtype, batch: int = 1) -> int:
+    """Host RAM while a decoded video becomes uint8 frames (`postprocess`): the decoded (B, F, 3, H, W) tensor in
+    the compute dtype, the uint8 frames (F, B*H, W, 3), and one frame's float temporaries, all alive at once."""
+    values = batch * frames * 3 * height * width
+    frame_temps = 3 * batch * 3 * height * width * max(dtype.itemsize, 4)
+    return values * dtype.itemsize + values + frame_temps
+
+
+def mp4_writer_host_bytes(frames: int, height: int, width: int) -> int:
+    """Host RAM of writing `frames` decoded frames of height x width as mp4 (the uint8 frames themselves are
+    counted by `decoded_video_host_bytes`): two frame copies in this process (the even-sided copy, the pipe's
+    buffer) plus the ffmpeg process (see FFMPEG_BASE_BYTES)."""
+    h, w = written_frame_shape(height, width)
+    pixels = h * w
+    ffmpeg = FFMPEG_BASE_BYTES + pixels * (FFMPEG_BYTES_PER_PIXEL + FFMPEG_BYTES_PER_PIXEL_FRAME * frames)
+    return 2 * 3 * pixels + ffmpeg
 
 
 def _even(frame: np.ndarray) -> np.ndarray:
@@ -111,7 +146,7 @@ def write_mp4(frames: np.ndarray | Iterable, path: Path, fps: float = 25, crf: i
     if first is None:
         raise ValueError(f"no frames to write to {path}")
     first = _check_frame(first, None)
-    params = ["-crf", str(crf), *FAST_START] + (["-vf", REFERENCE_DENOISE] if denoise else [])
+    params = ["-crf", str(crf), *FAST_START] + (["-vf", REFERENCE_DENOISE] if denoise else []) + ["-f", "mp4"]  # temp: *.tmp
     try:
         with atomic_path(path, ".mp4") as tmp:
             count = _encode(tmp, frames, first, fps, params)
@@ -133,11 +168,31 @@ def sidecar_path(video_path: Path) -> Path:
 
 
 def write_sidecar(path: Path, data: dict) -> Path:
-    """Write `data` as UTF-8 JSON atomically (values JSON cannot hold, like paths, are written as strings)."""
-    text = json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n"
-    with atomic_path(Path(path), ".json") as tmp:
-        tmp.write_text(text, encoding="utf-8")
+    """Write `data` as strict UTF-8 JSON atomically (paths and other objects as strings). A NaN or infinity is
+    refused before anything is written (strict JSON readers reject them); a failed write is a VideoError and
+    leaves any earlier file at `path` as it was."""
+    try:
+        text = json.dumps(data, indent=2, ensure_ascii=False, default=str, allow_nan=False) + "\n"
+    except ValueError as e:
+        if "Out of range float" not in str(e):
+            raise
+        bad = ", ".join(non_finite_keys(data))
+        raise VideoError(f"not writing {path}: {bad} is not a finite number (strict JSON has no NaN or "
+                         "infinity)") from None
+    try:
+        with atomic_path(Path(path), ".json") as tmp:
+            tmp.write_text(text, encoding="utf-8")
+    except OSError as e:
+        raise VideoError(f"could not write {path}: {e.strerror or e}") from None
     return Path(path)
+
+
+def non_finite_keys(data, where: str = "") -> list[str]:
+    """Dotted keys of the floats in nested dicts/lists that are NaN or infinite."""
+    if isinstance(data, float):
+        return [] if math.isfinite(data) else [where or "value"]
+    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, (list, tuple)) else []
+    return [k for key, v in items for k in non_finite_keys(v, f"{where}.{key}" if where else str(key))]
 
 
 def output_path_error(path: Path, create_dirs: bool = False) -> str | None:
@@ -156,7 +211,7 @@ def output_path_error(path: Path, create_dirs: bool = False) -> str | None:
     if problem:
         return problem
     try:
-        fd, probe = tempfile.mkstemp(prefix=f".{Path(path).name}.", suffix=".probe", dir=parent)
+        fd, probe = tempfile.mkstemp(prefix=temp_prefix(Path(path)), suffix=".probe.tmp", dir=parent)
         os.close(fd)
         os.unlink(probe)
     except OSError as e:

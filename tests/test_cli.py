@@ -53,7 +53,7 @@ def test_demo_run_writes_a_playable_mp4_and_a_sidecar(reference, demo_dir):
     assert (meta["frames"], meta["size"], meta["turbo"]) == (34, [64, 96], False)
     assert (meta["fps"], meta["width"], meta["height"], meta["duration_s"]) == (25, 96, 64, 1.36)
     assert meta["profile"]["name"] == "cpu" and meta["profile"]["vae"] == {"tile": 32, "overlap": 4}
-    assert meta["arguments"]["checkpoint_every"] == 5 and meta["arguments"]["no_cache"] is False
+    assert meta["arguments"]["checkpoint_every"] == 5 and meta["arguments"]["cache"] is True
     assert set(meta["timings_s"]) == {"text", "denoise", "decode"} and meta["total_s"] > 0
     assert meta["peak_host_bytes"] > 0 and meta["peak_vram_bytes"] is None   # CPU run
     latents = load_file(str(out / "fox.safetensors"))["latents"]
@@ -80,7 +80,8 @@ def test_embedding_cache_skips_the_text_encoders(tmp_path, capsys, monkeypatch):
     metas = []
     for extra in ([], [], ["--no-cache"]):
         loaded.clear()
-        rc, _, err = run_cli(capsys, "--demo", "--prompt", prompt, *TINY, "--output", tmp_path / "b.mp4", *extra)
+        rc, _, err = run_cli(capsys, "--demo", "--prompt", prompt, *TINY, "--output", tmp_path / "b.mp4",
+                             "--overwrite", *extra)
         assert rc == 0, err
         metas.append((list(loaded), "text: embeddings taken from the cache" in err,
                       "text" in read_sidecar(tmp_path / "b.mp4")["timings_s"]))
@@ -106,7 +107,8 @@ def test_dry_run_prints_the_plan(capsys):
     rc, out, err = run_cli(capsys, "--demo", "--prompt", PROMPT, "--dry-run")
     assert rc == 0, err
     assert "memory plan: profile cpu, 34x64x96" in out
-    assert [ln.split()[0] for ln in out.splitlines()[2:6]] == ["text", "denoise", "decode", "overall"]
+    assert [ln.split()[0] for ln in out.splitlines()[2:6]] == ["text", "denoise", "decode", "budget"]
+    assert out.splitlines()[-1].startswith("verdict: fits in ")
 
 
 def test_dry_run_json_rounds_the_size_with_a_warning(capsys, tmp_path):
@@ -170,14 +172,14 @@ ERRORS = {  # name: (arguments, words the one error line must hold)
     "huge width": (["--demo", "--width", "9000"], ["64x9000", "544x992"]),
     "zero steps": (["--demo", "--steps", "0"], ["--steps 0", "at least 1"]),
     "zero shift": (["--demo", "--shift", "0"], ["--shift 0", "positive"]),
-    "seed out of range": (["--demo", "--seed", str(2**64)], ["--seed 18446744073709551616", "2^64-1"]),
+    "seed out of range": (["--demo", "--seed", str(2**64)], ["--seed 18446744073709551616", "2**64-1"]),
     "empty prompt": (["--demo", "--prompt", "  "], ["--prompt is empty"]),
     "output folder missing": (["--demo", "--output", "{tmp}/missing/out.mp4"], ["does not exist"]),
     "output is a folder": (["--demo", "--output", "{tmp}"], ["it is a folder"]),
     "latents folder missing": (["--demo", "--save-latents", "{tmp}/missing/z.safetensors"], ["does not exist"]),
     "json without dry run": (["--demo", "--json"], ["--json", "--dry-run"]),
     "not a latents file": (["--demo", "--decode-latents", "{demo}/vae/config.json"], ["not a latents file"]),
-    "latents of another model": (["--demo", "--decode-latents", "{other}"], ["(1, 3, 16, 2, 3)", "(B, T, 4, h, w)"]),
+    "latents of another model": (["--demo", "--decode-latents", "{other}"], ["(1, 3, 16, 2, 3)", "(1, T, 4, h, w)"]),
     "nothing to resume": (["--demo", "--resume"] + TINY, ["nothing to resume", "without --resume"]),
 }
 
@@ -240,5 +242,5 @@ def test_help_has_examples_and_describes_every_flag(capsys):
     flat = " ".join(text.split())                                          # argparse wraps the flag help
     assert "default: auto" in flat and "with --demo: cpu" in flat          # the default profile is named
     assert "204x544x992@50 is 204 frames" in flat and "(height x width) in 50 denoising steps" in flat
-    assert "seed of the initial noise" in flat and "2^64-1" in flat
+    assert "seed of the initial noise" in flat and "2**64-1" in flat
     assert "exit status:" in flat and "130 interrupted" in flat

@@ -190,3 +190,14 @@ def test_tiny_folder_without_tokenizers_fails_naming_the_file(fixture_dir, tmp_p
         open_model_folder(root)
     assert_one_line(info.value, "step1_chat_tokenizer.model", "copy it")
 
+
+
+def test_turbo_is_carried_by_the_quantized_header_not_the_name(fixture_dir, tmp_path):
+    """quantize.py records in the DiT header whether its source was turbo; the header wins over the folder name."""
+    from lowvram_stepvideo.quantize_folder import quantize_folder
+    turbo_src = tiny_model_folder(fixture_dir, tmp_path / "stepvideo-t2v-turbo")
+    plain_src = tiny_model_folder(fixture_dir, tmp_path / "stepvideo-t2v")
+    quantize_folder(turbo_src, tmp_path / "q-int8", "int8", log=lambda msg: None)
+    quantize_folder(plain_src, tmp_path / "renamed-turbo-int8", "int8", log=lambda msg: None)
+    assert open_model_folder(tmp_path / "q-int8").turbo
+    assert not open_model_folder(tmp_path / "renamed-turbo-int8").turbo

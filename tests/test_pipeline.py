@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import complete_model_dir, read_io
-from lowvram_stepvideo.pipeline import StepVideoPipeline
+from lowvram_stepvideo.pipeline import PhasePipeline
 
 
 @pytest.fixture
@@ -21,7 +21,7 @@ def model_dir(fixture_dir, tmp_path):
 
 @pytest.fixture
 def pipe(model_dir):
-    return StepVideoPipeline.from_pretrained(model_dir, profile="cpu", progress=False)
+    return PhasePipeline.open(model_dir, profile="cpu", progress=False)
 
 
 def _embeds(io):
@@ -58,7 +58,7 @@ def test_sequential_cfg_equals_batched(model_dir, reference):
     outs = []
     for mode in ("batch", "sequential"):
         profile = with_overrides(load_profile("cpu"), cfg_mode=mode)
-        pipe = StepVideoPipeline.from_pretrained(model_dir, profile=profile, progress=False)
+        pipe = PhasePipeline.open(model_dir, profile=profile, progress=False)
         outs.append(pipe(**kwargs))
     torch.testing.assert_close(outs[0], outs[1], atol=1e-4, rtol=0)   # same math, other summation order
 
@@ -85,7 +85,7 @@ def test_pipeline_schedule_is_the_reference_one(model_dir, reference):
                                                 else seen.append(args[1][0].item()), with_kwargs=True)
             return model
     folder, profile = open_model_folder(model_dir), load_profile("cpu")
-    pipe = StepVideoPipeline(folder, profile, progress=False, runtime=Recording(folder, profile))
+    pipe = PhasePipeline(folder, profile, progress=False, runtime=Recording(folder, profile))
     pipe(prompt_embeds=_embeds(io), latents=io["step0.latents_in"], num_frames=call["num_frames"],
          height=call["height"], width=call["width"], num_inference_steps=call["steps"],
          guidance_scale=call["guidance"], time_shift=call["time_shift"], output_type="latent")

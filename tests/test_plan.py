@@ -81,14 +81,14 @@ def test_plan_matches_a_measured_cpu_run(tmp_path, monkeypatch):
     from lowvram_stepvideo.demo import DEMO_PRESET, build_demo_model
     from lowvram_stepvideo.memory import ByteAccountant
     from lowvram_stepvideo.model_folder import open_model_folder
-    from lowvram_stepvideo.pipeline import StepVideoPipeline
+    from lowvram_stepvideo.pipeline import PhasePipeline
     from lowvram_stepvideo.plan import plan_memory
     from lowvram_stepvideo.profiles import load_profile
     monkeypatch.setenv("LOWVRAM_STEPVIDEO_CACHE", str(tmp_path))
     folder, profile = open_model_folder(build_demo_model()), load_profile("cpu")
     plan = plan_memory(folder, profile, DEMO_PRESET)
     acc, measured = ByteAccountant(), {}
-    pipe = StepVideoPipeline(folder, profile, progress=False, log=lambda msg: None)
+    pipe = PhasePipeline(folder, profile, progress=False, log=lambda msg: None)
     pipe.runtime.phase_listeners.append(lambda name, event: acc.reset_peak() if event == "start" else
                                         measured.__setitem__(name, acc.peak["cpu"]))
     with acc, torch.inference_mode():
@@ -102,18 +102,20 @@ def test_plan_matches_a_measured_cpu_run(tmp_path, monkeypatch):
 def test_fit_to_card_starts_the_ladder_at_the_largest_preset_that_fits(tmp_path, monkeypatch):
     from lowvram_stepvideo.demo import build_demo_model
     from lowvram_stepvideo.model_folder import open_model_folder
-    from lowvram_stepvideo.pipeline import StepVideoPipeline
+    from lowvram_stepvideo.pipeline import PhasePipeline
     from lowvram_stepvideo.plan import plan_memory
     from lowvram_stepvideo.profiles import Preset, load_profile
+    from lowvram_stepvideo.budgets import HOST_MARGIN_MIN
     from lowvram_stepvideo.runner import fit_to_card
     monkeypatch.setenv("LOWVRAM_STEPVIDEO_CACHE", str(tmp_path))
     folder, profile = open_model_folder(build_demo_model()), load_profile("cpu")
     ladder = [Preset(68, 128, 192, 1), Preset(34, 64, 96, 1), Preset(17, 32, 48, 1)]
-    peaks = [plan_memory(folder, profile, p).peak_vram_bytes for p in ladder]
-    assert peaks[0] > peaks[1] > peaks[2]
-    card = int((peaks[0] + peaks[1]) / 2 / 0.95)          # the first does not fit (5% kept free), the second does
+    plans = [plan_memory(folder, profile, p) for p in ladder]
+    peaks = [max(q.peak_vram_bytes + q.peak_host_bytes for q in plan.phases.values()) for plan in plans]
+    assert peaks[0] > peaks[1] > peaks[2]                 # on the cpu, compute and host copies share the RAM
+    ram = (peaks[0] + peaks[1]) // 2 + HOST_MARGIN_MIN     # the first does not fit the RAM budget, the second does
     said = []
-    pipe = StepVideoPipeline(folder, profile, progress=False, log=said.append)
-    assert fit_to_card(pipe, ladder, card, said.append) == ladder[1:]
+    pipe = PhasePipeline(folder, profile, progress=False, log=said.append)
+    assert fit_to_card(pipe, ladder, None, said.append, ram_bytes=ram) == ladder[1:]
     assert any("does not fit" in line for line in said)
-    assert fit_to_card(pipe, ladder, peaks[0] * 2, said.append) == ladder
+    assert fit_to_card(pipe, ladder, None, said.append, ram_bytes=peaks[0] + HOST_MARGIN_MIN) == ladder

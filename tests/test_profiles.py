@@ -13,8 +13,8 @@ except ModuleNotFoundError:
     import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
-SHIPPED = ["cpu", "cpu-lowram", "12gb", "16gb", "24gb", "48gb", "80gb"]
-GPU_TIERS = ["12gb", "16gb", "24gb", "48gb", "80gb"]
+SHIPPED = ["cpu", "cpu-lowram", "8gb", "12gb", "16gb", "24gb", "48gb", "80gb"]
+GPU_TIERS = ["8gb", "12gb", "16gb", "24gb", "48gb", "80gb"]
 
 
 def key_paths(raw: dict, prefix: str = "") -> set[str]:
@@ -178,7 +178,8 @@ GiB = 2**30
     (51_050_840_064, "48gb"),      # RTX A6000
     (85_045_231_616, "80gb"),      # H100 80 GB
     (int(139 * GiB), "80gb"),      # H200
-    (int(8 * GiB), "12gb"),        # below every tier: the smallest
+    (int(8 * GiB), "8gb"),         # RTX 3070 8 GB
+    (int(6 * GiB), "8gb"),         # below every tier: the smallest
 ])
 def test_auto_profile(vram, expected):
-    assert P.auto_profile(vram).name == expected
+    assert P.auto_profile(vram, 128 * GiB).name == expected     # RAM for every tier (auto by RAM: test_fit.py)

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from conftest import ROOT
 from lowvram_stepvideo import cli, runner, runtime
 from lowvram_stepvideo.memory import ByteAccountant
-from lowvram_stepvideo.pipeline import StepVideoPipeline
+from lowvram_stepvideo.pipeline import PhasePipeline
 from lowvram_stepvideo.runtime import DeviceRuntime
 from lowvram_stepvideo.profiles import Preset
 from lowvram_stepvideo.resume import checkpoint_path, save_checkpoint
@@ -84,7 +84,7 @@ def test_denoise_oom_steps_down_to_the_next_preset(demo_dir, tmp_path, capsys, m
     assert fits < at_big["denoise"], (at_big, at_small)       # the test needs a denoise-only gap
     limit = (fits + at_big["denoise"]) // 2
 
-    denoise_calls, loaded = count_calls(monkeypatch, StepVideoPipeline, "denoise"), loads_of(monkeypatch)
+    denoise_calls, loaded = count_calls(monkeypatch, PhasePipeline, "denoise"), loads_of(monkeypatch)
     with phase_peaks(limit=limit):
         rc, _, err = run_cli(capsys, *base, "--output", tmp_path / "out.mp4")
     assert rc == 0, err
@@ -104,7 +104,7 @@ def test_decode_oom_retries_with_smaller_tiles_without_denoising_again(demo_dir,
         assert cli.main([str(a) for a in base + ["--vae-tile", "8", "--output", tmp_path / "tiled.mp4"]]) == 0
     limit = max(tiled.values()) + 2**20
 
-    denoise_calls = count_calls(monkeypatch, StepVideoPipeline, "denoise")
+    denoise_calls = count_calls(monkeypatch, PhasePipeline, "denoise")
     with phase_peaks(limit=limit):
         rc, _, err = run_cli(capsys, *base, "--output", tmp_path / "out.mp4")
     assert rc == 0, err
@@ -204,7 +204,7 @@ def test_failed_decode_keeps_the_latents_and_resume_only_decodes(tmp_path, capsy
     def no_memory(self, latents, tile=None):
         raise torch.OutOfMemoryError("injected")
     with monkeypatch.context() as m:
-        m.setattr(StepVideoPipeline, "decode", no_memory)
+        m.setattr(PhasePipeline, "decode", no_memory)
         rc, _, err = run_cli(capsys, *args)
     ckpt = checkpoint_path(tmp_path / "v.mp4")
     assert rc == 2 and err.splitlines() == [

@@ -1,0 +1,234 @@
+"""The verdict of a memory plan against a machine: does this profile's preset fit, and if not, what would.
+
+`check_fit` plans the requested preset with the profile's layout adjusted to the budget (`budgets.py`): resident
+blocks lowered until the device peak fits, packed host copies lowered (the rest read from disk) until host RAM
+fits. When the preset does not fit it looks down the profile's ladder for the largest that does, and when nothing
+on the ladder fits, at the other profiles of the same device kind, from the hungriest down.
+
+Plans grow with the preset (more tokens, more activations; the weights are the same), so "the largest preset
+that fits" is found by bisection: the first preset, then the last, then halves in between.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from .assumed_format import assume_format as assume_format_of
+from .budgets import Budget, machine_budget
+from .model_folder import ModelFolder
+from .offload import ARENA_BYTES, find_blocks
+from .offload_store import BlockLayout, HostArenas
+from .plan import Plan, fit_profile
+from .profiles import Preset, Profile, list_profiles, load_profile
+from .runner import ladder_from
+
+GiB = 2**30
+HOST_PASSES = 3          # rounds of "less packed RAM, then refit the resident blocks"
+ADJUSTABLE = ("text", "denoise")   # phases whose layout fitting changes (step_llm and DiT blocks, packed RAM)
+
+
+@dataclass
+class Verdict:
+    fits: bool
+    preset: Preset | None                 # what would actually run (None: nothing on the ladder fits)
+    profile: Profile                      # the fitted layout of `preset` (of the requested preset if none fits)
+    plan: Plan                            # the plan of `preset` (of the requested preset if none fits)
+    budget: Budget
+    requested: Preset
+    asked: Profile                        # the profile as given, before fitting
+    weight_format: str                    # of the planned weights ("int8" when assumed with --assume-format)
+    assumed: bool = False
+    suggested_profile: str | None = None  # a profile that would fit when none of this one's presets does
+    suggested_preset: Preset | None = None
+    requested_plan: Plan | None = None    # the requested preset's plan when a smaller one runs
+    folder: ModelFolder | None = field(default=None, repr=False)   # the planned folder (for the layout)
+
+    def to_dict(self) -> dict:
+        where = layout(self)
+        return {"fits": self.fits, "preset": None if self.preset is None else str(self.preset),
+                "profile": self.profile.name, "requested_preset": str(self.requested),
+                "budget_vram_bytes": self.budget.vram_bytes, "budget_host_bytes": self.budget.host_bytes,
+                "peak_vram_bytes": self.plan.peak_vram_bytes, "peak_host_bytes": self.plan.peak_host_bytes,
+                "phases": {name: {"peak_vram_bytes": p.peak_vram_bytes, "peak_host_bytes": p.peak_host_bytes}
+                           for name, p in self.plan.phases.items()},
+                "device": self.budget.device, "budget_vram_from": self.budget.vram_from,
+                "budget_host_from": self.budget.host_from, "weight_format": self.weight_format,
+                "assumed_format": self.assumed, "layout": where,
+                "dit_resident_blocks": where["dit"]["resident"], "suggested_profile": self.suggested_profile,
+                "suggested_preset": None if self.suggested_preset is None else str(self.suggested_preset)}
+
+    def report(self) -> str:
+        from .fit_report import report
+        return report(self)
+
+
+def check_fit(folder: ModelFolder, profile: Profile, preset: Preset, vram_bytes: int | None = None,
+              ram_bytes: int | None = None, assume_format: str | None = None) -> Verdict:
+    """The verdict for `preset` (and the ladder below it) on a machine with a card of `vram_bytes` and
+    `ram_bytes` of RAM (None: read this machine)."""
+    own_format = folder.weight_format
+    folder = assume_format_of(folder, assume_format)
+    budget = profile_budget(profile, vram_bytes, ram_bytes)
+    ladder = ladder_from(profile.presets, preset)
+    tried: dict[int, tuple[Profile, Plan]] = {}
+    found = first_fit(folder, profile, ladder, budget, tried)
+    common = dict(budget=budget, requested=preset, asked=profile, weight_format=folder.weight_format,
+                  assumed=folder.weight_format != own_format, folder=folder)
+    if found is not None:
+        fitted, plan = tried[found]
+        return Verdict(True, ladder[found], fitted, plan, requested_plan=tried[0][1] if found else None, **common)
+    fitted, plan = tried[0]
+    name, suggested = suggest_profile(folder, profile, preset, budget)
+    return Verdict(False, None, fitted, plan, suggested_profile=name, suggested_preset=suggested, **common)
+
+
+def profile_budget(profile: Profile, vram_bytes: int | None, ram_bytes: int | None) -> Budget:
+    return machine_budget(profile.device, vram_bytes, ram_bytes, nominal_vram_bytes=int(profile.min_vram_gib * GiB))
+
+
+def first_fit(folder: ModelFolder, profile: Profile, ladder: list[Preset], budget: Budget,
+              tried: dict[int, tuple[Profile, Plan]] | None = None) -> int | None:
+    """Index of the largest preset of `ladder` (largest first) that fits, or None; `tried` collects the fitted
+    layout and plan of every preset planned, by index."""
+    tried = {} if tried is None else tried
+
+    def fits(i: int) -> bool:
+        if i not in tried:
+            tried[i] = fit_layout(folder, profile, ladder[i], budget)
+        return plan_fits(tried[i][1], budget)
+
+    if fits(0):
+        return 0
+    if len(ladder) == 1 or not fits(len(ladder) - 1):
+        return None
+    lo, hi = 0, len(ladder) - 1              # ladder[lo] does not fit, ladder[hi] does
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if fits(mid) else (mid, hi)
+    return hi
+
+
+def plan_fits(plan: Plan, budget: Budget) -> bool:
+    return all(budget.phase_fits(p.peak_vram_bytes, p.peak_host_bytes) for p in plan.phases.values())
+
+
+def fit_layout(folder: ModelFolder, profile: Profile, preset: Preset, budget: Budget) -> tuple[Profile, Plan]:
+    """`profile` with resident blocks and packed host copies lowered (upper bounds, never raised) until the plan
+    of `preset` fits `budget`, and that plan; the plan may still exceed it when nothing is left to lower."""
+    profile, plan = fit_profile(folder, clamped(folder, profile), preset, budget.device_room(0))
+    for _ in range(HOST_PASSES):
+        if plan_fits(plan, budget) or not _only_adjustable_over(plan, budget):
+            break
+        phases = [plan.phases[name] for name in ADJUSTABLE if name in plan.phases]
+        room = budget.device_room(max(p.peak_host_bytes for p in phases))
+        excess = host_excess(phases, budget)
+        if budget.device == "cpu" and profile.dit.resident_blocks and plan.phases["denoise"].peak_vram_bytes > room:
+            lowered = profile                  # on the cpu, resident blocks give way first (they are RAM too)
+        elif excess <= 0 or (lowered := less_packed(folder, profile, excess)) is None:
+            break                              # the device is short, or there is no packed RAM left to give
+        profile, plan = fit_profile(folder, lowered, preset, room)
+    return profile, plan
+
+
+def _only_adjustable_over(plan: Plan, budget: Budget) -> bool:
+    """Every phase over the budget is one that a layout change can shrink (else the preset cannot fit)."""
+    over = [n for n, p in plan.phases.items() if not budget.phase_fits(p.peak_vram_bytes, p.peak_host_bytes)]
+    return all(name in ADJUSTABLE for name in over)
+
+
+def clamped(folder: ModelFolder, profile: Profile) -> Profile:
+    """Resident block counts capped at the stack's size (so that lowering them changes the plan at once)."""
+    dit_blocks, _ = stack_size(folder, "transformer", profile.torch_dtype)
+    profile = replace(profile, dit=replace(profile.dit, resident_blocks=min(profile.dit.resident_blocks, dit_blocks)))
+    te = profile.text_encoders
+    if te.placement == "stream":
+        llm_blocks, _ = stack_size(folder, "step_llm", profile.torch_dtype)
+        profile = replace(profile, text_encoders=replace(te, resident_blocks=min(te.resident_blocks, llm_blocks)))
+    return profile
+
+
+def host_excess(phases: list, budget: Budget) -> int:
+    """Host bytes over the budget in the worst of `phases` (on the cpu, device and host bytes together)."""
+    if budget.device == "cpu":
+        return max(p.peak_vram_bytes + p.peak_host_bytes for p in phases) - budget.host_bytes
+    return max(p.peak_host_bytes for p in phases) - budget.host_bytes
+
+
+def less_packed(folder: ModelFolder, profile: Profile, excess: int) -> Profile | None:
+    """`profile` with `excess` fewer bytes of packed block copies (the blocks that no longer fit are read from
+    disk), or None when nothing is packed."""
+    packed = max(packed_bytes(folder, profile, "dit"), packed_bytes(folder, profile, "text_encoders"))
+    if packed <= 0:
+        return None
+    lowered = replace(profile, memory=replace(profile.memory, packed_gb=max(0, packed - excess) / GiB))
+    if any(packed_blocks(folder, lowered, section) for section in ("dit", "text_encoders")):
+        return lowered
+    sections = {s: replace(getattr(profile, s), source="disk") for s in ("dit", "text_encoders")}
+    return replace(profile, memory=replace(profile.memory, packed_gb=0.0), **sections)   # nothing packs: all disk
+
+
+def packed_blocks(folder: ModelFolder, profile: Profile, section: str) -> int:
+    """Streamed blocks of `section` ("dit" | "text_encoders") that have a packed copy in host RAM."""
+    settings = getattr(profile, section)
+    if settings.source != "ram" or (section == "text_encoders" and settings.placement != "stream"):
+        return 0
+    count, block = stack_size(folder, _component(section), profile.torch_dtype)
+    streamed = max(0, count - settings.resident_blocks)
+    return HostArenas(block, ARENA_BYTES, pin=False).fit(int(profile.memory.packed_gb * GiB), streamed)
+
+
+def packed_bytes(folder: ModelFolder, profile: Profile, section: str) -> int:
+    _, block = stack_size(folder, _component(section), profile.torch_dtype)
+    return HostArenas(block, ARENA_BYTES, pin=False).cost(packed_blocks(folder, profile, section))
+
+
+@functools.lru_cache(maxsize=16)
+def stack_size(folder: ModelFolder, component: str, dtype: torch.dtype) -> tuple[int, int]:
+    """(blocks, bytes of one block as streamed) of the DiT or step_llm, from the weight index alone."""
+    model = folder.open(component).load(dtype, "cpu", reader=lambda r: torch.empty(r.shape, dtype=r.dtype,
+                                                                                    device="meta"))
+    blocks = find_blocks(model)[1]
+    return len(blocks), BlockLayout(blocks[0]).nbytes
+
+
+def _component(section: str) -> str:
+    return "transformer" if section == "dit" else "step_llm"
+
+
+def layout(verdict: Verdict) -> dict:
+    """Where the DiT's and step_llm's blocks live in the fitted profile."""
+    where = {}
+    for section in ("dit", "text_encoders"):
+        settings = getattr(verdict.profile, section)
+        if section == "text_encoders" and settings.placement == "device":
+            where["step_llm"] = {"placement": "whole"}
+            continue
+        count, _ = stack_size(verdict.folder, _component(section), verdict.profile.torch_dtype)
+        resident = min(settings.resident_blocks, count)
+        packed = packed_blocks(verdict.folder, verdict.profile, section)
+        where["dit" if section == "dit" else "step_llm"] = {
+            "blocks": count, "resident": resident, "packed_in_ram": packed,
+            "from_disk": count - resident - packed, "prefetch": settings.prefetch}
+    return where
+
+
+def suggest_profile(folder: ModelFolder, profile: Profile, preset: Preset,
+                    budget: Budget) -> tuple[str | None, Preset | None]:
+    """The hungriest of the less hungry profiles of the same device kind with a preset (at most `preset`) that
+    fits."""
+    for other in candidates(profile):
+        ladder = ladder_from(other.presets, preset)
+        found = first_fit(folder, other, ladder, budget)
+        if found is not None:
+            return other.name, ladder[found]
+    return None, None
+
+
+def candidates(profile: Profile) -> list[Profile]:
+    """Profiles of the same device kind sized for less (card, then RAM), largest first."""
+    def size(p: Profile) -> tuple[float, float]:
+        return p.min_vram_gib, p.memory.host_ram_gb
+    others = [p for p in map(load_profile, list_profiles()) if p.device == profile.device and size(p) < size(profile)]
+    return sorted(others, key=size, reverse=True)
