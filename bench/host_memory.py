@@ -41,12 +41,9 @@ def bench_profile(folder, frames: int, height: int, width: int, packed_blocks: f
     """The cpu profile in bf16 with the streamed layout described in the module docstring."""
     import torch
 
-    from lowvram_stepvideo.offload_store import BlockLayout
-    from lowvram_stepvideo.pipeline import stream_blocks
+    from lowvram_stepvideo.plan import planned_model
     from lowvram_stepvideo.profiles import Preset, load_profile, with_overrides
-    dit = folder.open("transformer").load(torch.bfloat16, "cpu",
-                                          reader=lambda ref: torch.empty(ref.shape, dtype=ref.dtype, device="meta"))
-    block = BlockLayout(stream_blocks(dit)[0]).nbytes
+    block = planned_model(folder, "transformer", torch.bfloat16)[1].block_bytes
     return with_overrides(
         load_profile("cpu"), compute_dtype="bfloat16", presets=[Preset(frames, height, width, 1)],
         memory_packed_gb=packed_blocks * block / GiB, dit_resident_blocks=1, dit_prefetch=1, dit_source="ram",
@@ -56,7 +53,7 @@ def bench_profile(folder, frames: int, height: int, width: int, packed_blocks: f
 
 def planned(folder, profile) -> dict[str, int]:
     from lowvram_stepvideo.plan import plan_memory
-    plan = plan_memory(folder, profile, profile.presets[0], prompt=PROMPT)
+    plan = plan_memory(folder, profile, profile.presets[0])
     return {name: p.peak_vram_bytes + p.peak_host_bytes for name, p in plan.phases.items()}
 
 
@@ -77,8 +74,7 @@ def measure(folder, profile) -> dict[str, int]:
     import torch
 
     from lowvram_stepvideo.pipeline import PhasePipeline
-    from lowvram_stepvideo.sampling import RELEASE_DEFAULTS
-    from lowvram_stepvideo.sampling import flow_sigmas, initial_noise, latent_shape
+    from lowvram_stepvideo.sampling import RELEASE_DEFAULTS, flow_sigmas, initial_noise, latent_shape
     preset = profile.presets[0]
     pipe = PhasePipeline(folder, profile, progress=False, log=lambda msg: None)
     noise = initial_noise(latent_shape(preset.frames, preset.height, preset.width,

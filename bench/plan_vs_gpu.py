@@ -71,7 +71,7 @@ def measure(folder, profile, preset: Preset, steps: int) -> dict[str, tuple[int,
         else:
             sampler[-1].__exit__()
             peaks[name] = (torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved(), sampler[-1].peak)
-    pipe.phase_hook = hook
+    pipe.runtime.phase_listeners.append(hook)
     pipe(prompt="a red fox running through snow", num_frames=preset.frames, height=preset.height,
          width=preset.width, num_inference_steps=steps, output_type="video", seed=0)
     return peaks

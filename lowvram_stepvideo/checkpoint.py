@@ -286,16 +286,22 @@ def load_weights(module: nn.Module, source: WeightSource, dtype: torch.dtype,
     state = {}
     for name, key in keys.items():
         ref = source.ref(key)
-        cast = ref.dtype.is_floating_point and ref.dtype.itemsize > 1 and name not in keep and ref.dtype != dtype
+        target = run_dtype(ref.dtype, dtype, name in keep)
         if reader is not None:
             t = reader(ref)
-        else:
-            t = source.read(key) if cast else source.tensor(key)  # a cast copies anyway: no mapped pages kept
+        else:   # a cast copies anyway: read it without keeping mapped pages
+            t = source.read(key) if target != ref.dtype else source.tensor(key)
             check_finite(t, ref, key)
-        state[name] = t.to(dtype) if t.is_floating_point() and t.dtype.itemsize > 1 and name not in keep else t
+        state[name] = t.to(target)
     module.load_state_dict(state, strict=True, assign=True)
     module.weight_refs = {name: source.ref(key) for name, key in keys.items()}  # where each tensor lives on disk
     return module.eval().requires_grad_(False)
+
+
+def run_dtype(stored: torch.dtype, dtype: torch.dtype, keep: bool) -> torch.dtype:
+    """The dtype a stored tensor runs in: floating tensors wider than a byte take the compute `dtype`; integer and
+    fp8 tensors, and those to `keep` (quantized codes, linear scales), stay as stored."""
+    return dtype if stored.is_floating_point and stored.itemsize > 1 and not keep else stored
 
 
 def _attach_quantization(module: nn.Module, source: WeightSource) -> set[str]:

@@ -18,9 +18,9 @@ import torch
 from .assumed_format import assume_format as assume_format_of
 from .budgets import Budget, machine_budget
 from .model_folder import ModelFolder
-from .offload import ARENA_BYTES, find_blocks
-from .offload_store import BlockLayout, HostArenas
-from .plan import Plan, fit_profile
+from .offload import ARENA_BYTES
+from .offload_store import HostArenas
+from .plan import Plan, fit_profile, planned_model
 from .profiles import Preset, Profile, list_profiles, load_profile
 from .runner import ladder_from
 
@@ -189,10 +189,8 @@ def packed_bytes(folder: ModelFolder, profile: Profile, section: str) -> int:
 @functools.lru_cache(maxsize=16)
 def stack_size(folder: ModelFolder, component: str, dtype: torch.dtype) -> tuple[int, int]:
     """(blocks, bytes of one block as streamed) of the DiT or step_llm, from the weight index alone."""
-    model = folder.open(component).load(dtype, "cpu", reader=lambda r: torch.empty(r.shape, dtype=r.dtype,
-                                                                                    device="meta"))
-    blocks = find_blocks(model)[1]
-    return len(blocks), BlockLayout(blocks[0]).nbytes
+    _, shape = planned_model(folder, component, dtype)     # one block built: identical blocks are the same size
+    return shape.blocks, shape.block_bytes
 
 
 def _component(section: str) -> str:

@@ -2,11 +2,12 @@
 
 Each `open_*` function does the cheap part (read the config, build the module on the meta device, index the weight
 files) and returns a `Component`; `load_*` then assigns the tensors. Validation and the memory plan use the
-`open_*` half alone.
+`open_*` half alone; the plan builds block stacks with `layers` blocks only (identical blocks allocate
+identically), modules that cannot load the folder's weights but cost nothing to build.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -22,6 +23,7 @@ class Component:
     module: nn.Module                       # on the meta device
     source: WeightSource
     rename: Callable[[str], str | None] = lambda k: k
+    config: object = None                   # the architecture as released (all its blocks, whatever `module` has)
 
     def check(self) -> None:
         match_weights(self.module, self.source, self.rename)
@@ -42,23 +44,28 @@ def _read_config(read: Callable[[Path], object], folder: Path, component: str):
                           "(or re-download a missing file)") from None
 
 
-def open_dit(folder: Path) -> Component:
+def _layers(config, layers: int | None):
+    """The config to build: the released one, or with its block stack cut to `layers` blocks."""
+    return config if layers is None else replace(config, num_layers=min(layers, config.num_layers))
+
+
+def open_dit(folder: Path, layers: int | None = None) -> Component:
     from .models.dit import StepVideoModel
     folder = Path(folder)
     config = _read_config(lambda f: DiTConfig.from_file(f / "config.json"), folder, "transformer/")
     source = open_weights(folder, ("diffusion_pytorch_model", "model"))
-    return Component(build_on_meta(lambda: StepVideoModel(config)), source)
+    return Component(build_on_meta(lambda: StepVideoModel(_layers(config, layers))), source, config=config)
 
 
-def open_step_llm(folder: Path) -> Component:
+def open_step_llm(folder: Path, layers: int | None = None) -> Component:
     from .models.step_llm import Step1Model
     folder = Path(folder)
     config = _read_config(lambda f: StepLLMConfig.from_file(f / "config.json"), folder, "step_llm/")
     source = open_weights(folder, ("model",))
-    return Component(build_on_meta(lambda: Step1Model(config)), source)
+    return Component(build_on_meta(lambda: Step1Model(_layers(config, layers))), source, config=config)
 
 
-def open_clip(folder: Path) -> Component:
+def open_clip(folder: Path, layers: int | None = None) -> Component:
     """`folder` is the release's `hunyuan_clip` (holding `clip_text_encoder/`) or `clip_text_encoder` itself."""
     from .models.clip import BertModel
     folder = Path(folder)
@@ -67,7 +74,8 @@ def open_clip(folder: Path) -> Component:
     config = _read_config(lambda f: ClipConfig.from_file(f / "config.json"), folder, "hunyuan_clip/")
     source = open_weights(folder, ("model", "pytorch_model"))
     with_pooler = any((_strip_bert(k) or "").startswith("pooler.") for k in source.keys())
-    return Component(build_on_meta(lambda: BertModel(config, with_pooler=with_pooler)), source, _strip_bert)
+    module = build_on_meta(lambda: BertModel(_layers(config, layers), with_pooler=with_pooler))
+    return Component(module, source, _strip_bert, config)
 
 
 def _strip_bert(key: str) -> str | None:
@@ -84,7 +92,7 @@ def open_vae(folder: Path, with_encoder: bool = True) -> Component:
     source = open_weights(folder, ("vae_v2", "vae", "model"))
     with_encoder = with_encoder and config.encoder.present and any(k.startswith("encoder.") for k in source.keys())
     rename = _vae_rename if with_encoder else _vae_rename_decoder_only
-    return Component(build_on_meta(lambda: AutoencoderKL(config, with_encoder=with_encoder)), source, rename)
+    return Component(build_on_meta(lambda: AutoencoderKL(config, with_encoder=with_encoder)), source, rename, config)
 
 
 def _vae_rename(key: str) -> str:

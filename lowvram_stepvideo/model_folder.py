@@ -8,7 +8,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import StepVideoError
 from .checkpoint import CheckpointError
 from .config import ClipConfig, ConfigError, read_json
 from .errors import StepVideoError
@@ -32,12 +31,15 @@ class ModelFolder:
     weight_format: str          # "bf16" (release) or the quantized format of the DiT ("int8", "fp8")
     turbo: bool                 # the step-distilled checkpoint (see is_turbo)
 
-    def open(self, component: str) -> Component:
+    def open(self, component: str, layers: int | None = None) -> Component:
         """A fresh Component (meta module + weight index) as a generation runs it (the VAE without its encoder:
-        nothing here encodes); loading it assigns memory-mapped tensors."""
+        nothing here encodes); loading it assigns memory-mapped tensors. `layers` (block stacks only:
+        transformer, step_llm, hunyuan_clip) builds that many blocks, for the memory plan."""
         if component == "vae":
             return open_vae(self.root / component, with_encoder=False)
-        return OPENERS[component](self.root / component)
+        if layers is None:
+            return OPENERS[component](self.root / component)
+        return OPENERS[component](self.root / component, layers=layers)
 
     def step_llm_tokenizer(self):
         return load_step_llm_tokenizer(self.root / "step_llm")

@@ -1,14 +1,12 @@
 """Text to video in phases that never share the device: text encoders -> free -> denoise -> free -> decode.
 
-Each phase loads its network from the memory-mapped folder, places it per the profile (whole on the device, or
-blocks streamed), runs, and gives the device back before the next phase starts.
+Each phase asks its runtime (runtime.py) to load its network, place it per the profile (whole on the device, or
+blocks streamed), runs it, and gives the device back before the next phase starts. The memory plan runs this same
+code over a planning runtime (plan.py).
 """
 from __future__ import annotations
 
 import contextlib
-import gc
-import sys
-import time
 from typing import Callable
 
 import torch
@@ -17,8 +15,9 @@ from . import progress as progress_bars
 from .embed_cache import EmbeddingCache, model_identity
 from .model_folder import ModelFolder, open_model_folder
 from .models.dit import set_attention_head_chunk, set_token_chunk
-from .offload import attach_streaming, device_memory_report, offload_component, to_device
+from .offload import find_blocks
 from .profiles import Profile, load_profile
+from .runtime import DeviceRuntime, Runtime
 from .sampling import (cfg_combine, dit_timestep, euler_step, flow_sigmas, initial_noise, latent_shape,
                        sampling_defaults, sampling_problem)
 from .speed import DiTLevers, SpeedOptions
@@ -29,7 +28,6 @@ from .video import postprocess
 POS_MAGIC = "超高清、HDR 视频、环境光、杜比全景声、画面稳定、流畅动作、逼真的细节、专业级构图、超现实主义、自然、生动、超细节、清晰。"
 NEG_MAGIC = "画面暗、低分辨率、不良手、文本、缺少手指、多余的手指、裁剪、低质量、颗粒状、签名、水印、用户名、模糊。"
 CLIP_TOKENS = 77
-GiB = 2**30
 
 Embeds = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # y (2, S, D), y_mask (2, 77+S), clip (2, 77, Dc)
 StepCallback = Callable[[int, torch.Tensor], None]         # (steps done, latents float32)
@@ -39,22 +37,40 @@ class PhasePipeline:
     """The phases (encode_prompt, denoise, decode) on one folder and profile, with no pre-flight, plan or
     fallback: those are the runner's (runner.py), and the public `lowvram_stepvideo.StepVideoPipeline` goes through
     it. `__call__` chains the phases for the memory planner and the reference tests. Phase timings land in
-    `self.timings`."""
+    `self.timings`.
+
+    `runtime` does the loading, placing and phase bookkeeping (default: a DeviceRuntime for `profile` on `device`,
+    the profile's device when None); the profile in use is the runtime's (`pipe.profile`)."""
 
     def __init__(self, folder: ModelFolder, profile: Profile, device=None, cache: EmbeddingCache | None = None,
-                 log: Callable[[str], None] | None = None, progress: bool = True,
+                 log: Callable[[str], None] | None = None, progress: bool = True, runtime: Runtime | None = None,
                  options: SpeedOptions | None = None):
-        self.folder, self.profile = folder, profile
+        self.folder = folder
+        self.runtime = runtime or DeviceRuntime(folder, profile, device, log)
         self.options = options or SpeedOptions()
         self.speed: dict | None = None   # what the speed levers did in the last denoise (for the sidecar)
-        self.device = torch.device(device or profile.device)
-        self.dtype = profile.torch_dtype
         self.cache, self.progress = cache, progress
-        self.log = log or (lambda msg: print(msg, file=sys.stderr))
-        self.timings: dict[str, float] = {}
-        self.phase_hook: Callable[[str, str], None] | None = None   # (phase, "start"|"end"), used by the planner
-        self.reader = None            # tensor reader for loading (the planner substitutes fake tensors)
-        self.planning = False         # True under the memory planner (see plan.py)
+        self.log = self.runtime.log
+
+    @property
+    def profile(self) -> Profile:
+        return self.runtime.profile
+
+    @profile.setter
+    def profile(self, profile: Profile) -> None:
+        self.runtime.profile = profile
+
+    @property
+    def device(self) -> torch.device:
+        return self.runtime.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.profile.torch_dtype
+
+    @property
+    def timings(self) -> dict[str, float]:
+        return self.runtime.timings
 
     @classmethod
     def open(cls, model_dir, profile: str | Profile = "cpu", **kwargs) -> "PhasePipeline":
@@ -94,52 +110,7 @@ class PhasePipeline:
         return video if output_type == "video" else postprocess(video)
 
     def latent_channels(self) -> int:
-        return self.folder.open("transformer").module.config.in_channels
-
-    # ------------------------------------------------------------------ phases
-
-    @contextlib.contextmanager
-    def phase(self, name: str):
-        if self.phase_hook:
-            self.phase_hook(name, "start")
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            gc.collect()
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
-            if self.phase_hook:
-                self.phase_hook(name, "end")
-        if self.device.type == "cuda":
-            self.log(f"{name}: done in {self.timings[name]:.1f} s; {device_memory_report(self.device)}")
-
-    def load(self, component: str, dtype: torch.dtype) -> torch.nn.Module:
-        return self.folder.open(component).load(dtype, "cpu", reader=self.reader)
-
-    def place(self, model: torch.nn.Module, streaming=None) -> None:
-        """All weights on the device, or the blocks streamed per `streaming` (resident_blocks/prefetch/source)."""
-        if streaming is None or streaming.resident_blocks >= len(stream_blocks(model)):
-            to_device(model, self.device)
-            return
-        engine = attach_streaming(model, self.device, resident=streaming.resident_blocks,
-                                  prefetch=streaming.prefetch, source=streaming.source,
-                                  pin_budget_bytes=int(self.profile.memory.packed_gb * GiB),
-                                  cyclic=hasattr(model, "transformer_blocks"))   # the DiT runs in a loop
-        self.log(f"{type(model).__name__}: {engine.summary()}")
-
-    def unplace(self, model: torch.nn.Module) -> None:
-        offload_component(model, discard=True)   # each phase loads its model and throws it away after
-
-    @contextlib.contextmanager
-    def placed(self, model: torch.nn.Module, streaming=None):
-        """The model on the device for the block; whatever happens inside (OOM included), it leaves after."""
-        try:
-            self.place(model, streaming)
-            yield model
-        finally:
-            self.unplace(model)
+        return self.folder.open("transformer", layers=0).config.in_channels
 
     # ------------------------------------------------------------------ text
 
@@ -154,7 +125,7 @@ class PhasePipeline:
         for prompt, negative_prompt in prompts:
             if not prompt or not prompt.strip():
                 raise ValueError("the prompt is empty; describe the video to generate")
-            for warning in [] if self.planning else self.folder.prompt_warnings(prompt, negative_prompt):
+            for warning in self.folder.prompt_warnings(prompt, negative_prompt):
                 self.log(warning)
         texts = [[prompt + pos_magic, NEG_MAGIC if neg is None else neg] for prompt, neg in prompts]
         embeds = [self.cache.get(t) if self.cache else None for t in texts]
@@ -164,22 +135,20 @@ class PhasePipeline:
                      "from the cache")
         todo = [i for i, e in enumerate(embeds) if e is None]
         if todo:
-            with self.phase("text"):
+            with self.runtime.phase("text"):
                 llm_out = self._run_step_llm([texts[i] for i in todo])
                 clips = self._run_clip([texts[i] for i in todo])
             for i, (y, y_mask), clip in zip(todo, llm_out, clips):
                 embeds[i] = (y, y_mask, clip)
-                if self.cache and not self.planning:
+                if self.cache:
                     self.cache.put(texts[i], embeds[i])
         return [tuple(t.to(self.device) for t in e) for e in embeds]
 
     def _run_step_llm(self, texts: list[list[str]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(y, y_mask) per pair of texts, step_llm loaded and placed once."""
         tokenizer, out = self.folder.step_llm_tokenizer(), []
-        llm = self.load("step_llm", self.dtype)
-        te = self.profile.text_encoders
-        with self.placed(llm, te if te.placement == "stream" else None), \
-                self.block_progress(llm, "step_llm", len(texts)):
+        llm = self.runtime.load("step_llm", self.dtype)
+        with self.runtime.placed(llm, "text_encoders"), self.block_progress(llm, "step_llm", len(texts)):
             for pair in texts:
                 ids, mask = tokenizer(pair)
                 y = llm(ids.to(self.device), mask.to(self.device)).to(self.dtype)
@@ -190,7 +159,7 @@ class PhasePipeline:
     @contextlib.contextmanager
     def block_progress(self, model: torch.nn.Module, name: str, passes: int = 1):
         """A progress bar over a stack's blocks (step_llm streamed from disk takes a while on a small card)."""
-        blocks = stream_blocks(model)
+        blocks = find_blocks(model)[1]
         with progress_bars.bar(name, len(blocks) * passes, unit="block", show=self.progress) as bar:
             hooks = [b.register_forward_hook(_ticker(bar)) for b in blocks]
             try:
@@ -201,8 +170,8 @@ class PhasePipeline:
 
     def _run_clip(self, texts: list[list[str]]) -> list[torch.Tensor]:
         tokenizer = self.folder.clip_tokenizer()
-        clip = self.load("hunyuan_clip", torch.float32)    # the reference runs it in float32
-        with self.placed(clip):
+        clip = self.runtime.load("hunyuan_clip", torch.float32)    # the reference runs it in float32
+        with self.runtime.placed(clip):
             return [clip(*(t.to(self.device) for t in tokenizer(pair))).to(self.dtype) for pair in texts]
 
     def embedding_cache(self, folder=None) -> EmbeddingCache:
@@ -210,7 +179,7 @@ class PhasePipeline:
                       self.folder.root / "hunyuan_clip" / "tokenizer" / "vocab.txt",
                       self.folder.root / "hunyuan_clip" / "tokenizer" / "tokenizer_config.json"]
         files = self.folder.files("step_llm") + self.folder.files("hunyuan_clip") + tokenizers
-        widths = tuple(self.folder.open("transformer").module.config.caption_channels)   # what the DiT reads
+        widths = tuple(self.folder.open("transformer", layers=0).config.caption_channels)   # what the DiT reads
         return EmbeddingCache(model_identity(files) + f"-{self.profile.compute_dtype}", folder, widths=widths)
 
     # ------------------------------------------------------------------ denoise
@@ -221,13 +190,13 @@ class PhasePipeline:
         y, y_mask, clip = (t.to(self.device) for t in embeds)
         embeds = (y.to(self.dtype), y_mask.to(self.dtype), clip.to(self.dtype))   # mask too (quirk Q1)
         steps = len(sigmas) - 1
-        with self.phase("denoise"):
-            dit = self.load("transformer", self.dtype)
-            with self.placed(dit, self.profile.dit), progress_bars.bar("denoise", steps, unit="step",
-                                                                       initial=start_step, show=self.progress) as bar:
+        with self.runtime.phase("denoise"):
+            dit = self.runtime.load("transformer", self.dtype)
+            with self.runtime.placed(dit, "dit"), progress_bars.bar("denoise", steps, unit="step",
+                                                                    initial=start_step, show=self.progress) as bar:
                 set_token_chunk(dit, self.profile.token_chunk or None)
                 set_attention_head_chunk(dit, self.profile.attention_head_chunk or None)
-                levers = self._attach_levers(dit)
+                levers = self.runtime.attach_levers(dit, self.options, said=self.speed is not None)
                 try:
                     latents = latents.to(self.device)
                     for i in range(start_step, steps):
@@ -238,29 +207,12 @@ class PhasePipeline:
                         if step_callback:
                             step_callback(i + 1, latents)
                 finally:
-                    self._report_levers(levers)
-                    levers.detach()
+                    self.speed = self.runtime.detach_levers(levers) or self.speed
             latents = latents.float().cpu()
         return latents
 
-    def _attach_levers(self, dit) -> DiTLevers:
-        levers = DiTLevers(dit, self.profile, self.options, self.device, self.planning).attach()
-        if not self.planning and self.speed is None:   # said once per pipeline (OOM retries attach again)
-            self.log(levers.summary())
-        return levers
-
-    def _report_levers(self, levers: DiTLevers) -> None:
-        if self.planning:
-            return
-        self.speed = levers.report()
-        counts = self.speed["step_cache"]
-        if counts:
-            self.log(f"step cache: {counts['full']} full and {counts['cached']} cached DiT evaluations "
-                     f"(threshold {counts['threshold']})")
-
     def _guided_velocity(self, dit, latents, t, embeds: Embeds, scale: float, levers: DiTLevers) -> torch.Tensor:
-        y, y_mask, clip = embeds
-        mask = None if self.planning else y_mask   # the key mask's length depends on data: plan without it
+        y, mask, clip = embeds
         x = latents.to(self.dtype)
         if self.profile.cfg_mode == "batch":
             with levers.branch("cond+uncond"):
@@ -282,29 +234,23 @@ class PhasePipeline:
     def decode(self, latents: torch.Tensor, tile: int | None = None) -> torch.Tensor:
         """Latents (B, T, C, h, w) -> video (B, F, 3, H, W) on the CPU, tiled per the profile; on out-of-memory
         the finished chunks are kept and tiles get smaller."""
-        with self.phase("decode"):
-            vae = self.load("vae", self.dtype)
+        with self.runtime.phase("decode"):
+            vae = self.runtime.load("vae", self.dtype)
             z = latents.to(self.device, self.dtype)
             h, w = z.shape[-2:]
             tile = tile or self.profile.vae.tile or max(h, w)
             overlap = min(self.profile.vae.overlap, max(0, (min(tile, h, w) - 1) // 2))
             tiles = halving_tiles(tile, overlap, (h, w))
             total = tile_count(z.shape, tiles[0], overlap)
-            with self.placed(vae), progress_bars.bar("decode", total, unit="tile", show=self.progress) as bar:
+            with self.runtime.placed(vae), progress_bars.bar("decode", total, unit="tile",
+                                                             show=self.progress) as bar:
                 return decode_with_fallback(vae.decode_chunk, z, tiles, overlap, on_oom=self._tile_oom,
                                             out_device="cpu", progress=_tile_progress(bar))
 
     def _tile_oom(self, failed: tuple, nxt: tuple) -> None:
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        self.runtime.free()
         self.log(f"decode: out of memory with {failed[0]}x{failed[1]} latent tiles; "
                  f"continuing with {nxt[0]}x{nxt[1]} (finished chunks are kept)")
-
-
-def stream_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
-    """The block stack of a DiT or step_llm."""
-    return getattr(model, "transformer_blocks", None) or model.transformer.layers
 
 
 def _ticker(bar):

@@ -1,30 +1,45 @@
-"""Memory plan: run the real pipeline for a profile and preset on fake tensors and count bytes per phase.
+"""Memory plan: the real pipeline run on data-free tensors, bytes counted per phase on the device and in host RAM.
 
-Under FakeTensorMode nothing is allocated and no weight is read: the compute device is replaced by "meta" and
-`memory.ByteAccountant` adds up the bytes of live tensors per device. Attention is modelled as a flash-style kernel
-that allocates only its output (what flash-attn / SDPA's efficient kernels do on a GPU). One denoising step is
-enough: every step allocates the same. Weights read from the checkpoint count as host RAM only where the run copies
-them (pinned block images, dtype conversions); memory-mapped pages are the OS page cache.
+`PlanningRuntime` stands in for the device runtime (runtime.py) under the same pipeline code. It loads each network
+on "meta" with one block per stack (identical blocks allocate identically), attention on a flash-style kernel that
+allocates only its output (what flash-attn and SDPA's efficient kernels do on a GPU), and a VAE whose repeated
+chunk decodes replay the first one's allocations; `memory.PlanningAccountant` counts every tensor the run makes.
+
+Weights are not counted as tensors: every place/unplace cuts a phase into stretches, and each stretch records which
+networks were placed (with which profile section) and the peak of everything else. A plan then adds the engine's
+footprint of each placed network for a profile's settings to each stretch. So the activations are traced once per
+folder, preset and the profile settings that shape them (`_shaping`), and trying other resident-block counts or
+placements (`fit_profile`) is arithmetic. Traces are kept for the life of the process.
+
+One denoising step is enough: every step allocates the same. Weights read from the checkpoint count as host RAM
+only where the run copies them (packed block images); memory-mapped pages are the OS page cache.
 """
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch import nn
 
+from . import quant
 from .assumed_format import assume_format as assume_format_of
-from .memory import ByteAccountant, fmt_bytes
+from .checkpoint import run_dtype
+from .memory import DEVICE, HOST, PlanningAccountant, fmt_bytes
 from .model_folder import ModelFolder
 from .offload import ARENA_BYTES, STAGING_BUFFERS, STAGING_BYTES
-from .offload_store import BlockLayout, HostArenas
-from .pipeline import PhasePipeline, stream_blocks
+from .offload_store import BlockLayout, HostArenas, block_tensors
+from .pipeline import PhasePipeline
 from .profiles import Preset, Profile
-from .speed import SpeedOptions
+from .runtime import Runtime, streaming_settings
+from .speed import DiTLevers, SpeedOptions
 
 GiB = 2**30
-DEVICE, HOST = "meta", "cpu"           # the compute device is stood in for by "meta"
+PLAN_PROMPT = "a memory plan"          # step_llm pads every prompt to the same length: any text plans the same
+STACKS = {"transformer": "transformer_blocks", "step_llm": "transformer.layers", "hunyuan_clip": "encoder.layer"}
+PLANNED_BLOCKS = 1                     # blocks built per stack for the plan
+REPLAYED = ("transformer", "vae")      # networks called several times with the same shapes (see Replaying)
 
 
 @dataclass
@@ -61,101 +76,65 @@ class Plan:
         return "\n".join(rows)
 
 
-def flash_style_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None) -> torch.Tensor:
-    """Shape-only stand-in for a fused attention kernel: q (B, Sq, H, D) -> output of the same shape."""
-    return torch.empty_like(q)
+@dataclass(frozen=True)
+class ModelShape:
+    """What placing a network can hold, in the engines' terms: a stack of `blocks` identical blocks (each
+    `block_bytes` in a streaming slot, `block_tensor_bytes` as separate tensors) and `other_bytes` of the rest."""
+    blocks: int = 0
+    block_bytes: int = 0
+    block_tensor_bytes: int = 0
+    other_bytes: int = 0
 
+    @property
+    def total_bytes(self) -> int:
+        return self.other_bytes + self.blocks * self.block_tensor_bytes
+
+
+@dataclass(frozen=True)
+class Stretch:
+    """Part of a phase with the same networks placed: (shape, profile section) of each, and the peak bytes of
+    everything else alive meanwhile (activations, inputs, outputs) on the device and in host RAM."""
+    placed: tuple[tuple[ModelShape, str | None], ...]
+    device_bytes: int
+    host_bytes: int
+
+
+Trace = dict[str, list[Stretch]]       # phase name -> its stretches, in order
+
+
+# ---------------------------------------------------------------- plans
 
 def plan_memory(folder: ModelFolder, profile: Profile, preset: Preset, assume_format: str | None = None,
-                prompt: str = "a memory plan", options: SpeedOptions | None = None) -> Plan:
-    """The plan of one run; `assume_format` ("int8" | "fp8") plans a release folder as its quantized version;
-    `options`: the run's speed options (the step cache's saved residuals are counted)."""
-    folder = assume_format_of(folder, assume_format)
-    acc = ByteAccountant()
+                options: SpeedOptions | None = None) -> Plan:
+    """Peak device and host bytes per phase of `profile` at `preset`. `assume_format` ("int8" | "fp8") plans the
+    folder's unquantized DiT and step_llm as quantize.py would write them (a quantized folder plans as it is);
+    `options`: the run's speed options (the step cache's saved residuals are planned)."""
+    return evaluate(trace(folder, profile, preset, assume_format, options), profile, preset)
+
+
+def evaluate(phases: Trace, profile: Profile, preset: Preset) -> Plan:
+    """The plan of a traced run with the weights `profile` places (its resident blocks, sources, budgets)."""
     plan = Plan(profile.name, str(preset))
-    pipe = PhasePipeline(folder, profile, device="meta", progress=False, log=lambda msg: None, options=options)
-    pipe.planning = True
-    pipe.reader = lambda ref: torch.empty(ref.shape, dtype=ref.dtype, device="meta")
-    pipe.phase_hook = _phase_recorder(acc, plan)
-    _plan_placement(pipe, acc)
-    with FakeTensorMode(allow_non_fake_inputs=True), acc:
-        pipe(prompt=prompt, num_frames=preset.frames, height=preset.height, width=preset.width,
-             num_inference_steps=1, output_type="video", seed=0)
+    for name, stretches in phases.items():
+        vram = host = 0
+        for stretch in stretches:
+            held = [footprint(shape, streaming_settings(profile, section, shape.blocks), profile)
+                    for shape, section in stretch.placed]
+            vram = max(vram, stretch.device_bytes + sum(d for d, _ in held))
+            host = max(host, stretch.host_bytes + sum(h for _, h in held))
+        plan.phases[name] = PhasePlan(vram, host)
     return plan
 
 
-def _phase_recorder(acc: ByteAccountant, plan: Plan):
-    def hook(name: str, event: str) -> None:
-        if event == "start":
-            acc.reset_peak()
-        else:
-            plan.phases[name] = PhasePlan(acc.peak[DEVICE], acc.peak[HOST])
-    return hook
-
-
-def _plan_placement(pipe: PhasePipeline, acc: ByteAccountant) -> None:
-    """Weights are data-free tensors on the stand-in device from the start (loading is not counted); placing a
-    model adds what the real placement would hold on the device and in host RAM, unplacing removes it."""
-    load, placed = pipe.load, {}
-
-    def plan_load(component, dtype):
-        with acc.untracked():
-            model = load(component, dtype)
-        for m in model.modules():
-            if hasattr(m, "attend"):
-                m.attend = flash_style_attention
-        _repeat_first_call(model)
-        return model
-
-    def plan_place(model, streaming=None):
-        placed[id(model)] = footprint(model, streaming, pipe.profile)
-        for dev, n in zip((DEVICE, HOST), placed[id(model)]):
-            acc.add_base(dev, n)
-
-    def plan_unplace(model):
-        for dev, n in zip((DEVICE, HOST), placed.pop(id(model), (0, 0))):
-            acc.add_base(dev, -n)
-
-    pipe.load, pipe.place, pipe.unplace = plan_load, plan_place, plan_unplace
-
-
-def _repeat_first_call(model: torch.nn.Module) -> None:
-    """Identical blocks (and VAE chunks of one shape) allocate identically: only the first call computes, later
-    ones return an output of the same shape. Planning then costs one block per stack instead of 48."""
-    if hasattr(model, "decode_chunk"):
-        model.decode_chunk = _memo_by_shape(model.decode_chunk)
-    if hasattr(model, "transformer_blocks") or hasattr(model, "transformer"):
-        for block in list(stream_blocks(model))[1:]:
-            block.forward = lambda h, *args, **kwargs: torch.empty_like(h)
-
-
-def _memo_by_shape(fn):
-    shapes = {}
-
-    def call(x: torch.Tensor) -> torch.Tensor:
-        key = (tuple(x.shape), x.dtype)
-        if key not in shapes:
-            out = fn(x)
-            shapes[key] = (tuple(out.shape), out.dtype)
-            return out
-        shape, dtype = shapes[key]
-        return torch.empty(shape, dtype=dtype, device=x.device)
-    return call
-
-
-def footprint(model: torch.nn.Module, streaming, profile: Profile) -> tuple[int, int]:
-    """(device bytes, host bytes) that placing `model` holds: all its weights on the device, or for a streamed
-    stack the non-block weights + resident blocks + `prefetch + 1` slots on the device and the packed block
-    images (within the pinned budget, source "ram") plus staging buffers in host RAM; see offload.py."""
-    total = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
-    if streaming is None or streaming.resident_blocks >= len(stream_blocks(model)):
-        return total, 0
-    blocks = stream_blocks(model)
-    block = BlockLayout(blocks[0]).nbytes
-    streamed = len(blocks) - streaming.resident_blocks
+def footprint(shape: ModelShape, streaming, profile: Profile) -> tuple[int, int]:
+    """(device bytes, host bytes) that placing a network of `shape` holds: all its weights on the device, or for a
+    streamed stack the other weights + resident blocks + `prefetch + 1` slots on the device and the packed block
+    images (within the packed budget, source "ram") plus staging buffers in host RAM; see offload.py."""
+    if streaming is None:
+        return shape.total_bytes, 0
+    block, streamed = shape.block_bytes, shape.blocks - streaming.resident_blocks
     slots = min(streaming.prefetch + 1, streamed)
-    rest = total - sum(t.numel() * t.element_size() for t in blocks.parameters())
-    device = rest + (streaming.resident_blocks + slots) * block
+    device = shape.other_bytes + (streaming.resident_blocks + slots) * block
     host = 0
     if streaming.source == "ram":
         arenas = HostArenas(block, ARENA_BYTES, pin=False)
@@ -166,32 +145,193 @@ def footprint(model: torch.nn.Module, streaming, profile: Profile) -> tuple[int,
 
 
 def fit_profile(folder: ModelFolder, profile: Profile, preset: Preset, budget_bytes: int,
-                options: SpeedOptions | None = None) -> tuple[Profile, Plan]:
+                assume_format: str | None = None, options: SpeedOptions | None = None) -> tuple[Profile, Plan]:
     """Stream step_llm if it does not fit whole, and lower the profile's resident DiT / step_llm blocks (upper
-    bounds) until the plan fits `budget_bytes` of device memory. Returns the adjusted profile and its plan, which
+    bounds) to the most that fit `budget_bytes` of device memory. Returns the adjusted profile and its plan, which
     may still exceed the budget when even zero resident blocks do not fit (the caller then steps down the ladder)."""
-    plan = plan_memory(folder, profile, preset, options=options)
+    phases = trace(folder, profile, preset, assume_format, options)
+    plan = evaluate(phases, profile, preset)
     te = profile.text_encoders
     if te.placement == "device" and plan.phases["text"].peak_vram_bytes > budget_bytes:
         streamed = replace(te, placement="stream", resident_blocks=0, prefetch=max(1, te.prefetch))
         profile = replace(profile, text_encoders=streamed)   # step_llm whole does not fit: stream it
-        plan = plan_memory(folder, profile, preset, options=options)
     for section, phase in (("dit", "denoise"), ("text_encoders", "text")):
-        if section == "text_encoders" and profile.text_encoders.placement != "stream":
+        settings = getattr(profile, section)
+        if getattr(settings, "placement", "stream") != "stream":
             continue
-        block = _block_bytes(folder, "transformer" if section == "dit" else "step_llm", profile)
-        for _ in range(3):   # a second pass covers the slots that streaming adds to a fully resident stack
-            settings = getattr(profile, section)
-            excess = plan.phases[phase].peak_vram_bytes - budget_bytes
-            if settings.resident_blocks == 0 or excess <= 0:
+        for resident in range(settings.resident_blocks, -1, -1):
+            candidate = replace(profile, **{section: replace(settings, resident_blocks=resident)})
+            plan = evaluate(phases, candidate, preset)
+            if plan.phases[phase].peak_vram_bytes <= budget_bytes:
                 break
-            fewer = max(0, settings.resident_blocks - -(-excess // block))
-            profile = replace(profile, **{section: replace(settings, resident_blocks=fewer)})
-            plan = plan_memory(folder, profile, preset, options=options)
+        profile = candidate
     return profile, plan
 
 
-def _block_bytes(folder: ModelFolder, component: str, profile: Profile) -> int:
-    model = folder.open(component).load(profile.torch_dtype, "cpu",
-                                        reader=lambda ref: torch.empty(ref.shape, dtype=ref.dtype, device="meta"))
-    return BlockLayout(stream_blocks(model)[0]).nbytes
+# ---------------------------------------------------------------- tracing
+
+_TRACES: dict[tuple, Trace] = {}
+
+
+def trace(folder: ModelFolder, profile: Profile, preset: Preset, assume_format: str | None = None,
+          options: SpeedOptions | None = None) -> Trace:
+    """The stretches of one planned run (cached per folder, preset, `_shaping(profile)` and speed options)."""
+    folder = assume_format_of(folder, assume_format)
+    options = options or SpeedOptions()
+    key = (folder.root, folder.weight_format, assume_format, _shaping(profile),
+           (preset.frames, preset.height, preset.width), options)
+    if key not in _TRACES:
+        runtime = PlanningRuntime(folder, profile)
+        pipe = PhasePipeline(folder, profile, progress=False, runtime=runtime, options=options)
+        with runtime.accountant:
+            pipe(prompt=PLAN_PROMPT, num_frames=preset.frames, height=preset.height, width=preset.width,
+                 num_inference_steps=1, output_type="video", seed=0)
+        _TRACES[key] = runtime.phases
+    return _TRACES[key]
+
+
+def _shaping(profile: Profile) -> Profile:
+    """The profile without what only decides where weights live (and names): what the traced activations depend on
+    (compute dtype, CFG mode, token and head chunks, VAE tiles)."""
+    return replace(profile, name="", path=Path(), description="", device="", min_vram_gib=0.0, weight_format="",
+                   attention="", presets=(), memory=None, dit=None, text_encoders=None)
+
+
+class PlanningRuntime(Runtime):
+    """The runtime of a planned run: see the module docstring. `phases` holds what it traced."""
+
+    def __init__(self, folder: ModelFolder, profile: Profile):
+        # "meta" with an index, so that moves to the device reach the accountant (see PlanningAccountant)
+        super().__init__(folder, profile, device=torch.device(DEVICE, 0), log=lambda msg: None)
+        self.accountant = PlanningAccountant()
+        self.phases: Trace = {}
+        self.phase_listeners.append(self._on_phase)
+        self._shapes: dict[int, ModelShape] = {}
+        self._placed: dict[int, tuple[ModelShape, str | None]] = {}
+        self._stretches: list[Stretch] | None = None
+
+    def load(self, component: str, dtype: torch.dtype):
+        with self.accountant.untracked():     # weights are counted by their footprint when placed
+            model, shape = planned_model(self.folder, component, dtype)
+        if component in REPLAYED:
+            model = Replaying(model, self.accountant)
+        self._shapes[id(model)] = shape
+        return model
+
+    def place(self, model, section: str | None = None) -> None:
+        self._cut()
+        self._placed[id(model)] = (self._shapes[id(model)], section)
+
+    def unplace(self, model) -> None:
+        self._cut()
+        self._placed.pop(id(model), None)
+
+    def attach_levers(self, dit, options: SpeedOptions, said: bool = False) -> DiTLevers:
+        """The levers that allocate, as the target card would run them (see speed.py), on the DiT itself."""
+        return DiTLevers(getattr(dit, "model", dit), self.profile, options, self.device, planning=True).attach()
+
+    def free(self) -> None:
+        """Nothing to give back. No full garbage collection either (0.1-0.2 s each with torch loaded): the planned
+        run frees its tensors by reference counting (tests/test_runtime.py checks the plan is the same with one)."""
+
+    def _on_phase(self, name: str, event: str) -> None:
+        if event == "start":
+            self._stretches = self.phases.setdefault(name, [])
+            self.accountant.reset_peak()
+        else:
+            self._cut()
+            self._stretches = None
+
+    def _cut(self) -> None:
+        """End the current stretch (the set of placed networks is about to change) and start the next."""
+        acc = self.accountant
+        if self._stretches is not None:
+            self._stretches.append(Stretch(tuple(self._placed.values()), acc.peak[DEVICE], acc.peak[HOST]))
+        acc.reset_peak()
+
+
+class Replaying(nn.Module):
+    """A network as the plan runs it: a call (forward, or the VAE's decode_chunk) with arguments of shapes seen
+    before is not computed again; its allocations are replayed instead: the same peak above what is live then, and
+    an output of the same shape in the same place. (The DiT runs twice per step with sequential CFG; a
+    full-length decode is hundreds of tiles of a few shapes.)"""
+
+    def __init__(self, model: nn.Module, accountant: PlanningAccountant):
+        super().__init__()
+        self.model = model
+        self._forward = _Replay(model, accountant)
+        if hasattr(model, "decode_chunk"):
+            self.decode_chunk = _Replay(model.decode_chunk, accountant)
+
+    def forward(self, *args):
+        return self._forward(*args)
+
+
+class _Replay:
+    def __init__(self, fn, accountant: PlanningAccountant):
+        self.fn, self.accountant = fn, accountant
+        self._seen: dict[tuple, tuple] = {}
+
+    def __call__(self, *args):
+        acc = self.accountant
+        key = tuple((tuple(a.shape), a.dtype, acc.label(a)) if isinstance(a, torch.Tensor) else a for a in args)
+        if key not in self._seen:
+            with acc.measure() as watch:
+                out = self.fn(*args)
+            self._seen[key] = (tuple(out.shape), out.dtype, acc.label(out), dict(watch.extra))
+            return out
+        shape, dtype, where, extra = self._seen[key]
+        for device, nbytes in extra.items():
+            acc.note_transient(device, nbytes)
+        return torch.empty(shape, dtype=dtype, device="cpu" if where == HOST else DEVICE)
+
+
+def flash_style_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None) -> torch.Tensor:
+    """Shape-only stand-in for a fused attention kernel: q (B, Sq, H, D) -> output of the same shape."""
+    return torch.empty_like(q)
+
+
+# ---------------------------------------------------------------- networks on meta
+
+def planned_model(folder: ModelFolder, component: str, dtype: torch.dtype) -> tuple[nn.Module, ModelShape]:
+    """`component` with the tensors (dtypes, quantized layers) a run would load, data-free on "meta", one block
+    per stack, attention on `flash_style_attention`; and the shape of the whole network. An assumed-format folder
+    (assumed_format.py) plans as its quantized version: its weight index carries the scheme."""
+    opened = folder.open(component, layers=PLANNED_BLOCKS) if component in STACKS else folder.open(component)
+    module = opened.module
+    keep = _quantize_as_run(module, opened.source.metadata)
+    state = {name: torch.empty(t.shape, dtype=run_dtype(t.dtype, dtype, name in keep), device="meta")
+             for name, t in module.state_dict(keep_vars=True).items()}
+    module.load_state_dict(state, strict=True, assign=True)
+    module.eval().requires_grad_(False)
+    for m in module.modules():
+        if hasattr(m, "attend"):
+            m.attend = flash_style_attention
+    return module, _shape(module, component, opened.config)
+
+
+def _quantize_as_run(module: nn.Module, metadata: dict) -> set[str]:
+    """Swap in the quantized layers a quantized folder records; the names keeping their stored dtype."""
+    if quant.SCHEME_KEY not in metadata:
+        return set()
+    scheme = quant.Scheme.from_metadata(metadata)
+    built = {name: kind for name, kind in scheme.tensors.items() if _has_module(module, name)}   # one block
+    quant.swap_modules(module, built, scheme.fmt)
+    return quant.stored_dtype_names(module)
+
+
+def _has_module(module: nn.Module, weight_name: str) -> bool:
+    try:
+        module.get_submodule(weight_name.removesuffix(".weight"))
+        return True
+    except AttributeError:
+        return False
+
+
+def _shape(module: nn.Module, component: str, config) -> ModelShape:
+    total = sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
+    if component not in STACKS:
+        return ModelShape(other_bytes=total)
+    blocks = module.get_submodule(STACKS[component])
+    block = sum(t.numel() * t.element_size() for _, t in block_tensors(blocks[0]))
+    return ModelShape(config.num_layers, BlockLayout(blocks[0]).nbytes, block, total - len(blocks) * block)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import gc
 import sys
 import time
 from dataclasses import dataclass
@@ -221,9 +220,7 @@ def encode_all_with_fallback(pipe: PhasePipeline, prompts: list[tuple[str, str |
 
 
 def _free(pipe: PhasePipeline) -> None:
-    gc.collect()
-    if pipe.device.type == "cuda":
-        torch.cuda.empty_cache()
+    pipe.runtime.free()
 
 
 # ---- one job end to end ------------------------------------------------------------------------------------------

@@ -134,21 +134,22 @@ def _decode_tile(decode_chunk: DecodeFn, z: torch.Tensor, ys: tuple[int, int], x
     return frames
 
 
-def _decode_time_chunk(decode_chunk: DecodeFn, z: torch.Tensor, spans_y, spans_x, scale: int,
+def _decode_time_chunk(decode_chunk: DecodeFn, z: torch.Tensor, tiles_y, tiles_x, scale: int,
                        device: torch.device, tick: Callable[[], None]) -> tuple[torch.Tensor, torch.dtype]:
-    """Decode one time chunk (B, t, C, h, w) tile by tile. Returns the chunk video and the decoder's dtype;
-    with several tiles the video is their float32 blend on `device`, with one tile the decoder output itself."""
-    if len(spans_y) == 1 and len(spans_x) == 1:
-        frames = _decode_tile(decode_chunk, z, spans_y[0], spans_x[0], scale)
+    """Decode one time chunk (B, t, C, h, w) tile by tile; tiles_y/tiles_x: ((start, end), blend weight) per tile
+    along each axis. Returns the chunk video and the decoder's dtype; with several tiles the video is their float32
+    blend on `device`, with one tile the decoder output itself."""
+    if len(tiles_y) == 1 and len(tiles_x) == 1:
+        frames = _decode_tile(decode_chunk, z, tiles_y[0][0], tiles_x[0][0], scale)
         tick()
         return frames, frames.dtype
     acc, dtype = None, None
-    for (y0, y1), wy in zip(spans_y, axis_weights(spans_y, scale)):
-        for (x0, x1), wx in zip(spans_x, axis_weights(spans_x, scale)):
+    for (y0, y1), wy in tiles_y:
+        for (x0, x1), wx in tiles_x:
             frames = _decode_tile(decode_chunk, z, (y0, y1), (x0, x1), scale)
             if acc is None:  # (B, T, C, H, W) float32 blend of the whole chunk
                 b, t, c = frames.shape[:3]
-                acc = torch.zeros(b, t, c, spans_y[-1][1] * scale, spans_x[-1][1] * scale, device=device)
+                acc = torch.zeros(b, t, c, tiles_y[-1][0][1] * scale, tiles_x[-1][0][1] * scale, device=device)
                 dtype = frames.dtype
             weight = (wy[:, None] * wx[None, :]).to(device)  # (H_tile, W_tile), broadcast over (B, T, C)
             region = acc[..., y0 * scale:y1 * scale, x0 * scale:x1 * scale]
@@ -213,9 +214,10 @@ def decode_tiled(decode_chunk: DecodeFn, z: torch.Tensor, tile, overlap=0, scale
     _check_state(state, z, len(sizes), starts[-1], scale)
     device = state.out.device if state.out is not None else torch.device(out_device or z.device)
     tick = _counter(progress, (len(sizes) - state.next_chunk) * len(spans_y) * len(spans_x))
+    tiles_y, tiles_x = (list(zip(spans, axis_weights(spans, scale))) for spans in (spans_y, spans_x))
     for k in range(state.next_chunk, len(sizes)):
         first = k * latents_per_chunk
-        video, dtype = _decode_time_chunk(decode_chunk, z[:, first:first + sizes[k]], spans_y, spans_x, scale,
+        video, dtype = _decode_time_chunk(decode_chunk, z[:, first:first + sizes[k]], tiles_y, tiles_x, scale,
                                           device, tick)
         if state.out is None:
             b, _, c = video.shape[:3]

@@ -6,7 +6,7 @@ import imageio.v2 as imageio
 import numpy as np
 
 from lowvram_stepvideo import cli, demo
-from lowvram_stepvideo.pipeline import PhasePipeline
+from lowvram_stepvideo.runtime import DeviceRuntime
 
 BARS = ("step_llm:", "denoise:", "decode:")
 
@@ -41,12 +41,12 @@ def read_sidecar(path) -> dict:
 
 def loads_of(monkeypatch) -> list[str]:
     """Names of the networks the pipeline loads from now on."""
-    seen, original = [], PhasePipeline.load
+    seen, original = [], DeviceRuntime.load
 
     def load(self, component, dtype):
         seen.append(component)
         return original(self, component, dtype)
-    monkeypatch.setattr(PhasePipeline, "load", load)
+    monkeypatch.setattr(DeviceRuntime, "load", load)
     return seen
 
 

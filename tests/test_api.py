@@ -9,7 +9,7 @@ from cli_support import run_cli
 from lowvram_stepvideo import api, runner
 from lowvram_stepvideo.errors import StepVideoError, UsageError
 from lowvram_stepvideo.model_folder import ModelFolderError
-from lowvram_stepvideo.pipeline import PhasePipeline
+from lowvram_stepvideo.runtime import DeviceRuntime
 from lowvram_stepvideo.profiles import Preset
 
 pytestmark = pytest.mark.usefixtures("demo_env", "one_torch_thread")
@@ -53,7 +53,7 @@ def test_the_api_gives_the_cli_latents_and_resumes_when_asked(demo_dir, tmp_path
     pipe = api.StepVideoPipeline.from_pretrained(demo_dir, profile="cpu")
     assert torch.equal(pipe(prompt=prompt, output_type="latent", **SIZE), cli_latents)
 
-    forwards, original = [], PhasePipeline.load
+    forwards, original = [], DeviceRuntime.load
 
     def load(self, component, dtype):   # Ctrl-C at the DiT's 5th forward (cpu profile: two per step)
         model = original(self, component, dtype)
@@ -61,7 +61,7 @@ def test_the_api_gives_the_cli_latents_and_resumes_when_asked(demo_dir, tmp_path
             model.register_forward_pre_hook(lambda *_: forwards.append(1) or (
                 _raise(KeyboardInterrupt) if len(forwards) == 5 else None))
         return model
-    monkeypatch.setattr(PhasePipeline, "load", load)
+    monkeypatch.setattr(DeviceRuntime, "load", load)
     ckpt = tmp_path / "kite.resume.safetensors"
     with pytest.raises(runner.Interrupted, match="interrupted after step 2"):
         pipe(prompt=prompt, output_type="latent", checkpoint=ckpt, **SIZE)

@@ -14,7 +14,7 @@ from cli_support import loads_of, read_frames, read_sidecar, run_cli, subprocess
 from conftest import ROOT
 from lowvram_stepvideo import batch, embed_cache, runner
 from lowvram_stepvideo.errors import UsageError
-from lowvram_stepvideo.pipeline import PhasePipeline
+from lowvram_stepvideo.runtime import DeviceRuntime
 from lowvram_stepvideo.resume import checkpoint_path
 
 pytestmark = pytest.mark.usefixtures("demo_env", "one_torch_thread")
@@ -32,14 +32,14 @@ def prompts_file(folder, text=PROMPTS):
 
 def phases_of(monkeypatch) -> list[str]:
     """Names of the pipeline phases entered from now on."""
-    seen, original = [], PhasePipeline.phase
+    seen, original = [], DeviceRuntime.phase
 
     @contextlib.contextmanager
     def phase(self, name):
         seen.append(name)
         with original(self, name):
             yield
-    monkeypatch.setattr(PhasePipeline, "phase", phase)
+    monkeypatch.setattr(DeviceRuntime, "phase", phase)
     return seen
 
 
@@ -127,8 +127,8 @@ def test_a_failing_prompt_is_recorded_and_the_batch_goes_on(tmp_path, capsys, mo
 KILLER = """
 import os, signal, sys
 from lowvram_stepvideo import cli
-from lowvram_stepvideo.pipeline import PhasePipeline
-original, dits = PhasePipeline.load, []
+from lowvram_stepvideo.runtime import DeviceRuntime
+original, dits = DeviceRuntime.load, []
 
 def load(self, component, dtype):
     model = original(self, component, dtype)
@@ -140,7 +140,7 @@ def load(self, component, dtype):
                 lambda m, a: os.kill(os.getpid(), signal.SIGKILL) if calls.append(1) or len(calls) == 4 else None)
     return model
 
-PhasePipeline.load = load
+DeviceRuntime.load = load
 sys.exit(cli.main(sys.argv[1:]))
 """
 

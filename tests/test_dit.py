@@ -68,8 +68,9 @@ def test_output_and_intermediates_match_reference(fixture_dir):
 def test_cross_attention_mask_matches_reference(fixture_dir):
     _, t = _load(fixture_dir)
     ref = t["derived.cross_attn_mask"].bool()                      # (B, S, max_kv)
-    _, key_mask = cross_attention_mask(t["in.encoder_attention_mask"])  # (B, max_kv)
-    assert torch.equal(key_mask[:, None, :].expand_as(ref), ref)
+    _, key_mask = cross_attention_mask(t["in.encoder_attention_mask"])  # (B, Skv): keys past max_kv masked
+    max_kv = ref.shape[-1]
+    assert torch.equal(key_mask[:, None, :max_kv].expand_as(ref), ref) and not key_mask[:, max_kv:].any()
 
 
 def test_ffn_chunking_same_result(fixture_dir):
@@ -325,9 +326,9 @@ def test_full_size_state_dict_matches_release_manifest():
 def test_q1_mask_sum_in_mask_dtype():
     mask = torch.cat([torch.ones(2, 257), torch.zeros(2, 140)], dim=1)  # 77 CLIP + 180 step_llm tokens, padded
     kv_lens, keys = cross_attention_mask(mask.bfloat16())
-    assert kv_lens.tolist() == [256, 256] and keys.shape == (2, 256)   # bf16 sum rounds 257 to 256
+    assert kv_lens.tolist() == [256, 256] and keys.sum(1).tolist() == [256, 256]   # bf16 sum rounds 257 to 256
     kv_lens, keys = cross_attention_mask(mask.long())
-    assert kv_lens.tolist() == [257, 257] and keys.shape == (2, 257)
+    assert kv_lens.tolist() == [257, 257] and keys.sum(1).tolist() == [257, 257] and keys.shape == (2, 397)
     kv_lens, _ = cross_attention_mask(torch.cat([torch.ones(1, 259), torch.zeros(1, 138)], dim=1).bfloat16())
     assert kv_lens.tolist() == [260]                                    # ... and 259 to 260 (one pad token)
 

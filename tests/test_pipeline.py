@@ -69,19 +69,23 @@ def test_decode_alone_matches_reference_vae(pipe, reference):
     torch.testing.assert_close(video, io["vae.out.video"], atol=1e-4, rtol=0)
 
 
-def test_pipeline_schedule_is_the_reference_one(pipe, reference):
+def test_pipeline_schedule_is_the_reference_one(model_dir, reference):
     """The pipeline feeds the DiT exactly the reference's timesteps (the schedule file is checked in test_sampling)."""
+    from lowvram_stepvideo.model_folder import open_model_folder
+    from lowvram_stepvideo.profiles import load_profile
+    from lowvram_stepvideo.runtime import DeviceRuntime
     io, call = reference
     seen = []
-    original = pipe.load
 
-    def load(component, dtype):
-        model = original(component, dtype)
-        if component == "transformer":
-            model.register_forward_pre_hook(lambda m, args, kw: seen.append(kw["timestep"][0].item()) if kw else
-                                            seen.append(args[1][0].item()), with_kwargs=True)
-        return model
-    pipe.load = load
+    class Recording(DeviceRuntime):
+        def load(self, component, dtype):
+            model = super().load(component, dtype)
+            if component == "transformer":
+                model.register_forward_pre_hook(lambda m, args, kw: seen.append(kw["timestep"][0].item()) if kw
+                                                else seen.append(args[1][0].item()), with_kwargs=True)
+            return model
+    folder, profile = open_model_folder(model_dir), load_profile("cpu")
+    pipe = PhasePipeline(folder, profile, progress=False, runtime=Recording(folder, profile))
     pipe(prompt_embeds=_embeds(io), latents=io["step0.latents_in"], num_frames=call["num_frames"],
          height=call["height"], width=call["width"], num_inference_steps=call["steps"],
          guidance_scale=call["guidance"], time_shift=call["time_shift"], output_type="latent")

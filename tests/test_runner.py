@@ -9,9 +9,10 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT
-from lowvram_stepvideo import cli, pipeline, runner
+from lowvram_stepvideo import cli, runner, runtime
 from lowvram_stepvideo.memory import ByteAccountant
 from lowvram_stepvideo.pipeline import PhasePipeline
+from lowvram_stepvideo.runtime import DeviceRuntime
 from lowvram_stepvideo.profiles import Preset
 from lowvram_stepvideo.resume import checkpoint_path, save_checkpoint
 from cli_support import loads_of, read_frames, read_sidecar, run_cli
@@ -41,7 +42,7 @@ def phase_peaks(limit: int | None = None, stop_at: str | None = None):
     """Count live CPU bytes under a ByteAccountant (raising torch.OutOfMemoryError past `limit`); yields a dict
     phase -> peak bytes (largest over repeats). `stop_at`: raise Stop when that phase starts."""
     acc, peaks = ByteAccountant(limits=None if limit is None else {"cpu": limit}), {}
-    original = PhasePipeline.phase
+    original = DeviceRuntime.phase
 
     @contextlib.contextmanager
     def phase(self, name):
@@ -52,7 +53,7 @@ def phase_peaks(limit: int | None = None, stop_at: str | None = None):
             yield
         peaks[name] = max(peaks.get(name, 0), acc.peak["cpu"])
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(PhasePipeline, "phase", phase)
+        mp.setattr(DeviceRuntime, "phase", phase)
         with acc:
             yield peaks
 
@@ -144,7 +145,7 @@ def test_resume_ladder_starts_at_the_checkpoints_preset(tmp_path):
 def interrupt_dit(monkeypatch, after_forwards: int) -> dict:
     """While state['armed'], the DiT raises KeyboardInterrupt at the forward after `after_forwards` of them;
     state['forwards'] counts DiT forwards."""
-    state, original = {"armed": True, "forwards": 0}, PhasePipeline.load
+    state, original = {"armed": True, "forwards": 0}, DeviceRuntime.load
 
     def hook(module, args):
         if state["armed"] and state["forwards"] == after_forwards:
@@ -156,7 +157,7 @@ def interrupt_dit(monkeypatch, after_forwards: int) -> dict:
         if component == "transformer":
             model.register_forward_pre_hook(hook)
         return model
-    monkeypatch.setattr(PhasePipeline, "load", load)
+    monkeypatch.setattr(DeviceRuntime, "load", load)
     return state
 
 
@@ -233,15 +234,15 @@ def profile_latents(tmp_path_factory, demo_cache):
         mp.setenv("LOWVRAM_STEPVIDEO_CACHE", str(demo_cache))
         for name in ("cpu", "cpu-lowram", str(sequential)):
             streamed[name] = seen = []
-            original = pipeline.attach_streaming
-            mp.setattr(pipeline, "attach_streaming", lambda model, *a, seen=seen, original=original, **kw: (
+            original = runtime.attach_streaming
+            mp.setattr(runtime, "attach_streaming", lambda model, *a, seen=seen, original=original, **kw: (
                 seen.append((type(model).__name__, kw.get("source"))), original(model, *a, **kw))[1])
             out = folder / f"{len(latents)}.safetensors"
             assert cli.main(["--demo", "--profile", name, "--prompt", "two dancers spin on a stage", "--no-cache",
                              "--frames", "17", "--height", "16", "--width", "16", "--steps", "2",
                              "--output", str(folder / f"{len(latents)}.mp4"), "--save-latents", str(out)]) == 0
             latents[name] = load_file(str(out))["latents"]
-            mp.setattr(pipeline, "attach_streaming", original)
+            mp.setattr(runtime, "attach_streaming", original)
     return latents, streamed, str(sequential)
 
 

@@ -368,12 +368,13 @@ class TextProjection(nn.Module):
 
 
 def cross_attention_mask(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """mask (B, Skv) of ones then zeros -> kv_lens (B,) int32, key mask (B, max kv_len) bool.
+    """mask (B, Skv) of ones then zeros -> kv_lens (B,) int32, key mask (B, Skv) bool: the first kv_len keys.
 
-    Quirk Q1: the sum is taken in the mask's own dtype, so a bf16 mask of 257 ones counts 256."""
+    Quirk Q1: the sum is taken in the mask's own dtype, so a bf16 mask of 257 ones counts 256. The reference then
+    drops the keys past the longest kv_len; they are masked for every row here instead, which gives the same
+    attention without reading a length back from the device (no sync, and shapes that do not depend on data)."""
     kv_lens = mask.sum(dim=1).int()
-    max_len = int(kv_lens.max())
-    keys = torch.arange(max_len, device=mask.device)
+    keys = torch.arange(mask.shape[1], device=mask.device)
     return kv_lens, keys[None, :] < kv_lens[:, None]
 
 
@@ -401,10 +402,7 @@ class StepVideoModel(nn.Module):
     def embed_text(self, y: torch.Tensor, clip: torch.Tensor, mask: torch.Tensor | None):
         """y (B, Ly, Cy), clip (B, Lc, Cc), mask (B, Lc+Ly) -> enc (B, Skv, D), key mask (B, Skv) bool or None."""
         enc = torch.cat([self.clip_projection(clip), self.caption_projection(self.caption_norm(y))], dim=1)
-        if mask is None:
-            return enc, None
-        _, kv_mask = cross_attention_mask(mask)
-        return enc[:, :kv_mask.shape[1]], kv_mask  # keys past the longest prompt are dropped
+        return enc, None if mask is None else cross_attention_mask(mask)[1]
 
     def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 encoder_hidden_states_2: torch.Tensor, encoder_attention_mask: torch.Tensor | None = None):

@@ -1,0 +1,139 @@
+"""The two runtimes under the same pipeline: the planning runtime's shortcuts (one block per stack, replayed repeat
+calls, no full garbage collection) against planning without them, its byte accounting on data-free tensors, and
+fitting, assume_format and the DeviceRuntime's placement per profile section."""
+import gc
+
+import pytest
+import torch
+
+from lowvram_stepvideo import plan
+from lowvram_stepvideo.demo import DEMO_PRESET
+from lowvram_stepvideo.memory import DEVICE, HOST, PlanningAccountant
+from lowvram_stepvideo.model_folder import open_model_folder
+from lowvram_stepvideo.profiles import Preset, load_profile, with_overrides
+
+MiB = 2**20
+
+
+@pytest.fixture
+def folder(demo_dir):
+    return open_model_folder(demo_dir)
+
+
+@pytest.fixture(autouse=True)
+def fresh_traces(monkeypatch):
+    monkeypatch.setattr(plan, "_TRACES", {})
+
+
+def _peaks(p: plan.Plan) -> dict:
+    return {name: (ph.peak_vram_bytes, ph.peak_host_bytes) for name, ph in p.phases.items()}
+
+
+def test_planning_shortcuts_do_not_change_the_plan(folder, monkeypatch):
+    """One block per stack, repeat calls replayed (sequential CFG, VAE tiles of one shape) and no full collection
+    at phase ends plan exactly what the plain way does: every block built, every call computed."""
+    profile = with_overrides(load_profile("12gb"), cfg_mode="sequential", vae_tile=2, vae_overlap=0,
+                             token_chunk=16, attention_head_chunk=1, dit_resident_blocks=1)
+    preset = Preset(17, 32, 48, 1)                   # latents 3 x 2 x 3: two 2 x 2 tiles
+    fast = _peaks(plan.plan_memory(folder, profile, preset))
+    monkeypatch.setattr(plan, "_TRACES", {})
+    monkeypatch.setattr(plan, "PLANNED_BLOCKS", 1000)
+    monkeypatch.setattr(plan, "REPLAYED", ())
+    monkeypatch.setattr(plan.PlanningRuntime, "free", lambda self: gc.collect())
+    plain = _peaks(plan.plan_memory(folder, profile, preset))
+    assert fast == plain
+    assert fast["decode"][0] > 0 and fast["denoise"][0] > fast["text"][0] > 0
+
+
+def test_plan_follows_the_settings_that_shape_activations(folder):
+    profile = load_profile("12gb")
+    batch = plan.plan_memory(folder, with_overrides(profile, cfg_mode="batch"), DEMO_PRESET)
+    sequential = plan.plan_memory(folder, with_overrides(profile, cfg_mode="sequential"), DEMO_PRESET)
+    assert batch.phases["denoise"].peak_vram_bytes > sequential.phases["denoise"].peak_vram_bytes
+    assert batch.phases["decode"] == sequential.phases["decode"] and batch.phases["text"] == sequential.phases["text"]
+
+
+def test_fit_profile_keeps_the_most_resident_blocks_that_fit(folder):
+    profile = with_overrides(load_profile("12gb"), presets=[DEMO_PRESET], dit_prefetch=0, dit_resident_blocks=2)
+    peaks = [plan.plan_memory(folder, with_overrides(profile, dit_resident_blocks=r), DEMO_PRESET)
+             .phases["denoise"].peak_vram_bytes for r in range(3)]    # the demo DiT has 2 blocks
+    assert peaks[0] < peaks[1]
+    for budget in sorted(set(peaks)):
+        fitted, fitted_plan = plan.fit_profile(folder, profile, DEMO_PRESET, budget)
+        most = max(r for r in range(3) if peaks[r] <= budget)
+        assert fitted.dit.resident_blocks == most and fitted_plan.phases["denoise"].peak_vram_bytes == peaks[most]
+    fitted, _ = plan.fit_profile(folder, profile, DEMO_PRESET, peaks[0] - 1)       # nothing fits: all streamed
+    assert fitted.dit.resident_blocks == 0
+
+
+def test_fit_profile_streams_step_llm_that_does_not_fit_whole(folder):
+    profile = with_overrides(load_profile("48gb"), presets=[DEMO_PRESET])
+    whole = plan.plan_memory(folder, profile, DEMO_PRESET).phases["text"].peak_vram_bytes
+    fitted, fitted_plan = plan.fit_profile(folder, profile, DEMO_PRESET, whole - 1)
+    assert fitted.text_encoders.placement == "stream"
+    assert _peaks(fitted_plan) == _peaks(plan.plan_memory(folder, fitted, DEMO_PRESET))
+
+
+def test_assume_format_plans_like_the_quantized_folder(folder, tmp_path):
+    from lowvram_stepvideo.quantize_folder import quantize_folder
+    quantize_folder(folder.root, tmp_path / "int8", "int8", log=lambda msg: None)
+    profile = load_profile("12gb")
+    quantized = plan.plan_memory(open_model_folder(tmp_path / "int8"), profile, DEMO_PRESET)
+    assumed = plan.plan_memory(folder, profile, DEMO_PRESET, assume_format="int8")
+    release = plan.plan_memory(folder, profile, DEMO_PRESET)
+    assert _peaks(assumed) == _peaks(quantized)
+    assert assumed.phases["text"].peak_vram_bytes < release.phases["text"].peak_vram_bytes
+    assert assumed.phases["denoise"].peak_vram_bytes < release.phases["denoise"].peak_vram_bytes
+
+
+def test_full_size_plan_is_the_same_whatever_the_preset_order(folder):
+    """Traces are cached per preset: planning a second preset does not disturb the first."""
+    profile = load_profile("12gb")
+    small, large = Preset(17, 32, 48, 1), DEMO_PRESET
+    first = _peaks(plan.plan_memory(folder, profile, large))
+    plan.plan_memory(folder, profile, small)
+    assert _peaks(plan.plan_memory(folder, profile, large)) == first
+
+
+# ---------------------------------------------------------------- accounting on data-free tensors
+
+def test_planning_accountant_counts_moves_between_host_and_device():
+    acc, device = PlanningAccountant(), torch.device(DEVICE, 0)
+    with acc, torch.inference_mode():
+        host = torch.zeros(MiB // 4)                       # float32: 1 MiB in host RAM
+        ids = torch.tensor([[1, 2, 3]])                    # real data made into a stand-in
+        noise = torch.randn(MiB // 4, generator=torch.Generator().manual_seed(0))
+        assert (acc.live[HOST], acc.live[DEVICE]) == (2 * MiB + ids.nbytes, 0)
+        up = host.to(device)
+        again = up.to(device)                              # already there: no copy
+        assert acc.live[DEVICE] == MiB and again.untyped_storage()._cdata == up.untyped_storage()._cdata
+        doubled = up * 2                                   # computed where its input is
+        back = doubled.cpu()
+        half = up.to(torch.bfloat16)
+        assert acc.live[DEVICE] == 2 * MiB + MiB // 2 and acc.live[HOST] == 3 * MiB + ids.nbytes
+        del doubled, half, again, up
+        assert acc.live[DEVICE] == 0 and acc.peak[DEVICE] == 2 * MiB + MiB // 2
+        assert all(t.device.type == "meta" for t in (host, ids, noise, back))
+
+
+def test_planning_accountant_refuses_what_needs_data():
+    with PlanningAccountant():
+        x = torch.ones(3, device=torch.device(DEVICE, 0))
+        with pytest.raises(Exception):
+            x.sum().item()
+
+
+# ---------------------------------------------------------------- the real runtime
+
+def test_device_runtime_places_per_profile_section(folder):
+    from lowvram_stepvideo.runtime import DeviceRuntime
+    profile = with_overrides(load_profile("cpu"), dit_resident_blocks=1, dit_prefetch=0, dit_source="ram",
+                             text_encoders_placement="device")
+    runtime = DeviceRuntime(folder, profile, log=lambda msg: None)
+    dit = runtime.load("transformer", torch.float32)
+    with runtime.placed(dit, "dit"):
+        assert "_lowvram_streamer" in dit.__dict__             # 1 of 2 blocks resident: streamed
+    assert "_lowvram_streamer" not in dit.__dict__
+    llm = runtime.load("step_llm", torch.float32)
+    with runtime.placed(llm, "text_encoders"):
+        assert "_lowvram_streamer" not in llm.__dict__         # placement "device": whole
