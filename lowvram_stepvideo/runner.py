@@ -353,7 +353,7 @@ def execute(job: PreparedJob, events: Events) -> JobResult:
                               time.perf_counter() - start, events.log)
     except BaseException:
         if job.checkpoint and job.checkpoint.is_file():
-            flags = "--resume --overwrite" if job.output.exists() else "--resume"   # the mp4 may be written
+            flags = "--resume --overwrite" if job.output and job.output.exists() else "--resume"   # mp4 written?
             events.log(f"note: the denoised latents are kept in {job.checkpoint}; run the same command with "
                        f"{flags} to only decode")
         raise

@@ -51,7 +51,7 @@ def sampling_problem(guidance_scale: float | None, shift: float | None, seed: in
     if shift is not None and not (math.isfinite(shift) and shift > 0):
         return f"--shift {shift}: must be a positive finite number (release 13, turbo 17)"
     if seed is not None and not SEED_MIN <= seed <= SEED_MAX:
-        return f"--seed {seed}: seeds go from {SEED_MIN} to 2^64-1 ({SEED_MAX})"
+        return f"--seed {seed}: seeds go from {SEED_MIN} to 2**64-1 = {SEED_MAX}"
     return None
 
 

@@ -172,7 +172,7 @@ ERRORS = {  # name: (arguments, words the one error line must hold)
     "huge width": (["--demo", "--width", "9000"], ["64x9000", "544x992"]),
     "zero steps": (["--demo", "--steps", "0"], ["--steps 0", "at least 1"]),
     "zero shift": (["--demo", "--shift", "0"], ["--shift 0", "positive"]),
-    "seed out of range": (["--demo", "--seed", str(2**64)], ["--seed 18446744073709551616", "2^64-1"]),
+    "seed out of range": (["--demo", "--seed", str(2**64)], ["--seed 18446744073709551616", "2**64-1"]),
     "empty prompt": (["--demo", "--prompt", "  "], ["--prompt is empty"]),
     "output folder missing": (["--demo", "--output", "{tmp}/missing/out.mp4"], ["does not exist"]),
     "output is a folder": (["--demo", "--output", "{tmp}"], ["it is a folder"]),

@@ -179,7 +179,7 @@ REQUESTS = {  # extra arguments: words of the error
     ("--cfg", "-5"): "--cfg -5.0: a negative guidance scale",
     ("--shift", "inf"): "--shift inf: must be a positive finite number",
     ("--shift", "nan"): "--shift nan: must be a positive finite number",
-    ("--seed", "-1"): "--seed -1: seeds go from 0 to 2^64-1",
+    ("--seed", "-1"): "--seed -1: seeds go from 0 to 2**64-1",
     ("--seed", str(2**64 + 1)): f"--seed {2**64 + 1}: seeds go from 0",
     ("--dry-run", "--decode-latents", "x.safetensors"): "--dry-run plans a generation",
 }
