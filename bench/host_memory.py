@@ -76,10 +76,11 @@ def measure(folder, profile) -> dict[str, int]:
     """Run text, one denoising step and decode; peak RSS of each above the RSS before the first."""
     import torch
 
-    from lowvram_stepvideo.pipeline import RELEASE_DEFAULTS, StepVideoPipeline
+    from lowvram_stepvideo.pipeline import PhasePipeline
+    from lowvram_stepvideo.sampling import RELEASE_DEFAULTS
     from lowvram_stepvideo.sampling import flow_sigmas, initial_noise, latent_shape
     preset = profile.presets[0]
-    pipe = StepVideoPipeline(folder, profile, progress=False, log=lambda msg: None)
+    pipe = PhasePipeline(folder, profile, progress=False, log=lambda msg: None)
     noise = initial_noise(latent_shape(preset.frames, preset.height, preset.width,
                                        channels=pipe.latent_channels()).shape, 0)
     sigmas = flow_sigmas(1, RELEASE_DEFAULTS["shift"])

@@ -57,8 +57,8 @@ class AssumedQuantizedSource(WeightSource):
 class AssumedFormatFolder(ModelFolder):
     """A release folder seen as quantize.py's output in `weight_format` (for the memory plan only)."""
 
-    def open(self, component: str):
-        opened = super().open(component)
+    def open(self, component: str, **kwargs):
+        opened = super().open(component, **kwargs)     # kwargs: whatever ModelFolder.open takes (layers, ...)
         if component in DEFAULT_COMPONENTS and quant.SCHEME_KEY not in opened.source.metadata:
             opened.source = AssumedQuantizedSource(opened.source, component, quant.get_format(self.weight_format))
         return opened

@@ -25,6 +25,8 @@ import os
 import sys
 from dataclasses import dataclass
 
+from .offload_store import available_ram_bytes
+
 GiB = 2**30
 CUDA_CONTEXT_BYTES = GiB // 2
 VRAM_RESERVE_FRACTION, VRAM_RESERVE_MIN = 0.03, int(0.3 * GiB)
@@ -101,18 +103,6 @@ def cuda_free_and_total() -> tuple[int, int] | None:
     if not torch.cuda.is_available():
         return None
     return torch.cuda.mem_get_info(0)
-
-
-def available_ram_bytes() -> int:
-    """MemAvailable on Linux; the physical RAM elsewhere (a conservative reading is not available portably)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def use_expandable_segments() -> None:

@@ -97,7 +97,7 @@ def build_parser(prog: str = "generate.py") -> argparse.ArgumentParser:
                         "(quantize.py records it; else model_index.json or a folder name with 'turbo')")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the initial noise (default 0): the same seed, prompt and settings give the same "
-                        "video, another seed another video; an integer from 0 to 2^64-1")
+                        "video, another seed another video; an integer from 0 to 2**64-1")
     p.add_argument("--output", type=Path, help="mp4 path (default: results/<prompt>-<time>.mp4, made unique); the "
                                                "metadata goes next to it as <output>.json")
     p.add_argument("--overwrite", action="store_true",
@@ -124,6 +124,15 @@ def build_parser(prog: str = "generate.py") -> argparse.ArgumentParser:
     p.add_argument("--attention", choices=["sdpa", "flash", "sage", "auto"],
                    help="attention backend instead of the profile's: sdpa (PyTorch), flash (flash-attn), sage "
                         "(SageAttention), auto (the fastest installed)")
+    p.add_argument("--matmul", choices=["weight-only", "fast"],
+                   help="matmuls of int8/fp8 folders instead of the profile's: weight-only (exact: weights expanded "
+                        "to bf16) or fast (int8 x int8 / fp8 x fp8 tensor-core matmuls on cards that have them; "
+                        "also rounds the activations)")
+    p.add_argument("--cache", type=float, metavar="THRESHOLD",
+                   help="first-block step cache (default off): skip the other DiT blocks while the first block's "
+                        "output changes by less than THRESHOLD (e.g. 0.1); faster, slightly different video")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the DiT blocks (the first step compiles; needs Triton on CUDA)")
     p.add_argument("--resident-blocks", type=int,
                    help="DiT blocks kept on the GPU instead of the profile's (the rest are streamed)")
     p.add_argument("--vae-tile", type=int,
@@ -225,7 +234,8 @@ def _check_web_flags(args) -> None:
 
 
 def job_spec(args) -> JobSpec:
-    options = {"attention": args.attention, "dit_resident_blocks": args.resident_blocks, "vae_tile": args.vae_tile,
+    options = {"attention": args.attention, "matmul": args.matmul, "dit_resident_blocks": args.resident_blocks,
+               "vae_tile": args.vae_tile, "step_cache": args.cache, "compile": args.compile or None,
                "resume": args.resume, "checkpoint_every": args.checkpoint_every, "save_latents": args.save_latents,
                "cache": not args.no_cache, "overwrite": args.overwrite, "turbo": args.turbo}
     return JobSpec(args.prompt, args.negative_prompt, args.seed, args.frames, args.height, args.width, args.steps,
@@ -270,7 +280,9 @@ def _dry_run(args, spec: JobSpec) -> int:
     preflight.check_numbers(spec)
     turbo = args.turbo or folder.turbo
     preset = preflight.preset_for(spec, profile, sampling_defaults(True)["steps"] if turbo else None, _say)
-    verdict = check_fit(folder, profile, preset, vram, ram, args.assume_format)
+    if vram is not None and profile.device == "cpu":
+        _say(f"note: --vram-gib does not apply to profile {profile.name} (it computes in RAM; --ram-gib does)")
+    verdict = check_fit(folder, profile, preset, vram, ram, args.assume_format, preflight.speed_options(spec))
     asked = args.resident_blocks
     if asked is not None and verdict.profile.dit.resident_blocks < asked:
         _say(f"note: --resident-blocks {asked} lowered to {verdict.profile.dit.resident_blocks}: "

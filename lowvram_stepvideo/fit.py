@@ -18,9 +18,8 @@ import torch
 from .assumed_format import assume_format as assume_format_of
 from .budgets import Budget, machine_budget
 from .model_folder import ModelFolder
-from .offload import ARENA_BYTES
+from .offload import ARENA_BYTES, find_blocks
 from .offload_store import BlockLayout, HostArenas
-from .pipeline import stream_blocks
 from .plan import Plan, fit_profile
 from .profiles import Preset, Profile, list_profiles, load_profile
 from .runner import ladder_from
@@ -66,7 +65,7 @@ class Verdict:
 
 
 def check_fit(folder: ModelFolder, profile: Profile, preset: Preset, vram_bytes: int | None = None,
-              ram_bytes: int | None = None, assume_format: str | None = None) -> Verdict:
+              ram_bytes: int | None = None, assume_format: str | None = None, options=None) -> Verdict:
     """The verdict for `preset` (and the ladder below it) on a machine with a card of `vram_bytes` and
     `ram_bytes` of RAM (None: read this machine)."""
     own_format = folder.weight_format
@@ -74,7 +73,7 @@ def check_fit(folder: ModelFolder, profile: Profile, preset: Preset, vram_bytes:
     budget = profile_budget(profile, vram_bytes, ram_bytes)
     ladder = ladder_from(profile.presets, preset)
     tried: dict[int, tuple[Profile, Plan]] = {}
-    found = first_fit(folder, profile, ladder, budget, tried)
+    found = first_fit(folder, profile, ladder, budget, tried, options)
     common = dict(budget=budget, requested=preset, asked=profile, weight_format=folder.weight_format,
                   assumed=folder.weight_format != own_format, folder=folder)
     if found is not None:
@@ -90,14 +89,14 @@ def profile_budget(profile: Profile, vram_bytes: int | None, ram_bytes: int | No
 
 
 def first_fit(folder: ModelFolder, profile: Profile, ladder: list[Preset], budget: Budget,
-              tried: dict[int, tuple[Profile, Plan]] | None = None) -> int | None:
+              tried: dict[int, tuple[Profile, Plan]] | None = None, options=None) -> int | None:
     """Index of the largest preset of `ladder` (largest first) that fits, or None; `tried` collects the fitted
     layout and plan of every preset planned, by index."""
     tried = {} if tried is None else tried
 
     def fits(i: int) -> bool:
         if i not in tried:
-            tried[i] = fit_layout(folder, profile, ladder[i], budget)
+            tried[i] = fit_layout(folder, profile, ladder[i], budget, options)
         return plan_fits(tried[i][1], budget)
 
     if fits(0):
@@ -115,10 +114,12 @@ def plan_fits(plan: Plan, budget: Budget) -> bool:
     return all(budget.phase_fits(p.peak_vram_bytes, p.peak_host_bytes) for p in plan.phases.values())
 
 
-def fit_layout(folder: ModelFolder, profile: Profile, preset: Preset, budget: Budget) -> tuple[Profile, Plan]:
-    """`profile` with resident blocks and packed host copies lowered (upper bounds, never raised) until the plan
+def fit_layout(folder: ModelFolder, profile: Profile, preset: Preset, budget: Budget,
+               options=None) -> tuple[Profile, Plan]:
+    """`options`: the run's speed options (speed.SpeedOptions; planned too). `profile` with resident blocks and
+    packed host copies lowered (upper bounds, never raised) until the plan
     of `preset` fits `budget`, and that plan; the plan may still exceed it when nothing is left to lower."""
-    profile, plan = fit_profile(folder, clamped(folder, profile), preset, budget.device_room(0))
+    profile, plan = fit_profile(folder, clamped(folder, profile), preset, budget.device_room(0), options=options)
     for _ in range(HOST_PASSES):
         if plan_fits(plan, budget) or not _only_adjustable_over(plan, budget):
             break
@@ -129,7 +130,7 @@ def fit_layout(folder: ModelFolder, profile: Profile, preset: Preset, budget: Bu
             lowered = profile                  # on the cpu, resident blocks give way first (they are RAM too)
         elif excess <= 0 or (lowered := less_packed(folder, profile, excess)) is None:
             break                              # the device is short, or there is no packed RAM left to give
-        profile, plan = fit_profile(folder, lowered, preset, room)
+        profile, plan = fit_profile(folder, lowered, preset, room, options=options)
     return profile, plan
 
 
@@ -190,7 +191,7 @@ def stack_size(folder: ModelFolder, component: str, dtype: torch.dtype) -> tuple
     """(blocks, bytes of one block as streamed) of the DiT or step_llm, from the weight index alone."""
     model = folder.open(component).load(dtype, "cpu", reader=lambda r: torch.empty(r.shape, dtype=r.dtype,
                                                                                     device="meta"))
-    blocks = stream_blocks(model)
+    blocks = find_blocks(model)[1]
     return len(blocks), BlockLayout(blocks[0]).nbytes
 
 

@@ -14,7 +14,6 @@ from typing import Callable
 import torch
 
 from . import progress as progress_bars
-from .attention import use_attention_backend
 from .embed_cache import EmbeddingCache, model_identity
 from .model_folder import ModelFolder, open_model_folder
 from .models.dit import set_attention_head_chunk, set_token_chunk
@@ -22,6 +21,7 @@ from .offload import attach_streaming, device_memory_report, offload_component, 
 from .profiles import Profile, load_profile
 from .sampling import (cfg_combine, dit_timestep, euler_step, flow_sigmas, initial_noise, latent_shape,
                        sampling_defaults, sampling_problem)
+from .speed import DiTLevers, SpeedOptions
 from .tiling import decode_with_fallback, halving_tiles, tile_count
 from .video import postprocess
 
@@ -42,8 +42,11 @@ class PhasePipeline:
     `self.timings`."""
 
     def __init__(self, folder: ModelFolder, profile: Profile, device=None, cache: EmbeddingCache | None = None,
-                 log: Callable[[str], None] | None = None, progress: bool = True):
+                 log: Callable[[str], None] | None = None, progress: bool = True,
+                 options: SpeedOptions | None = None):
         self.folder, self.profile = folder, profile
+        self.options = options or SpeedOptions()
+        self.speed: dict | None = None   # what the speed levers did in the last denoise (for the sidecar)
         self.device = torch.device(device or profile.device)
         self.dtype = profile.torch_dtype
         self.cache, self.progress = cache, progress
@@ -224,29 +227,55 @@ class PhasePipeline:
                                                                        initial=start_step, show=self.progress) as bar:
                 set_token_chunk(dit, self.profile.token_chunk or None)
                 set_attention_head_chunk(dit, self.profile.attention_head_chunk or None)
-                if not self.planning:
-                    use_attention_backend(dit, self.profile.attention, fallback=True)
-                latents = latents.to(self.device)
-                for i in range(start_step, steps):
-                    v = self._guided_velocity(dit, latents, sigmas[i], embeds, guidance_scale)
-                    latents = euler_step(latents, v, sigmas[i], sigmas[i + 1])
-                    bar.update()
-                    if step_callback:
-                        step_callback(i + 1, latents)
+                levers = self._attach_levers(dit)
+                try:
+                    latents = latents.to(self.device)
+                    for i in range(start_step, steps):
+                        levers.start_step(i, steps)
+                        v = self._guided_velocity(dit, latents, sigmas[i], embeds, guidance_scale, levers)
+                        latents = euler_step(latents, v, sigmas[i], sigmas[i + 1])
+                        bar.update()
+                        if step_callback:
+                            step_callback(i + 1, latents)
+                finally:
+                    self._report_levers(levers)
+                    levers.detach()
             latents = latents.float().cpu()
         return latents
 
-    def _guided_velocity(self, dit, latents, t, embeds: Embeds, scale: float) -> torch.Tensor:
+    def _attach_levers(self, dit) -> DiTLevers:
+        levers = DiTLevers(dit, self.profile, self.options, self.device, self.planning).attach()
+        if not self.planning and self.speed is None:   # said once per pipeline (OOM retries attach again)
+            self.log(levers.summary())
+        return levers
+
+    def _report_levers(self, levers: DiTLevers) -> None:
+        if self.planning:
+            return
+        self.speed = levers.report()
+        counts = self.speed["step_cache"]
+        if counts:
+            self.log(f"step cache: {counts['full']} full and {counts['cached']} cached DiT evaluations "
+                     f"(threshold {counts['threshold']})")
+
+    def _guided_velocity(self, dit, latents, t, embeds: Embeds, scale: float, levers: DiTLevers) -> torch.Tensor:
         y, y_mask, clip = embeds
         mask = None if self.planning else y_mask   # the key mask's length depends on data: plan without it
         x = latents.to(self.dtype)
         if self.profile.cfg_mode == "batch":
-            v = dit(torch.cat([x, x]), dit_timestep(t, 2, self.dtype).to(self.device), y, clip, mask)
+            with levers.branch("cond+uncond"):
+                v = dit(torch.cat([x, x]), dit_timestep(t, 2, self.dtype).to(self.device), y, clip, mask)
             v_cond, v_uncond = v.chunk(2)
         else:
-            v_cond, v_uncond = (dit(x, dit_timestep(t, 1, self.dtype).to(self.device), y[b:b + 1], clip[b:b + 1],
-                                    None if mask is None else mask[b:b + 1]) for b in (0, 1))
+            v_cond, v_uncond = (self._branch(dit, levers, b, x, t, embeds, mask) for b in (0, 1))
         return cfg_combine(v_cond, v_uncond, scale)
+
+    def _branch(self, dit, levers: DiTLevers, b: int, x, t, embeds: Embeds, mask) -> torch.Tensor:
+        """Sequential CFG: the DiT on prompt b (0 = cond, 1 = uncond) alone."""
+        y, _, clip = embeds
+        with levers.branch(("cond", "uncond")[b]):
+            return dit(x, dit_timestep(t, 1, self.dtype).to(self.device), y[b:b + 1], clip[b:b + 1],
+                       None if mask is None else mask[b:b + 1])
 
     # ------------------------------------------------------------------ decode
 

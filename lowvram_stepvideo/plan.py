@@ -21,6 +21,7 @@ from .offload import ARENA_BYTES, STAGING_BUFFERS, STAGING_BYTES
 from .offload_store import BlockLayout, HostArenas
 from .pipeline import PhasePipeline, stream_blocks
 from .profiles import Preset, Profile
+from .speed import SpeedOptions
 
 GiB = 2**30
 DEVICE, HOST = "meta", "cpu"           # the compute device is stood in for by "meta"
@@ -66,12 +67,13 @@ def flash_style_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mas
 
 
 def plan_memory(folder: ModelFolder, profile: Profile, preset: Preset, assume_format: str | None = None,
-                prompt: str = "a memory plan") -> Plan:
-    """The plan of one run; `assume_format` ("int8" | "fp8") plans a release folder as its quantized version."""
+                prompt: str = "a memory plan", options: SpeedOptions | None = None) -> Plan:
+    """The plan of one run; `assume_format` ("int8" | "fp8") plans a release folder as its quantized version;
+    `options`: the run's speed options (the step cache's saved residuals are counted)."""
     folder = assume_format_of(folder, assume_format)
     acc = ByteAccountant()
     plan = Plan(profile.name, str(preset))
-    pipe = PhasePipeline(folder, profile, device="meta", progress=False, log=lambda msg: None)
+    pipe = PhasePipeline(folder, profile, device="meta", progress=False, log=lambda msg: None, options=options)
     pipe.planning = True
     pipe.reader = lambda ref: torch.empty(ref.shape, dtype=ref.dtype, device="meta")
     pipe.phase_hook = _phase_recorder(acc, plan)
@@ -163,16 +165,17 @@ def footprint(model: torch.nn.Module, streaming, profile: Profile) -> tuple[int,
     return device, host
 
 
-def fit_profile(folder: ModelFolder, profile: Profile, preset: Preset, budget_bytes: int) -> tuple[Profile, Plan]:
+def fit_profile(folder: ModelFolder, profile: Profile, preset: Preset, budget_bytes: int,
+                options: SpeedOptions | None = None) -> tuple[Profile, Plan]:
     """Stream step_llm if it does not fit whole, and lower the profile's resident DiT / step_llm blocks (upper
     bounds) until the plan fits `budget_bytes` of device memory. Returns the adjusted profile and its plan, which
     may still exceed the budget when even zero resident blocks do not fit (the caller then steps down the ladder)."""
-    plan = plan_memory(folder, profile, preset)
+    plan = plan_memory(folder, profile, preset, options=options)
     te = profile.text_encoders
     if te.placement == "device" and plan.phases["text"].peak_vram_bytes > budget_bytes:
         streamed = replace(te, placement="stream", resident_blocks=0, prefetch=max(1, te.prefetch))
         profile = replace(profile, text_encoders=streamed)   # step_llm whole does not fit: stream it
-        plan = plan_memory(folder, profile, preset)
+        plan = plan_memory(folder, profile, preset, options=options)
     for section, phase in (("dit", "denoise"), ("text_encoders", "text")):
         if section == "text_encoders" and profile.text_encoders.placement != "stream":
             continue
@@ -184,7 +187,7 @@ def fit_profile(folder: ModelFolder, profile: Profile, preset: Preset, budget_by
                 break
             fewer = max(0, settings.resident_blocks - -(-excess // block))
             profile = replace(profile, **{section: replace(settings, resident_blocks=fewer)})
-            plan = plan_memory(folder, profile, preset)
+            plan = plan_memory(folder, profile, preset, options=options)
     return profile, plan
 
 

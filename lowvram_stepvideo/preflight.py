@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from . import demo
 from .errors import UsageError
 from .model_folder import ModelFolder, open_model_folder
-from .profiles import Preset, Profile, auto_profile, detect_vram_bytes, load_profile, with_overrides
+from .profiles import Preset, Profile, auto_choice, detect_vram_bytes, load_profile, with_overrides
 from .sampling import latent_shape, sampling_problem
+from .speed import SpeedOptions
 from .video import output_path_error
 
 GiB = 2**30
@@ -21,7 +23,9 @@ RUN_OPTIONS = {"resume": False,          # True: continue from the checkpoint; "
                "cache": True,            # use the text-embedding cache
                "cache_dir": None,        # its folder (default: embed_cache.default_cache_dir())
                "overwrite": False,       # replace existing outputs (and an earlier run's checkpoint)
-               "turbo": False}           # the turbo checkpoint's defaults whatever the folder
+               "turbo": False,           # the turbo checkpoint's defaults whatever the folder
+               "step_cache": 0.0,        # first-block step cache threshold (speed.SpeedOptions.cache; 0 = off)
+               "compile": False}         # regional torch.compile of the DiT blocks
 
 
 @dataclass
@@ -48,6 +52,14 @@ def run_options(spec: JobSpec) -> dict:
     return {k: spec.options.get(k, v) for k, v in RUN_OPTIONS.items()}
 
 
+def speed_options(spec: JobSpec) -> SpeedOptions:
+    options = run_options(spec)
+    try:
+        return SpeedOptions(cache=options["step_cache"] or 0.0, compile=bool(options["compile"]))
+    except ValueError as e:
+        raise UsageError(f"--cache: {e}") from None
+
+
 def model_folder(spec: JobSpec) -> ModelFolder:
     if spec.demo:
         return open_model_folder(demo.build_demo_model())
@@ -56,12 +68,17 @@ def model_folder(spec: JobSpec) -> ModelFolder:
     return open_model_folder(spec.model_dir)
 
 
-def profile_for(spec: JobSpec, need_device: bool = True) -> Profile:
-    """The spec's profile ('auto': by the card) with its overrides; with need_device, a CUDA profile on a machine
-    without a GPU is refused here, before anything is allocated."""
+def profile_for(spec: JobSpec, need_device: bool = True, log: Callable[[str], None] | None = None) -> Profile:
+    """The spec's profile ('auto': by the card and the RAM, said to `log`) with its overrides; with need_device, a
+    CUDA profile on a machine without a GPU is refused here, before anything is allocated."""
     name = spec.profile or ("cpu" if spec.demo else "auto")
     vram = detect_vram_bytes()
-    profile = auto_profile(vram) if name == "auto" else load_profile(name)
+    if name == "auto":
+        profile, reason = auto_choice(vram)
+        if log:
+            log(reason)
+    else:
+        profile = load_profile(name)
     if need_device and profile.device == "cuda" and vram is None:
         raise UsageError(f"profile {profile.name!r} needs a CUDA GPU and none was found; use --profile cpu "
                          "(slow) or --dry-run to see its memory plan")

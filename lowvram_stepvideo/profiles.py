@@ -10,7 +10,10 @@ Keys (every file has exactly these; the TOML comments say why each tier picks it
     compute_dtype      "bfloat16" | "float16" | "float32"
     weight_format      "bf16" | "int8" | "fp8": what the DiT and step_llm weights of the folder this tier is sized
                        for are stored in (the release is bf16; quantize.py writes int8/fp8)
-    attention          "sdpa" | "flash" | "sage" | "auto" (best importable)
+    attention          "sdpa" | "flash" | "sage" | "auto" (best importable for the card: attention.AUTO_RULES)
+    matmul             "weight-only" (int8/fp8 weights expanded to compute_dtype: exact) | "fast" (int8 x int8 /
+                       fp8 x fp8 tensor-core matmuls with per-token activation scales on cards that have them,
+                       weight-only elsewhere; see fast_matmul.py)
     cfg_mode           "batch" (cond+uncond as a batch of 2) | "sequential" (two passes)
     token_chunk   FFN (and other token-wise ops) run over at most this many tokens at once; 0 = no chunking
     attention_head_chunk  DiT attention runs this many heads at a time (each group projects only its rows of the
@@ -123,6 +126,7 @@ class Profile:
     compute_dtype: str
     weight_format: str
     attention: str
+    matmul: str
     cfg_mode: str
     token_chunk: int
     attention_head_chunk: int
@@ -180,6 +184,7 @@ RULES = {
     "compute_dtype": _choice("bfloat16", "float16", "float32"),
     "weight_format": _choice("bf16", "int8", "fp8"),
     "attention": _choice("sdpa", "flash", "sage", "auto"),
+    "matmul": _choice("weight-only", "fast"),
     "cfg_mode": _choice("batch", "sequential"),
     "token_chunk": _int(),
     "attention_head_chunk": _int(),

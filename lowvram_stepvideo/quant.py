@@ -47,8 +47,12 @@ converted from its pickle to safetensors (float32, exact) unless `--components` 
 Granularity is per output channel. Finer groups would not fit the size budget (group 128 with float32 scales adds
 3.1% of the int8 size, bf16 scales 1.6%) and pay little: group-128 fake-quantization gives 0.93% / 3.44% on the DiT
 (per channel: 1.13% / 3.65%); groups of 32 on the step_llm embedding alone take its share from 1.04% to 0.86%.
-No fast matmul path is included: torch._scaled_mm / _int_mm also quantize the activations (a different, lossier
-function) and could not be tested against this plain path without a GPU.
+Dequantization is float32 math rounded once into one buffer of the activation dtype (the scale is never rounded
+to bf16 first), a piece of rows at a time so the only float32 temporary is small. A linear called once per token
+run (the FFN and attention output projections under `set_token_chunk`) would expand its weight once per run;
+`keep_expanded_weights` (an engine attached from outside) keeps each expansion for the duration of one call of the
+module that makes those runs. Fast int8 x int8 / fp8 x fp8 matmuls, which also quantize the activations, are a
+separate lever in `fast_matmul.py` (set as `QuantLinear.matmul`).
 """
 from __future__ import annotations
 
@@ -140,9 +144,18 @@ def quantize_rows(w: torch.Tensor, fmt: QFormat) -> tuple[torch.Tensor, torch.Te
     return scaled.clamp_(-fmt.qmax, fmt.qmax).to(fmt.dtype), scale
 
 
+DEQUANT_PIECE = 2**22     # elements of float32 scratch per piece of rows (16 MiB)
+
+
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """codes (rows, cols), scale (rows,) -> (rows, cols) in `dtype` (int8 and e4m3 codes are exact in bf16)."""
-    return codes.to(dtype) * scale.to(dtype)[:, None]
+    """codes (rows, cols), scale (rows,) -> (rows, cols) in `dtype`: each element is code * scale computed in float32
+    (exact for int8 and e4m3 codes times a float32 scale, up to float32 rounding) and rounded once to `dtype`."""
+    out = torch.empty(codes.shape, dtype=dtype, device=codes.device)
+    scale = scale.float()[:, None]                       # (rows, 1); a bf16 scale (embeddings) converts exactly
+    step = max(1, DEQUANT_PIECE // max(1, codes.shape[1]))
+    for r in range(0, codes.shape[0], step):
+        torch.mul(codes[r:r + step].float(), scale[r:r + step], out=out[r:r + step])
+    return out
 
 
 # ---------------------------------------------------------------- modules
@@ -152,7 +165,10 @@ def _frozen(shape, dtype, device) -> nn.Parameter:
 
 
 class QuantLinear(nn.Module):
-    """Linear layer with int8/fp8 weight (out, in) and float32 per-output-channel scale (out,)."""
+    """Linear layer with int8/fp8 weight (out, in) and float32 per-output-channel scale (out,).
+
+    Set from outside: `matmul` (a fast low-precision kernel, see fast_matmul.py; it returns None for inputs it does
+    not take) and `keep_expanded` (see `keep_expanded_weights`)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, fmt: QFormat, device=None):
         super().__init__()
@@ -160,10 +176,28 @@ class QuantLinear(nn.Module):
         self.weight = _frozen((out_features, in_features), fmt.dtype, device)
         self.scale = _frozen((out_features,), torch.float32, device)
         self.register_parameter("bias", _frozen((out_features,), torch.float32, device) if bias else None)
+        self.matmul = None
+        self.keep_expanded = False
+        self.kept: torch.Tensor | None = None    # the expanded weight while keep_expanded
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, dequantize(self.weight, self.scale, x.dtype), bias)
+        if self.matmul is not None:
+            out = self.matmul(x, self.weight, self.scale, bias)
+            if out is not None:
+                return out
+        return F.linear(x, self.expanded_weight(x.dtype), bias)
+
+    def expanded_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight in `dtype`. Under torch.func.functional_call (row slices, see models.layers.row_projector)
+        self.weight is a plain tensor, not the parameter: such calls are never kept."""
+        whole = isinstance(self.weight, nn.Parameter)
+        if whole and self.kept is not None and self.kept.dtype == dtype:
+            return self.kept
+        w = dequantize(self.weight, self.scale, dtype)
+        if whole and self.keep_expanded:
+            self.kept = w
+        return w
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, format={self.fmt.name}, " \
@@ -188,6 +222,51 @@ class QuantEmbedding(nn.Module):
 
 
 QUANT_MODULES = (QuantLinear, QuantEmbedding)
+
+
+class ExpandedWeights:
+    """Engine: while a `scope` module runs, each QuantLinear under it (and under no nested scope) keeps its expanded
+    weight, so a linear called once per token run is dequantized once per scope call; the expansions are dropped
+    when the scope returns (or raises). Holds the expanded linears of one scope at a time: in a DiT block (attention
+    modules are scopes of their own) both FFN weights in the compute dtype (2x their int8 bytes), from the first FFN
+    run to the end of the block."""
+
+    def __init__(self, model: nn.Module, scopes: tuple[type, ...]):
+        self.groups: list[tuple[nn.Module, list[QuantLinear]]] = []
+        for scope in (m for m in model.modules() if isinstance(m, scopes)):
+            linears = [m for m in _modules_outside(scope, scopes) if isinstance(m, QuantLinear)]
+            if linears:
+                self.groups.append((scope, linears))
+        self.handles = []
+        for scope, linears in self.groups:
+            self.handles.append(scope.register_forward_pre_hook(lambda *_, ls=linears: _keep(ls, True)))
+            self.handles.append(scope.register_forward_hook(lambda *_, ls=linears: _keep(ls, False),
+                                                            always_call=True))
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        for _, linears in self.groups:
+            _keep(linears, False)
+        self.handles, self.groups = [], []
+
+
+def keep_expanded_weights(model: nn.Module, scopes: tuple[type, ...]) -> ExpandedWeights:
+    """Attach `ExpandedWeights` to `model`; `.remove()` detaches it."""
+    return ExpandedWeights(model, scopes)
+
+
+def _keep(linears: list[QuantLinear], on: bool) -> None:
+    for lin in linears:
+        lin.keep_expanded, lin.kept = on, None
+
+
+def _modules_outside(scope: nn.Module, scopes: tuple[type, ...]):
+    """Descendants of `scope` that are not inside a nested module of a `scopes` type."""
+    for child in scope.children():
+        yield child
+        if not isinstance(child, scopes):
+            yield from _modules_outside(child, scopes)
 
 
 def _empty_quantized(old: nn.Module, kind: str, fmt: QFormat, name: str) -> nn.Module:

@@ -40,7 +40,7 @@ def write_outputs(output: Path, frames, pipe, meta: dict, seconds: float, log) -
             "frames": int(frames.shape[0]), "size": [int(frames.shape[1]), int(frames.shape[2])],
             "fps": info["fps"], "width": info["width"], "height": info["height"],   # of the mp4 as written
             "duration_s": round(info["frames"] / info["fps"], 3),
-            "profile": describe(pipe.profile), "timings_s": {k: round(v, 2) for k, v in pipe.timings.items()},
+            "profile": describe(pipe.profile), "speed": pipe.speed, "timings_s": {k: round(v, 2) for k, v in pipe.timings.items()},
             "total_s": round(seconds, 2), "peak_vram_bytes": _peak_vram(pipe.device),
             "peak_host_bytes": _peak_host(), "torch": torch.__version__}
     write_sidecar(sidecar_path(output), meta)

@@ -96,7 +96,7 @@ def fit_to_card(pipe: PhasePipeline, ladder: list[Preset], vram_bytes: int | Non
     budget = profile_budget(pipe.profile, vram_bytes, ram_bytes)
     asked = clamped(pipe.folder, pipe.profile)      # a count above the stack's size is not a lowering
     tried: dict = {}
-    found = first_fit(pipe.folder, pipe.profile, ladder, budget, tried)
+    found = first_fit(pipe.folder, pipe.profile, ladder, budget, tried, pipe.options)
     if found is None:
         log(f"plan: even {ladder[-1]} is planned above the budget ({budget.vram_from}; {budget.host_from}); "
             "trying it anyway")
@@ -314,7 +314,7 @@ def prepare_job(spec: JobSpec, log: Callable[[str], None], folder: ModelFolder |
 def prepare_request(spec: JobSpec, log: Callable[[str], None], folder: ModelFolder | None = None) -> PreparedJob:
     """Folder (unless already opened), profile and device, sizes and numbers; no output paths yet."""
     folder = folder or preflight.model_folder(spec)
-    profile = preflight.profile_for(spec)
+    profile = preflight.profile_for(spec, log=log)
     note_weight_format(folder, profile, log)
     preflight.check_numbers(spec)
     options = preflight.run_options(spec)
@@ -324,7 +324,8 @@ def prepare_request(spec: JobSpec, log: Callable[[str], None], folder: ModelFold
     request = Request(spec.prompt, spec.negative_prompt, preset,
                       defaults["guidance_scale"] if spec.guidance_scale is None else spec.guidance_scale,
                       defaults["shift"] if spec.shift is None else spec.shift, spec.seed)
-    return PreparedJob(spec, PhasePipeline(folder, profile, log=log), request, None, None, options, turbo)
+    pipe = PhasePipeline(folder, profile, log=log, options=preflight.speed_options(spec))
+    return PreparedJob(spec, pipe, request, None, None, options, turbo)
 
 
 def wants_resume(options: dict, ckpt: Path | None) -> bool:

@@ -146,7 +146,7 @@ def write_mp4(frames: np.ndarray | Iterable, path: Path, fps: float = 25, crf: i
     if first is None:
         raise ValueError(f"no frames to write to {path}")
     first = _check_frame(first, None)
-    params = ["-crf", str(crf), *FAST_START] + (["-vf", REFERENCE_DENOISE] if denoise else []) + ["-f", "mp4"]  # temp: *.tmp
+    params = ["-crf", str(crf), *FAST_START] + (["-vf", REFERENCE_DENOISE] if denoise else []) + ["-f", "mp4"]
     try:
         with atomic_path(path, ".mp4") as tmp:
             count = _encode(tmp, frames, first, fps, params)

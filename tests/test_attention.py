@@ -95,8 +95,9 @@ def test_unknown_backend_and_cpu_float32_kernel_are_errors(monkeypatch):
 def test_use_attention_backend_sets_every_attention_module(monkeypatch):
     monkeypatch.setattr(A, "_kernel", lambda n: (lambda *a, **kw: None))
     model = _TwoAttn()
-    assert A.use_attention_backend(model, "flash") == "flash"
-    assert model.a.attend.keywords == {"backend": "flash"} and model.b.attend.keywords == {"backend": "flash"}
+    assert A.use_attention_backend(model, "flash", card=A.Card(None)) == "flash2"   # flash-attn 3 is Hopper-only
+    assert model.a.attend.keywords == {"backend": "flash2"} and model.b.attend.keywords == {"backend": "flash2"}
+    assert A.use_attention_backend(model, "flash", card=A.Card((9, 0), "NVIDIA H100")) == "flash3"
     with pytest.raises(ValueError, match="no attention modules"):
         A.use_attention_backend(nn.Linear(2, 2), "sdpa")
 
@@ -106,3 +107,44 @@ class _TwoAttn(nn.Module):
         super().__init__()
         self.a, self.b = nn.Module(), nn.Module()
         self.a.attend = self.b.attend = None
+
+
+RTX_4090 = A.Card((8, 9), "NVIDIA GeForce RTX 4090")
+RTX_3090 = A.Card((8, 6), "NVIDIA GeForce RTX 3090")
+A100 = A.Card((8, 0), "NVIDIA A100-SXM4-80GB")
+H100 = A.Card((9, 0), "NVIDIA H100 80GB HBM3")
+L40 = A.Card((8, 9), "NVIDIA L40S")
+
+
+@pytest.mark.parametrize("card, importable, expected", [
+    (RTX_4090, {"flash2", "flash3", "sage"}, "sage"),      # consumer 8.x: SageAttention first
+    (RTX_3090, {"flash2"}, "flash2"),
+    (RTX_3090, set(), "sdpa"),
+    (A100, {"flash2", "sage"}, "flash2"),                  # datacenter 8.x: full-rate accumulation, flash first
+    (L40, {"flash2", "sage"}, "flash2"),
+    (H100, {"flash2", "flash3", "sage"}, "flash3"),        # Hopper: flash-attn 3
+    (H100, {"flash2", "sage"}, "sage"),
+    (H100, {"flash2"}, "flash2"),
+    (A.Card(None, "cpu"), {"flash2", "flash3", "sage"}, "sdpa"),
+])
+def test_auto_picks_per_card(card, importable, expected):
+    kernel, why = A.choose_auto(card, lambda k: k in importable)
+    assert kernel == expected and why and "\n" not in why
+
+
+def test_auto_uses_the_injected_card_and_packages(monkeypatch):
+    monkeypatch.setattr(A, "_kernel", lambda n: (lambda *a, **kw: None) if n in ("sage", "flash2") else None)
+    model = _TwoAttn()
+    assert A.use_attention_backend(model, "auto", card=RTX_4090) == "sage"
+    assert model.a.attend.keywords == {"backend": "sage"}
+    assert A.use_attention_backend(model, "auto", card=A100) == "flash2"
+    assert A.choose_backend("auto", A.Card(None), fallback=True)[0] == "sdpa"
+
+
+def test_masked_sage_call_runs_exact_sdpa(monkeypatch):
+    monkeypatch.setattr(A, "_run_kernel", lambda *a: pytest.fail("a masked call must not reach SageAttention"))
+    monkeypatch.setattr(A, "is_available", lambda name: True)
+    q, k, v = _qkv()
+    mask = torch.tensor([[1, 1, 0, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1, 0]], dtype=torch.bool)
+    out = A.attention(q, k, v, mask, backend="sage")
+    torch.testing.assert_close(out.double(), _reference(q, k, v, mask), rtol=0, atol=1e-5)

@@ -242,5 +242,5 @@ def test_help_has_examples_and_describes_every_flag(capsys):
     flat = " ".join(text.split())                                          # argparse wraps the flag help
     assert "default: auto" in flat and "with --demo: cpu" in flat          # the default profile is named
     assert "204x544x992@50 is 204 frames" in flat and "(height x width) in 50 denoising steps" in flat
-    assert "seed of the initial noise" in flat and "2^64-1" in flat
+    assert "seed of the initial noise" in flat and "2**64-1" in flat
     assert "exit status:" in flat and "130 interrupted" in flat

@@ -40,7 +40,7 @@ def synthetic_plan(profile, preset) -> Plan:
                                             "decode": PhasePlan(act, act // 4)})
 
 
-def synthetic_fit_profile(folder, profile, preset, budget_bytes):
+def synthetic_fit_profile(folder, profile, preset, budget_bytes, options=None):
     """plan.fit_profile's contract: resident blocks lowered until the denoise peak fits, never raised."""
     for r in range(profile.dit.resident_blocks, -1, -1):
         fitted = replace(profile, dit=replace(profile.dit, resident_blocks=r))
@@ -181,7 +181,7 @@ def test_a_real_run_says_what_fitting_lowered(synthetic):
     from lowvram_stepvideo.runner import fit_to_card
     profile = profile_24gb()
     card, ram = _machine(peak(with_overrides(profile, dit_resident_blocks=3), LADDER[0]), host=2 * BLOCK)
-    pipe, said = SimpleNamespace(folder=synthetic, profile=profile), []
+    pipe, said = SimpleNamespace(folder=synthetic, profile=profile, options=None), []
     assert fit_to_card(pipe, LADDER, card, said.append, ram_bytes=ram) == LADDER
     assert pipe.profile.dit.resident_blocks == 3 and fit.packed_blocks(synthetic, pipe.profile, "dit") == 2
     assert "plan: DiT resident blocks lowered from 10 to 3 to fit" in said

@@ -7,7 +7,8 @@ Runtime knobs are plain attributes set from outside; none of them changes the ma
   layer) runs over runs of at most that many tokens, so besides a few (B, S, D) tensors nothing full-length lives;
 - `head_chunk` on the attention modules (see `set_attention_head_chunk`): attention runs for a group of heads at a
   time, each group projecting only its own rows of the fused weights into one (B, S, H*Dh) buffer for Wo.
-Blocks take tensors only, so offload engines can attach forward-pre-hooks to them.
+Blocks take tensors only, so offload engines can attach forward-pre-hooks to them; `forward_blocks` (the plain
+loop over them) may be replaced on the instance by an engine such as the step cache.
 """
 from __future__ import annotations
 
@@ -292,6 +293,12 @@ class StepVideoTransformerBlock(nn.Module):
         return h
 
 
+# Modules whose linears are called once per token run (attention output projections in the attention modules, the
+# FFN per run of the block): an engine may keep a quantized linear's expanded weight for the duration of one call
+# of the innermost of these that holds it (quant.keep_expanded_weights).
+TOKEN_RUN_SCOPES = (SelfAttention, CrossAttention, StepVideoTransformerBlock)
+
+
 # ---------------------------------------------------------------- embeddings
 
 class PatchEmbed(nn.Module):
@@ -410,9 +417,15 @@ class StepVideoModel(nn.Module):
         mod, embedded_t = self.adaln_single(timestep, h.dtype)
         enc, kv_mask = self.embed_text(encoder_hidden_states, encoder_hidden_states_2, encoder_attention_mask)
         rope_cos, rope_sin = rope_tables(f, height // p, width // p, h.dtype, h.device)
-        for block in self.transformer_blocks:
-            h = block(h, enc, mod, kv_mask, rope_cos, rope_sin)
+        h = self.forward_blocks(h, enc, mod, kv_mask, rope_cos, rope_sin)
         return self.unpatchify(self.final_layer(h, embedded_t), f, height, width)
+
+    def forward_blocks(self, h: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
+        """The block stack: h (B, S, D) and the blocks' other inputs -> (B, S, D). An engine may replace this on the
+        instance (e.g. a step cache that skips blocks)."""
+        for block in self.transformer_blocks:
+            h = block(h, *args)
+        return h
 
     def final_layer(self, h: torch.Tensor, embedded_t: torch.Tensor) -> torch.Tensor:
         """h (B, S, D), embedded_t (B, D) -> (B, S, p*p*C). Shift comes first and e gets no SiLU."""

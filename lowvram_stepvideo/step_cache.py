@@ -1,0 +1,108 @@
+"""First-block residual cache for the DiT (opt-in: `--cache THRESHOLD`), attached from outside like the streamer.
+
+Each DiT forward runs block 0, then compares block 0's residual (its output minus its input) with the one saved at
+the last full evaluation of the same CFG branch: relative change = mean|r - r_saved| / mean|r_saved|. Below the
+threshold, blocks 1..N-1 are not run (nor, under block streaming, fetched: their hooks never fire) and the output
+is block 0's output plus the residual those blocks added at the last full evaluation. Otherwise all blocks run and
+both residuals are saved. The first step and the last step always run in full, and at most `max_reuse` forwards in
+a row reuse. State is kept per branch ("cond", "uncond", or "cond+uncond" for CFG as a batch of 2, where both
+halves are decided together); each branch holds two (B, S, D) tensors in the compute dtype on the device.
+
+Quality: a threshold trades evaluations for error. The numbers in BENCHMARKS.md come from the tiny random-weight
+models, whose blocks change little between steps in a way real weights need not; they show the mechanism works, not
+what quality a threshold gives on the real model. Resuming a cached run starts with empty state (a full evaluation),
+so a resumed run can differ slightly from an uninterrupted one.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass
+class BranchState:
+    first_residual: torch.Tensor | None = None   # block 0's residual at the last full evaluation
+    rest_residual: torch.Tensor | None = None    # what blocks 1..N-1 added then
+    reused_in_a_row: int = 0
+    full: int = 0
+    cached: int = 0
+
+
+@dataclass
+class FirstBlockCache:
+    threshold: float
+    max_reuse: int = 2
+    branches: dict[str, BranchState] = field(default_factory=dict)
+    step: int = 0
+    total_steps: int = 1
+    branch_name: str = "cond+uncond"
+
+    def attach(self, dit: nn.Module) -> "FirstBlockCache":
+        if not self.threshold > 0:
+            raise ValueError(f"step cache threshold must be > 0, got {self.threshold!r}")
+        if self.max_reuse < 1:
+            raise ValueError(f"step cache max_reuse must be >= 1, got {self.max_reuse!r}")
+        self.dit = dit
+        dit.forward_blocks = self._forward_blocks     # an instance attribute over the model's plain loop
+        return self
+
+    def detach(self) -> None:
+        self.dit.__dict__.pop("forward_blocks", None)
+        self.branches.clear()
+
+    def start_step(self, step: int, total_steps: int) -> None:
+        self.step, self.total_steps = step, total_steps
+
+    @contextlib.contextmanager
+    def branch(self, name: str):
+        """DiT calls inside are the CFG branch `name`."""
+        before, self.branch_name = self.branch_name, name
+        try:
+            yield
+        finally:
+            self.branch_name = before
+
+    def _forward_blocks(self, h: torch.Tensor, *args) -> torch.Tensor:
+        blocks = self.dit.transformer_blocks
+        first = blocks[0](h, *args)
+        residual = first.sub(h)
+        state = self.branches.setdefault(self.branch_name, BranchState())
+        if self._can_reuse(state, residual):
+            state.reused_in_a_row += 1
+            state.cached += 1
+            return first.add_(state.rest_residual)
+        out = first
+        for block in blocks[1:]:
+            out = block(out, *args)
+        state.first_residual, state.rest_residual = residual, out - first
+        state.reused_in_a_row = 0
+        state.full += 1
+        return out
+
+    def _can_reuse(self, state: BranchState, residual: torch.Tensor) -> bool:
+        edge = self.step == 0 or self.step >= self.total_steps - 1
+        if edge or state.first_residual is None or state.reused_in_a_row >= self.max_reuse:
+            return False
+        if state.first_residual.shape != residual.shape:
+            return False
+        return relative_change(residual, state.first_residual) < self.threshold
+
+    def counts(self) -> dict:
+        full = sum(s.full for s in self.branches.values())
+        cached = sum(s.cached for s in self.branches.values())
+        return {"threshold": self.threshold, "max_reuse": self.max_reuse, "full": full, "cached": cached,
+                "branches": {k: {"full": s.full, "cached": s.cached} for k, s in self.branches.items()}}
+
+
+def relative_change(now: torch.Tensor, before: torch.Tensor, rows: int = 4096) -> float:
+    """mean|now - before| / mean|before| in float32, over `rows` tokens at a time (no full-size float32 copy)."""
+    a, b = now.reshape(-1, now.shape[-1]), before.reshape(-1, before.shape[-1])
+    diff = total = torch.zeros((), dtype=torch.float32, device=now.device)
+    for r in range(0, a.shape[0], rows):
+        x, y = a[r:r + rows].float(), b[r:r + rows].float()
+        diff = diff + (x - y).abs().sum()
+        total = total + y.abs().sum()
+    return float(diff / total.clamp_min(1e-12))
