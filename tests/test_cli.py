@@ -172,7 +172,7 @@ ERRORS = {  # name: (arguments, words the one error line must hold)
     "huge width": (["--demo", "--width", "9000"], ["64x9000", "544x992"]),
     "zero steps": (["--demo", "--steps", "0"], ["--steps 0", "at least 1"]),
     "zero shift": (["--demo", "--shift", "0"], ["--shift 0", "positive"]),
-    "seed out of range": (["--demo", "--seed", str(2**64)], ["--seed 18446744073709551616", "2^64-1"]),
+    "seed out of range": (["--demo", "--seed", str(2**64)], ["--seed 18446744073709551616", "2**64-1"]),
     "empty prompt": (["--demo", "--prompt", "  "], ["--prompt is empty"]),
     "output folder missing": (["--demo", "--output", "{tmp}/missing/out.mp4"], ["does not exist"]),
     "output is a folder": (["--demo", "--output", "{tmp}"], ["it is a folder"]),
@@ -242,5 +242,5 @@ def test_help_has_examples_and_describes_every_flag(capsys):
     flat = " ".join(text.split())                                          # argparse wraps the flag help
     assert "default: auto" in flat and "with --demo: cpu" in flat          # the default profile is named
     assert "204x544x992@50 is 204 frames" in flat and "(height x width) in 50 denoising steps" in flat
-    assert "seed of the initial noise" in flat and "2^64-1" in flat
+    assert "seed of the initial noise" in flat and "2**64-1" in flat
     assert "exit status:" in flat and "130 interrupted" in flat
