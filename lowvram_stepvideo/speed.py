@@ -53,8 +53,9 @@ class DiTLevers:
 
     def attach(self) -> "DiTLevers":
         if not self.planning:
-            kernel, why = choose_backend(self.profile.attention, current_card(self.device), fallback=True)
-            self.info["attention"] = use_attention_backend(self.dit, kernel)
+            card = current_card(self.device)   # of the device this runs on, not of the machine's first one
+            kernel, why = choose_backend(self.profile.attention, card, fallback=True)
+            self.info["attention"] = use_attention_backend(self.dit, kernel, card=card)
             self.info["attention_reason"] = why
         self.compiled = self.options.compile and not self.planning
         # hooks inside a compiled block would be guarded per block (a recompile each): a compiled block leaves
