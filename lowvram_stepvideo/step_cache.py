@@ -65,10 +65,12 @@ class FirstBlockCache:
         finally:
             self.branch_name = before
 
-    def _forward_blocks(self, h: torch.Tensor, *args) -> torch.Tensor:
+    def _forward_blocks(self, handed: list[torch.Tensor], *args) -> torch.Tensor:
         blocks = self.dit.transformer_blocks
+        h = handed.pop()           # see StepVideoModel.forward_blocks
         first = blocks[0](h, *args)
         residual = first.sub(h)
+        del h
         state = self.branches.setdefault(self.branch_name, BranchState())
         if self._can_reuse(state, residual):
             state.reused_in_a_row += 1

@@ -8,7 +8,8 @@ Runtime knobs are plain attributes set from outside; none of them changes the ma
 - `head_chunk` on the attention modules (see `set_attention_head_chunk`): attention runs for a group of heads at a
   time, each group projecting only its own rows of the fused weights into one (B, S, H*Dh) buffer for Wo.
 Blocks take tensors only, so offload engines can attach forward-pre-hooks to them; `forward_blocks` (the plain
-loop over them) may be replaced on the instance by an engine such as the step cache.
+loop over them, handed the hidden states as its own) may be replaced on the instance by an engine such as the step
+cache.
 """
 from __future__ import annotations
 
@@ -415,12 +416,17 @@ class StepVideoModel(nn.Module):
         mod, embedded_t = self.adaln_single(timestep, h.dtype)
         enc, kv_mask = self.embed_text(encoder_hidden_states, encoder_hidden_states_2, encoder_attention_mask)
         rope_cos, rope_sin = rope_tables(f, height // p, width // p, h.dtype, h.device)
-        h = self.forward_blocks(h, enc, mod, kv_mask, rope_cos, rope_sin)
+        handed = [h]        # forward_blocks takes the only reference (see there)
+        del h
+        h = self.forward_blocks(handed, enc, mod, kv_mask, rope_cos, rope_sin)
         return self.unpatchify(self.final_layer(h, embedded_t), f, height, width)
 
-    def forward_blocks(self, h: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
-        """The block stack: h (B, S, D) and the blocks' other inputs -> (B, S, D). An engine may replace this on the
-        instance (e.g. a step cache that skips blocks)."""
+    def forward_blocks(self, handed: list[torch.Tensor], *args: torch.Tensor) -> torch.Tensor:
+        """The block stack: `handed` = [h (B, S, D)] and the blocks' other inputs -> (B, S, D). h is taken out of the
+        list, so it is freed once the first block has run and every block runs with the same tensors alive (what
+        the planner's one block per stack assumes). An engine may replace this on the instance (e.g. a step cache
+        that skips blocks)."""
+        h = handed.pop()
         for block in self.transformer_blocks:
             h = block(h, *args)
         return h
