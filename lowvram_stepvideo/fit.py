@@ -2,8 +2,8 @@
 
 `check_fit` plans the requested preset with the profile's layout adjusted to the budget (`budgets.py`): resident
 blocks lowered until the device peak fits, packed host copies lowered (the rest read from disk) until host RAM
-fits. When the preset does not fit it looks down the profile's ladder for the largest that does, and when nothing
-on the ladder fits, at the other profiles of the same device kind, from the hungriest down.
+fits; the VAE decodes untiled where that fits too. When the preset does not fit it looks down the profile's
+ladder for the largest that does, and when nothing on the ladder fits, at the other profiles of the same device kind, from the hungriest down.
 
 Plans grow with the preset (more tokens, more activations; the weights are the same), so "the largest preset
 that fits" is found by bisection: the first preset, then the last, then halves in between.
@@ -100,14 +100,16 @@ def first_fit(folder: ModelFolder, profile: Profile, ladder: list[Preset], budge
         return plan_fits(tried[i][1], budget)
 
     if fits(0):
-        return 0
-    if len(ladder) == 1 or not fits(len(ladder) - 1):
+        found = 0
+    elif len(ladder) == 1 or not fits(len(ladder) - 1):
         return None
-    lo, hi = 0, len(ladder) - 1              # ladder[lo] does not fit, ladder[hi] does
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if fits(mid) else (mid, hi)
-    return hi
+    else:
+        lo, found = 0, len(ladder) - 1      # ladder[lo] does not fit, ladder[found] does
+        while found - lo > 1:
+            mid = (lo + found) // 2
+            lo, found = (lo, mid) if fits(mid) else (mid, found)
+    tried[found] = untiled_if_it_fits(folder, *tried[found], ladder[found], budget, options)
+    return found
 
 
 def plan_fits(plan: Plan, budget: Budget) -> bool:
@@ -132,6 +134,17 @@ def fit_layout(folder: ModelFolder, profile: Profile, preset: Preset, budget: Bu
             break                              # the device is short, or there is no packed RAM left to give
         profile, plan = fit_profile(folder, lowered, preset, room, options=options)
     return profile, plan
+
+
+def untiled_if_it_fits(folder: ModelFolder, profile: Profile, plan: Plan, preset: Preset, budget: Budget,
+                       options=None) -> tuple[Profile, Plan]:
+    """The largest VAE tile the plan fits: untiled (the release's numerics and the least decoder work) when the
+    fitted layout fits with an untiled decode too, else the profile's tile (its OOM fallback halves it)."""
+    if not profile.vae.tile or not plan_fits(plan, budget):
+        return profile, plan
+    untiled = replace(profile, vae=replace(profile.vae, tile=0, overlap=0))
+    untiled, untiled_plan = fit_profile(folder, untiled, preset, budget.device_room(0), options=options)
+    return (untiled, untiled_plan) if plan_fits(untiled_plan, budget) else (profile, plan)
 
 
 def _only_adjustable_over(plan: Plan, budget: Budget) -> bool:

@@ -106,6 +106,8 @@ def fit_to_card(pipe: PhasePipeline, ladder: list[Preset], vram_bytes: int | Non
     if profile.dit.resident_blocks < asked.dit.resident_blocks:
         log(f"plan: DiT resident blocks lowered from {asked.dit.resident_blocks} to {profile.dit.resident_blocks} "
             "to fit")
+    if profile.vae.tile == 0 and pipe.profile.vae.tile:
+        log("plan: the VAE decode fits untiled (the release's numerics, no tile seams)")
     if profile.memory.packed_gb < pipe.profile.memory.packed_gb:
         log(f"plan: packed host RAM lowered from {pipe.profile.memory.packed_gb:g} to {profile.memory.packed_gb:.1f} "
             f"GiB to fit ({budget.host_from}); the other blocks are read from disk")

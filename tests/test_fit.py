@@ -116,7 +116,8 @@ def test_the_largest_fitting_preset_is_found_by_bisection(synthetic):
         found = fit.first_fit(synthetic, profile, LADDER, budget)
         linear = next(i for i, p in enumerate(LADDER) if peak(floor, p) <= budget.vram_bytes)
         assert found == linear == expected
-        assert synthetic_fit_profile.calls <= 2 + math.ceil(math.log2(len(LADDER)))
+        # the bisection, and one more plan of the preset found with an untiled VAE decode
+        assert synthetic_fit_profile.calls <= 3 + math.ceil(math.log2(len(LADDER)))
     assert fit.first_fit(synthetic, profile, LADDER, cuda_budget(peaks[-1] - 1)) is None
 
 
