@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+from . import web_view
 from .demo import DEMO_PRESET
 from .errors import StepVideoError
 from .sampling import sampling_defaults
@@ -23,8 +24,8 @@ REFRESH_S = 1.0
 RESULTS_DIR = Path("results")
 # Form fields that "Reuse these settings" fills in (the preset list is rebuilt for the model and profile).
 REUSED = ("model", "prompt", "negative_prompt", "seed", "profile", "steps", "guidance_scale", "shift", "attention",
-          "cache", "resident_blocks", "vae_tile")
-TEXT_FIELDS = ("steps", "guidance_scale", "shift", "resident_blocks", "vae_tile")
+          "cache", "resident_blocks", "vae_tile", "matmul", "step_cache", "compile")
+TEXT_FIELDS = ("steps", "guidance_scale", "shift", "resident_blocks", "vae_tile", "step_cache")
 CSS = """
 .lvs-queue { width: 100%; border-collapse: collapse; font-size: 0.9em; }
 .lvs-queue th, .lvs-queue td { padding: 4px 6px; border-bottom: 1px solid var(--border-color-primary);
@@ -81,7 +82,7 @@ def _settings(gr, page: WebPage):
     sizes = preset_choices(page, first, page.default_profile)
     f["preset"] = gr.Dropdown(sizes, value=sizes[0][1] if sizes else None, elem_id="lvs-preset",
                               label="Size: frames x height x width (on out-of-memory the run steps down this list)")
-    _numbers(gr, f)
+    _numbers(gr, f, page)
     with gr.Row():
         fit = gr.Button("Check fit", elem_id="lvs-check-fit")
         go = gr.Button("Generate", variant="primary", elem_id="lvs-generate")
@@ -91,7 +92,7 @@ def _settings(gr, page: WebPage):
     return f, {"dice": dice, "note": note, "fit": fit, "go": go, "message": message, "fit_out": fit_out}
 
 
-def _numbers(gr, f: dict) -> None:
+def _numbers(gr, f: dict, page: WebPage) -> None:
     """Sampling numbers and speed options: text fields, blank = the default."""
     release, turbo = sampling_defaults(False), sampling_defaults(True)
     with gr.Row():
@@ -104,6 +105,13 @@ def _numbers(gr, f: dict) -> None:
     with gr.Accordion("Speed and cache", open=False):
         f["attention"] = gr.Dropdown(list(ATTENTION), value="profile", label="Attention",
                                      info="profile: the profile's choice; flash and sage need their packages")
+        f["matmul"] = gr.Dropdown(page.matmul_choices(page.default_profile), value="profile", label="Matmul",
+                                  elem_id="lvs-matmul", info="int8/fp8 folders: weight-only is exact; fast uses "
+                                  "int8/fp8 tensor cores where the card has them (slightly different video)")
+        f["step_cache"] = gr.Textbox(label="Step cache threshold", elem_id="lvs-step-cache",
+                                     placeholder="blank = off; e.g. 0.1: faster, slightly different video")
+        f["compile"] = gr.Checkbox(False, label="torch.compile the DiT blocks (the first step compiles)",
+                                   elem_id="lvs-compile")
         f["cache"] = gr.Checkbox(True, label="Reuse cached text embeddings of the same prompt")
         f["resident_blocks"] = gr.Textbox(label="DiT blocks kept on the GPU", elem_id="lvs-resident",
                                           placeholder="the profile's, lowered by the memory plan to what fits")
@@ -125,9 +133,11 @@ def _gallery(gr):
     gr.Markdown("### Finished videos")
     pick = gr.Dropdown([], label="Video", elem_id="lvs-video-pick")
     player = gr.Video(label="Video", interactive=False, elem_id="lvs-player", loop=True)
+    speed = gr.Markdown(elem_id="lvs-speed")
     settings = gr.JSON(label="Settings (sidecar)", elem_id="lvs-settings")
     reuse = gr.Button("Reuse these settings", elem_id="lvs-reuse")
-    return {"pick": pick, "player": player, "settings": settings, "reuse": reuse, "seen": gr.State({})}
+    return {"pick": pick, "player": player, "speed": speed, "settings": settings, "reuse": reuse,
+            "seen": gr.State({})}
 
 
 def _wire(gr, page: WebPage, f: dict, b: dict, q: dict, g: dict) -> None:
@@ -142,6 +152,11 @@ def _wire(gr, page: WebPage, f: dict, b: dict, q: dict, g: dict) -> None:
         values = [v for _, v in choices]
         return gr.update(choices=choices, value=current if current in values else values[0] if values else None)
 
+    def show(name):
+        """The video, its speed line and its sidecar."""
+        video, meta = page.show(name)
+        return video, web_view.speed_line(meta or {}), meta
+
     def tick(seen: dict, job: str | None):
         table, jobs = page.queue_view()
         videos = page.video_choices()
@@ -150,10 +165,10 @@ def _wire(gr, page: WebPage, f: dict, b: dict, q: dict, g: dict) -> None:
         if jobs != seen.get("jobs") or (job not in ids and ids):
             job_update = gr.update(choices=jobs, value=job if job in ids else ids[0] if ids else None)
         if videos == seen.get("videos"):
-            video_updates = [gr.skip()] * 3
+            video_updates = [gr.skip()] * 4
         else:   # something finished: list it and show the newest
             newest = videos[0][1] if videos else None
-            video_updates = [gr.update(choices=videos, value=newest), *page.show(newest)]
+            video_updates = [gr.update(choices=videos, value=newest), *show(newest)]
         return table, job_update, *video_updates, {"jobs": jobs, "videos": videos}
 
     def reuse(name, current_model):
@@ -164,20 +179,23 @@ def _wire(gr, page: WebPage, f: dict, b: dict, q: dict, g: dict) -> None:
         missing = "" if values["model"] else " (its model folder is not in this page's list: kept the current one)"
         values["model"] = values["model"] or current_model
         texts = {k: "" if values[k] is None else str(values[k]) for k in TEXT_FIELDS}
+        texts["matmul"] = gr.update(choices=page.matmul_choices(values["profile"]), value=values["matmul"])
         return (*[texts.get(k, values[k]) for k in REUSED], presets(values["model"], values["profile"],
                 values["preset"]), page.profile_note(values["profile"]), f"settings of {name} loaded{missing}")
 
     gr.on([f["model"].input, f["profile"].input], lambda m, p, cur: presets(m, p, cur),
           [f["model"], f["profile"], f["preset"]], f["preset"])
     f["profile"].input(page.profile_note, f["profile"], b["note"])
+    f["profile"].input(lambda p, m: gr.update(choices=page.matmul_choices(p), value=m), [f["profile"], f["matmul"]],
+                       f["matmul"])
     b["dice"].click(page.random_seed, None, f["seed"])
     b["go"].click(lambda *v: page.submit(form(*v)), fields, b["message"])
     b["fit"].click(lambda *v: gr.update(value=page.check_fit(form(*v)), visible=True), fields, b["fit_out"])
     q["cancel"].click(page.cancel, q["job"], b["message"])
     q["resume"].click(page.resume, q["job"], b["message"])
     q["timer"].tick(tick, [g["seen"], q["job"]],
-                    [q["table"], q["job"], g["pick"], g["player"], g["settings"], g["seen"]])
-    g["pick"].input(page.show, g["pick"], [g["player"], g["settings"]])
+                    [q["table"], q["job"], g["pick"], g["player"], g["speed"], g["settings"], g["seen"]])
+    g["pick"].input(show, g["pick"], [g["player"], g["speed"], g["settings"]])
     g["reuse"].click(reuse, [g["pick"], f["model"]], [*(f[k] for k in REUSED), f["preset"], b["note"], b["message"]])
 
 

@@ -15,10 +15,12 @@ from .fit import check_fit
 from .jobs import JobQueue, JobSpec
 from .profiles import (Preset, Profile, auto_choice, auto_profile, detect_vram_bytes, list_profiles,
                        load_profile)
+from .speed import SpeedOptions
 from .web_catalog import ModelChoice
 
 AUTO = "auto"
 ATTENTION = ("profile", "auto", "sdpa", "flash", "sage")   # "profile": keep the profile's choice
+MATMUL = ("profile", "weight-only", "fast")
 # What a handler may fail with: a one-line message for the page, never a traceback.
 EXPECTED = (StepVideoError, ValueError, OSError)
 
@@ -39,6 +41,9 @@ class Form:
     cache: bool = True
     resident_blocks: str | None = None
     vae_tile: str | None = None
+    matmul: str = "profile"
+    step_cache: str | None = None       # first-block step cache threshold; blank (or 0) = off
+    compile: bool = False
 
 
 class WebPage:
@@ -76,6 +81,14 @@ class WebPage:
             return profile.description
         return f"{auto_choice(detect_vram_bytes())[1]}. {profile.description}"
 
+    def matmul_choices(self, profile: str) -> list[tuple[str, str]]:
+        """(label, value) of the matmul list: the first keeps the profile's choice and names it."""
+        try:
+            mine = f"profile ({self.resolve_profile(profile).matmul})"
+        except EXPECTED:   # an unreadable profile: the profile note says why
+            mine = "profile"
+        return [(mine, "profile")] + [(m, m) for m in MATMUL[1:]]
+
     def presets(self, model: str, profile: str) -> list[Preset]:
         """The ladder offered for this model and profile, largest first; the demo's tiny size leads for the demo."""
         ladder = list(self.resolve_profile(profile).presets)
@@ -96,8 +109,17 @@ class WebPage:
             raise ValueError("choose a size from the preset list")
         size = Preset.parse(form.preset, steps=1)
         options = {"cache": bool(form.cache)}
-        if form.attention != "profile":
-            options["attention"] = form.attention
+        for key, value, choices in (("attention", form.attention, ATTENTION), ("matmul", form.matmul, MATMUL)):
+            if value not in choices:
+                raise ValueError(f"unknown {key} {value!r}; choose one of {', '.join(choices)}")
+            if value != "profile":
+                options[key] = value
+        step_cache = _number(form.step_cache, "step cache threshold", float)
+        if step_cache:
+            SpeedOptions(cache=step_cache)   # ValueError (one line) outside [0, 1)
+            options["step_cache"] = step_cache
+        if form.compile:
+            options["compile"] = True
         for key, value, what in (("dit_resident_blocks", form.resident_blocks, "resident blocks"),
                                  ("vae_tile", form.vae_tile, "VAE tile")):
             if _number(value, what, int) is not None:

@@ -79,6 +79,18 @@ def caption(video: Path, meta: dict) -> str:
     return f"{_short(str(meta.get('prompt') or video.stem), 40)} (seed {meta.get('seed', '?')})"
 
 
+def speed_line(meta: dict) -> str:
+    """What the speed levers did in a finished run, in one line, from its sidecar's "speed"; "" without one."""
+    speed = meta.get("speed")
+    if not isinstance(speed, dict):
+        return ""
+    n = speed.get("step_cache")   # its counts; None when off
+    cache = (f"step cache {n.get('threshold')} ({n.get('cached', 0)} of {n.get('full', 0) + n.get('cached', 0)} "
+             "DiT forwards reused)" if isinstance(n, dict) else "step cache off")
+    return (f"speed: attention {speed.get('attention', '?')}; matmul {speed.get('matmul', '?')}; {cache}; "
+            f"compile {'on' if speed.get('compile') else 'off'}")
+
+
 def form_from_sidecar(meta: dict, catalog: list[ModelChoice]) -> dict:
     """The form values that reproduce a finished video: what the job asked for (its "arguments": profile, speed
     options) and the sizes and numbers it actually ran with. The model only when it is one of the page's choices
@@ -89,11 +101,15 @@ def form_from_sidecar(meta: dict, catalog: list[ModelChoice]) -> dict:
     else:
         model = next((c.key for c in catalog if c.path is not None and str(c.path) == meta.get("model_dir")), None)
     profile = asked.get("profile") or (meta.get("profile") or {}).get("name")
+    ran = (meta.get("speed") or {}).get("options") or {}   # the speed levers as run, for sidecars without them asked
+    step_cache = asked.get("step_cache", ran.get("cache"))
     preset = meta.get("preset")
     return {"model": model, "prompt": meta.get("prompt") or "", "negative_prompt": meta.get("negative_prompt") or "",
             "seed": meta.get("seed", 0), "profile": profile,
             "preset": preset.split("@")[0] if isinstance(preset, str) else None, "steps": meta.get("steps"),
             "guidance_scale": meta.get("guidance_scale", meta.get("cfg")), "shift": meta.get("shift"),
             "attention": asked.get("attention") or "profile", "cache": asked.get("cache", True),
-            "resident_blocks": asked.get("dit_resident_blocks"), "vae_tile": asked.get("vae_tile")}
+            "resident_blocks": asked.get("dit_resident_blocks"), "vae_tile": asked.get("vae_tile"),
+            "matmul": asked.get("matmul") or "profile", "step_cache": step_cache or None,
+            "compile": bool(asked.get("compile", ran.get("compile")))}
 

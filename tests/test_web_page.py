@@ -1,5 +1,6 @@
 """The web page's logic without a browser: the model list, the form -> job conversion, the queue table, the
 finished videos and "reuse these settings". The page in a real browser is tests/test_web.py."""
+import dataclasses
 import json
 import os
 import sys
@@ -10,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lowvram_stepvideo import cli, demo, web_catalog, web_view
+from lowvram_stepvideo import cli, demo, preflight, web_catalog, web_view
 from lowvram_stepvideo.profiles import load_profile
 from lowvram_stepvideo.config import ConfigError
 from lowvram_stepvideo.model_folder import ModelFolderError
@@ -123,11 +124,34 @@ def test_form_from_sidecar_maps_the_model_to_a_choice(tmp_path):
     form = web_view.form_from_sidecar(meta, catalog)
     assert form == {"model": "0", "prompt": "p", "negative_prompt": "", "seed": 7, "profile": "auto",
                     "preset": "34x64x96", "steps": 4, "guidance_scale": 5.0, "shift": 3.0, "attention": "sdpa",
-                    "cache": False, "resident_blocks": None, "vae_tile": 2}
+                    "cache": False, "resident_blocks": None, "vae_tile": 2, "matmul": "profile", "step_cache": None,
+                    "compile": False}
     assert web_view.form_from_sidecar({**meta, "model_dir": "/elsewhere"}, catalog)["model"] is None
     assert web_view.form_from_sidecar({**meta, "arguments": {"demo": True}}, catalog)["model"] == "demo"
     assert web_view.form_from_sidecar({**meta, "arguments": {}}, catalog)["profile"] == "cpu"
     assert web_view.form_from_sidecar({"cfg": 9.0}, catalog)["guidance_scale"] == 9.0   # sidecars before the rename
+
+
+def test_form_from_sidecar_restores_the_speed_levers(tmp_path):
+    levers = lambda meta: {k: web_view.form_from_sidecar(meta, [])[k] for k in ("matmul", "step_cache", "compile")}
+    asked = {"arguments": {"matmul": "fast", "step_cache": 0.1, "compile": True}}
+    assert levers(asked) == {"matmul": "fast", "step_cache": 0.1, "compile": True}
+    # a job without overrides: its arguments hold the run options' defaults (step cache 0.0 = off)
+    assert levers({"arguments": {"step_cache": 0.0, "compile": False}}) == {"matmul": "profile", "step_cache": None,
+                                                                            "compile": False}
+    ran = {"speed": {"options": {"cache": 0.05, "cache_max_reuse": 2, "compile": True}}}   # "arguments" without them
+    assert levers(ran) == {"matmul": "profile", "step_cache": 0.05, "compile": True}
+    assert levers({}) == {"matmul": "profile", "step_cache": None, "compile": False}
+
+
+def test_speed_line_from_the_sidecar():
+    speed = {"attention": "sdpa", "matmul": "int8 x int8", "compile": False,
+             "step_cache": {"threshold": 0.1, "full": 30, "cached": 10}}
+    assert web_view.speed_line({"speed": speed}) == ("speed: attention sdpa; matmul int8 x int8; step cache 0.1 "
+                                                     "(10 of 40 DiT forwards reused); compile off")
+    off = web_view.speed_line({"speed": {**speed, "step_cache": None, "compile": True}})
+    assert off.endswith("; step cache off; compile on")
+    assert web_view.speed_line({}) == web_view.speed_line({"speed": None}) == ""
 
 
 def test_read_sidecar_reports_a_broken_file(tmp_path):
@@ -183,6 +207,24 @@ def test_spec_from_the_form(page, demo_dir):
     assert demo_spec.demo and demo_spec.model_dir is None and demo_spec.options == {"cache": True}
 
 
+@pytest.mark.parametrize("kw, flags", [({"matmul": "fast"}, ["--matmul", "fast"]),
+                                       ({"matmul": "weight-only"}, ["--matmul", "weight-only"]),
+                                       ({"step_cache": " 0.1 "}, ["--cache", "0.1"]),
+                                       ({"compile": True}, ["--compile"])])
+def test_speed_levers_map_as_the_command_line_maps_them(page, kw, flags):
+    spec = page.spec(form(**kw))
+    wanted = cli.job_spec(cli.build_parser().parse_args(["--demo", "--prompt", "a fox", *flags])).options
+    assert spec.options == {"cache": True, **{k: wanted[k] for k in ("matmul", "step_cache", "compile") if k in wanted}}
+    assert len(spec.options) == 2
+    assert preflight.speed_options(spec) == preflight.speed_options(dataclasses.replace(spec, options=wanted))
+
+
+def test_a_blank_or_zero_step_cache_is_off(page):
+    for blank in (None, "", " ", "0"):
+        spec = page.spec(form(step_cache=blank, matmul="profile", compile=False))
+        assert spec.options == {"cache": True} and preflight.speed_options(spec).cache == 0.0
+
+
 @pytest.mark.parametrize("kw, message", [({"prompt": " "}, "the prompt is empty"),
                                          ({"model": "/etc"}, "unknown model choice"),
                                          ({"profile": "../x"}, "unknown profile"),
@@ -190,6 +232,10 @@ def test_spec_from_the_form(page, demo_dir):
                                          ({"steps": "1.5"}, "steps 1.5: must be a whole number"),
                                          ({"shift": "abc"}, "shift 'abc': not a number"),
                                          ({"shift": "-1"}, "--shift -1.0: must be a positive"),
+                                         ({"step_cache": "fast"}, "step cache threshold 'fast': not a number"),
+                                         ({"step_cache": "1.5"}, "cache threshold 1.5 must be a number in [0, 1)"),
+                                         ({"step_cache": "-0.1"}, "cache threshold -0.1 must be a number in [0, 1)"),
+                                         ({"matmul": "int4"}, "unknown matmul 'int4'; choose one of profile, "),
                                          ({"profile": "24gb"}, "needs a CUDA GPU")])
 def test_form_errors_are_one_line_messages(page, kw, message):
     if kw.get("profile") == "24gb" and torch.cuda.is_available():
@@ -210,6 +256,9 @@ def test_presets_and_profile_note(page):
     assert page.presets("0", "cpu") == list(load_profile("cpu").presets)
     assert page.profile_note("auto").startswith("auto: ")
     assert page.profile_note("cpu") == load_profile("cpu").description
+    assert page.matmul_choices("cpu") == [(f"profile ({load_profile('cpu').matmul})", "profile"),
+                                          ("weight-only", "weight-only"), ("fast", "fast")]
+    assert page.matmul_choices("../x")[0] == ("profile", "profile")
     assert page.check_fit(form(model="0", vae_tile="-")) == "error: VAE tile '-': not a number"
 
 
@@ -223,6 +272,12 @@ def test_only_finished_videos_of_the_results_folder_are_served(page, tmp_path):
     os.utime(tmp_path / "a.mp4", (1, 1))   # another version of the file: its caption is read again
     assert page.video_choices() == [("q (seed 3)", "a.mp4")]
     assert page.reuse("a.mp4")["model"] == "demo"
+    (tmp_path / "a.mp4.json").write_text(json.dumps({"prompt": "q", "arguments": {
+        "demo": True, "profile": "cpu", "matmul": "fast", "step_cache": 0.08, "compile": True}}))
+    reused = page.reuse("a.mp4")
+    assert (reused["matmul"], reused["step_cache"], reused["compile"]) == ("fast", 0.08, True)
+    spec = page.spec(form(**{k: v for k, v in reused.items() if k != "preset"}))   # the form filled in again
+    assert spec.options == {"cache": True, "matmul": "fast", "step_cache": 0.08, "compile": True}
     (tmp_path / "batch").mkdir()
     (tmp_path / "batch" / "b.mp4").write_bytes(b"x")
     (tmp_path / "batch" / "b.mp4.json").write_text("{}")
