@@ -101,12 +101,13 @@ class Parallel:
     def __init__(self, layout: Layout, device: torch.device):
         self.layout, self.device = layout, device
         self.cfg_group = self.seq_group = None
+        timeout = collective_timeout()            # a new group does not inherit the default group's timeout
         for c in range(layout.cfg):               # every rank creates every group, in the same order
-            group = dist.new_group(list(range(c * layout.sequence, (c + 1) * layout.sequence)))
+            group = dist.new_group(list(range(c * layout.sequence, (c + 1) * layout.sequence)), timeout=timeout)
             if c == layout.cfg_rank:
                 self.seq_group = group
         for s in range(layout.sequence):
-            group = dist.new_group([c * layout.sequence + s for c in range(layout.cfg)])
+            group = dist.new_group([c * layout.sequence + s for c in range(layout.cfg)], timeout=timeout)
             if s == layout.seq_rank:
                 self.cfg_group = group
 

@@ -2,10 +2,12 @@
 
 argv: out_dir model_dir... ; for each model folder and each mode that fits the world size, denoises the fixture's
 embeddings for a few steps through ParallelRuntime and saves this rank's final latents to
-out_dir/<folder index>-<mode>-rank<r>.pt. `--die-after-steps N` (rank 1 only) kills this process mid-run instead.
+out_dir/<folder index>-<mode>-rank<r>.pt. `--die-after-steps N` / `--hang-after-steps N`: rank 1 exits at once /
+stops answering after N steps instead.
 """
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -28,7 +30,7 @@ def inputs(seed: int = 0, channels: int = 4, latent=(1, 5, 3, 5), text=(12, 96),
     return (y, mask, clip_e), latents
 
 
-def denoise(folder: Path, runtime_for, steps: int = 3, step_callback=None) -> torch.Tensor:
+def denoise(folder: Path, runtime_for, steps: int = 2, step_callback=None) -> torch.Tensor:
     mf = ModelFolder(folder, "bf16", False)
     channels = mf.open("transformer", layers=0).config.in_channels
     text = mf.open("transformer", layers=0).config.caption_channels
@@ -40,9 +42,9 @@ def denoise(folder: Path, runtime_for, steps: int = 3, step_callback=None) -> to
 
 
 def main(argv: list[str]) -> int:
-    die_after = None
-    if argv[0] == "--die-after-steps":
-        die_after, argv = int(argv[1]), argv[2:]
+    fault, after = None, None
+    if argv[0] in ("--die-after-steps", "--hang-after-steps"):
+        fault, after, argv = argv[0], int(argv[1]), argv[2:]
     out, folders = Path(argv[0]), [Path(a) for a in argv[1:]]
     torch.set_num_threads(1)
     world = int(os.environ["WORLD_SIZE"])
@@ -54,7 +56,9 @@ def main(argv: list[str]) -> int:
                                            torch.device("cpu"))
 
             def die(done, _latents):
-                if die_after is not None and par.layout.rank == 1 and done == die_after:
+                if fault and par.layout.rank == 1 and done == after:
+                    if fault == "--hang-after-steps":
+                        time.sleep(3600)
                     os._exit(9)
             latents = denoise(folder, lambda mf: parallel.ParallelRuntime(mf, load_profile("cpu"), par),
                               step_callback=die)
