@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from . import demo, exit_codes
+from . import demo, exit_codes, parallel
 from .checkpoint import CheckpointError
 from .config import ConfigError
 from .fsutil import atomic_path
@@ -111,6 +111,10 @@ def build_parser(prog: str = "generate.py") -> argparse.ArgumentParser:
     p.add_argument("--vae-tile", type=int,
                    help="VAE decode tile in latent pixels (x16 image pixels) instead of the profile's; 0 = untiled")
     p.add_argument("--list-profiles", action="store_true", help="list the profiles with their presets and exit")
+    p.add_argument("--parallel", choices=parallel.MODES,
+                   help="under torchrun --nproc-per-node N (one GPU per process): cfg = 2 processes, one guidance "
+                        "branch each; sequence = the DiT's tokens split across all N; auto (default under "
+                        "torchrun) = cfg x sequence when N is even, else sequence")
     return p
 
 
@@ -126,13 +130,15 @@ def main(argv: list[str], prog: str = "generate.py") -> int:
         _say("interrupted")
         return exit_codes.INTERRUPTED
     except (UsageError, ConfigError, CheckpointError, ModelFolderError, ResumeError, OutOfMemory, TileOOMError,
-            VideoError, ValueError) as e:
+            VideoError, ValueError, parallel.ParallelError) as e:
         _say(f"error: {e}")
         return exit_codes.BAD_INPUT
     except torch.OutOfMemoryError as e:   # one not handled by a fallback (e.g. placing the VAE)
         what = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         _say(f"error: out of memory: {what}; use a smaller --profile or free GPU memory")
         return exit_codes.BAD_INPUT
+    finally:
+        parallel.close()
 
 
 def entry_point() -> None:
@@ -168,11 +174,38 @@ def run(args) -> int:
     if turbo:
         profile = with_overrides(profile, presets=[replace(p, steps=TURBO_DEFAULTS["steps"]) for p in profile.presets])
     preset = _preset(args, profile, turbo)
-    pipe = StepVideoPipeline(folder, profile, log=_say)
+    par = _parallel(args, profile)
+    if par is not None and args.dry_run and not par.writer:
+        return exit_codes.OK   # rank 0 prints the plan (of one process's share: see README)
+    pipe = _pipeline(folder, profile, par)
     if args.dry_run:
         return _dry_run(args, pipe, preset)
-    output = _output_path(args)
-    return _generate(args, pipe, preset, output)
+    output = _output_path(args) if par is None or par.writer else None
+    if par is not None:
+        output = par.broadcast_from_writer(output)   # a default name has a time stamp: rank 0's is the one
+    return _generate(args, pipe, preset, output, par)
+
+
+def _parallel(args, profile):
+    """This process's place in a torchrun launch (None when it runs alone)."""
+    if not parallel.launched_by_torchrun():
+        if args.parallel:
+            raise UsageError(f"--parallel {args.parallel} needs several processes: launch with "
+                             "torchrun --nproc-per-node N generate.py ... (one GPU per process)")
+        return None
+    if args.decode_latents:
+        raise UsageError("--decode-latents runs in one process; start it with python, not torchrun")
+    return parallel.init_from_env(args.parallel or "auto", profile.device)
+
+
+def _pipeline(folder, profile, par):
+    if par is None:
+        return StepVideoPipeline(folder, profile, log=_say)
+    log = _say if par.writer else (lambda msg: None)   # one copy of each message, from rank 0
+    if par.writer:
+        _say(f"parallel: {par.layout.describe()}")
+    runtime = parallel.ParallelRuntime(folder, profile, par, log)
+    return StepVideoPipeline(folder, profile, log=log, progress=par.writer, runtime=runtime)
 
 
 def _list_profiles() -> None:
@@ -282,19 +315,25 @@ def _request(args, pipe, preset) -> Request:
                    d["shift"] if args.shift is None else args.shift, args.seed)
 
 
-def _generate(args, pipe, preset, output: Path) -> int:
-    if not args.no_cache:
+def _generate(args, pipe, preset, output: Path, par=None) -> int:
+    writer = par is None or par.writer
+    if not args.no_cache and writer:   # the other ranks take rank 0's embeddings
         pipe.cache = pipe.embedding_cache()
     request = _request(args, pipe, preset)
     ladder = ladder_from(pipe.profile.presets, preset)
     vram = detect_vram_bytes()
     if pipe.device.type == "cuda" and vram and not args.resume:
-        ladder = fit_to_card(pipe, ladder, vram, _say)
+        full = ladder
+        ladder = fit_to_card(pipe, ladder, vram, pipe.log)
+        if par is not None:   # cards may differ: every rank runs the preset that fits the smallest
+            ladder = full[par.agree_max(len(full) - len(ladder)):]
     ckpt = checkpoint_path(output)
     if args.resume:
         ladder = resume_ladder(ladder, ckpt)
     start = time.perf_counter()
-    latents, used = denoise_with_fallback(pipe, request, ladder, ckpt, args.resume, args.checkpoint_every)
+    latents, used = denoise_with_fallback(pipe, request, ladder, ckpt, args.resume, args.checkpoint_every, par)
+    if not writer:
+        return 0   # rank 0 decodes and writes
     if args.save_latents:
         _save_latents(args.save_latents, latents)
     try:
@@ -357,10 +396,15 @@ def _write_outputs(output: Path, frames, args, pipe, request, preset, seconds: f
             "peak_host_bytes": _peak_host(), "turbo": bool(args.turbo or pipe.folder.turbo),
             "arguments": {k: v if v is None or isinstance(v, (bool, int, float)) else str(v)
                           for k, v in vars(args).items()},
-            "torch": torch.__version__}
+            "torch": torch.__version__, "parallel": _parallel_layout(pipe)}
     write_sidecar(sidecar_path(output), meta)
     _say(f"wrote {output.resolve()} ({meta['frames']} frames, {info['width']}x{info['height']}, {info['fps']} fps) "
          f"and {sidecar_path(output).resolve()}")
+
+
+def _parallel_layout(pipe) -> str | None:
+    par = getattr(pipe.runtime, "par", None)
+    return par.layout.describe() if par is not None else None
 
 
 def _peak_vram(device) -> int | None:

@@ -35,7 +35,22 @@ DEFAULT_TIMEOUT_S = 900.0   # longest wait between collectives: rank 0's text ph
 
 
 class ParallelError(StepVideoError):
-    """A parallel run that cannot start (bad mode for the rank count) or lost one of its processes."""
+    """A parallel run that cannot start (bad mode for the rank count, no torchrun)."""
+
+
+class LostRank(ParallelError):
+    """A collective failed: another process died, hit an error, or did not answer within the timeout."""
+
+
+def _collective(fn, *args, **kwargs):
+    """fn(*args, **kwargs) for a torch.distributed collective; its failure becomes one LostRank line."""
+    try:
+        return fn(*args, **kwargs)
+    except RuntimeError as e:   # DistBackendError, gloo's connection / timeout errors
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        rank = dist.get_rank() if dist.is_initialized() else "?"
+        raise LostRank(f"rank {rank} lost the other processes ({first[:160]}); another rank died, failed or "
+                       f"hung past the {collective_timeout().total_seconds():g} s timeout ({TIMEOUT_ENV})") from None
 
 
 @dataclass(frozen=True)
@@ -119,14 +134,20 @@ class Parallel:
     def broadcast_from_writer(self, value):
         """`value` as rank 0 has it (any picklable object; tensors travel through the CPU)."""
         box = [_to_cpu(value) if self.writer else None]
-        dist.broadcast_object_list(box, src=0)
+        _collective(dist.broadcast_object_list, box, src=0)
         return box[0]
 
     def all_agree(self, ok: bool) -> bool:
         """True only when `ok` holds on every rank (the OOM ladder steps down everywhere or nowhere)."""
         flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=self._comm_device())
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        _collective(dist.all_reduce, flag, op=dist.ReduceOp.MIN)
         return bool(flag.item())
+
+    def agree_max(self, value: int) -> int:
+        """The largest `value` of all ranks (e.g. the most cautious position on the preset ladder)."""
+        t = torch.tensor([value], dtype=torch.int64, device=self._comm_device())
+        _collective(dist.all_reduce, t, op=dist.ReduceOp.MAX)
+        return int(t.item())
 
     def _comm_device(self) -> torch.device:
         return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
@@ -183,7 +204,7 @@ class SequenceSplit(WholeSequence):
         padded = out.new_zeros((out.shape[0], longest) + tuple(out.shape[2:]))
         padded[:, :out.shape[1]] = out
         parts = [torch.empty_like(padded) for _ in range(self.size)]
-        dist.all_gather(parts, padded, group=self.group)
+        _collective(dist.all_gather, parts, padded, group=self.group)
         return torch.cat([p[:, :n] for p, n in zip(parts, self.counts)], dim=1)
 
 
@@ -210,7 +231,7 @@ class UlyssesAttention:
         p, counts = self.split.size, self.split.counts
         send = t.reshape(b, s_r, p, -1, dh).permute(2, 1, 0, 3, 4).reshape(p * s_r, b, -1, dh)  # by destination
         recv = send.new_empty((sum(counts),) + tuple(send.shape[1:]))                           # (S, B, g, Dh)
-        dist.all_to_all_single(recv, send, output_split_sizes=counts, input_split_sizes=[s_r] * p,
+        _collective(dist.all_to_all_single, recv, send, output_split_sizes=counts, input_split_sizes=[s_r] * p,
                                group=self.split.group)
         return recv.permute(1, 0, 2, 3).contiguous()
 
@@ -221,7 +242,7 @@ class UlyssesAttention:
         s_r = counts[self.split.rank]
         send = o.permute(1, 0, 2, 3).contiguous()                                               # (S, B, g, Dh)
         recv = send.new_empty((p * s_r, b, g, dh))
-        dist.all_to_all_single(recv, send, output_split_sizes=[s_r] * p, input_split_sizes=counts,
+        _collective(dist.all_to_all_single, recv, send, output_split_sizes=[s_r] * p, input_split_sizes=counts,
                                group=self.split.group)
         return recv.view(p, s_r, b, g, dh).permute(2, 1, 0, 3, 4).reshape(b, s_r, p * g, dh)
 
@@ -255,7 +276,7 @@ class CfgSplit:
 
     def gather(self, module, args, kwargs, out: torch.Tensor) -> torch.Tensor:
         parts = [torch.empty_like(out) for _ in range(2)]
-        dist.all_gather(parts, out.contiguous(), group=self.group)
+        _collective(dist.all_gather, parts, out.contiguous(), group=self.group)
         return torch.cat(parts, dim=0)
 
 

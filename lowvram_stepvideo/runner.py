@@ -19,6 +19,7 @@ from typing import Callable
 
 import torch
 
+from .parallel import LostRank, Parallel
 from .pipeline import StepVideoPipeline
 from .profiles import Preset, TextEncoders
 from .resume import load_checkpoint, save_checkpoint, saved_request
@@ -97,19 +98,25 @@ def fit_to_card(pipe: StepVideoPipeline, ladder: list[Preset], vram_bytes: int,
 
 
 def denoise_with_fallback(pipe: StepVideoPipeline, request: Request, ladder: list[Preset], ckpt: Path | None,
-                          resume: bool, every: int) -> tuple[torch.Tensor, Preset]:
-    """Final latents and the preset that produced them."""
+                          resume: bool, every: int, par: Parallel | None = None) -> tuple[torch.Tensor, Preset]:
+    """Final latents and the preset that produced them. With `par` (several processes): rank 0 encodes the
+    prompt and broadcasts it, only rank 0 saves checkpoints, and an out-of-memory error steps every rank down
+    together (a rank whose peers did not fail with it ends the run at the collective timeout instead)."""
     if resume and ckpt is not None:   # a missing or mismatched checkpoint is refused before any heavy work
         load_checkpoint(ckpt, dataclasses.replace(request, preset=ladder[0]).fingerprint(
             pipe.folder.root, pipe.profile.compute_dtype))
-    embeds = encode_with_fallback(pipe, request)
+    embeds = encode_with_fallback(pipe, request) if par is None or par.writer else None
+    if par is not None:
+        embeds = par.broadcast_from_writer(embeds)
     for i, preset in enumerate(ladder):
         req = dataclasses.replace(request, preset=preset)
         try:
-            return denoise(pipe, req, embeds, ckpt, resume and i == 0, every), preset
+            return denoise(pipe, req, embeds, ckpt, resume and i == 0, every, par is None or par.writer), preset
         except _OOM:
             pass  # handled outside the except block, so the failed attempt's tensors can be freed
         _free(pipe)
+        if par is not None:
+            par.all_agree(False)   # every rank ran out of memory at this preset: step down together
         if i + 1 == len(ladder):
             raise OutOfMemory(f"out of memory even at {preset}; use a smaller --profile or free GPU memory")
         pipe.log(f"denoise: out of memory at {preset}; memory freed, retrying at {ladder[i + 1]}")
@@ -117,7 +124,8 @@ def denoise_with_fallback(pipe: StepVideoPipeline, request: Request, ladder: lis
 
 
 def denoise(pipe: StepVideoPipeline, req: Request, embeds, ckpt: Path | None, resume: bool,
-            every: int) -> torch.Tensor:
+            every: int, save: bool = True) -> torch.Tensor:
+    """`save`: this process writes the checkpoints (False on every rank but 0 of a parallel run)."""
     shape = latent_shape(req.preset.frames, req.preset.height, req.preset.width, channels=pipe.latent_channels())
     fingerprint = req.fingerprint(pipe.folder.root, pipe.profile.compute_dtype)
     latents, start = initial_noise(shape.shape, req.seed), 0
@@ -130,7 +138,7 @@ def denoise(pipe: StepVideoPipeline, req: Request, embeds, ckpt: Path | None, re
 
     def on_step(done: int, current: torch.Tensor) -> None:
         state.update(step=done, latents=current)
-        if ckpt is not None and every and (done % every == 0 or done == req.preset.steps):
+        if save and ckpt is not None and every and (done % every == 0 or done == req.preset.steps):
             save_checkpoint(ckpt, current, done, fingerprint)
 
     sigmas = flow_sigmas(req.preset.steps, req.shift)
@@ -138,10 +146,16 @@ def denoise(pipe: StepVideoPipeline, req: Request, embeds, ckpt: Path | None, re
         with torch.no_grad():
             return pipe.denoise(embeds, latents, sigmas, req.guidance_scale, start, on_step)
     except KeyboardInterrupt:
-        if ckpt is None:
+        if ckpt is None or not save:
             raise
         save_checkpoint(ckpt, state["latents"], state["step"], fingerprint)
         raise Interrupted(ckpt, state["step"]) from None
+    except LostRank as e:
+        if ckpt is None or not save or state["step"] == start:
+            raise
+        save_checkpoint(ckpt, state["latents"], state["step"], fingerprint)
+        raise LostRank(f"{e}; the latents after step {state['step']} are saved in {ckpt}: "
+                       "run the same command with --resume") from None
 
 
 def encode_with_fallback(pipe: StepVideoPipeline, req: Request):
