@@ -131,3 +131,78 @@ def test_a_dead_or_hung_rank_ends_the_others(tmp_path, fault):
     assert procs[0].returncode != 0
     assert time.monotonic() - start < 120
     assert not list(tmp_path.glob("*.pt"))   # nobody finished
+
+
+# ---------------------------------------------------------------- generate.py under torchrun
+
+PROMPT = "a cat playing piano"
+
+
+def demo_args(out: Path, steps: int, *extra) -> list[str]:
+    return ["--demo", "--prompt", PROMPT, "--steps", str(steps), "--output", str(out / "video.mp4"), *extra]
+
+
+def api_latents(demo_dir: Path, steps: int) -> torch.Tensor:
+    """The single-process latents of the demo request generate.py makes (no decode)."""
+    from lowvram_stepvideo.pipeline import StepVideoPipeline
+    from lowvram_stepvideo.demo import DEMO_PRESET
+    pipe = StepVideoPipeline.from_pretrained(demo_dir, "cpu", progress=False, log=lambda m: None)
+    with torch.no_grad():
+        return pipe(prompt=PROMPT, num_frames=DEMO_PRESET.frames, height=DEMO_PRESET.height,
+                    width=DEMO_PRESET.width, num_inference_steps=steps, seed=0, output_type="latent")
+
+
+def saved_latents(path: Path) -> torch.Tensor:
+    from safetensors.torch import load_file
+    return load_file(str(path))["latents"]
+
+
+def relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((got - ref).abs().max() / ref.abs().max()).item()
+
+
+@pytest.mark.slow
+def test_generate_under_torchrun_only_rank0_writes(tmp_path, demo_env, demo_dir, one_torch_thread):
+    out = tmp_path / "out"
+    out.mkdir()
+    args = demo_args(out, 2, "--parallel", "sequence", "--save-latents", str(out / "latents.safetensors"))
+    results = finish(start_ranks(2, args, script=ROOT / "generate.py"), timeout_s=300)
+    assert [code for code, _ in results] == [0, 0], [err[-1500:] for _, err in results]
+    assert sorted(p.name for p in out.iterdir()) == ["latents.safetensors", "video.mp4", "video.mp4.json"]
+    assert "wrote" in results[0][1] and "wrote" not in results[1][1]
+    assert '"parallel": "2 processes: sequence x2"' in (out / "video.mp4.json").read_text()
+    assert relative_error(saved_latents(out / "latents.safetensors"), api_latents(demo_dir, 2)) <= TOLERANCE
+
+
+@pytest.mark.slow
+def test_killed_rank_ends_the_run_with_one_line_and_resume_on_one_process(tmp_path, demo_env, demo_dir, capsys,
+                                                                          one_torch_thread):
+    """2 processes (cfg); rank 1 is killed once rank 0 has saved a checkpoint; rank 0 ends with one line and the
+    checkpoint; `--resume` in a single process then finishes with the uninterrupted single-process latents."""
+    from cli_support import run_cli
+    steps, out = 40, tmp_path
+    args = demo_args(out, steps, "--checkpoint-every", "1", "--save-latents", str(out / "latents.safetensors"))
+    procs = start_ranks(2, args + ["--parallel", "cfg"], script=ROOT / "generate.py")
+    ckpt = out / "video.mp4.resume.safetensors"
+    deadline = time.monotonic() + 240
+    while not ckpt.exists() and procs[0].poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    procs[1].kill()
+    killed = time.monotonic()
+    (code, err), _ = finish(procs, timeout_s=120)
+    assert time.monotonic() - killed < 120
+    assert code == 2, err[-2000:]
+    errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "lost the other processes" in errors[0] and "--resume" in errors[0], err[-2000:]
+    assert ckpt.is_file() and not (out / "video.mp4").exists()
+    rc, _, log = run_cli(capsys, *args, "--resume")
+    assert rc == 0, log
+    assert "resuming at step" in log
+    assert relative_error(saved_latents(out / "latents.safetensors"), api_latents(demo_dir, steps)) <= TOLERANCE
+
+
+def test_parallel_flag_without_torchrun_is_one_line(capsys, monkeypatch):
+    from cli_support import run_cli
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    rc, _, err = run_cli(capsys, "--demo", "--prompt", "x", "--parallel", "cfg")
+    assert rc == 2 and err.startswith("error: --parallel cfg needs several processes") and "torchrun" in err
