@@ -42,8 +42,13 @@ class LostRank(ParallelError):
     """A collective failed: another process died, hit an error, or did not answer within the timeout."""
 
 
+PLANNED = "planned"   # the group of a memory plan's engines: buffers are allocated as in a run, nothing is sent
+
+
 def _collective(fn, *args, **kwargs):
     """fn(*args, **kwargs) for a torch.distributed collective; its failure becomes one LostRank line."""
+    if kwargs.get("group") is PLANNED:
+        return None
     try:
         return fn(*args, **kwargs)
     except RuntimeError as e:   # DistBackendError, gloo's connection / timeout errors
@@ -125,6 +130,14 @@ class Parallel:
             group = dist.new_group([c * layout.sequence + s for c in range(layout.cfg)], timeout=timeout)
             if s == layout.seq_rank:
                 self.cfg_group = group
+
+    @classmethod
+    def planned(cls, layout: Layout) -> "Parallel":
+        """One rank of `layout` for a memory plan: engines allocate what they would, but no process group."""
+        par = cls.__new__(cls)
+        par.layout, par.device = layout, torch.device("cpu")
+        par.cfg_group = par.seq_group = PLANNED
+        return par
 
     @property
     def writer(self) -> bool:

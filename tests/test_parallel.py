@@ -206,3 +206,22 @@ def test_parallel_flag_without_torchrun_is_one_line(capsys, monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     rc, _, err = run_cli(capsys, "--demo", "--prompt", "x", "--parallel", "cfg")
     assert rc == 2 and err.startswith("error: --parallel cfg needs several processes") and "torchrun" in err
+
+
+@pytest.mark.slow
+def test_plan_per_rank_divides_activations_not_weights(demo_dir):
+    """The sequence split's rank plans less denoise memory than one process (activations split; the weights, the
+    same on every rank, are in both), and the same text phase."""
+    from lowvram_stepvideo.model_folder import open_model_folder
+    from lowvram_stepvideo.parallel_plan import plan_per_rank
+    from lowvram_stepvideo.plan import plan_memory
+    from lowvram_stepvideo.profiles import Preset
+    folder, profile, preset = open_model_folder(demo_dir), load_profile("cpu"), Preset(34, 256, 256, 1)
+    alone = plan_memory(folder, profile, preset)
+    split = plan_per_rank(folder, profile, preset, parallel.layout_for("sequence", 2))
+    weights = sum(t.numel() * t.element_size() for t in folder.open("transformer").load(
+        profile.torch_dtype, "cpu").state_dict().values())
+    assert split.phases["text"] == alone.phases["text"]
+    assert weights < split.phases["denoise"].peak_vram_bytes < alone.phases["denoise"].peak_vram_bytes
+    activations = alone.phases["denoise"].peak_vram_bytes - weights
+    assert split.phases["denoise"].peak_vram_bytes - weights < 0.75 * activations
