@@ -292,7 +292,8 @@ def _dry_run(args, pipe, preset) -> int:
     vram = detect_vram_bytes()
     if vram is None:
         vram = profile.min_vram_gib * GiB if profile.device == "cuda" else profile.memory.host_ram_gb * GiB
-    fitted, plan = fit_profile(pipe.folder, profile, preset, int(vram))
+    par = getattr(pipe.runtime, "par", None)   # under torchrun: the plan of rank 0's share
+    fitted, plan = fit_profile(pipe.folder, profile, preset, int(vram), layout=par and par.layout)
     te = fitted.text_encoders
     step_llm = "whole on the device" if te.placement == "device" else f"streamed, {te.resident_blocks} resident"
     if args.json:
@@ -324,7 +325,7 @@ def _generate(args, pipe, preset, output: Path, par=None) -> int:
     vram = detect_vram_bytes()
     if pipe.device.type == "cuda" and vram and not args.resume:
         full = ladder
-        ladder = fit_to_card(pipe, ladder, vram, pipe.log)
+        ladder = fit_to_card(pipe, ladder, vram, pipe.log, par and par.layout)
         if par is not None:   # cards may differ: every rank runs the preset that fits the smallest
             ladder = full[par.agree_max(len(full) - len(ladder)):]
     ckpt = checkpoint_path(output)

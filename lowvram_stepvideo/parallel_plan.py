@@ -6,8 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 from .parallel import Layout, Parallel, attach
-from .pipeline import StepVideoPipeline
-from .plan import PLAN_PROMPT, Plan, PlanningRuntime, evaluate
+from .plan import Plan, PlanningRuntime, evaluate, trace
 from .profiles import Preset, Profile
 
 
@@ -25,13 +24,8 @@ class RankPlanningRuntime(PlanningRuntime):
 
 def plan_per_rank(folder, profile: Profile, preset: Preset, layout: Layout,
                   assume_format: str | None = None) -> Plan:
-    """Peak device and host bytes per phase on one rank of `layout` (rank 0: it also runs the text phase and the
-    decode)."""
+    """Peak device and host bytes per phase on rank 0 of `layout` (the largest: it also runs the text phase and
+    the decode)."""
     if layout.cfg == 2:
         profile = dataclasses.replace(profile, cfg_mode="batch")   # as ParallelRuntime runs it
-    runtime = RankPlanningRuntime(folder, profile, layout, assume_format)
-    pipe = StepVideoPipeline(folder, profile, progress=False, runtime=runtime)
-    with runtime.accountant:
-        pipe(prompt=PLAN_PROMPT, num_frames=preset.frames, height=preset.height, width=preset.width,
-             num_inference_steps=1, output_type="video", seed=0)
-    return evaluate(runtime.phases, profile, preset)
+    return evaluate(trace(folder, profile, preset, assume_format, layout), profile, preset)

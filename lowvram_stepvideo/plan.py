@@ -142,11 +142,12 @@ def footprint(shape: ModelShape, streaming, profile: Profile) -> tuple[int, int]
 
 
 def fit_profile(folder: ModelFolder, profile: Profile, preset: Preset, budget_bytes: int,
-                assume_format: str | None = None) -> tuple[Profile, Plan]:
+                assume_format: str | None = None, layout=None) -> tuple[Profile, Plan]:
     """Stream step_llm if it does not fit whole, and lower the profile's resident DiT / step_llm blocks (upper
     bounds) to the most that fit `budget_bytes` of device memory. Returns the adjusted profile and its plan, which
-    may still exceed the budget when even zero resident blocks do not fit (the caller then steps down the ladder)."""
-    phases = trace(folder, profile, preset, assume_format)
+    may still exceed the budget when even zero resident blocks do not fit (the caller then steps down the ladder).
+    `layout` (parallel.Layout): plan one rank of a parallel run."""
+    phases = trace(folder, profile, preset, assume_format, layout)
     plan = evaluate(phases, profile, preset)
     te = profile.text_encoders
     if te.placement == "device" and plan.phases["text"].peak_vram_bytes > budget_bytes:
@@ -170,12 +171,18 @@ def fit_profile(folder: ModelFolder, profile: Profile, preset: Preset, budget_by
 _TRACES: dict[tuple, Trace] = {}
 
 
-def trace(folder: ModelFolder, profile: Profile, preset: Preset, assume_format: str | None = None) -> Trace:
-    """The stretches of one planned run (cached per folder, preset and `_shaping(profile)`)."""
+def trace(folder: ModelFolder, profile: Profile, preset: Preset, assume_format: str | None = None,
+          layout=None) -> Trace:
+    """The stretches of one planned run (cached per folder, preset, `_shaping(profile)` and parallel layout: with
+    a `layout`, of rank 0 of that parallel run)."""
     key = (folder.root, folder.weight_format, assume_format, _shaping(profile),
-           (preset.frames, preset.height, preset.width))
+           (preset.frames, preset.height, preset.width), layout and replace(layout, rank=0))
     if key not in _TRACES:
-        runtime = PlanningRuntime(folder, profile, assume_format)
+        if layout is None:
+            runtime = PlanningRuntime(folder, profile, assume_format)
+        else:
+            from .parallel_plan import RankPlanningRuntime   # imports this module
+            runtime = RankPlanningRuntime(folder, profile, replace(layout, rank=0), assume_format)
         pipe = StepVideoPipeline(folder, profile, progress=False, runtime=runtime)
         with runtime.accountant:
             pipe(prompt=PLAN_PROMPT, num_frames=preset.frames, height=preset.height, width=preset.width,

@@ -71,7 +71,7 @@ def resume_ladder(ladder: list[Preset], ckpt: Path) -> list[Preset]:
 
 
 def fit_to_card(pipe: StepVideoPipeline, ladder: list[Preset], vram_bytes: int,
-                log: Callable[[str], None]) -> list[Preset]:
+                log: Callable[[str], None], layout=None) -> list[Preset]:
     """Drop the head of the ladder while the memory plan says it does not fit; lower the profile's resident
     blocks to what fits (pipe.profile is updated). Presets are largest first, so the first that fits is found by
     bisection: a few plans, not one per preset."""
@@ -80,7 +80,7 @@ def fit_to_card(pipe: StepVideoPipeline, ladder: list[Preset], vram_bytes: int,
     fitted = {}
 
     def fits(i: int) -> bool:
-        fitted[i] = fit_profile(pipe.folder, pipe.profile, ladder[i], budget)
+        fitted[i] = fit_profile(pipe.folder, pipe.profile, ladder[i], budget, layout=layout)   # per rank
         return fitted[i][1].peak_vram_bytes <= budget
     lo, hi = 0, len(ladder)            # the first preset that fits is in ladder[lo:hi], or none does
     while lo < hi:

@@ -225,3 +225,7 @@ def test_plan_per_rank_divides_activations_not_weights(demo_dir):
     assert weights < split.phases["denoise"].peak_vram_bytes < alone.phases["denoise"].peak_vram_bytes
     activations = alone.phases["denoise"].peak_vram_bytes - weights
     assert split.phases["denoise"].peak_vram_bytes - weights < 0.75 * activations
+    # what a run under torchrun fits its presets with (runner.fit_to_card, --dry-run) is the rank's plan
+    from lowvram_stepvideo.plan import fit_profile
+    _, fitted = fit_profile(folder, profile, preset, 2**40, layout=parallel.layout_for("sequence", 2, rank=1))
+    assert fitted.phases["denoise"] == split.phases["denoise"]
