@@ -2,8 +2,7 @@
 
 argv: out_dir model_dir... ; for each model folder and each mode that fits the world size, denoises the fixture's
 embeddings for a few steps through ParallelRuntime and saves this rank's final latents to
-out_dir/<folder index>-<mode>-rank<r>.pt. `--die-after-steps N` / `--hang-after-steps N`: rank 1 exits at once /
-stops answering after N steps instead.
+out_dir/<folder index>-<mode>-rank<r>.pt. `--hang-after-steps N`: rank 1 stops answering after N steps.
 """
 import os
 import sys
@@ -43,7 +42,7 @@ def denoise(folder: Path, runtime_for, steps: int = 2, step_callback=None) -> to
 
 def main(argv: list[str]) -> int:
     fault, after = None, None
-    if argv[0] in ("--die-after-steps", "--hang-after-steps"):
+    if argv[0] == "--hang-after-steps":
         fault, after, argv = argv[0], int(argv[1]), argv[2:]
     out, folders = Path(argv[0]), [Path(a) for a in argv[1:]]
     torch.set_num_threads(1)
@@ -55,13 +54,11 @@ def main(argv: list[str]) -> int:
             par = par or parallel.Parallel(parallel.layout_for(mode, world, int(os.environ["RANK"])),
                                            torch.device("cpu"))
 
-            def die(done, _latents):
+            def hang(done, _latents):
                 if fault and par.layout.rank == 1 and done == after:
-                    if fault == "--hang-after-steps":
-                        time.sleep(3600)
-                    os._exit(9)
+                    time.sleep(3600)
             latents = denoise(folder, lambda mf: parallel.ParallelRuntime(mf, load_profile("cpu"), par),
-                              step_callback=die)
+                              step_callback=hang)
             torch.save(latents, out / f"{i}-{mode}-rank{par.layout.rank}.pt")
     parallel.close()
     return 0
