@@ -10,7 +10,8 @@ slot-sized host buffer:
 - disk:   positioned file reads (os.preadv) into the buffer, the source="disk" path; the first read comes after
           posix_fadvise(DONTNEED) on the weight files (cold page cache, where the kernel honours it), later reads
           are warm;
-- mmap:   copies out of the memory-mapped tensors (source="ram" beyond the pin budget: pageable RAM);
+- mmap:   copies out of the memory-mapped tensors (the engine given no weight refs: how source="ram" beyond the
+          packed budget reads a model it cannot find in the files; blocks it can find are read like disk);
 - packed: copies out of the packed host image (source="ram" within budget; page-locked when CUDA exists).
 Reports GB/s per path (median of the warm repeats) and prints a markdown table.
 
@@ -43,11 +44,11 @@ def transformer_folder(folder: Path) -> Path:
     return folder / "transformer" if (folder / "transformer" / "config.json").is_file() else folder
 
 
-def engine_for(model, block: int, source: str, budget: int) -> BlockStreamer:
+def engine_for(model, block: int, source: str, budget: int, refs: bool = True) -> BlockStreamer:
     """A CPU streamer where only `block` is streamed (every other block stays as loaded)."""
     resident = [i for i in range(len(model.transformer_blocks)) if i != block]
     return BlockStreamer(model.transformer_blocks, "cpu", resident=resident, prefetch=0, source=source,
-                         pin_budget_bytes=budget, weight_refs=model.weight_refs,
+                         pin_budget_bytes=budget, weight_refs=model.weight_refs if refs else None,
                          prefix="transformer_blocks.").attach()
 
 
@@ -78,7 +79,7 @@ def measure(model, block: int, repeats: int) -> list[dict]:
                                        ("mmap (pageable)", "ram", 0, None),
                                        ("packed host RAM", "ram", 2**42, None)]:
         start = time.perf_counter()
-        engine = engine_for(model, block, source, budget)
+        engine = engine_for(model, block, source, budget, refs=not name.startswith("mmap"))
         attach_s = time.perf_counter() - start
         first, warm = time_reads(engine, block, repeats, cold)
         nbytes = engine.stats.slot_bytes

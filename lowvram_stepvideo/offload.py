@@ -8,10 +8,19 @@ i+1 .. i+prefetch are copied into free slots on a dedicated CUDA stream; events 
 A slot keeps its block until the slot is needed for another one, so a block still there from the previous forward
 (short stacks, `cyclic` prefetch) is not copied again.
 
-Streamed blocks live in packed host images (page-locked when CUDA exists) up to `pin_budget_bytes`; beyond it
-they stay in pageable RAM (source="ram") or are read from the checkpoint files (source="disk"). Those go
-through a worker thread and, on CUDA, a small pinned staging ring, so reading overlaps compute. On a CPU device the
-same engine runs with plain buffers and no streams, so its logic is tested everywhere.
+With source="ram", streamed blocks live in packed host images (page-locked when CUDA exists) up to
+`pin_budget_bytes`, clamped to the RAM the machine has available (`clamp_packed_budget`); the others are "pageable":
+read at each forward from the checkpoint's page cache with positioned reads (or from the module's tensors where the
+file does not hold them as they run). With source="disk" nothing is packed: every block is read from the checkpoint
+files. Unpacked blocks go through a worker thread and, on CUDA, a small pinned staging ring, so reading overlaps
+compute. If page-locking fails, the engine logs one warning and carries on with what it got (fewer packed blocks,
+pageable staging). On a CPU device the same engine runs with plain buffers and no streams, so its logic is tested
+everywhere.
+
+Host and device bytes an engine holds are `streaming_footprint(...)` of its settings; a live engine reports its
+actual allocations with `footprint()`, and the two agree (tests/test_offload_memory.py). `detach(discard=True)` frees
+everything and leaves the blocks empty (for a model about to be thrown away); `detach()` gives the blocks their
+original tensors back (memory-mapped views where they were loaded as such), never a second copy next to the arenas.
 """
 from __future__ import annotations
 
@@ -20,13 +29,14 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from . import offload_store
-from .offload_store import (BlockLayout, HostArenas, RamSegment, as_bytes, block_tensors, disk_segments,
-                            fill_range, physical_ram_bytes)
+from .offload_store import (BlockLayout, CastSegment, HostArenas, RamSegment, as_bytes, available_ram_bytes,
+                            block_tensors, disk_segments, fill_range, physical_ram_bytes)
 
 log = logging.getLogger(__name__)
 GiB = 2**30
@@ -35,6 +45,43 @@ PIN_FRACTION = 0.5                    # default pinned budget (source="ram"): th
 BLOCK_LISTS = ("transformer_blocks", "transformer.layers")   # DiT, step_llm
 ARENA_BYTES = 256 * 2**20             # packed host images come in arenas of this size (a power of two)
 STAGING_BYTES, STAGING_BUFFERS = 64 * 2**20, 3                # pinned staging ring for disk/pageable blocks
+# RAM left alone when packing at attach: the OS, this process's own allocations (activations on a CPU device,
+# decoded frames, Python) and the page cache the disk-streamed blocks read through.
+PACKED_RAM_MARGIN = 4 * GiB
+
+
+class Footprint(NamedTuple):
+    device_bytes: int     # weights placed on the device: other weights + resident blocks + slots
+    host_bytes: int       # host RAM the engine allocates: packed block images + staging buffers
+
+
+def clamp_packed_budget(budget_bytes: int, available_bytes: int | None = None) -> int:
+    """The packed budget a machine can hold: at most its available RAM minus PACKED_RAM_MARGIN (None = read
+    this machine's MemAvailable)."""
+    available = available_ram_bytes() if available_bytes is None else available_bytes
+    return max(0, min(int(budget_bytes), available - PACKED_RAM_MARGIN))
+
+
+def streaming_footprint(block_bytes: int, n_blocks: int, other_bytes: int, resident, prefetch: int, source: str,
+                        packed_budget_bytes: int, cuda: bool, arena_bytes: int = ARENA_BYTES,
+                        staging_bytes: int = STAGING_BYTES, staging_buffers: int = STAGING_BUFFERS) -> Footprint:
+    """What attaching a BlockStreamer with these settings holds, without allocating anything.
+
+    block_bytes: `BlockLayout(block).nbytes` (a slot; resident blocks count the same: every tensor rounded to the
+    layout's alignment, as a caching allocator rounds it). other_bytes: the model's weights outside the stack (put
+    on the device beside it). resident: a count or indices, as BlockStreamer takes. packed_budget_bytes: the budget
+    after `clamp_packed_budget`; it applies to source "ram" only. Host bytes that are not allocations of the engine
+    (the checkpoint's memory-mapped pages, a model's own loaded tensors) are not included.
+    """
+    n_resident = len(_resident_indices(resident, n_blocks))
+    streamed = n_blocks - n_resident
+    slots = min(prefetch + 1, streamed)
+    arenas = HostArenas(block_bytes, arena_bytes, pin=False)
+    packed = arenas.fit(packed_budget_bytes, streamed) if source == "ram" else 0
+    host = arenas.cost(packed)
+    if packed < streamed and cuda:
+        host += staging_buffers * min(staging_bytes, block_bytes)
+    return Footprint(other_bytes + (n_resident + slots) * block_bytes, host)
 
 
 @dataclass
@@ -91,12 +138,15 @@ class BlockStreamer:
         self.resident = _resident_indices(resident, len(self.blocks))
         self.prefetch, self.source, self.cyclic = prefetch, source, cyclic
         if pin_budget_bytes is None:
-            pin_budget_bytes = int(PIN_FRACTION * physical_ram_bytes()) if source == "ram" else 0
+            pin_budget_bytes = int(PIN_FRACTION * physical_ram_bytes())
         self.weight_refs, self.prefix = weight_refs, prefix
         self.staging_bytes, self.staging_buffers, self.arena_bytes = staging_bytes, staging_buffers, arena_bytes
-        self.stats = StreamStats(pin_budget_bytes=int(pin_budget_bytes))
+        self.requested_budget_bytes = int(pin_budget_bytes) if source == "ram" else 0
+        self.stats = StreamStats()
         self.log: list | None = [] if keep_log else None
+        self.other_bytes = 0              # weights outside the stack that the caller put on the device beside it
         self.attached = False
+        self._warned = False
 
     # ------------------------------------------------------------ attach / detach
 
@@ -110,14 +160,16 @@ class BlockStreamer:
             self.layout.check(block, i)
         self._tensors = [[t for _, t in block_tensors(b)] for b in self.blocks]
         self._order = [i for i in range(len(self.blocks)) if i not in self.resident]
+        self._originals = {i: self._kept_originals(i) for i in range(len(self.blocks))}
         self._fds: dict = {}
+        self._slots, self._staging, self._worker = [], [], None
         try:
             self._plan_sources()
             self._move_resident(self.device)
             self._make_slots()          # device allocations: may run out of memory
         except BaseException:
-            self._move_resident(torch.device("cpu"))
-            _close_all(self._fds)
+            self._restore_resident()
+            self._free_buffers()
             raise
         self._placeholders = [torch.empty(0, dtype=e.dtype, device=self.device) for e in self.layout.entries]
         for i in self._order:
@@ -128,10 +180,35 @@ class BlockStreamer:
         log.info(self.summary())
         return self
 
-    def detach(self) -> None:
-        """Remove the hooks and give every block back its weights as plain host tensors."""
+    def detach(self, discard: bool = False) -> None:
+        """Remove the hooks and free every buffer. `discard`: the model is about to be thrown away, so its blocks
+        are left empty (nothing is rebuilt or copied back). Otherwise every block gets its original tensors back:
+        the memory-mapped views it was loaded with, or, where the originals were copies (cast at load, in-memory
+        models), tensors rebuilt one block at a time while the packed arenas are released."""
         if not self.attached:
             return
+        self._stop_copies()
+        for h in self._hooks:
+            h.remove()
+        self._bound = None
+        self._slots, self._staging = [], []        # device slots and staging go first
+        if discard:
+            self._free_buffers()
+            empty = [torch.empty(0, dtype=e.dtype) for e in self.layout.entries]
+            for tensors in self._tensors:
+                for t, placeholder in zip(tensors, empty):
+                    t.data = placeholder
+        else:
+            self._restore_resident()
+            for i in sorted(self._order, key=lambda i: self._pin_pos.get(i, -1), reverse=True):
+                self._restore_streamed(i)
+            self._free_buffers()
+        self._originals, self._segments = {}, {}
+        if self.cuda:
+            _release_cached_pinned_memory()
+        self.attached = False
+
+    def _stop_copies(self) -> None:
         for slot in self._slots:
             if slot.job is not None:
                 slot.job.exception()      # wait until queued; a failed fill does not matter any more
@@ -139,18 +216,41 @@ class BlockStreamer:
             self._worker.shutdown(wait=True)
         if self.cuda:
             torch.cuda.synchronize(self.device)
-        for h in self._hooks:
-            h.remove()
-        self._bound = None
-        self._move_resident(torch.device("cpu"))
-        for i in self._order:
-            for t, host in zip(self._tensors[i], self._host_tensors(i)):
-                t.data = host
+
+    def _free_buffers(self) -> None:
+        self._slots, self._staging = [], []
+        if getattr(self, "_arenas", None) is not None:
+            self._arenas.release_from(0)
+        self._arenas = None
         _close_all(self._fds)
-        self._slots, self._staging, self._arenas, self._segments = [], [], None, {}
-        if self.cuda:
-            _release_cached_pinned_memory()
-        self.attached = False
+
+    def _kept_originals(self, i: int) -> list[torch.Tensor | None]:
+        """Block i's tensors that detach can give back as they are: memory-mapped views of the checkpoint (the
+        file has the tensor in its run dtype), and every tensor a CPU engine leaves in place (resident blocks).
+        Copies (cast at load, in-memory models) are not kept while the block streams: that would be RAM twice."""
+        if i in self.resident and not self.cuda:
+            return [t.data for t in self._tensors[i]]
+        refs = self.weight_refs or {}
+        out = []
+        for e, t in zip(self.layout.entries, self._tensors[i]):
+            ref = refs.get(f"{self.prefix}{i}.{e.name}")
+            out.append(t.data if ref is not None and ref.dtype == t.dtype and ref.shape == e.shape else None)
+        return out
+
+    def _restore_resident(self) -> None:
+        for i in self.resident:
+            for t, original in zip(self._tensors[i], self._originals[i]):
+                t.data = original if original is not None else t.data.to("cpu")
+
+    def _restore_streamed(self, i: int) -> None:
+        """Originals back; missing ones rebuilt. Packed blocks go from the last arena position down, each
+        arena released once no block left to restore lies in it."""
+        kept = self._originals[i]
+        rebuilt = self._host_tensors(i) if any(t is None for t in kept) else [None] * len(kept)
+        for t, original, new in zip(self._tensors[i], kept, rebuilt):
+            t.data = original if original is not None else new
+        if i in self._pin_pos:
+            self._arenas.release_from(self._pin_pos[i] * self.layout.nbytes)
 
     def _register(self, i: int, block: nn.Module) -> list:
         pre = block.register_forward_pre_hook(lambda module, args: self._pre(i))
@@ -160,24 +260,66 @@ class BlockStreamer:
     def _plan_sources(self) -> None:
         """Decide where each streamed block lives and fill the packed images of those that fit the budget."""
         pin = self.cuda
+        budget = clamp_packed_budget(self.requested_budget_bytes) if self.requested_budget_bytes else 0
+        if budget < self.requested_budget_bytes:
+            log.info(f"packed budget lowered from {_size(self.requested_budget_bytes)} to {_size(budget)}: "
+                     f"the available RAM minus {_size(PACKED_RAM_MARGIN)}")
+        self.stats.pin_budget_bytes = budget
         self._arenas = HostArenas(self.layout.nbytes, self.arena_bytes, pin)
-        n_pinned = self._arenas.fit(self.stats.pin_budget_bytes, len(self._order))
-        self._arenas.allocate(n_pinned)
+        n_packed = self._allocate_arenas(self._arenas.fit(budget, len(self._order)))
         self._kind, self._pin_pos, self._segments = {}, {}, {}
         for pos, i in enumerate(self._order):
-            segments = self._source_segments(i)
-            if pos < n_pinned:
+            if pos < n_packed:
+                segments = self._packing_segments(i)
                 for piece, off in self._arenas.pieces(pos):
                     fill_range(self.layout, segments, piece, off, off + piece.numel())
                 self._kind[i], self._pin_pos[i] = "packed", pos
             else:
-                self._kind[i], self._segments[i] = ("disk" if self.source == "disk" else "pageable"), segments
+                self._kind[i], self._segments[i] = ("disk" if self.source == "disk" else "pageable"), \
+                    self._source_segments(i)
         self._update_source_stats(pin)
 
+    def _allocate_arenas(self, blocks: int) -> int:
+        """Allocate packed images for `blocks` blocks; if the RAM (or the page-locking of it) is refused, keep the
+        whole blocks that did fit and warn once. Returns how many blocks are packed."""
+        try:
+            self._arenas.allocate(blocks)
+            return blocks
+        except RuntimeError as e:     # RLIMIT_MEMLOCK, a full RAM, or a driver that cannot pin more
+            got = self._arenas.keep_whole_blocks(blocks)
+            self._warn(f"could not {'page-lock' if self.cuda else 'allocate'} {_size(self._arenas.cost(blocks))} "
+                       f"of host RAM for packed blocks ({_first_line(e)}); {got} of {blocks} blocks packed, the "
+                       "others are read from the checkpoint or pageable RAM at each forward (slower copies)")
+            return got
+
+    def _warn(self, message: str) -> None:
+        if not self._warned:
+            log.warning(message)
+            self._warned = True
+
     def _source_segments(self, i: int) -> list:
+        """Where an unpacked block is read from at each forward: its checkpoint file (source "disk"; for "ram" too
+        when the file holds the block as it runs, so no cast is repeated), else the module's tensors."""
         if self.source == "disk":
             return disk_segments(self.layout, self._tensors[i], self.weight_refs, f"{self.prefix}{i}.", self._fds)
-        return [RamSegment(t.data) for t in self._tensors[i]]
+        segments = self._file_segments(i)
+        if segments is None or any(isinstance(seg, CastSegment) for seg in segments):
+            return [RamSegment(t.data) for t in self._tensors[i]]
+        return segments
+
+    def _packing_segments(self, i: int) -> list:
+        return self._file_segments(i) or [RamSegment(t.data) for t in self._tensors[i]]
+
+    def _file_segments(self, i: int) -> list | None:
+        """Block i read from the checkpoint with positioned reads, if its weights are there as loaded. Reading
+        through the memory map instead would leave the file's pages mapped into this process: the block counted
+        again in its RSS, on top of the packed image or slot it was copied into."""
+        if self.weight_refs is None:
+            return None
+        try:
+            return disk_segments(self.layout, self._tensors[i], self.weight_refs, f"{self.prefix}{i}.", self._fds)
+        except ValueError:        # the module changed after loading (e.g. quantized in memory)
+            return None
 
     def _update_source_stats(self, pin: bool) -> None:
         kinds = list(self._kind.values())
@@ -200,13 +342,21 @@ class BlockStreamer:
         self._windows = [self._window(i) for i in range(len(self.blocks))]
         self.stats.slots, self.stats.slot_bytes = count, self.layout.nbytes
         staged = any(kind != "packed" for kind in self._kind.values())
-        self._worker = ThreadPoolExecutor(1, "block-stream") if staged and (self.cuda or self.source == "disk") \
-            else None
+        reads_files = any(not isinstance(seg, RamSegment) for segs in self._segments.values() for seg in segs)
+        self._worker = ThreadPoolExecutor(1, "block-stream") if staged and (self.cuda or reads_files) else None
         self._copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
         size = min(self.staging_bytes, self.layout.nbytes)
-        self._staging = [(offload_store.host_buffer(size, pin=True), torch.cuda.Event())
+        self._staging = [(self._staging_buffer(size), torch.cuda.Event())
                          for _ in range(self.staging_buffers)] if staged and self.cuda else []
         self._next_staging = 0
+
+    def _staging_buffer(self, size: int) -> torch.Tensor:
+        try:
+            return offload_store.host_buffer(size, pin=True)
+        except RuntimeError as e:
+            self._warn(f"could not page-lock {_size(size)} of staging RAM ({_first_line(e)}); staging in pageable "
+                       "RAM (copies to the device are not asynchronous)")
+            return offload_store.host_buffer(size, pin=False)
 
     def _window(self, i: int) -> list[int]:
         """Streamed blocks that must be in slots when block i starts: i itself (if streamed), then the next ones."""
@@ -352,6 +502,15 @@ class BlockStreamer:
 
     # ------------------------------------------------------------ reporting
 
+    def footprint(self) -> Footprint:
+        """Bytes this attached engine holds, from its own allocations (see `streaming_footprint`)."""
+        if not self.attached:
+            return Footprint(0, 0)
+        block = self.layout.nbytes
+        device = self.other_bytes + len(self.resident) * block + sum(s.flat.numel() for s in self._slots)
+        host = self._arenas.nbytes + sum(buf.numel() for buf, _ in self._staging)
+        return Footprint(device, host)
+
     def summary(self) -> str:
         s = self.stats
         streamed = len(self.blocks) - s.resident_blocks
@@ -359,7 +518,7 @@ class BlockStreamer:
         return (f"block streaming to {self.device}: {len(self.blocks)} blocks, {s.resident_blocks} resident, "
                 f"{streamed} streamed ({s.packed_blocks} packed in {where}, {s.pageable_blocks} pageable, "
                 f"{s.disk_blocks} from disk), prefetch {self.prefetch}, {s.slots} slots x {_size(s.slot_bytes)}; "
-                f"packed {_size(s.packed_bytes)} of {_size(s.pin_budget_bytes)} pin budget")
+                f"packed {_size(s.packed_bytes)} of {_size(s.pin_budget_bytes)} budget")
 
 
 def _size(n: int) -> str:
@@ -367,6 +526,10 @@ def _size(n: int) -> str:
         if n >= scale:
             return f"{n / scale:.2f} {unit}"
     return f"{n} B"
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def _inference_mode(fn):
@@ -427,7 +590,8 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
 def attach_streaming(model: nn.Module, device, resident=0, prefetch: int = 1, source: str = "ram",
                      pin_budget_bytes: int | None = None, **options) -> BlockStreamer:
     """Stream `model`'s blocks to `device` and put every other weight there. `offload_component(model)` (or the
-    returned engine's `detach()` for the blocks) undoes it. `options` go to BlockStreamer (cyclic, keep_log...)."""
+    returned engine's `detach()` for the blocks) undoes it. `options` go to BlockStreamer (cyclic, keep_log...).
+    The engine's `footprint()` includes those other weights."""
     path, blocks = find_blocks(model)
     if "_lowvram_streamer" in model.__dict__ or "_lowvram_host" in model.__dict__:
         raise ValueError(f"{type(model).__name__} is already placed on a device; offload_component(model) first")
@@ -435,7 +599,7 @@ def attach_streaming(model: nn.Module, device, resident=0, prefetch: int = 1, so
                            pin_budget_bytes=pin_budget_bytes, weight_refs=getattr(model, "weight_refs", None),
                            prefix=path + ".", **options).attach()
     model.__dict__["_lowvram_streamer"] = engine     # before the next step: offload_component undoes both
-    to_device(model, device, skip=(path,))
+    engine.other_bytes = to_device(model, device, skip=(path,))
     return engine
 
 
@@ -444,26 +608,33 @@ def _named_tensors(module: nn.Module):
     yield from module.named_buffers()
 
 
-def to_device(module: nn.Module, device, skip: tuple[str, ...] = ()) -> None:
-    """Put a component's weights on `device` (except those under the `skip` prefixes). The host tensors are kept,
-    so `offload_component` costs no copy; weights must not be modified meanwhile (inference only)."""
+def to_device(module: nn.Module, device, skip: tuple[str, ...] = ()) -> int:
+    """Put a component's weights on `device` (except those under the `skip` prefixes); returns their bytes. The
+    host tensors are kept, so `offload_component` costs no copy; weights must not be modified meanwhile."""
     device = torch.device(device)
     host = module.__dict__.setdefault("_lowvram_host", {})
+    placed = 0
     for name, t in _named_tensors(module):
         if any(name.startswith(p + ".") for p in skip):
             continue
         host.setdefault(name, t.data)
         t.data = t.data.to(device)
+        placed += t.numel() * t.element_size()
+    return placed
 
 
-def offload_component(module: nn.Module) -> None:
-    """Take a component off the device: detach its block streamer, give its weights their host tensors back."""
+def offload_component(module: nn.Module, discard: bool = False) -> None:
+    """Take a component off the device: detach its block streamer, give its weights their host tensors back.
+    `discard`: the component is about to be thrown away; every weight is dropped instead (arenas and slots
+    first, nothing copied back), leaving the module empty and unusable."""
     engine = module.__dict__.pop("_lowvram_streamer", None)
     if engine is not None:
-        engine.detach()
+        engine.detach(discard=discard)
     host = module.__dict__.pop("_lowvram_host", {})
     for name, t in _named_tensors(module):
-        if name in host:
+        if discard:
+            t.data = torch.empty(0, dtype=t.dtype)
+        elif name in host:
             t.data = host[name]
         elif t.device.type != "cpu":
             t.data = t.data.to("cpu")

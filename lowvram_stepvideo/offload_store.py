@@ -138,7 +138,7 @@ def disk_segments(layout: BlockLayout, tensors: list[torch.Tensor], refs: dict[s
     """Segments reading one block from its checkpoint file(s); tensors absent from the file stay in RAM."""
     if refs is None:
         raise ValueError("disk streaming needs the model's weight_refs (load it with checkpoint.load_weights) "
-                         "or source='pinned'")
+                         "or source='ram'")
     segments = []
     for entry, t in zip(layout.entries, tensors):
         ref = refs.get(prefix + entry.name)
@@ -193,6 +193,8 @@ class HostArenas:
         return n
 
     def allocate(self, blocks: int) -> None:
+        """Allocate arenas for `blocks` blocks; on a failed allocation the arenas made so far stay (see
+        `keep_whole_blocks`) and the error propagates."""
         remaining = self.cost(blocks)
         while remaining > 0:
             size = min(self.arena_bytes, remaining)
@@ -200,9 +202,24 @@ class HostArenas:
             remaining -= size
         self.count = blocks
 
+    def keep_whole_blocks(self, wanted: int) -> int:
+        """After a failed `allocate`: keep the arenas covering the whole blocks they can hold (at most `wanted`),
+        free the rest, and return that block count."""
+        count = min(wanted, self.nbytes // self.block_bytes)
+        needed = -(-count * self.block_bytes // self.arena_bytes)
+        del self.arenas[needed:]
+        self.count = count
+        return count
+
+    def release_from(self, byte: int) -> None:
+        """Free every arena that starts at or after byte offset `byte` of the packed images."""
+        first = -(-byte // self.arena_bytes)
+        for k in range(first, len(self.arenas)):
+            self.arenas[k] = None
+
     @property
     def nbytes(self) -> int:
-        return sum(a.numel() for a in self.arenas)
+        return sum(a.numel() for a in self.arenas if a is not None)
 
     def pieces(self, position: int, a: int = 0, b: int | None = None) -> list[tuple[torch.Tensor, int]]:
         """(arena slice, offset in the block image) covering bytes [a, b) of the block stored at `position`."""
@@ -229,3 +246,16 @@ def host_buffer(nbytes: int, pin: bool) -> torch.Tensor:
 
 def physical_ram_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def available_ram_bytes() -> int:
+    """RAM the kernel could hand out now without swapping (MemAvailable; the physical RAM where that is not
+    readable)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return physical_ram_bytes()

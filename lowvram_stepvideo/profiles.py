@@ -18,11 +18,13 @@ Keys (every file has exactly these; the TOML comments say why each tier picks it
     presets            ladder of {frames, height, width, steps}, largest first: the first is the default, the
                        runner steps down on OOM. frames % 17 == 0, height and width % 16 == 0.
     [memory]           host_ram_gb: host RAM the runner may hold; packed_gb: part of it for packed block copies
-                       (page-locked on cuda, ordinary RAM on cpu)
+                       of source "ram" stacks (page-locked on cuda, ordinary RAM on cpu; lowered at run time to
+                       the available RAM minus offload.PACKED_RAM_MARGIN)
     [dit]              streaming of the DiT's 48 blocks: resident_blocks kept on the compute device (an upper
                        bound, the memory plan may lower it); prefetch = blocks copied ahead on a side stream
                        (0 = synchronous); source of the others each forward: "ram" (a packed copy held in RAM,
-                       within packed_gb; page-locked on cuda) | "disk" (read from the checkpoint files, nothing held)
+                       within packed_gb, page-locked on cuda; beyond it read from the checkpoint's page cache) |
+                       "disk" (read from the checkpoint files, nothing held, packed_gb ignored)
     [text_encoders]    placement: "device" (step_llm whole on the compute device for the text phase) |
                        "stream" (its blocks streamed with the settings below); CLIP (1.3 GB) is always whole.
                        resident_blocks, prefetch, source as for [dit]

@@ -117,7 +117,7 @@ class DeviceRuntime(Runtime):
         self.log(f"{type(model).__name__}: {engine.summary()}")
 
     def unplace(self, model: nn.Module) -> None:
-        offload_component(model)
+        offload_component(model, discard=True)   # each phase loads its model and throws it away after
 
     def report(self, phase: str) -> None:
         if self.device.type == "cuda":

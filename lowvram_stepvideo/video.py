@@ -23,6 +23,14 @@ REFERENCE_DENOISE = "atadenoise=0a=0.1:0b=0.1:1a=0.1:1b=0.1"
 # The index ('moov' box) before the frames: a browser or player starts playing before the whole file arrived.
 FAST_START = ["-movflags", "+faststart"]
 
+# Host RAM of the mp4 writer, for memory plans (`mp4_writer_host_bytes`). ffmpeg's peak RSS measured on the dev VM
+# (2 vCPU; libx264 crf 25 through write_mp4; random frames, the encoder's worst case; the peak of the encoding and
+# the frame-count check): 261 MiB at 34 frames of 256x448, 242 MiB at 51 x 272x480, 298 MiB at 51 x 540x960,
+# 374 MiB at 102 x 540x960, 525 MiB at 204 x 540x960. The model below is above all five, by 9-38%. x264 runs more threads on more cores (more frames in flight): a many-core machine needs more.
+FFMPEG_BASE_BYTES = 256 * 2**20
+FFMPEG_BYTES_PER_PIXEL = 160          # lookahead and reference frames
+FFMPEG_BYTES_PER_PIXEL_FRAME = 3      # grows with the clip (buffered encoded frames)
+
 
 class VideoError(RuntimeError):
     """The mp4 could not be encoded or written."""
@@ -60,6 +68,31 @@ def postprocess(video: torch.Tensor, crop: bool = True) -> np.ndarray:
     (a view into the uncropped frames when cropped)."""
     frames = to_uint8_frames(video)
     return crop_540p(frames) if crop else frames
+
+
+def written_frame_shape(height: int, width: int) -> tuple[int, int]:
+    """(height, width) of the frames `write_mp4` encodes for a decoded video of height x width (after the
+    reference crop and the even-side padding)."""
+    h, w = crop_540p(np.broadcast_to(np.uint8(0), (1, height, width, 3))).shape[1:3]
+    return h + h % 2, w + w % 2
+
+
+def decoded_video_host_bytes(frames: int, height: int, width: int, dtype: torch.dtype, batch: int = 1) -> int:
+    """Host RAM while a decoded video becomes uint8 frames (`postprocess`): the decoded (B, F, 3, H, W) tensor in
+    the compute dtype, the uint8 frames (F, B*H, W, 3), and one frame's float temporaries, all alive at once."""
+    values = batch * frames * 3 * height * width
+    frame_temps = 3 * batch * 3 * height * width * max(dtype.itemsize, 4)
+    return values * dtype.itemsize + values + frame_temps
+
+
+def mp4_writer_host_bytes(frames: int, height: int, width: int) -> int:
+    """Host RAM of writing `frames` decoded frames of height x width as mp4 (the uint8 frames themselves are
+    counted by `decoded_video_host_bytes`): two frame copies in this process (the even-sided copy, the pipe's
+    buffer) plus the ffmpeg process (see FFMPEG_BASE_BYTES)."""
+    h, w = written_frame_shape(height, width)
+    pixels = h * w
+    ffmpeg = FFMPEG_BASE_BYTES + pixels * (FFMPEG_BYTES_PER_PIXEL + FFMPEG_BYTES_PER_PIXEL_FRAME * frames)
+    return 2 * 3 * pixels + ffmpeg
 
 
 def _even(frame: np.ndarray) -> np.ndarray:

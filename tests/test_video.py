@@ -2,6 +2,8 @@
 import json
 import os
 import struct
+import subprocess
+import sys
 
 import imageio.v2 as imageio
 import imageio_ffmpeg
@@ -245,3 +247,50 @@ def test_output_path_read_only_folder(tmp_path):
         assert "cannot write" in output_path_error(folder / "a.mp4")
     finally:
         folder.chmod(0o755)
+
+
+# ---------------------------------------------------------------- host RAM estimates for memory plans
+
+HOST_RAM_SCRIPT = """
+import json, resource, sys, torch
+from pathlib import Path
+from lowvram_stepvideo.video import postprocess, write_mp4
+
+def status_bytes(key):
+    return int(open("/proc/self/status").read().split(key + ":")[1].split()[0]) * 1024
+
+f, h, w = {frames}, {height}, {width}
+video = (torch.rand(1, f, 3, h, w) * 2 - 1).to(torch.bfloat16)
+with open("/proc/self/clear_refs", "w") as fh:
+    fh.write("5")
+before = status_bytes("VmRSS")
+frames = postprocess(video)
+post = status_bytes("VmHWM") - before + video.numel() * video.element_size()
+write_mp4(frames[:17], Path({out!r}))   # 17 frames: quicker, and ffmpeg's own memory dominates
+ffmpeg = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+print(json.dumps({{"postprocess": post, "ffmpeg": ffmpeg}}))
+"""
+
+
+@pytest.mark.slow
+def test_host_ram_estimates_cover_postprocess_and_writer(tmp_path):
+    """The decoded-video and mp4-writer estimates a memory plan uses, against this machine: postprocess's peak RSS
+    (plus the decoded video it starts from) and ffmpeg's peak RSS, in a fresh process."""
+    f, h, w = 34, 256, 448
+    code = HOST_RAM_SCRIPT.format(frames=f, height=h, width=w, out=str(tmp_path / "clip.mp4"))
+    env = dict(os.environ, OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="65536")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    measured = json.loads(done.stdout.splitlines()[-1])
+    decoded = video_mod.decoded_video_host_bytes(f, h, w, torch.bfloat16)
+    writer = video_mod.mp4_writer_host_bytes(17, h, w)
+    print({"measured": measured, "decoded_estimate": decoded, "writer_estimate": writer})
+    assert 0.8 * decoded <= measured["postprocess"] <= decoded
+    # ffmpeg's constants were measured on 2 vCPUs; x264 runs more threads on more cores, hence the slack
+    assert 0.5 * writer <= measured["ffmpeg"] <= 1.25 * writer
+
+
+def test_written_frame_shape_follows_crop_and_padding():
+    assert video_mod.written_frame_shape(544, 992) == (540, 960)
+    assert video_mod.written_frame_shape(64, 97) == (64, 98)
+    assert video_mod.written_frame_shape(768, 768) == (768, 768)
