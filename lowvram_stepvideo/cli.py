@@ -323,6 +323,8 @@ def _generate(args, pipe, preset, output: Path, par=None) -> int:
     request = _request(args, pipe, preset)
     ladder = ladder_from(pipe.profile.presets, preset)
     vram = detect_vram_bytes()
+    if par is not None and pipe.device.type == "cuda":   # this rank's card, not card 0
+        vram = torch.cuda.get_device_properties(pipe.device).total_memory
     if pipe.device.type == "cuda" and vram and not args.resume:
         full = ladder
         ladder = fit_to_card(pipe, ladder, vram, pipe.log, par and par.layout)
