@@ -53,7 +53,7 @@ def bench_profile(folder, frames: int, height: int, width: int, packed_blocks: f
 
 def planned(folder, profile) -> dict[str, int]:
     from lowvram_stepvideo.plan import plan_memory
-    plan = plan_memory(folder, profile, profile.presets[0])
+    plan = plan_memory(folder, profile, profile.presets[0])   # any prompt plans the same
     return {name: p.peak_vram_bytes + p.peak_host_bytes for name, p in plan.phases.items()}
 
 

@@ -97,12 +97,13 @@ def machine_budget(device: str, vram_bytes: int | None = None, ram_bytes: int | 
 
 
 def cuda_free_and_total() -> tuple[int, int] | None:
-    """(free, total) bytes of CUDA device 0 after context creation, or None without CUDA."""
+    """(free, total) bytes of the current CUDA device (card 0, or this rank's under torchrun) after context
+    creation, or None without CUDA."""
     use_expandable_segments()
     import torch
     if not torch.cuda.is_available():
         return None
-    return torch.cuda.mem_get_info(0)
+    return torch.cuda.mem_get_info(torch.cuda.current_device())
 
 
 def use_expandable_segments() -> None:

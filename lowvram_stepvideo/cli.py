@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import textwrap
 import time
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from . import exit_codes, preflight, results, runner
+from . import exit_codes, parallel, preflight, results, runner
 from .budgets import use_expandable_segments
 from .config import ConfigError
 from .errors import StepVideoError, UsageError
@@ -145,6 +146,10 @@ def build_parser(prog: str = "generate.py") -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="with --web: the port (default 7860)")
     p.add_argument("--listen", action="store_true",
                    help="with --web: serve on every network interface instead of 127.0.0.1 (no password!)")
+    p.add_argument("--parallel", choices=parallel.MODES,
+                   help="under torchrun --nproc-per-node N (one GPU per process): cfg = 2 processes, one guidance "
+                        "branch each; sequence = the DiT's tokens split across all N; auto (default under "
+                        "torchrun) = cfg x sequence when N is even, else sequence")
     return p
 
 
@@ -167,6 +172,8 @@ def main(argv: list[str], prog: str = "generate.py") -> int:
         what = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         _say(f"error: out of memory: {what}; use a smaller --profile or free GPU memory")
         return exit_codes.BAD_INPUT
+    finally:
+        parallel.close()
 
 
 def entry_point() -> None:
@@ -195,6 +202,8 @@ def run(args) -> int:
         return _batch(args, spec)
     _check_not_batch(args)
     if args.decode_latents:
+        if parallel.launched_by_torchrun():
+            raise UsageError("--decode-latents runs in one process; start it with python, not torchrun")
         return _decode_only(args, spec)
     if args.dry_run:
         return _dry_run(args, spec)
@@ -237,7 +246,8 @@ def job_spec(args) -> JobSpec:
     options = {"attention": args.attention, "matmul": args.matmul, "dit_resident_blocks": args.resident_blocks,
                "vae_tile": args.vae_tile, "step_cache": args.cache, "compile": args.compile or None,
                "resume": args.resume, "checkpoint_every": args.checkpoint_every, "save_latents": args.save_latents,
-               "cache": not args.no_cache, "overwrite": args.overwrite, "turbo": args.turbo}
+               "cache": not args.no_cache, "overwrite": args.overwrite, "turbo": args.turbo,
+               "parallel": args.parallel}
     return JobSpec(args.prompt, args.negative_prompt, args.seed, args.frames, args.height, args.width, args.steps,
                    args.cfg, args.shift, args.model_dir, args.demo, args.profile, args.output,
                    {k: v for k, v in options.items() if v is not None})
@@ -271,10 +281,17 @@ def _dry_run(args, spec: JobSpec) -> int:
     """The verdict of the plan against this machine (or --vram-gib / --ram-gib): 0 when a preset of the ladder
     fits, 3 when none does."""
     from .fit import check_fit
+    layout = _dry_run_layout(args)
+    if layout is not None and layout.rank:
+        return exit_codes.OK   # rank 0 prints the plan (of one rank's share: see README)
     vram = None if args.vram_gib is None else int(args.vram_gib * GiB)
     ram = None if args.ram_gib is None else int(args.ram_gib * GiB)
     folder = preflight.model_folder(spec)
     profile = _dry_run_profile(spec, vram, ram)
+    if layout is not None:
+        _say(f"parallel: the plan of rank 0's share of {layout.describe()}")
+        if layout.cfg == 2:
+            profile = with_overrides(profile, cfg_mode="batch")   # as ParallelRuntime runs it
     if not args.assume_format:
         runner.note_weight_format(folder, profile, _say)
     preflight.check_numbers(spec)
@@ -282,13 +299,24 @@ def _dry_run(args, spec: JobSpec) -> int:
     preset = preflight.preset_for(spec, profile, sampling_defaults(True)["steps"] if turbo else None, _say)
     if vram is not None and profile.device == "cpu":
         _say(f"note: --vram-gib does not apply to profile {profile.name} (it computes in RAM; --ram-gib does)")
-    verdict = check_fit(folder, profile, preset, vram, ram, args.assume_format, preflight.speed_options(spec))
+    verdict = check_fit(folder, profile, preset, vram, ram, args.assume_format, preflight.speed_options(spec),
+                        layout)
     asked = args.resident_blocks
     if asked is not None and verdict.profile.dit.resident_blocks < asked:
         _say(f"note: --resident-blocks {asked} lowered to {verdict.profile.dit.resident_blocks}: "
              f"more do not fit the budget")
     print(json.dumps(verdict.to_dict(), indent=2) if args.json else verdict.report())
     return exit_codes.OK if verdict.fits else exit_codes.DOES_NOT_FIT
+
+
+def _dry_run_layout(args):
+    """Under torchrun: this rank's place in the parallel run the dry-run plans (no process group is joined)."""
+    if not parallel.launched_by_torchrun():
+        if args.parallel:
+            raise UsageError(f"--parallel {args.parallel} needs several processes: launch with "
+                             "torchrun --nproc-per-node N generate.py ... (one GPU per process)")
+        return None
+    return parallel.layout_for(args.parallel or "auto", int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"]))
 
 
 def _dry_run_profile(spec: JobSpec, vram: int | None, ram: int | None):

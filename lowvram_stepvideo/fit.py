@@ -65,15 +65,16 @@ class Verdict:
 
 
 def check_fit(folder: ModelFolder, profile: Profile, preset: Preset, vram_bytes: int | None = None,
-              ram_bytes: int | None = None, assume_format: str | None = None, options=None) -> Verdict:
+              ram_bytes: int | None = None, assume_format: str | None = None, options=None,
+              layout=None) -> Verdict:
     """The verdict for `preset` (and the ladder below it) on a machine with a card of `vram_bytes` and
-    `ram_bytes` of RAM (None: read this machine)."""
+    `ram_bytes` of RAM (None: read this machine); `layout` (parallel.Layout): for one rank of a parallel run."""
     own_format = folder.weight_format
     folder = assume_format_of(folder, assume_format)
     budget = profile_budget(profile, vram_bytes, ram_bytes)
     ladder = ladder_from(profile.presets, preset)
     tried: dict[int, tuple[Profile, Plan]] = {}
-    found = first_fit(folder, profile, ladder, budget, tried, options)
+    found = first_fit(folder, profile, ladder, budget, tried, options, layout)
     common = dict(budget=budget, requested=preset, asked=profile, weight_format=folder.weight_format,
                   assumed=folder.weight_format != own_format, folder=folder)
     if found is not None:
@@ -89,14 +90,14 @@ def profile_budget(profile: Profile, vram_bytes: int | None, ram_bytes: int | No
 
 
 def first_fit(folder: ModelFolder, profile: Profile, ladder: list[Preset], budget: Budget,
-              tried: dict[int, tuple[Profile, Plan]] | None = None, options=None) -> int | None:
+              tried: dict[int, tuple[Profile, Plan]] | None = None, options=None, layout=None) -> int | None:
     """Index of the largest preset of `ladder` (largest first) that fits, or None; `tried` collects the fitted
     layout and plan of every preset planned, by index."""
     tried = {} if tried is None else tried
 
     def fits(i: int) -> bool:
         if i not in tried:
-            tried[i] = fit_layout(folder, profile, ladder[i], budget, options)
+            tried[i] = fit_layout(folder, profile, ladder[i], budget, options, layout)
         return plan_fits(tried[i][1], budget)
 
     if fits(0):
@@ -117,11 +118,12 @@ def plan_fits(plan: Plan, budget: Budget) -> bool:
 
 
 def fit_layout(folder: ModelFolder, profile: Profile, preset: Preset, budget: Budget,
-               options=None) -> tuple[Profile, Plan]:
-    """`options`: the run's speed options (speed.SpeedOptions; planned too). `profile` with resident blocks and
-    packed host copies lowered (upper bounds, never raised) until the plan
-    of `preset` fits `budget`, and that plan; the plan may still exceed it when nothing is left to lower."""
-    profile, plan = fit_profile(folder, clamped(folder, profile), preset, budget.device_room(0), options=options)
+               options=None, layout=None) -> tuple[Profile, Plan]:
+    """`options`: the run's speed options (speed.SpeedOptions; planned too); `layout` (parallel.Layout): one rank
+    of a parallel run. `profile` with resident blocks and packed host copies lowered (upper bounds, never raised)
+    until the plan of `preset` fits `budget`, and that plan; the plan may still exceed it when nothing is left."""
+    profile, plan = fit_profile(folder, clamped(folder, profile), preset, budget.device_room(0), options=options,
+                                layout=layout)
     for _ in range(HOST_PASSES):
         if plan_fits(plan, budget) or not _only_adjustable_over(plan, budget):
             break
@@ -132,7 +134,7 @@ def fit_layout(folder: ModelFolder, profile: Profile, preset: Preset, budget: Bu
             lowered = profile                  # on the cpu, resident blocks give way first (they are RAM too)
         elif excess <= 0 or (lowered := less_packed(folder, profile, excess)) is None:
             break                              # the device is short, or there is no packed RAM left to give
-        profile, plan = fit_profile(folder, lowered, preset, room, options=options)
+        profile, plan = fit_profile(folder, lowered, preset, room, options=options, layout=layout)
     return profile, plan
 
 

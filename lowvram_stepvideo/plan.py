@@ -105,11 +105,12 @@ Trace = dict[str, list[Stretch]]       # phase name -> its stretches, in order
 # ---------------------------------------------------------------- plans
 
 def plan_memory(folder: ModelFolder, profile: Profile, preset: Preset, assume_format: str | None = None,
-                options: SpeedOptions | None = None) -> Plan:
+                options: SpeedOptions | None = None, layout=None) -> Plan:
     """Peak device and host bytes per phase of `profile` at `preset`. `assume_format` ("int8" | "fp8") plans the
     folder's unquantized DiT and step_llm as quantize.py would write them (a quantized folder plans as it is);
-    `options`: the run's speed options (the step cache's saved residuals are planned)."""
-    return evaluate(trace(folder, profile, preset, assume_format, options), profile, preset)
+    `options`: the run's speed options (the step cache's saved residuals are planned); `layout` (parallel.Layout):
+    rank 0 of a parallel run."""
+    return evaluate(trace(folder, profile, preset, assume_format, options, layout), profile, preset)
 
 
 def evaluate(phases: Trace, profile: Profile, preset: Preset) -> Plan:
@@ -145,11 +146,13 @@ def footprint(shape: ModelShape, streaming, profile: Profile) -> tuple[int, int]
 
 
 def fit_profile(folder: ModelFolder, profile: Profile, preset: Preset, budget_bytes: int,
-                assume_format: str | None = None, options: SpeedOptions | None = None) -> tuple[Profile, Plan]:
+                assume_format: str | None = None, options: SpeedOptions | None = None,
+                layout=None) -> tuple[Profile, Plan]:
     """Stream step_llm if it does not fit whole, and lower the profile's resident DiT / step_llm blocks (upper
     bounds) to the most that fit `budget_bytes` of device memory. Returns the adjusted profile and its plan, which
-    may still exceed the budget when even zero resident blocks do not fit (the caller then steps down the ladder)."""
-    phases = trace(folder, profile, preset, assume_format, options)
+    may still exceed the budget when even zero resident blocks do not fit (the caller then steps down the ladder).
+    `layout` (parallel.Layout): plan one rank of a parallel run."""
+    phases = trace(folder, profile, preset, assume_format, options, layout)
     plan = evaluate(phases, profile, preset)
     te = profile.text_encoders
     if te.placement == "device" and plan.phases["text"].peak_vram_bytes > budget_bytes:
@@ -174,14 +177,20 @@ _TRACES: dict[tuple, Trace] = {}
 
 
 def trace(folder: ModelFolder, profile: Profile, preset: Preset, assume_format: str | None = None,
-          options: SpeedOptions | None = None) -> Trace:
-    """The stretches of one planned run (cached per folder, preset, `_shaping(profile)` and speed options)."""
+          options: SpeedOptions | None = None, layout=None) -> Trace:
+    """The stretches of one planned run (cached per folder, preset, `_shaping(profile)`, speed options and parallel
+    layout: with a `layout`, of rank 0 of that parallel run)."""
     folder = assume_format_of(folder, assume_format)
     options = options or SpeedOptions()
+    layout = layout and replace(layout, rank=0)
     key = (folder.root, folder.weight_format, assume_format, _shaping(profile),
-           (preset.frames, preset.height, preset.width), options)
+           (preset.frames, preset.height, preset.width), options, layout)
     if key not in _TRACES:
-        runtime = PlanningRuntime(folder, profile)
+        if layout is None:
+            runtime = PlanningRuntime(folder, profile)
+        else:
+            from .parallel_plan import RankPlanningRuntime   # imports this module
+            runtime = RankPlanningRuntime(folder, profile, layout)
         pipe = PhasePipeline(folder, profile, progress=False, runtime=runtime, options=options)
         with runtime.accountant:
             pipe(prompt=PLAN_PROMPT, num_frames=preset.frames, height=preset.height, width=preset.width,

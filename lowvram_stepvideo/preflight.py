@@ -25,7 +25,8 @@ RUN_OPTIONS = {"resume": False,          # True: continue from the checkpoint; "
                "overwrite": False,       # replace existing outputs (and an earlier run's checkpoint)
                "turbo": False,           # the turbo checkpoint's defaults whatever the folder
                "step_cache": 0.0,        # first-block step cache threshold (speed.SpeedOptions.cache; 0 = off)
-               "compile": False}         # regional torch.compile of the DiT blocks
+               "compile": False,         # regional torch.compile of the DiT blocks
+               "parallel": None}         # under torchrun: "cfg" | "sequence" | "auto" (None: auto)
 
 
 @dataclass

@@ -21,7 +21,8 @@ def job_metadata(job, request) -> dict:
     return {"prompt": spec.prompt, "negative_prompt": spec.negative_prompt, "seed": spec.seed,
             "preset": str(preset), "steps": preset.steps, "guidance_scale": request.guidance_scale,
             "shift": request.shift, "turbo": job.turbo, "arguments": spec_arguments(spec),
-            "request": job.request.fingerprint(job.pipe.folder.root, job.pipe.profile.compute_dtype)}
+            "request": job.request.fingerprint(job.pipe.folder.root, job.pipe.profile.compute_dtype),
+            "parallel": job.par.layout.describe() if job.par else None}
 
 
 def spec_arguments(spec: preflight.JobSpec) -> dict:

@@ -26,9 +26,10 @@ from typing import Callable
 
 import torch
 
-from . import outputs, preflight, progress, results
+from . import outputs, parallel, preflight, progress, results
 from .errors import StepVideoError, UsageError
 from .model_folder import ModelFolder
+from .parallel import LostRank, Parallel
 from .pipeline import PhasePipeline
 from .preflight import JobSpec
 from .profiles import Preset, TextEncoders
@@ -87,15 +88,16 @@ def resume_ladder(ladder: list[Preset], ckpt: Path) -> list[Preset]:
 
 
 def fit_to_card(pipe: PhasePipeline, ladder: list[Preset], vram_bytes: int | None = None,
-                log: Callable[[str], None] = print, ram_bytes: int | None = None) -> list[Preset]:
+                log: Callable[[str], None] = print, ram_bytes: int | None = None, layout=None) -> list[Preset]:
     """Drop the head of the ladder while the memory plan says it does not fit the budget (budgets.py: this
     machine's free VRAM and available RAM minus their reserves, or a card of `vram_bytes` in a machine with
-    `ram_bytes`); lower the profile's resident blocks and packed RAM to what fits (pipe.profile is updated)."""
+    `ram_bytes`); lower the profile's resident blocks and packed RAM to what fits (pipe.profile is updated).
+    `layout` (parallel.Layout): plan this rank's share of a parallel run."""
     from .fit import clamped, first_fit, profile_budget
     budget = profile_budget(pipe.profile, vram_bytes, ram_bytes)
     asked = clamped(pipe.folder, pipe.profile)      # a count above the stack's size is not a lowering
     tried: dict = {}
-    found = first_fit(pipe.folder, pipe.profile, ladder, budget, tried, pipe.options)
+    found = first_fit(pipe.folder, pipe.profile, ladder, budget, tried, pipe.options, layout)
     if found is None:
         log(f"plan: even {ladder[-1]} is planned above the budget ({budget.vram_from}; {budget.host_from}); "
             "trying it anyway")
@@ -126,8 +128,11 @@ def check_resumable(pipe: PhasePipeline, request: Request, ladder: list[Preset],
 
 def denoise_with_fallback(pipe: PhasePipeline, request: Request, ladder: list[Preset], ckpt: Path | None,
                           resume: bool, every: int, embeds=None,
-                          should_stop: Callable[[], bool] | None = None) -> tuple[torch.Tensor, Preset]:
-    """Final latents and the preset that produced them; the prompt is encoded here unless `embeds` are given."""
+                          should_stop: Callable[[], bool] | None = None,
+                          par: Parallel | None = None) -> tuple[torch.Tensor, Preset]:
+    """Final latents and the preset that produced them; the prompt is encoded here unless `embeds` are given.
+    With `par` (several processes): only rank 0 saves checkpoints, and an out-of-memory error steps every rank
+    down together (a rank whose peers did not fail with it ends the run at the collective timeout instead)."""
     problem = sampling_problem(request.guidance_scale, request.shift, request.seed)
     if problem:
         raise ValueError(problem)
@@ -138,10 +143,13 @@ def denoise_with_fallback(pipe: PhasePipeline, request: Request, ladder: list[Pr
     for i, preset in enumerate(ladder):
         req = dataclasses.replace(request, preset=preset)
         try:
-            return denoise(pipe, req, embeds, ckpt, resume and i == 0, every, should_stop), preset
+            return denoise(pipe, req, embeds, ckpt, resume and i == 0, every, should_stop,
+                           par is None or par.writer), preset
         except _OOM:
             pass  # handled outside the except block, so the failed attempt's tensors can be freed
         _free(pipe)
+        if par is not None:
+            par.all_agree(False)   # every rank ran out of memory at this preset: step down together
         if i + 1 == len(ladder):
             raise OutOfMemory(f"out of memory even at {preset}; use a smaller --profile or free GPU memory")
         pipe.log(f"denoise: out of memory at {preset}; memory freed, retrying at {ladder[i + 1]}")
@@ -149,9 +157,9 @@ def denoise_with_fallback(pipe: PhasePipeline, request: Request, ladder: list[Pr
 
 
 def denoise(pipe: PhasePipeline, req: Request, embeds, ckpt: Path | None, resume: bool,
-            every: int, should_stop: Callable[[], bool] | None = None) -> torch.Tensor:
+            every: int, should_stop: Callable[[], bool] | None = None, save: bool = True) -> torch.Tensor:
     """Latents after the request's steps; a stop request after a step (or Ctrl-C) saves them to `ckpt` and raises
-    Interrupted."""
+    Interrupted. `save`: this process writes the checkpoints (False on every rank but 0 of a parallel run)."""
     shape = _shape(pipe, req.preset)
     fingerprint = req.fingerprint(pipe.folder.root, pipe.profile.compute_dtype)
     latents, start = initial_noise(shape, req.seed), 0
@@ -165,7 +173,7 @@ def denoise(pipe: PhasePipeline, req: Request, embeds, ckpt: Path | None, resume
     def on_step(done: int, current: torch.Tensor) -> None:
         check_step_latents(current, done, req.preset.steps, ckpt)   # before anything is saved from them
         state.update(step=done, latents=current)
-        if ckpt is not None and every and (done % every == 0 or done == req.preset.steps):
+        if save and ckpt is not None and every and (done % every == 0 or done == req.preset.steps):
             _save(pipe, ckpt, current, done, fingerprint)
         if should_stop and should_stop() and done < req.preset.steps and ckpt is not None:
             raise _StopRequested   # saved and turned into Interrupted below, like Ctrl-C
@@ -175,11 +183,17 @@ def denoise(pipe: PhasePipeline, req: Request, embeds, ckpt: Path | None, resume
         with torch.no_grad():
             return pipe.denoise(embeds, latents, sigmas, req.guidance_scale, start, on_step)
     except (KeyboardInterrupt, _StopRequested):
-        if ckpt is None:
+        if ckpt is None or not save:
             raise
         if not _save(pipe, ckpt, state["latents"], state["step"], fingerprint):
             raise KeyboardInterrupt from None   # nothing new saved: stopped like a plain Ctrl-C
         raise Interrupted(ckpt, state["step"]) from None
+    except LostRank as e:
+        if ckpt is None or not save or state["step"] == start or \
+                not _save(pipe, ckpt, state["latents"], state["step"], fingerprint):
+            raise
+        raise LostRank(f"{e}; the latents after step {state['step']} are saved in {ckpt}: "
+                       "run the same command with --resume") from None
 
 
 def _shape(pipe: PhasePipeline, preset: Preset) -> tuple[int, ...]:
@@ -266,7 +280,7 @@ def one_line_oom():
 
 @dataclass
 class JobResult:
-    output: Path
+    output: Path | None            # None on the ranks but 0 of a parallel run (rank 0 writes)
     preset: Preset                 # what ran, after any OOM step-down
     timings: dict[str, float]      # seconds per phase: text, denoise, decode
     seconds: float                 # the whole run
@@ -281,6 +295,7 @@ class PreparedJob:
     checkpoint: Path | None        # the resume checkpoint (next to the output by default)
     options: dict                  # preflight.RUN_OPTIONS with the spec's values
     turbo: bool
+    par: Parallel | None = None    # this process's place in a torchrun launch (None: it runs alone)
 
 
 def run_job(spec: JobSpec, events: Events | None = None) -> JobResult:
@@ -296,16 +311,25 @@ def prepare_job(spec: JobSpec, log: Callable[[str], None], folder: ModelFolder |
     file is kept unless overwrite; a checkpoint left by an earlier run needs resume or overwrite). Without
     writes_video only the checkpoint option is a file. Nothing heavy is loaded."""
     job = prepare_request(spec, log, folder)
-    options = job.options
+    options, par = job.options, job.par
     if not writes_video:
         job.checkpoint = Path(options["checkpoint"]) if options["checkpoint"] else None
         if job.checkpoint:
             preflight.check_writable(job.checkpoint)
         return job
     earlier = checkpoint_path(spec.output) if spec.output else None
-    planned = outputs.plan_outputs(spec.output, prompt=spec.prompt, save_latents=options["save_latents"],
-                                   inputs=[job.pipe.profile.path], model_root=job.pipe.folder.root,
-                                   overwrite=options["overwrite"], resume=wants_resume(options, earlier))
+    planned = problem = None
+    if par is None or par.writer:   # only rank 0 writes; a default name has its time stamp
+        try:
+            planned = outputs.plan_outputs(spec.output, prompt=spec.prompt, save_latents=options["save_latents"],
+                                           inputs=[job.pipe.profile.path], model_root=job.pipe.folder.root,
+                                           overwrite=options["overwrite"], resume=wants_resume(options, earlier))
+        except StepVideoError as e:
+            problem = e
+    if par is not None:
+        planned, problem = par.broadcast_from_writer((planned, problem and str(problem)))
+    if problem:
+        raise problem if isinstance(problem, StepVideoError) else UsageError(problem)
     job.output, job.checkpoint = planned.output, planned.checkpoint
     return job
 
@@ -323,8 +347,34 @@ def prepare_request(spec: JobSpec, log: Callable[[str], None], folder: ModelFold
     request = Request(spec.prompt, spec.negative_prompt, preset,
                       defaults["guidance_scale"] if spec.guidance_scale is None else spec.guidance_scale,
                       defaults["shift"] if spec.shift is None else spec.shift, spec.seed)
-    pipe = PhasePipeline(folder, profile, log=log, options=preflight.speed_options(spec))
-    return PreparedJob(spec, pipe, request, None, None, options, turbo)
+    par = parallel_for(options["parallel"], profile)
+    if par is None:
+        pipe = PhasePipeline(folder, profile, log=log, options=preflight.speed_options(spec))
+    else:
+        log = log if par.writer else (lambda msg: None)   # one copy of each message, from rank 0
+        log(f"parallel: {par.layout.describe()}")
+        runtime = parallel.ParallelRuntime(folder, profile, par, log)
+        pipe = PhasePipeline(folder, profile, log=log, progress=par.writer, runtime=runtime,
+                             options=preflight.speed_options(spec))
+    return PreparedJob(spec, pipe, request, None, None, options, turbo, par)
+
+
+_JOINED: dict[str, Parallel] = {}   # the process group is joined once per process (a batch runs several jobs)
+
+
+def parallel_for(mode: str | None, profile) -> Parallel | None:
+    """This process's place in a torchrun launch (None when it runs alone); `mode`: "cfg" | "sequence" | "auto"."""
+    if not parallel.launched_by_torchrun():
+        if mode:
+            raise UsageError(f"--parallel {mode} needs several processes: launch with "
+                             "torchrun --nproc-per-node N generate.py ... (one GPU per process)")
+        return None
+    mode = mode or "auto"
+    if mode not in _JOINED:
+        if _JOINED:
+            raise UsageError(f"--parallel {mode}: this process already runs --parallel {next(iter(_JOINED))}")
+        _JOINED[mode] = parallel.init_from_env(mode, profile.device)
+    return _JOINED[mode]
 
 
 def wants_resume(options: dict, ckpt: Path | None) -> bool:
@@ -342,6 +392,8 @@ def note_weight_format(folder, profile, log) -> None:
 def execute(job: PreparedJob, events: Events) -> JobResult:
     start = time.perf_counter()
     latents, used = denoise_job(job, events)
+    if job.par is not None and not job.par.writer:   # rank 0 decodes and writes
+        return JobResult(None, used, dict(job.pipe.timings), time.perf_counter() - start)
     request = dataclasses.replace(job.request, preset=used)
     try:
         if job.options["save_latents"]:
@@ -365,29 +417,37 @@ def execute(job: PreparedJob, events: Events) -> JobResult:
 def denoise_job(job: PreparedJob, events: Events) -> tuple[torch.Tensor, Preset]:
     """Plan, text phase, denoising (with checkpoints, OOM step-down and stop requests): final latents and the
     preset that made them."""
-    pipe, options, ckpt = job.pipe, job.options, job.checkpoint
+    pipe, options, ckpt, par = job.pipe, job.options, job.checkpoint, job.par
+    writer = par is None or par.writer
     resume = ckpt is not None and wants_resume(options, ckpt)
-    if options["cache"]:
+    if options["cache"] and writer:   # the other ranks take rank 0's embeddings
         pipe.cache = pipe.embedding_cache(options["cache_dir"])
     events.phase("plan")
-    ladder = plan_ladder(pipe, job.request.preset, ckpt if resume else None, events.log)
+    ladder = plan_ladder(pipe, job.request.preset, ckpt if resume else None, events.log, par)
     if resume:
         check_resumable(pipe, job.request, ladder, ckpt)
     events.phase("text")
-    embeds = encode_with_fallback(pipe, job.request)
+    embeds = encode_with_fallback(pipe, job.request) if writer else None
+    if par is not None:
+        embeds = par.broadcast_from_writer(embeds)
     events.phase("denoise")
     latents, used = denoise_with_fallback(pipe, job.request, ladder, ckpt, resume, options["checkpoint_every"],
-                                          embeds, events.should_stop)
+                                          embeds, events.should_stop, par)
     return latents, used
 
 
-def plan_ladder(pipe: PhasePipeline, preset: Preset, resume_from: Path | None, log) -> list[Preset]:
-    """The presets to try in order: the memory plan's fit on a GPU, or from the checkpoint's preset on resume."""
+def plan_ladder(pipe: PhasePipeline, preset: Preset, resume_from: Path | None, log,
+                par: Parallel | None = None) -> list[Preset]:
+    """The presets to try in order: the memory plan's fit on a GPU, or from the checkpoint's preset on resume.
+    Under torchrun each rank plans its share on its own card, and all run the preset that fits the smallest."""
     ladder = ladder_from(pipe.profile.presets, preset)
     if resume_from is not None:
         return resume_ladder(ladder, resume_from)
     if pipe.device.type == "cuda":
-        ladder = fit_to_card(pipe, ladder, None, log)     # this machine's free VRAM and available RAM
+        full = ladder
+        ladder = fit_to_card(pipe, ladder, None, log, layout=par and par.layout)   # free VRAM, available RAM
+        if par is not None:
+            ladder = full[par.agree_max(len(full) - len(ladder)):]
     return ladder
 
 

@@ -6,7 +6,9 @@ Runtime knobs are plain attributes set from outside; none of them changes the ma
   token-wise op (modulated norms, QK-norm + RoPE, attention output projections, gated residuals, FFN, final
   layer) runs over runs of at most that many tokens, so besides a few (B, S, D) tensors nothing full-length lives;
 - `head_chunk` on the attention modules (see `set_attention_head_chunk`): attention runs for a group of heads at a
-  time, each group projecting only its own rows of the fused weights into one (B, S, H*Dh) buffer for Wo.
+  time, each group projecting only its own rows of the fused weights into one (B, S, H*Dh) buffer for Wo;
+- `sequence` on the model (a `WholeSequence` by default): which tokens this process runs through the blocks and how
+  the final layer's output becomes the whole sequence again (lowvram_stepvideo.parallel splits them across ranks).
 Blocks take tensors only, so offload engines can attach forward-pre-hooks to them; `forward_blocks` (the plain
 loop over them, handed the hidden states as its own) may be replaced on the instance by an engine such as the step
 cache.
@@ -381,6 +383,18 @@ def cross_attention_mask(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 # ---------------------------------------------------------------- model
 
+class WholeSequence:
+    """The model's default token layout: every token in this process."""
+
+    def scatter(self, h: torch.Tensor, rope_cos: torch.Tensor, rope_sin: torch.Tensor):
+        """h (B, S, D), rope_cos/sin (S, 128) -> the same for the tokens this process runs."""
+        return h, rope_cos, rope_sin
+
+    def gather(self, out: torch.Tensor) -> torch.Tensor:
+        """The final layer's output for this process's tokens -> (B, S, p*p*C) for the whole sequence."""
+        return out
+
+
 class StepVideoModel(nn.Module):
     def __init__(self, config: DiTConfig):
         super().__init__()
@@ -399,6 +413,7 @@ class StepVideoModel(nn.Module):
         self.caption_projection = TextProjection(config.caption_channels[0], d)
         self.clip_projection = nn.Linear(config.caption_channels[1], d)
         self.chunk_tokens: int | None = None  # final layer over runs of tokens (see set_token_chunk)
+        self.sequence = WholeSequence()
 
     def embed_text(self, y: torch.Tensor, clip: torch.Tensor, mask: torch.Tensor | None):
         """y (B, Ly, Cy), clip (B, Lc, Cc), mask (B, Lc+Ly) -> enc (B, Skv, D), key mask (B, Skv) bool or None."""
@@ -416,10 +431,12 @@ class StepVideoModel(nn.Module):
         mod, embedded_t = self.adaln_single(timestep, h.dtype)
         enc, kv_mask = self.embed_text(encoder_hidden_states, encoder_hidden_states_2, encoder_attention_mask)
         rope_cos, rope_sin = rope_tables(f, height // p, width // p, h.dtype, h.device)
+        h, rope_cos, rope_sin = self.sequence.scatter(h, rope_cos, rope_sin)   # the tokens this process runs
         handed = [h]        # forward_blocks takes the only reference (see there)
         del h
         h = self.forward_blocks(handed, enc, mod, kv_mask, rope_cos, rope_sin)
-        return self.unpatchify(self.final_layer(h, embedded_t), f, height, width)
+        out = self.sequence.gather(self.final_layer(h, embedded_t))             # (B, F*L, p*p*C)
+        return self.unpatchify(out, f, height, width)
 
     def forward_blocks(self, handed: list[torch.Tensor], *args: torch.Tensor) -> torch.Tensor:
         """The block stack: `handed` = [h (B, S, D)] and the blocks' other inputs -> (B, S, D). h is taken out of the
