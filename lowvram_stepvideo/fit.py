@@ -109,7 +109,7 @@ def first_fit(folder: ModelFolder, profile: Profile, ladder: list[Preset], budge
         while found - lo > 1:
             mid = (lo + found) // 2
             lo, found = (lo, mid) if fits(mid) else (mid, found)
-    tried[found] = untiled_if_it_fits(folder, *tried[found], ladder[found], budget, options)
+    tried[found] = untiled_if_it_fits(folder, *tried[found], ladder[found], budget, options, layout)
     return found
 
 
@@ -139,13 +139,14 @@ def fit_layout(folder: ModelFolder, profile: Profile, preset: Preset, budget: Bu
 
 
 def untiled_if_it_fits(folder: ModelFolder, profile: Profile, plan: Plan, preset: Preset, budget: Budget,
-                       options=None) -> tuple[Profile, Plan]:
+                       options=None, layout=None) -> tuple[Profile, Plan]:
     """The largest VAE tile the plan fits: untiled (the release's numerics and the least decoder work) when the
     fitted layout fits with an untiled decode too, else the profile's tile (its OOM fallback halves it)."""
     if not profile.vae.tile or not plan_fits(plan, budget):
         return profile, plan
     untiled = replace(profile, vae=replace(profile.vae, tile=0, overlap=0))
-    untiled, untiled_plan = fit_profile(folder, untiled, preset, budget.device_room(0), options=options)
+    untiled, untiled_plan = fit_profile(folder, untiled, preset, budget.device_room(0), options=options,
+                                        layout=layout)
     return (untiled, untiled_plan) if plan_fits(untiled_plan, budget) else (profile, plan)
 
 
