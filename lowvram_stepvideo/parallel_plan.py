@@ -11,8 +11,8 @@ from .profiles import Preset, Profile
 
 
 class RankPlanningRuntime(PlanningRuntime):
-    def __init__(self, folder, profile: Profile, layout: Layout):
-        super().__init__(folder, profile)   # folder: already as the assumed format (plan.trace)
+    def __init__(self, folder, profile: Profile, layout: Layout, options=None):
+        super().__init__(folder, profile, options)   # folder: already as the assumed format (plan.trace)
         self.par = Parallel.planned(layout)
 
     def load(self, component: str, dtype):

@@ -11,8 +11,10 @@ footprint of each placed network for a profile's settings to each stretch. So th
 folder, preset and the profile settings that shape them (`_shaping`), and trying other resident-block counts or
 placements (`fit_profile`) is arithmetic. Traces are kept for the life of the process.
 
-One denoising step is enough: every step allocates the same. Weights read from the checkpoint count as host RAM
-only where the run copies them (packed block images); memory-mapped pages are the OS page cache.
+One denoising step is enough: every step allocates the same. With the step cache, two: a full evaluation after
+the first step also holds the residuals its CFG branch saved at the last one (and the last step always runs in full).
+Weights read from the checkpoint count as host RAM only where the run copies them (packed block images);
+memory-mapped pages are the OS page cache.
 """
 from __future__ import annotations
 
@@ -39,6 +41,8 @@ GiB = 2**30
 PLAN_PROMPT = "a memory plan"          # step_llm pads every prompt to the same length: any text plans the same
 STACKS = {"transformer": "transformer_blocks", "step_llm": "transformer.layers", "hunyuan_clip": "encoder.layer"}
 PLANNED_BLOCKS = 1                     # blocks built per stack for the plan
+CACHED_DIT_BLOCKS = 3                  # DiT blocks built under the step cache (see PlanningRuntime.load)
+CACHED_STEPS = 2                       # denoising steps planned under the step cache (see the module docstring)
 REPLAYED = ("transformer", "vae")      # networks called several times with the same shapes (see Replaying)
 
 
@@ -187,14 +191,14 @@ def trace(folder: ModelFolder, profile: Profile, preset: Preset, assume_format: 
            (preset.frames, preset.height, preset.width), options, layout)
     if key not in _TRACES:
         if layout is None:
-            runtime = PlanningRuntime(folder, profile)
+            runtime = PlanningRuntime(folder, profile, options)
         else:
             from .parallel_plan import RankPlanningRuntime   # imports this module
-            runtime = RankPlanningRuntime(folder, profile, layout)
+            runtime = RankPlanningRuntime(folder, profile, layout, options)
         pipe = PhasePipeline(folder, profile, progress=False, runtime=runtime, options=options)
         with runtime.accountant:
             pipe(prompt=PLAN_PROMPT, num_frames=preset.frames, height=preset.height, width=preset.width,
-                 num_inference_steps=1, output_type="video", seed=0)
+                 num_inference_steps=CACHED_STEPS if options.cache else 1, output_type="video", seed=0)
         _TRACES[key] = runtime.phases
     return _TRACES[key]
 
@@ -209,10 +213,11 @@ def _shaping(profile: Profile) -> Profile:
 class PlanningRuntime(Runtime):
     """The runtime of a planned run: see the module docstring. `phases` holds what it traced."""
 
-    def __init__(self, folder: ModelFolder, profile: Profile):
+    def __init__(self, folder: ModelFolder, profile: Profile, options: SpeedOptions | None = None):
         # "meta" with an index, so that moves to the device reach the accountant (see PlanningAccountant)
         super().__init__(folder, profile, device=torch.device(DEVICE, 0), log=lambda msg: None)
         self.accountant = PlanningAccountant()
+        self.cached = bool(options and options.cache)
         self.phases: Trace = {}
         self.phase_listeners.append(self._on_phase)
         self._shapes: dict[int, ModelShape] = {}
@@ -220,9 +225,16 @@ class PlanningRuntime(Runtime):
         self._stretches: list[Stretch] | None = None
 
     def load(self, component: str, dtype: torch.dtype):
+        """Under the step cache (step_cache.py) the DiT's blocks do not all run with the same tensors alive: block
+        0's output and residual stay alive through blocks 1..N-1, and block 1's input is that output. So the DiT is
+        built with blocks 0, 1 and 2 (the rest run as block 2), and it is not replayed: each call leaves its CFG
+        branch's saved residuals alive, which a replay would not."""
+        blocks = PLANNED_BLOCKS
+        if self.cached and component == "transformer":
+            blocks = max(blocks, CACHED_DIT_BLOCKS)
         with self.accountant.untracked():     # weights are counted by their footprint when placed
-            model, shape = planned_model(self.folder, component, dtype)
-        if component in REPLAYED:
+            model, shape = planned_model(self.folder, component, dtype, blocks)
+        if component in REPLAYED and not (self.cached and component == "transformer"):
             model = Replaying(model, self.accountant)
         self._shapes[id(model)] = shape
         return model
@@ -302,11 +314,12 @@ def flash_style_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mas
 
 # ---------------------------------------------------------------- networks on meta
 
-def planned_model(folder: ModelFolder, component: str, dtype: torch.dtype) -> tuple[nn.Module, ModelShape]:
-    """`component` with the tensors (dtypes, quantized layers) a run would load, data-free on "meta", one block
-    per stack, attention on `flash_style_attention`; and the shape of the whole network. An assumed-format folder
-    (assumed_format.py) plans as its quantized version: its weight index carries the scheme."""
-    opened = folder.open(component, layers=PLANNED_BLOCKS) if component in STACKS else folder.open(component)
+def planned_model(folder: ModelFolder, component: str, dtype: torch.dtype,
+                  blocks: int = 1) -> tuple[nn.Module, ModelShape]:
+    """`component` with the tensors (dtypes, quantized layers) a run would load, data-free on "meta", `blocks`
+    blocks per stack, attention on `flash_style_attention`; and the shape of the whole network. An assumed-format
+    folder (assumed_format.py) plans as its quantized version: its weight index carries the scheme."""
+    opened = folder.open(component, layers=blocks) if component in STACKS else folder.open(component)
     module = opened.module
     keep = _quantize_as_run(module, opened.source.metadata)
     state = {name: torch.empty(t.shape, dtype=run_dtype(t.dtype, dtype, name in keep), device="meta")

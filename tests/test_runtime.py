@@ -2,15 +2,17 @@
 calls, no full garbage collection) against planning without them, its byte accounting on data-free tensors, and
 fitting, assume_format and the DeviceRuntime's placement per profile section."""
 import gc
+from dataclasses import replace
 
 import pytest
 import torch
 
-from lowvram_stepvideo import plan
+from lowvram_stepvideo import loaders, plan, step_cache
 from lowvram_stepvideo.demo import DEMO_PRESET
 from lowvram_stepvideo.memory import DEVICE, HOST, PlanningAccountant
 from lowvram_stepvideo.model_folder import open_model_folder
 from lowvram_stepvideo.profiles import Preset, load_profile, with_overrides
+from lowvram_stepvideo.speed import SpeedOptions
 
 MiB = 2**20
 
@@ -29,20 +31,32 @@ def _peaks(p: plan.Plan) -> dict:
     return {name: (ph.peak_vram_bytes, ph.peak_host_bytes) for name, ph in p.phases.items()}
 
 
-def test_planning_shortcuts_do_not_change_the_plan(folder, monkeypatch):
+@pytest.mark.parametrize("options", [None, SpeedOptions(cache=0.05)], ids=["plain", "step-cache"])
+def test_planning_shortcuts_do_not_change_the_plan(folder, monkeypatch, options):
     """One block per stack, repeat calls replayed (sequential CFG, VAE tiles of one shape) and no full collection
-    at phase ends plan exactly what the plain way does: every block built, every call computed."""
+    at phase ends plan exactly what the plain way does: every block built, every call computed. With the step
+    cache, the DiT has 4 blocks (the demo's 2 do not show what blocks 2..N-1 hold), and planning more steps, every
+    evaluation in full (the most the cache holds), needs no more device memory."""
     profile = with_overrides(load_profile("12gb"), cfg_mode="sequential", vae_tile=2, vae_overlap=0,
                              token_chunk=16, attention_head_chunk=1, dit_resident_blocks=1)
     preset = Preset(17, 32, 48, 1)                   # latents 3 x 2 x 3: two 2 x 2 tiles
-    fast = _peaks(plan.plan_memory(folder, profile, preset))
+    if options:
+        monkeypatch.setattr(loaders, "_layers", lambda config, layers:
+                            config if layers is None else replace(config, num_layers=min(layers, 4)))
+    fast = _peaks(plan.plan_memory(folder, profile, preset, options=options))
     monkeypatch.setattr(plan, "_TRACES", {})
     monkeypatch.setattr(plan, "PLANNED_BLOCKS", 1000)
     monkeypatch.setattr(plan, "REPLAYED", ())
     monkeypatch.setattr(plan.PlanningRuntime, "free", lambda self: gc.collect())
-    plain = _peaks(plan.plan_memory(folder, profile, preset))
+    plain = _peaks(plan.plan_memory(folder, profile, preset, options=options))
     assert fast == plain
     assert fast["decode"][0] > 0 and fast["denoise"][0] > fast["text"][0] > 0
+    if options:                                       # host RAM differs by the sigmas of the extra step (4 bytes)
+        monkeypatch.setattr(plan, "_TRACES", {})
+        monkeypatch.setattr(plan, "CACHED_STEPS", 3)
+        monkeypatch.setattr(step_cache, "relative_change", lambda now, before: 1.0)
+        longer = plan.plan_memory(folder, profile, preset, options=options)
+        assert longer.phases["denoise"].peak_vram_bytes == fast["denoise"][0]
 
 
 def test_plan_follows_the_settings_that_shape_activations(folder):
