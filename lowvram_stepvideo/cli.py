@@ -30,7 +30,7 @@ GiB = 2**30
 EPILOG = """\
 examples:
   %(prog)s --demo --prompt "a cat playing piano"
-      the tiny built-in random model on the CPU: checks the install in about half a minute
+      the tiny built-in random model on the CPU: checks the install in about 15 seconds
   %(prog)s --model-dir ./stepvideo-t2v-int8 --prompt "a red fox in the snow" --output fox.mp4
       the profile is picked by the GPU's memory and the RAM (--profile auto); the largest preset that fits runs
   %(prog)s --model-dir ./stepvideo-t2v-int8 --profile 16gb --prompt "test" --dry-run
