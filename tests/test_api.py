@@ -90,6 +90,7 @@ def test_the_api_steps_down_the_ladder_on_out_of_memory(demo_dir, monkeypatch):
     assert f"denoise: out of memory at {big}; memory freed, retrying at {small}" in said
 
 
+@pytest.mark.slow
 def test_generate_many_from_python(demo_dir, tmp_path):
     pipe = api.StepVideoPipeline.from_pretrained(demo_dir, profile="cpu", log=lambda msg: None)
     report = pipe.generate_many(["an owl at dusk", "a canoe at dawn"], tmp_path / "out", seeds=[1],

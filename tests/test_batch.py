@@ -99,6 +99,7 @@ def test_three_prompts_one_text_phase_three_videos_and_a_rerun_does_nothing(tmp_
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != "summary.json"} == before
 
 
+@pytest.mark.slow
 def test_a_failing_prompt_is_recorded_and_the_batch_goes_on(tmp_path, capsys, monkeypatch):
     """Out of memory at every preset of one prompt (injected): recorded, the next is made, exit status 4."""
     original = runner.denoise

@@ -132,6 +132,7 @@ def turbo_folder(demo_dir, parent):
     return folder
 
 
+@pytest.mark.slow
 def test_turbo_defaults_from_flag_or_folder_name(demo_dir, tmp_path, capsys):
     size = ["--frames", "17", "--height", "16", "--width", "16"]
     runs = {"flag": ["--demo", "--turbo"], "folder": ["--model-dir", turbo_folder(demo_dir, tmp_path)]}

@@ -211,6 +211,7 @@ def test_seed_range_is_the_generators(tmp_path):
             sampling.initial_noise((4,), bad)
 
 
+@pytest.mark.slow
 def test_a_prompt_longer_than_the_text_window_is_warned_about(demo_dir, tmp_path, capsys):
     prompt = "a cat " * 20000           # 120,000 characters
     step = load_step_llm_tokenizer(demo_dir / "step_llm").count(prompt)

@@ -73,6 +73,7 @@ def test_output_colliding_with_an_input_or_another_output_is_refused_before_any_
         assert victim.read_bytes() == before
 
 
+@pytest.mark.slow
 def test_existing_output_is_kept_unless_overwrite(made, tmp_path, capsys):
     out = tmp_path / "o.mp4"
     out.write_bytes(b"precious")

@@ -78,6 +78,7 @@ def assert_one_line(error: Exception, *needles: str) -> None:
 
 # ---------------------------------------------------------------- full size, sparse
 
+@pytest.mark.slow
 def test_sparse_release_loads_lazily_with_bounded_memory(sparse_release):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     done = subprocess.run([sys.executable, "-c", CHILD, str(sparse_release)], capture_output=True, text=True,

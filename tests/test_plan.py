@@ -45,6 +45,7 @@ def test_full_size_plan_fits_the_tier(sparse_release, profile):
     assert all(p.peak_host_bytes <= host_budget for p in plan.phases.values()), plan
 
 
+@pytest.mark.slow
 def test_full_size_dry_run(sparse_release):
     plan, seconds = _dry_run(sparse_release, "24gb")
     assert plan["preset"] == "204x544x992" and set(plan["phases"]) == {"text", "denoise", "decode"}

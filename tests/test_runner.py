@@ -95,6 +95,7 @@ def test_denoise_oom_steps_down_to_the_next_preset(demo_dir, tmp_path, capsys, m
     assert read_frames(tmp_path / "out.mp4").shape == (17, 16, 16, 3)
 
 
+@pytest.mark.slow
 def test_decode_oom_retries_with_smaller_tiles_without_denoising_again(demo_dir, tmp_path, capsys, monkeypatch):
     """The limit: just above the measured peaks of a run decoding with the 1x8 tiles the fallback will use (the
     untiled decode needs 9/8 of the activations, so it must fail under that limit)."""
