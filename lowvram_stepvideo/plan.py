@@ -30,8 +30,8 @@ from .assumed_format import assume_format as assume_format_of
 from .checkpoint import run_dtype
 from .memory import DEVICE, HOST, PlanningAccountant, fmt_bytes
 from .model_folder import ModelFolder
-from .offload import ARENA_BYTES, STAGING_BUFFERS, STAGING_BYTES
-from .offload_store import BlockLayout, HostArenas, block_tensors
+from .offload import streaming_footprint
+from .offload_store import BlockLayout, block_tensors
 from .pipeline import PhasePipeline
 from .profiles import Preset, Profile
 from .runtime import Runtime, streaming_settings
@@ -132,21 +132,14 @@ def evaluate(phases: Trace, profile: Profile, preset: Preset) -> Plan:
 
 
 def footprint(shape: ModelShape, streaming, profile: Profile) -> tuple[int, int]:
-    """(device bytes, host bytes) that placing a network of `shape` holds: all its weights on the device, or for a
-    streamed stack the other weights + resident blocks + `prefetch + 1` slots on the device and the packed block
-    images (within the packed budget, source "ram") plus staging buffers in host RAM; see offload.py."""
+    """(device bytes, host bytes) that placing a network of `shape` holds: all its weights on the device, or what
+    the block streamer reports for a streamed stack (offload.streaming_footprint: the engine's own accounting)."""
     if streaming is None:
         return shape.total_bytes, 0
-    block, streamed = shape.block_bytes, shape.blocks - streaming.resident_blocks
-    slots = min(streaming.prefetch + 1, streamed)
-    device = shape.other_bytes + (streaming.resident_blocks + slots) * block
-    host = 0
-    if streaming.source == "ram":
-        arenas = HostArenas(block, ARENA_BYTES, pin=False)
-        host = arenas.cost(arenas.fit(int(profile.memory.packed_gb * GiB), streamed))
-    if profile.device == "cuda" and (streaming.source == "disk" or host < streamed * block):
-        host += STAGING_BUFFERS * min(STAGING_BYTES, block)
-    return device, host
+    held = streaming_footprint(shape.block_bytes, shape.blocks, shape.other_bytes, streaming.resident_blocks,
+                               streaming.prefetch, streaming.source, int(profile.memory.packed_gb * GiB),
+                               cuda=profile.device == "cuda")
+    return held.device_bytes, held.host_bytes
 
 
 def fit_profile(folder: ModelFolder, profile: Profile, preset: Preset, budget_bytes: int,
