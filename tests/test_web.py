@@ -32,7 +32,7 @@ CHROMIUM = os.environ.get("LOWVRAM_STEPVIDEO_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 FIRST_STEPS = 6
-CANCEL_WINDOW_S = 8  # the second job denoises this long, so that the cancel lands mid-denoise on any machine
+CANCEL_WINDOW_S = 10  # the second job denoises this long: its progress is seen and the cancel lands mid-denoise
 JOB_S = 240   # one demo job on a busy 2-core machine (about 20 s when idle)
 
 
@@ -108,13 +108,15 @@ RECORD_ROWS = """() => {
 }"""
 
 
-def _watch(page, job_id: str, until, timeout: float = JOB_S) -> list[dict]:
-    """The distinct states a job's queue row went through, once the last one satisfies `until`."""
+def _watch(page, job_id: str, until, timeout: float = JOB_S, progressed: bool = False) -> list[dict]:
+    """The distinct states a job's queue row went through, once the last one satisfies `until` (and, with
+    `progressed`, once the row has shown two different step counts while denoising)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         seen = [r for r in page.evaluate("window.lvsRows") if r["job"] == job_id]
         assert not seen or seen[-1]["state"] != "failed", page.locator("#lvs-queue").inner_text()
-        if seen and until(seen[-1]):
+        steps = {r["done"] for r in seen if r["state"] == "running" and r["phase"] == "denoise"}
+        if seen and until(seen[-1]) and (len(steps) >= 2 or not progressed):
             return seen
         time.sleep(0.2)
     raise AssertionError(f"{job_id} timed out; seen {seen}")
@@ -166,10 +168,7 @@ def test_page_runs_cancels_resumes_and_replays_the_demo(browser, server):
         page.locator("#lvs-prompt textarea").fill("a red fox running through snow")
         page.locator("#lvs-steps input, #lvs-steps textarea").first.fill(str(FIRST_STEPS))
         first = _submit(page, "job-1")
-        seen = _watch(page, first, lambda r: r["state"] == "done")
-        running = [r for r in seen if r["state"] == "running"]
-        assert any(len({r["done"] for r in running if r["phase"] == phase}) >= 2 for phase in ("denoise", "decode")), \
-            f"no progress seen within a phase: {seen}"
+        _watch(page, first, lambda r: r["state"] == "done")
         duration = _video_duration(page)
         assert abs(duration - 34 / 25) < 0.1, duration   # the demo's 34 frames at 25 fps
         assert "a red fox running through snow" in page.locator("#lvs-settings").inner_text()
@@ -178,7 +177,8 @@ def test_page_runs_cancels_resumes_and_replays_the_demo(browser, server):
         page.locator("#lvs-prompt textarea").fill("a lighthouse in a storm")
         page.locator("#lvs-steps input, #lvs-steps textarea").first.fill(str(second_steps))
         second = _submit(page, "job-2")
-        _watch(page, second, lambda r: r["state"] == "running")   # it stops after its next denoising step
+        # progress within the phase (the page redraws once a second; the first job may denoise faster than that)
+        _watch(page, second, lambda r: r["state"] == "running", progressed=True)
         _pick(page, "lvs-job", f"#{second} ")
         page.locator("#lvs-cancel").click()
         cancelled = _watch(page, second, lambda r: r["state"] == "cancelled", timeout=60)[-1]
