@@ -24,13 +24,13 @@ from typing import Callable
 import torch
 from safetensors.torch import save_file
 
+from .caches import CACHE_ENV, cache_home
 from .checkpoint import build_on_meta
 from .errors import StepVideoError
 from .config import ClipConfig, DiTConfig, StepLLMConfig, VAEConfig
 from .profiles import Preset
 
 DEMO_VERSION = 1   # bump when the weight init changes (configs, corpus and module shapes are fingerprinted)
-CACHE_ENV = "LOWVRAM_STEPVIDEO_CACHE"
 log = logging.getLogger(__name__)
 MANIFEST = "demo_manifest.json"
 DEMO_FILES = (  # the release layout (STEPVIDEO.md §1) with single-file weights, plus the tiny VAE's config
@@ -138,9 +138,7 @@ CJK_PUNCTUATION = list("，。、：；！？“”‘’（）《》…—")
 # ---- folder, cache and atomic build ---------------------------------------------------------------------------
 
 def default_demo_dir() -> Path:
-    base = os.environ.get(CACHE_ENV) or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "lowvram-stepvideo")
-    return Path(base) / f"demo-v{DEMO_VERSION}"
+    return cache_home() / f"demo-v{DEMO_VERSION}"
 
 
 class DemoError(StepVideoError, ValueError):

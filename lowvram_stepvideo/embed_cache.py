@@ -7,34 +7,20 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from .caches import CACHE_ENV, cache_home
 from .fsutil import atomic_path, clean_orphans
 
 Embeds = tuple[torch.Tensor, torch.Tensor, torch.Tensor]   # y (B,S,D), y_mask (B,77+S), clip (B,77,Dc)
-CACHE_ENV = "LOWVRAM_STEPVIDEO_CACHE"
 log = logging.getLogger(__name__)
 
 
 def default_cache_dir() -> Path:
-    base = os.environ.get(CACHE_ENV) or os.path.join(Path.home(), ".cache", "lowvram-stepvideo")
-    return Path(base) / "embeddings"
-
-
-def model_identity(files: list[Path]) -> str:
-    """Names, sizes, modification times and headers (first 64 KiB) of the encoder files: changes whenever the
-    weights do (a fine-tune of the same layout has the same names, sizes and header, but not the same mtime)."""
-    h = hashlib.sha256()
-    for f in sorted(Path(p) for p in files):
-        st = f.stat()
-        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
-        with open(f, "rb") as fh:
-            h.update(fh.read(65536))
-    return h.hexdigest()[:16]
+    return cache_home() / "embeddings"
 
 
 class EmbeddingCache:

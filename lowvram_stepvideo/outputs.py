@@ -15,7 +15,8 @@ from pathlib import Path
 
 from .errors import StepVideoError
 from .fsutil import clean_orphans, files_under
-from .resume import COMPONENTS, checkpoint_path
+from .caches import COMPONENTS
+from .resume import checkpoint_path
 from .video import output_path_error, sidecar_path
 
 RESULTS = Path("results")

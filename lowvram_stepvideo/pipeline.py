@@ -12,7 +12,8 @@ from typing import Callable
 import torch
 
 from . import progress as progress_bars
-from .embed_cache import EmbeddingCache, model_identity
+from .caches import model_identity
+from .embed_cache import EmbeddingCache
 from .model_folder import ModelFolder, open_model_folder
 from .models.dit import set_attention_head_chunk, set_token_chunk
 from .offload import find_blocks

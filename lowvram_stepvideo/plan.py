@@ -9,7 +9,7 @@ Weights are not counted as tensors: every place/unplace cuts a phase into stretc
 networks were placed (with which profile section) and the peak of everything else. A plan then adds the engine's
 footprint of each placed network for a profile's settings to each stretch. So the activations are traced once per
 folder, preset and the profile settings that shape them (`_shaping`), and trying other resident-block counts or
-placements (`fit_profile`) is arithmetic. Traces are kept for the life of the process.
+placements (`fit_profile`) is arithmetic. Traces are kept for the life of the process and on disk (plan_cache.py).
 
 One denoising step is enough: every step allocates the same. With the step cache, two: a full evaluation after
 the first step also holds the residuals its CFG branch saved at the last one (and the last step always runs in full).
@@ -33,8 +33,10 @@ from .model_folder import ModelFolder
 from .offload import streaming_footprint
 from .offload_store import BlockLayout, block_tensors
 from .pipeline import PhasePipeline
+from .plan_cache import PlanCache
 from .profiles import Preset, Profile
 from .runtime import Runtime, streaming_settings
+from .sampling import latent_shape
 from .speed import DiTLevers, SpeedOptions
 
 GiB = 2**30
@@ -43,7 +45,7 @@ STACKS = {"transformer": "transformer_blocks", "step_llm": "transformer.layers",
 PLANNED_BLOCKS = 1                     # blocks built per stack for the plan
 CACHED_DIT_BLOCKS = 3                  # DiT blocks built under the step cache (see PlanningRuntime.load)
 CACHED_STEPS = 2                       # denoising steps planned under the step cache (see the module docstring)
-REPLAYED = ("transformer", "vae")      # networks called several times with the same shapes (see Replaying)
+REPLAYED = ("transformer", "vae", "head groups")   # what runs several times with the same shapes (see Replaying)
 
 
 @dataclass
@@ -170,30 +172,91 @@ def fit_profile(folder: ModelFolder, profile: Profile, preset: Preset, budget_by
 
 # ---------------------------------------------------------------- tracing
 
-_TRACES: dict[tuple, Trace] = {}
+_TRACES: dict[tuple, Trace] = {}       # this process's traces (of some phases); disk_cache() keeps them too
+
+
+def disk_cache() -> PlanCache | None:
+    return PlanCache()
 
 
 def trace(folder: ModelFolder, profile: Profile, preset: Preset, assume_format: str | None = None,
           options: SpeedOptions | None = None, layout=None) -> Trace:
-    """The stretches of one planned run (cached per folder, preset, `_shaping(profile)`, speed options and parallel
-    layout: with a `layout`, of rank 0 of that parallel run)."""
+    """The stretches of one planned run: with a `layout`, of rank 0 of that parallel run. Text and denoise are
+    cached per folder, preset, `_shaping(profile)` without the VAE's settings, speed options and parallel layout;
+    decode with them (trying an untiled decode traces the decode only). From this process's cache or the disk's."""
     folder = assume_format_of(folder, assume_format)
     options = options or SpeedOptions()
     layout = layout and replace(layout, rank=0)
-    key = (folder.root, folder.weight_format, assume_format, _shaping(profile),
-           (preset.frames, preset.height, preset.width), options, layout)
-    if key not in _TRACES:
-        if layout is None:
-            runtime = PlanningRuntime(folder, profile, options)
-        else:
-            from .parallel_plan import RankPlanningRuntime   # imports this module
-            runtime = RankPlanningRuntime(folder, profile, layout, options)
-        pipe = PhasePipeline(folder, profile, progress=False, runtime=runtime, options=options)
-        with runtime.accountant:
-            pipe(prompt=PLAN_PROMPT, num_frames=preset.frames, height=preset.height, width=preset.width,
-                 num_inference_steps=CACHED_STEPS if options.cache else 1, output_type="video", seed=0)
-        _TRACES[key] = runtime.phases
-    return _TRACES[key]
+    base = (folder.weight_format, assume_format, (preset.frames, preset.height, preset.width), options, layout)
+    shaping = _shaping(profile)
+    keys = {"text+denoise": base + (replace(shaping, vae=None),), "decode": base + (shaping,)}
+    parts = {part: _cached(folder, key) for part, key in keys.items()}
+    if parts["decode"] is None:
+        traced = _traced(folder, profile, preset, options, layout, denoise=parts["text+denoise"] is None)
+        for part, names in (("text+denoise", ("text", "denoise")), ("decode", ("decode",))):
+            if parts[part] is None:
+                parts[part] = _store(folder, keys[part], {name: traced[name] for name in names})
+    elif parts["text+denoise"] is None:
+        traced = _traced(folder, profile, preset, options, layout, denoise=True)
+        parts["text+denoise"] = _store(folder, keys["text+denoise"], {n: traced[n] for n in ("text", "denoise")})
+    return {**parts["text+denoise"], **parts["decode"]}
+
+
+def _cached(folder: ModelFolder, key: tuple) -> Trace | None:
+    if (folder.root, key) not in _TRACES:
+        disk = disk_cache()
+        phases = trace_from_json(disk.get(disk.key(folder.root, repr(key)))) if disk else None
+        if phases is None:
+            return None
+        _TRACES[folder.root, key] = phases
+    return _TRACES[folder.root, key]
+
+
+def _store(folder: ModelFolder, key: tuple, phases: Trace) -> Trace:
+    _TRACES[folder.root, key] = phases
+    disk = disk_cache()
+    if disk:
+        disk.put(disk.key(folder.root, repr(key)), trace_to_json(phases))
+    return phases
+
+
+def _traced(folder: ModelFolder, profile: Profile, preset: Preset, options: SpeedOptions, layout,
+            denoise: bool = True) -> Trace:
+    """The planned run. Without `denoise`, the decode is traced after a denoise of no steps (the text phase
+    makes the embeddings that stay alive meanwhile; the latents are handed over as the denoise hands them)."""
+    if layout is None:
+        runtime = PlanningRuntime(folder, profile, options)
+    else:
+        from .parallel_plan import RankPlanningRuntime   # imports this module
+        runtime = RankPlanningRuntime(folder, profile, layout, options)
+    pipe = PhasePipeline(folder, profile, progress=False, runtime=runtime, options=options)
+    steps = CACHED_STEPS if options.cache else 1
+    with runtime.accountant:
+        embeds = pipe.encode_prompt(PLAN_PROMPT)
+        skip = {}
+        if not denoise:       # latents as the denoise leaves them; not counted, the caller holds them meanwhile
+            with runtime.accountant.untracked():
+                shape = latent_shape(preset.frames, preset.height, preset.width, channels=pipe.latent_channels())
+                skip = {"start_step": steps, "latents": torch.empty(shape.shape, device=runtime.device)}
+        pipe(prompt_embeds=embeds, num_frames=preset.frames, height=preset.height, width=preset.width,
+             num_inference_steps=steps, output_type="video", seed=0, **skip)
+    return runtime.phases
+
+
+def trace_to_json(phases: Trace) -> dict:
+    return {name: [{"placed": [[asdict(shape), section] for shape, section in s.placed],
+                    "device_bytes": s.device_bytes, "host_bytes": s.host_bytes} for s in stretches]
+            for name, stretches in phases.items()}
+
+
+def trace_from_json(data) -> Trace | None:
+    """A trace from trace_to_json's form; None when `data` is not one (a damaged cache entry)."""
+    try:
+        return {name: [Stretch(tuple((ModelShape(**shape), section) for shape, section in s["placed"]),
+                               int(s["device_bytes"]), int(s["host_bytes"])) for s in stretches]
+                for name, stretches in data.items()}
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return None
 
 
 def _shaping(profile: Profile) -> Profile:
@@ -227,6 +290,10 @@ class PlanningRuntime(Runtime):
             blocks = max(blocks, CACHED_DIT_BLOCKS)
         with self.accountant.untracked():     # weights are counted by their footprint when placed
             model, shape = planned_model(self.folder, component, dtype, blocks)
+        if "head groups" in REPLAYED:
+            for m in model.modules():
+                if hasattr(m, "head_group"):
+                    m.head_group = _Replay(m.head_group, self.accountant)
         if component in REPLAYED and not (self.cached and component == "transformer"):
             model = Replaying(model, self.accountant)
         self._shapes[id(model)] = shape
@@ -268,7 +335,7 @@ class Replaying(nn.Module):
     """A network as the plan runs it: a call (forward, or the VAE's decode_chunk) with arguments of shapes seen
     before is not computed again; its allocations are replayed instead: the same peak above what is live then, and
     an output of the same shape in the same place. (The DiT runs twice per step with sequential CFG; a
-    full-length decode is hundreds of tiles of a few shapes.)"""
+    full-length decode is hundreds of tiles of a few shapes; attention in head groups computes each group alike.)"""
 
     def __init__(self, model: nn.Module, accountant: PlanningAccountant):
         super().__init__()

@@ -16,11 +16,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .embed_cache import model_identity
+from .caches import weights_identity
 from .errors import StepVideoError
-from .fsutil import atomic_path, files_under
+from .fsutil import atomic_path
 
-COMPONENTS = ("transformer", "step_llm", "hunyuan_clip", "vae")
 LATENT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -46,11 +45,6 @@ def check_step_latents(latents: torch.Tensor, step: int, steps: int, ckpt: Path 
 def checkpoint_path(output: Path) -> Path:
     output = Path(output)
     return output.with_name(output.name + ".resume.safetensors")
-
-
-def weights_identity(root: Path, components: tuple[str, ...] = COMPONENTS) -> dict[str, str]:
-    """Per component folder, the identity of every file in it (weights, configs, tokenizers)."""
-    return {name: model_identity(files_under(Path(root) / name)) for name in components}
 
 
 def save_checkpoint(path: Path, latents: torch.Tensor, next_step: int, request: dict) -> None:

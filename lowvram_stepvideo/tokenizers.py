@@ -38,9 +38,25 @@ def _require(path: Path) -> Path:
     return path
 
 
+_LOADED: dict[tuple, Tokenize] = {}
+
+
+def _reused(build: Callable[..., Tokenize], files: tuple[Path, ...], *args) -> Tokenize:
+    """A tokenizer built from `files` once, reused while they are unchanged (a run, its plan and its prompt
+    checks tokenize several times; building one takes ~0.1 s)."""
+    key = (build.__name__, *args, *((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+    if key not in _LOADED:
+        _LOADED[key] = build(*args)
+    return _LOADED[key]
+
+
 def load_step_llm_tokenizer(folder: Path, max_length: int = StepLLMConfig.max_length) -> Tokenize:
     """`folder` is the release's `step_llm/`. The tokenizer returns ids/mask (B, max_length)."""
     path = _require(Path(folder) / STEP_LLM_TOKENIZER_FILE)
+    return _reused(_step_llm_tokenizer, (path,), path, max_length)
+
+
+def _step_llm_tokenizer(path: Path, max_length: int) -> Tokenize:
     try:
         sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
     except (OSError, RuntimeError) as e:
@@ -74,8 +90,13 @@ def load_clip_tokenizer(folder: Path, max_length: int | None = None) -> Tokenize
     folder = Path(folder)
     if (folder / "tokenizer").is_dir():
         folder = folder / "tokenizer"
-    vocab = _read_vocab(_require(folder / "vocab.txt"))
-    config = _require(folder / "tokenizer_config.json")
+    files = (_require(folder / "vocab.txt"), _require(folder / "tokenizer_config.json"))
+    return _reused(_clip_tokenizer, files, folder, max_length)
+
+
+def _clip_tokenizer(folder: Path, max_length: int | None) -> Tokenize:
+    vocab = _read_vocab(folder / "vocab.txt")
+    config = folder / "tokenizer_config.json"
     options = read_json(config)
     max_length = max_length or _clip_length(options.get("model_max_length", ClipConfig.max_length), config)
     full = _bert_tokenizer(vocab, options, folder / "vocab.txt")

@@ -30,6 +30,17 @@ def read_io(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         return {k: f.get_tensor(k) for k in f.keys()}, (f.metadata() or {})
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _session_cache_folder(tmp_path_factory):
+    """What tests cache (memory plans, text embeddings, the demo model) goes to the session's folder, never to
+    the user's ~/.cache."""
+    from lowvram_stepvideo.caches import CACHE_ENV
+    patch = pytest.MonkeyPatch()
+    patch.setenv(CACHE_ENV, str(tmp_path_factory.getbasetemp() / "lowvram-cache"))
+    yield
+    patch.undo()
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

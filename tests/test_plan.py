@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, SHARED
+from conftest import ROOT, SHARED, link_tree
 
 GiB = 2**30
 # profile -> most device memory the full-length plan may predict (204 frames, 544x992; issue targets)
@@ -120,3 +120,39 @@ def test_fit_to_card_starts_the_ladder_at_the_largest_preset_that_fits(tmp_path,
     assert fit_to_card(pipe, ladder, None, said.append, ram_bytes=ram) == ladder[1:]
     assert any("does not fit" in line for line in said)
     assert fit_to_card(pipe, ladder, None, said.append, ram_bytes=peaks[0] + HOST_MARGIN_MIN) == ladder
+
+
+def test_plans_are_kept_on_disk_per_folder_identity(demo_dir, tmp_path, monkeypatch):
+    """A second process plans from the disk without tracing; a damaged entry, or a file of the folder replaced,
+    is traced again; a cache folder that cannot be written only makes planning slower."""
+    from lowvram_stepvideo import plan
+    from lowvram_stepvideo.demo import DEMO_PRESET
+    from lowvram_stepvideo.model_folder import open_model_folder
+    from lowvram_stepvideo.profiles import load_profile
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("LOWVRAM_STEPVIDEO_CACHE", str(cache))
+    folder = open_model_folder(link_tree(demo_dir, tmp_path / "model"))
+    profile = load_profile("12gb")
+    traced, original = [], plan._traced
+    monkeypatch.setattr(plan, "_traced", lambda *a, **kw: traced.append(1) or original(*a, **kw))
+
+    def plan_anew() -> dict:
+        monkeypatch.setattr(plan, "_TRACES", {})            # as a new process starts
+        p = plan.plan_memory(folder, profile, DEMO_PRESET)
+        return {name: (ph.peak_vram_bytes, ph.peak_host_bytes) for name, ph in p.phases.items()}
+
+    first = plan_anew()
+    entries = sorted((cache / "plans").glob("*.json"))
+    assert traced == [1] and len(entries) == 2              # text + denoise, and decode
+    assert plan_anew() == first and traced == [1]
+    entries[0].write_text('{"key": "damaged"')
+    assert plan_anew() == first and len(traced) == 2
+    config = tmp_path / "model" / "vae" / "config.json"
+    text = config.read_text()
+    config.unlink()                                          # a hard link: replace the file, never write into it
+    config.write_text(text)
+    assert plan_anew() == first and len(traced) == 3
+    assert len(list((cache / "plans").glob("*.json"))) == 4
+    cache.rename(tmp_path / "moved")
+    cache.write_text("a file where the cache folder should be")
+    assert plan_anew() == first and len(traced) == 4

@@ -24,7 +24,9 @@ def folder(demo_dir):
 
 @pytest.fixture(autouse=True)
 def fresh_traces(monkeypatch):
+    """Every plan here is traced: nothing from this process's earlier tests or from the disk cache."""
     monkeypatch.setattr(plan, "_TRACES", {})
+    monkeypatch.setattr(plan, "disk_cache", lambda: None)
 
 
 def _peaks(p: plan.Plan) -> dict:
@@ -57,6 +59,24 @@ def test_planning_shortcuts_do_not_change_the_plan(folder, monkeypatch, options)
         monkeypatch.setattr(step_cache, "relative_change", lambda now, before: 1.0)
         longer = plan.plan_memory(folder, profile, preset, options=options)
         assert longer.phases["denoise"].peak_vram_bytes == fast["denoise"][0]
+
+
+@pytest.mark.parametrize("options", [None, SpeedOptions(cache=0.05)], ids=["plain", "step-cache"])
+def test_a_decode_traced_alone_plans_what_a_whole_run_does(folder, monkeypatch, options):
+    """Trying another VAE tile (the untiled check) traces the decode after a denoise of no steps, reusing the
+    traced text and denoise: the same plan as tracing the whole run with that tile."""
+    tiled = with_overrides(load_profile("12gb"), cfg_mode="sequential", vae_tile=2, vae_overlap=0)
+    untiled = with_overrides(tiled, vae_tile=0, vae_overlap=0)
+    preset = Preset(17, 32, 48, 1)
+    plan.plan_memory(folder, tiled, preset, options=options)
+    traced, original = [], plan._traced
+    monkeypatch.setattr(plan, "_traced", lambda *a, **kw: traced.append(kw) or original(*a, **kw))
+    alone = _peaks(plan.plan_memory(folder, untiled, preset, options=options))
+    assert traced == [{"denoise": False}]
+    monkeypatch.setattr(plan, "_TRACES", {})
+    whole = _peaks(plan.plan_memory(folder, untiled, preset, options=options))
+    assert traced[1:] == [{"denoise": True}] and alone == whole
+    assert whole["decode"] != _peaks(plan.plan_memory(folder, tiled, preset, options=options))["decode"]
 
 
 def test_plan_follows_the_settings_that_shape_activations(folder):

@@ -159,12 +159,13 @@ class SelfAttention(HeadAttention):
         width = 3 * self.head_dim  # wqkv rows are interleaved per head: [q_h | k_h | v_h]
 
         def heads(first: int, last: int) -> torch.Tensor:
-            return self._heads(qkv_rows(width * first, width * last), rope_cos, rope_sin)
+            return self.head_group(qkv_rows(width * first, width * last), rope_cos, rope_sin)
         out = attend_in_head_groups(heads, self.num_heads, self.head_dim, self.head_chunk, x)
         return project_in_place(self.wo, out, self.chunk_tokens)
 
-    def _heads(self, qkv: torch.Tensor, rope_cos: torch.Tensor, rope_sin: torch.Tensor) -> torch.Tensor:
-        """qkv (B, S, G*3*Dh) of G heads -> attention output (B, S, G, Dh)."""
+    def head_group(self, qkv: torch.Tensor, rope_cos: torch.Tensor, rope_sin: torch.Tensor) -> torch.Tensor:
+        """qkv (B, S, G*3*Dh) of G heads -> attention output (B, S, G, Dh). (Every group of a call allocates the
+        same: the memory plan traces the first and replays the others.)"""
         b, s, _ = qkv.shape
         dh = self.head_dim
         qkv = qkv.view(b, s, -1, 3 * dh)                                   # (B, S, G, 3*Dh)
@@ -185,11 +186,11 @@ class CrossAttention(HeadAttention):
         dh = self.head_dim  # wq rows are head-major; wkv rows are interleaved per head: [k_h | v_h]
 
         def heads(first: int, last: int) -> torch.Tensor:
-            return self._heads(q_rows(dh * first, dh * last), kv_rows(2 * dh * first, 2 * dh * last), kv_mask)
+            return self.head_group(q_rows(dh * first, dh * last), kv_rows(2 * dh * first, 2 * dh * last), kv_mask)
         out = attend_in_head_groups(heads, self.num_heads, dh, self.head_chunk, x)
         return project_in_place(self.wo, out, self.chunk_tokens)
 
-    def _heads(self, q: torch.Tensor, kv: torch.Tensor, kv_mask: torch.Tensor | None) -> torch.Tensor:
+    def head_group(self, q: torch.Tensor, kv: torch.Tensor, kv_mask: torch.Tensor | None) -> torch.Tensor:
         """q (B, S, G*Dh), kv (B, Skv, G*2*Dh) of G heads -> attention output (B, S, G, Dh)."""
         dh = self.head_dim
         q = q.view(q.shape[0], q.shape[1], -1, dh)                     # (B, S, G, Dh)
