@@ -61,9 +61,17 @@ class ByteAccountant(TorchDispatchMode):
         if self._paused:
             return out
         for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
+            if isinstance(t, torch.Tensor) and not self._view_of_untracked(t, args):
                 self._track(t, t.device.type)
         return out
+
+    def _view_of_untracked(self, t: torch.Tensor, args) -> bool:
+        """A view (or in-place result) of an input whose storage is not counted (a weight placed before): no new
+        bytes. (`F.linear` on the CPU is a transposed view of the weight and a matmul.)"""
+        key = t.untyped_storage()._cdata
+        if key in self._storages:
+            return False
+        return any(isinstance(a, torch.Tensor) and a.untyped_storage()._cdata == key for a in tree_flatten(args)[0])
 
     def measure(self) -> "PeakWatch":
         """A block's own peak above what was live when it started, per device (the running peak is kept)."""
@@ -162,7 +170,7 @@ class PlanningAccountant(ByteAccountant):
             out = func(*[_as_meta(a) for a in args], **kwargs)
         if not self._paused:
             for t in (out,) if isinstance(out, torch.Tensor) else tree_flatten(out)[0]:
-                if isinstance(t, torch.Tensor):
+                if isinstance(t, torch.Tensor) and not self._view_of_untracked(t, args):
                     self._track(t, self._labels.setdefault(t.untyped_storage()._cdata, label))
         return out
 

@@ -37,6 +37,7 @@ from .plan_cache import PlanCache
 from .profiles import Preset, Profile
 from .runtime import Runtime, streaming_settings
 from .sampling import latent_shape
+from .video import mp4_writer_host_bytes, postprocess_host_bytes
 from .speed import DiTLevers, SpeedOptions
 
 GiB = 2**30
@@ -85,15 +86,22 @@ class Plan:
 @dataclass(frozen=True)
 class ModelShape:
     """What placing a network can hold, in the engines' terms: a stack of `blocks` identical blocks (each
-    `block_bytes` in a streaming slot, `block_tensor_bytes` as separate tensors) and `other_bytes` of the rest."""
+    `block_bytes` in a streaming slot, `block_tensor_bytes` as separate tensors) and `other_bytes` of the rest, of
+    which `mapped_table_bytes` are embedding tables loaded as stored (no cast): on a CPU device they stay the
+    checkpoint's memory map, and a run reads only the rows it looks up (a few MiB of a 0.75 GiB step_llm table)."""
     blocks: int = 0
     block_bytes: int = 0
     block_tensor_bytes: int = 0
     other_bytes: int = 0
+    mapped_table_bytes: int = 0
 
     @property
     def total_bytes(self) -> int:
         return self.other_bytes + self.blocks * self.block_tensor_bytes
+
+    def held_other_bytes(self, device: str) -> int:
+        """The weights outside the stack that placing the network on `device` ("cuda" | "cpu") puts in memory."""
+        return self.other_bytes - (self.mapped_table_bytes if device == "cpu" else 0)
 
 
 @dataclass(frozen=True)
@@ -130,15 +138,28 @@ def evaluate(phases: Trace, profile: Profile, preset: Preset) -> Plan:
             vram = max(vram, stretch.device_bytes + sum(d for d, _ in held))
             host = max(host, stretch.host_bytes + sum(h for _, h in held))
         plan.phases[name] = PhasePlan(vram, host)
+    if phases.get("decode"):
+        plan.phases["write"] = write_phase(phases["decode"][-1], preset, profile.torch_dtype)
     return plan
+
+
+def write_phase(after_decode: Stretch, preset: Preset, dtype: torch.dtype) -> PhasePlan:
+    """Writing the mp4, after the decode (no network placed): what the decode left alive (the decoded video in
+    host RAM, the prompt embeddings on the device), the uint8 frames made from it and the mp4 writer (ffmpeg).
+    Not traced: video.py estimates these from the frame size (tests/test_video.py measures them)."""
+    shape = latent_shape(preset.frames, preset.height, preset.width)
+    extra = (postprocess_host_bytes(shape.num_frames, shape.height, shape.width, dtype)
+             + mp4_writer_host_bytes(shape.num_frames, shape.height, shape.width))
+    return PhasePlan(after_decode.device_bytes, after_decode.host_bytes + extra)
 
 
 def footprint(shape: ModelShape, streaming, profile: Profile) -> tuple[int, int]:
     """(device bytes, host bytes) that placing a network of `shape` holds: all its weights on the device, or what
     the block streamer reports for a streamed stack (offload.streaming_footprint: the engine's own accounting)."""
+    other = shape.held_other_bytes(profile.device)
     if streaming is None:
-        return shape.total_bytes, 0
-    held = streaming_footprint(shape.block_bytes, shape.blocks, shape.other_bytes, streaming.resident_blocks,
+        return other + shape.blocks * shape.block_tensor_bytes, 0
+    held = streaming_footprint(shape.block_bytes, shape.blocks, other, streaming.resident_blocks,
                                streaming.prefetch, streaming.source, int(profile.memory.packed_gb * GiB),
                                cuda=profile.device == "cuda")
     return held.device_bytes, held.host_bytes
@@ -382,14 +403,17 @@ def planned_model(folder: ModelFolder, component: str, dtype: torch.dtype,
     opened = folder.open(component, layers=blocks) if component in STACKS else folder.open(component)
     module = opened.module
     keep = _quantize_as_run(module, opened.source.metadata)
+    stored = module.state_dict(keep_vars=True)
     state = {name: torch.empty(t.shape, dtype=run_dtype(t.dtype, dtype, name in keep), device="meta")
-             for name, t in module.state_dict(keep_vars=True).items()}
+             for name, t in stored.items()}
     module.load_state_dict(state, strict=True, assign=True)
     module.eval().requires_grad_(False)
     for m in module.modules():
         if hasattr(m, "attend"):
             m.attend = flash_style_attention
-    return module, _shape(module, component, opened.config)
+    source = opened.source
+    uncast = {name for name in stored if name in source.keys() and source.ref(name).dtype == state[name].dtype}
+    return module, _shape(module, component, opened.config, uncast)
 
 
 def _quantize_as_run(module: nn.Module, metadata: dict) -> set[str]:
@@ -410,10 +434,14 @@ def _has_module(module: nn.Module, weight_name: str) -> bool:
         return False
 
 
-def _shape(module: nn.Module, component: str, config) -> ModelShape:
+def _shape(module: nn.Module, component: str, config, uncast: set[str]) -> ModelShape:
+    """`uncast`: the names of the tensors a run loads in their stored dtype."""
     total = sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
-    if component not in STACKS:
-        return ModelShape(other_bytes=total)
-    blocks = module.get_submodule(STACKS[component])
+    stack = STACKS.get(component)
+    tables = sum(m.weight.nbytes for name, m in module.named_modules() if isinstance(m, nn.Embedding)
+                 and f"{name}.weight" in uncast and not (stack and name.startswith(stack + ".")))
+    if stack is None:
+        return ModelShape(other_bytes=total, mapped_table_bytes=tables)
+    blocks = module.get_submodule(stack)
     block = sum(t.numel() * t.element_size() for _, t in block_tensors(blocks[0]))
-    return ModelShape(config.num_layers, BlockLayout(blocks[0]).nbytes, block, total - len(blocks) * block)
+    return ModelShape(config.num_layers, BlockLayout(blocks[0]).nbytes, block, total - len(blocks) * block, tables)

@@ -82,9 +82,14 @@ def written_frame_shape(height: int, width: int) -> tuple[int, int]:
 def decoded_video_host_bytes(frames: int, height: int, width: int, dtype: torch.dtype, batch: int = 1) -> int:
     """Host RAM while a decoded video becomes uint8 frames (`postprocess`): the decoded (B, F, 3, H, W) tensor in
     the compute dtype, the uint8 frames (F, B*H, W, 3), and one frame's float temporaries, all alive at once."""
+    decoded = batch * frames * 3 * height * width * dtype.itemsize
+    return decoded + postprocess_host_bytes(frames, height, width, dtype, batch)
+
+
+def postprocess_host_bytes(frames: int, height: int, width: int, dtype: torch.dtype, batch: int = 1) -> int:
+    """What `postprocess` adds to the decoded video it starts from: the uint8 frames and one frame's temporaries."""
     values = batch * frames * 3 * height * width
-    frame_temps = 3 * batch * 3 * height * width * max(dtype.itemsize, 4)
-    return values * dtype.itemsize + values + frame_temps
+    return values + 3 * batch * 3 * height * width * max(dtype.itemsize, 4)
 
 
 def mp4_writer_host_bytes(frames: int, height: int, width: int) -> int:

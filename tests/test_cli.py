@@ -107,7 +107,7 @@ def test_dry_run_prints_the_plan(capsys):
     rc, out, err = run_cli(capsys, "--demo", "--prompt", PROMPT, "--dry-run")
     assert rc == 0, err
     assert "memory plan: profile cpu, 34x64x96" in out
-    assert [ln.split()[0] for ln in out.splitlines()[2:6]] == ["text", "denoise", "decode", "budget"]
+    assert [ln.split()[0] for ln in out.splitlines()[2:7]] == ["text", "denoise", "decode", "write", "budget"]
     assert out.splitlines()[-1].startswith("verdict: fits in ")
 
 

@@ -202,7 +202,7 @@ def test_dry_run_exit_codes_and_json(capsys):
     d = json.loads(out)
     assert rc == 0 and d["fits"] is True and KEYS <= set(d), (rc, err)
     assert d["preset"] == "34x64x96" and d["profile"] == "cpu" and d["budget_host_bytes"] == 6 * GiB
-    assert set(d["phases"]) == {"text", "denoise", "decode"}
+    assert set(d["phases"]) == {"text", "denoise", "decode", "write"}
     assert all(set(p) == {"peak_vram_bytes", "peak_host_bytes"} for p in d["phases"].values())
     rc, out, err = run_cli(capsys, "--demo", "--prompt", "a fox", "--dry-run", "--ram-gib", "2.01")
     assert rc == 3, err
@@ -252,6 +252,21 @@ def test_auto_scales_a_tiers_host_ram_to_a_small_machine():
     assert 0 < profile.memory.packed_gb < tier.memory.packed_gb and profile.dit == tier.dit
     assert "exceed this machine's 28.8 GiB" in reason and "read from disk" in reason
     assert auto_profile(int(23.6 * GiB), 64 * GiB) == tier                # 64 GB: the tier as written
+
+
+def test_a_machine_that_holds_the_decode_but_not_the_mp4_writer_is_told(demo_dir):
+    """Writing the mp4 is a phase of the plan: the uint8 frames and the ffmpeg process come on top of the decoded
+    video (video.py's estimates, measured in tests/test_video.py)."""
+    from lowvram_stepvideo.demo import DEMO_PRESET
+    from lowvram_stepvideo.model_folder import open_model_folder
+    folder, profile = open_model_folder(demo_dir), load_profile("12gb")
+    plan = fit.check_fit(folder, profile, DEMO_PRESET, 8 * GiB, 64 * GiB).plan
+    write, decode = plan.phases["write"], plan.phases["decode"]
+    assert write.peak_host_bytes > decode.peak_host_bytes + 200 * 2**20       # ffmpeg's own 256 MiB at least
+    holds_decode_only = (decode.peak_host_bytes + write.peak_host_bytes) // 2 + 2 * GiB   # RAM - 2 GiB margin
+    verdict = fit.check_fit(folder, profile, DEMO_PRESET, 8 * GiB, holds_decode_only)
+    assert not verdict.fits and not verdict.budget.phase_fits(0, write.peak_host_bytes)
+    assert fit.check_fit(folder, profile, DEMO_PRESET, 8 * GiB, write.peak_host_bytes + 2 * GiB + 2**20).fits
 
 
 # ---- --assume-format ----------------------------------------------------------------------------------------

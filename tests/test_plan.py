@@ -40,7 +40,7 @@ def test_full_size_plan_fits_the_tier(sparse_release, profile):
     _, plan = fit_profile(open_model_folder(sparse_release), tier, tier.default_preset, int(tier.min_vram_gib * GiB))
     assert plan.preset == "204x544x992"
     assert plan.peak_vram_bytes <= TARGETS[profile] * GiB, plan
-    assert set(plan.phases) == {"text", "denoise", "decode"}
+    assert set(plan.phases) == {"text", "denoise", "decode", "write"}
     host_budget = _host_budget(profile)
     assert all(p.peak_host_bytes <= host_budget for p in plan.phases.values()), plan
 
@@ -48,7 +48,7 @@ def test_full_size_plan_fits_the_tier(sparse_release, profile):
 @pytest.mark.slow
 def test_full_size_dry_run(sparse_release):
     plan, seconds = _dry_run(sparse_release, "24gb")
-    assert plan["preset"] == "204x544x992" and set(plan["phases"]) == {"text", "denoise", "decode"}
+    assert plan["preset"] == "204x544x992" and set(plan["phases"]) == {"text", "denoise", "decode", "write"}
     assert plan["peak_vram_bytes"] <= TARGETS["24gb"] * GiB, plan
     assert seconds < 120
 
@@ -76,18 +76,23 @@ def test_plan_grows_with_the_preset_and_counts_weights(sparse_release):
 
 def test_plan_matches_a_measured_cpu_run(tmp_path, monkeypatch):
     """The plan (fake tensors, 'meta' as the device) against the same run on real tensors, counted by the same
-    accountant: on the CPU device and host are one, so planned device + host is compared with measured bytes."""
+    accountant, which sees what operators allocate: activations, and weights a loader builds (the DiT's), not the
+    weights a CPU run reads from the memory map. So per phase the measured peak lies between the planned
+    activations and the plan's total (activations + weights); the text encoders and the VAE are loaded as stored
+    (nothing built), so there it is the planned activations. Host RSS against the plan: bench/host_memory.py."""
     import torch
 
+    from lowvram_stepvideo import plan as plan_mod
     from lowvram_stepvideo.demo import DEMO_PRESET, build_demo_model
     from lowvram_stepvideo.memory import ByteAccountant
     from lowvram_stepvideo.model_folder import open_model_folder
     from lowvram_stepvideo.pipeline import PhasePipeline
-    from lowvram_stepvideo.plan import plan_memory
     from lowvram_stepvideo.profiles import load_profile
     monkeypatch.setenv("LOWVRAM_STEPVIDEO_CACHE", str(tmp_path))
     folder, profile = open_model_folder(build_demo_model()), load_profile("cpu")
-    plan = plan_memory(folder, profile, DEMO_PRESET)
+    plan = plan_mod.plan_memory(folder, profile, DEMO_PRESET)
+    activations = {name: max(s.device_bytes + s.host_bytes for s in stretches)
+                   for name, stretches in plan_mod.trace(folder, profile, DEMO_PRESET).items()}
     acc, measured = ByteAccountant(), {}
     pipe = PhasePipeline(folder, profile, progress=False, log=lambda msg: None)
     pipe.runtime.phase_listeners.append(lambda name, event: acc.reset_peak() if event == "start" else
@@ -95,9 +100,12 @@ def test_plan_matches_a_measured_cpu_run(tmp_path, monkeypatch):
     with acc, torch.inference_mode():
         pipe(prompt="a cat", num_frames=DEMO_PRESET.frames, height=DEMO_PRESET.height, width=DEMO_PRESET.width,
              num_inference_steps=1, output_type="video")
-    for name, phase in plan.phases.items():
-        planned = phase.peak_vram_bytes + phase.peak_host_bytes
-        assert abs(planned - measured[name]) <= 0.10 * measured[name], (name, planned, measured[name])
+    for name in activations:                            # the traced phases (the mp4 writer's is estimated)
+        phase = plan.phases[name]
+        total = phase.peak_vram_bytes + phase.peak_host_bytes
+        assert 0.99 * activations[name] <= measured[name] <= total, (name, activations[name], measured[name], total)
+    for name in ("text", "decode"):
+        assert abs(activations[name] - measured[name]) <= 0.02 * measured[name], (name, activations, measured)
 
 
 def test_fit_to_card_starts_the_ladder_at_the_largest_preset_that_fits(tmp_path, monkeypatch):
