@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Every GPU check in one run, for a session lent a GPU (the `device` tool; its machine has torch with CUDA but not
+# pytest or imageio-ffmpeg, and no network):
+#
+#   here:    pip download -d gpu-wheels pytest imageio-ffmpeg      (once; gpu-wheels/ is git-ignored)
+#   device:  run(command="bash bench/gpu_checks.sh", carry=["gpu-wheels"], timeout_s=600)
+#
+# Each check has its own time limit (together under the device's 10 minutes a command), so one slow check cannot
+# use up the others' time. Outputs go to $OUT (the device tool's result folder; else gpu-results/), one file a
+# check ending in its exit status, and the card's name to card.csv. Paste the tables into BENCHMARKS.md with it.
+set -u
+out=${OUT:-gpu-results}
+mkdir -p "$out"
+export PYTHONPATH=.
+nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv > "$out/card.csv" 2>&1
+cat "$out/card.csv"
+for module in pytest imageio_ffmpeg; do
+    python -c "import $module" 2>/dev/null || pip install -q --no-index --find-links gpu-wheels "${module/_/-}"
+done
+
+check() {   # check NAME SECONDS COMMAND...
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name (at most $limit s)"
+    timeout "$limit" "$@" > "$out/$name.txt" 2>&1
+    echo "exit status $?" >> "$out/$name.txt"
+    tail -n 25 "$out/$name.txt"
+}
+
+check pytest-gpu 90 python -m pytest -q -m gpu -p no:cacheprovider
+check plan-vs-gpu 100 python bench/plan_vs_gpu.py --demo --profile 24gb
+check stream-gpu 130 python bench/stream_gpu.py
+check speed-gpu 200 python bench/speed_gpu.py --json
