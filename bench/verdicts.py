@@ -92,8 +92,9 @@ def main(argv=None) -> int:
 
 def tables(rows: list[dict], rams: list[float]) -> str:
     g = lambda n: f"{n / GiB:.2f}"   # noqa: E731
-    out = ["| profile | weights | card GiB | text VRAM / host | denoise VRAM / host | decode VRAM / host | plan s |",
-           "|---|---|---:|---:|---:|---:|---:|"]
+    phases = list(rows[0]["phases"]) if rows else []
+    out = ["| profile | weights | card GiB | " + " | ".join(f"{p} VRAM / host" for p in phases) + " | plan s |",
+           "|---|---|---:|" + "---:|" * (len(phases) + 1)]
     for r in rows:
         cells = [f"{g(v)} / {g(h)}" for v, h in r["phases"].values()]
         out.append(f"| {r['profile']} | {r['weights']} | {card_gib(r['profile']) or '-'} | {' | '.join(cells)} | "
