@@ -32,7 +32,7 @@ CHROMIUM = os.environ.get("LOWVRAM_STEPVIDEO_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 FIRST_STEPS = 6
-CANCEL_WINDOW_S = 10  # the second job denoises this long: its progress is seen and the cancel lands mid-denoise
+CANCEL_WINDOW_S = 8  # the second job denoises this long: its progress is seen and the cancel lands mid-denoise
 JOB_S = 240   # one demo job on a busy 2-core machine (about 20 s when idle)
 
 
