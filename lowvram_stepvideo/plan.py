@@ -33,7 +33,7 @@ from .model_folder import ModelFolder
 from .offload import streaming_footprint
 from .offload_store import BlockLayout, block_tensors
 from .pipeline import PhasePipeline
-from .plan_cache import PlanCache
+from .plan_cache import PlanCache, folder_identity
 from .profiles import Preset, Profile
 from .runtime import Runtime, streaming_settings
 from .sampling import latent_shape
@@ -224,20 +224,24 @@ def trace(folder: ModelFolder, profile: Profile, preset: Preset, assume_format: 
 
 
 def _cached(folder: ModelFolder, key: tuple) -> Trace | None:
-    if (folder.root, key) not in _TRACES:
+    """A trace part of `folder`'s files as they are now (a long-running process, e.g. the web page, sees a folder
+    re-quantized in place as another folder)."""
+    memo = (folder_identity(folder.root), repr(key))
+    if memo not in _TRACES:
         disk = disk_cache()
-        phases = trace_from_json(disk.get(disk.key(folder.root, repr(key)))) if disk else None
+        phases = trace_from_json(disk.get(disk.key(*memo))) if disk else None
         if phases is None:
             return None
-        _TRACES[folder.root, key] = phases
-    return _TRACES[folder.root, key]
+        _TRACES[memo] = phases
+    return _TRACES[memo]
 
 
 def _store(folder: ModelFolder, key: tuple, phases: Trace) -> Trace:
-    _TRACES[folder.root, key] = phases
+    memo = (folder_identity(folder.root), repr(key))
+    _TRACES[memo] = phases
     disk = disk_cache()
     if disk:
-        disk.put(disk.key(folder.root, repr(key)), trace_to_json(phases))
+        disk.put(disk.key(*memo), trace_to_json(phases))
     return phases
 
 

@@ -49,8 +49,9 @@ class PlanCache:
     def __init__(self, folder: Path | None = None):
         self.folder = Path(folder) if folder else cache_home() / "plans"
 
-    def key(self, root: Path, description: str) -> str:
-        return f"{code_version()}|{folder_identity(Path(root).resolve())}|{description}"
+    def key(self, identity: str, description: str) -> str:
+        """`identity`: folder_identity() of the planned folder; `description`: what was traced."""
+        return f"{code_version()}|{identity}|{description}"
 
     def get(self, key: str):
         path = self._path(key)

@@ -131,8 +131,9 @@ def test_fit_to_card_starts_the_ladder_at_the_largest_preset_that_fits(tmp_path,
 
 
 def test_plans_are_kept_on_disk_per_folder_identity(demo_dir, tmp_path, monkeypatch):
-    """A second process plans from the disk without tracing; a damaged entry, or a file of the folder replaced,
-    is traced again; a cache folder that cannot be written only makes planning slower."""
+    """A second process plans from the disk without tracing; a damaged entry, or a file of the folder replaced
+    (seen by a running process too), is traced again; a cache folder that cannot be written only makes planning
+    slower."""
     from lowvram_stepvideo import plan
     from lowvram_stepvideo.demo import DEMO_PRESET
     from lowvram_stepvideo.model_folder import open_model_folder
@@ -159,6 +160,8 @@ def test_plans_are_kept_on_disk_per_folder_identity(demo_dir, tmp_path, monkeypa
     text = config.read_text()
     config.unlink()                                          # a hard link: replace the file, never write into it
     config.write_text(text)
+    replanned = plan.plan_memory(folder, profile, DEMO_PRESET)   # in the same process too (the web page's)
+    assert replanned.phases == plan.plan_memory(folder, profile, DEMO_PRESET).phases and len(traced) == 3
     assert plan_anew() == first and len(traced) == 3
     assert len(list((cache / "plans").glob("*.json"))) == 4
     cache.rename(tmp_path / "moved")
