@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Time of a full-size dry-run (the memory plan, resident blocks fitted) per profile, as a user runs it.
 
-    python bench/plan_time.py [--model-dir /tmp/sparse-full] [--profiles 12gb,16gb,24gb,48gb,80gb,cpu,cpu-lowram]
+    python bench/plan_time.py [--model-dir /tmp/sparse-full] [--profiles 8gb,12gb,16gb,24gb,48gb,80gb,cpu,cpu-lowram]
                               [--repeat 2] [--checkout PATH]
 
 Each dry-run is a fresh `python generate.py --model-dir DIR --profile P --prompt x --dry-run --json` process:
@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 GiB = 2**30
-PROFILES = "12gb,16gb,24gb,48gb,80gb,cpu,cpu-lowram"
+PROFILES = "8gb,12gb,16gb,24gb,48gb,80gb,cpu,cpu-lowram"
 
 
 def dry_run(checkout: Path, model_dir: Path, profile: str, cache: Path) -> dict:
