@@ -11,6 +11,7 @@ from lowvram_stepvideo import loaders, plan, step_cache
 from lowvram_stepvideo.demo import DEMO_PRESET
 from lowvram_stepvideo.memory import DEVICE, HOST, PlanningAccountant
 from lowvram_stepvideo.model_folder import open_model_folder
+from lowvram_stepvideo.parallel import Layout
 from lowvram_stepvideo.profiles import Preset, load_profile, with_overrides
 from lowvram_stepvideo.speed import SpeedOptions
 
@@ -61,22 +62,27 @@ def test_planning_shortcuts_do_not_change_the_plan(folder, monkeypatch, options)
         assert longer.phases["denoise"].peak_vram_bytes == fast["denoise"][0]
 
 
-@pytest.mark.parametrize("options", [None, SpeedOptions(cache=0.05)], ids=["plain", "step-cache"])
-def test_a_decode_traced_alone_plans_what_a_whole_run_does(folder, monkeypatch, options):
+@pytest.mark.parametrize("options, layout", [(None, None), (SpeedOptions(cache=0.05), None), (None, Layout(4, 0, 2, 2))],
+                         ids=["plain", "step-cache", "cfg-x-sequence-rank"])
+def test_a_decode_traced_alone_plans_what_a_whole_run_does(folder, monkeypatch, options, layout):
     """Trying another VAE tile (the untiled check) traces the decode after a denoise of no steps, reusing the
-    traced text and denoise: the same plan as tracing the whole run with that tile."""
-    tiled = with_overrides(load_profile("12gb"), cfg_mode="sequential", vae_tile=2, vae_overlap=0)
+    traced text and denoise: the same plan as tracing the whole run with that tile (also for a parallel rank)."""
+    cfg_mode = "batch" if layout else "sequential"   # as a CFG-parallel run has it
+    tiled = with_overrides(load_profile("12gb"), cfg_mode=cfg_mode, vae_tile=2, vae_overlap=0)
     untiled = with_overrides(tiled, vae_tile=0, vae_overlap=0)
     preset = Preset(17, 32, 48, 1)
-    plan.plan_memory(folder, tiled, preset, options=options)
+
+    def peaks(profile) -> dict:
+        return _peaks(plan.evaluate(plan.trace(folder, profile, preset, None, options, layout), profile, preset))
+    peaks(tiled)
     traced, original = [], plan._traced
     monkeypatch.setattr(plan, "_traced", lambda *a, **kw: traced.append(kw) or original(*a, **kw))
-    alone = _peaks(plan.plan_memory(folder, untiled, preset, options=options))
+    alone = peaks(untiled)
     assert traced == [{"denoise": False}]
     monkeypatch.setattr(plan, "_TRACES", {})
-    whole = _peaks(plan.plan_memory(folder, untiled, preset, options=options))
+    whole = peaks(untiled)
     assert traced[1:] == [{"denoise": True}] and alone == whole
-    assert whole["decode"] != _peaks(plan.plan_memory(folder, tiled, preset, options=options))["decode"]
+    assert whole["decode"] != peaks(tiled)["decode"]
 
 
 def test_plan_follows_the_settings_that_shape_activations(folder):
