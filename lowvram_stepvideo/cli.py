@@ -30,7 +30,7 @@ GiB = 2**30
 EPILOG = """\
 examples:
   %(prog)s --demo --prompt "a cat playing piano"
-      the tiny built-in random model on the CPU: checks the install in about 15 seconds
+      the tiny built-in random model on the CPU: checks the install in a few seconds
   %(prog)s --model-dir ./stepvideo-t2v-int8 --prompt "a red fox in the snow" --output fox.mp4
       the profile is picked by the GPU's memory and the RAM (--profile auto); the largest preset that fits runs
   %(prog)s --model-dir ./stepvideo-t2v-int8 --profile 16gb --prompt "test" --dry-run
@@ -106,7 +106,7 @@ def build_parser(prog: str = "generate.py") -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true",
                    help="print the memory plan of every phase against this machine's budgets and whether it fits, "
                         "then exit (status 0 fits, 3 nothing on the ladder fits): the pipeline runs on fake tensors "
-                        "(no weights are read, nothing is generated; seconds to a minute)")
+                        "(no weights are read, nothing is generated; a few seconds)")
     p.add_argument("--json", action="store_true", help="with --dry-run: print the plan as JSON")
     p.add_argument("--vram-gib", type=float, metavar="N",
                    help="with --dry-run: plan for a card of N GiB instead of this machine's (e.g. 12)")
