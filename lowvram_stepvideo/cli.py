@@ -183,8 +183,7 @@ def entry_point() -> None:
 
 def run(args) -> int:
     if args.list_profiles:
-        _list_profiles()
-        return exit_codes.OK
+        return exit_codes.OK if _list_profiles() else exit_codes.BAD_INPUT
     if args.port is not None and not 0 < args.port < 65536:
         raise UsageError(f"--port {args.port}: must be 1-65535 (default 7860)")
     if args.web:
@@ -253,18 +252,22 @@ def job_spec(args) -> JobSpec:
                    {k: v for k, v in options.items() if v is not None})
 
 
-def _list_profiles() -> None:
-    """Every profile with its description and ladder; one that does not load is listed as bad, with the reason."""
+def _list_profiles() -> bool:
+    """Every profile with its description and ladder; one that does not load is listed as bad, with the reason.
+    False when one is bad."""
     print(f"profiles in {profiles_dir()} (presets: FRAMESxHEIGHTxWIDTH@STEPS, the first is the default):")
+    good = True
     for name in list_profiles():
         try:
             profile = load_profile(name)
         except (ConfigError, OSError) as e:   # one bad file does not hide the others
             print(f"{name:<12} BAD PROFILE: {e}")
+            good = False
             continue
         print(f"{name:<12} {profile.description}")
         ladder = ", ".join(describe(profile)["presets"])
         print(textwrap.fill(ladder, width=108, initial_indent=" " * 13, subsequent_indent=" " * 13))
+    return good
 
 
 def _check_dry_run_flags(args) -> None:

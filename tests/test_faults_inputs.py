@@ -225,12 +225,12 @@ def test_a_prompt_longer_than_the_text_window_is_warned_about(demo_dir, tmp_path
     assert open_model_folder(demo_dir).prompt_warnings(PROMPT, "blurry") == []
 
 
-def test_list_profiles_lists_bad_profiles_as_bad_and_the_good_ones(tmp_path, capsys, monkeypatch):
+def test_list_profiles_lists_bad_profiles_as_bad_and_the_good_ones_and_exits_2(tmp_path, capsys, monkeypatch):
     (tmp_path / "cpu.toml").write_text((ROOT / "profiles" / "cpu.toml").read_text())
     (tmp_path / "broken.toml").write_text("device = [")
     monkeypatch.setenv("LOWVRAM_STEPVIDEO_PROFILES", str(tmp_path))
     rc, out, _ = run_cli(capsys, "--list-profiles")
     listed = {ln.split()[0]: ln for ln in out.splitlines()[1:] if not ln.startswith(" ")}
-    assert rc == 0 and sorted(listed) == ["broken", "cpu"], out
+    assert rc == 2 and sorted(listed) == ["broken", "cpu"], out          # listed, and a script can tell
     assert "BAD PROFILE" in listed["broken"] and "not valid TOML" in listed["broken"]
     assert "BAD" not in listed["cpu"] and "17x" in out   # the good one with its ladder
