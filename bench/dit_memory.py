@@ -25,7 +25,8 @@ SHARED = ROOT.parent / "shared"
 sys.path.insert(0, str(ROOT))
 
 from lowvram_stepvideo.model_folder import open_model_folder  # noqa: E402
-from lowvram_stepvideo.plan import footprint, plan_memory, planned_model  # noqa: E402
+from lowvram_stepvideo.plan import footprint, plan_memory  # noqa: E402
+from lowvram_stepvideo.planned_models import planned_model  # noqa: E402
 from lowvram_stepvideo.profiles import Preset, load_profile, with_overrides  # noqa: E402
 from lowvram_stepvideo.runtime import streaming_settings  # noqa: E402
 

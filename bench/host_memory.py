@@ -41,7 +41,7 @@ def bench_profile(folder, frames: int, height: int, width: int, packed_blocks: f
     """The cpu profile in bf16 with the streamed layout described in the module docstring."""
     import torch
 
-    from lowvram_stepvideo.plan import planned_model
+    from lowvram_stepvideo.planned_models import planned_model
     from lowvram_stepvideo.profiles import Preset, load_profile, with_overrides
     block = planned_model(folder, "transformer", torch.bfloat16)[1].block_bytes
     return with_overrides(

@@ -20,7 +20,8 @@ from .budgets import Budget, machine_budget
 from .model_folder import ModelFolder
 from .offload import ARENA_BYTES
 from .offload_store import HostArenas
-from .plan import Plan, fit_profile, planned_model
+from .plan import Plan, fit_profile
+from .planned_models import planned_model
 from .profiles import Preset, Profile, list_profiles, load_profile
 from .runner import ladder_from
 

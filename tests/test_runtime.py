@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from lowvram_stepvideo import loaders, plan, step_cache
+from lowvram_stepvideo import loaders, plan, planned_models, step_cache
 from lowvram_stepvideo.demo import DEMO_PRESET
 from lowvram_stepvideo.memory import DEVICE, HOST, PlanningAccountant
 from lowvram_stepvideo.model_folder import open_model_folder
@@ -117,8 +117,8 @@ def test_fit_profile_streams_step_llm_that_does_not_fit_whole(folder):
 def test_tables_read_in_place_count_only_where_they_are_copied(folder):
     """A CPU run that loads an embedding table as stored reads it from the memory map, only the rows it looks up;
     a cast, or a GPU, copies it whole. (bench/host_memory.py measures the difference: 0.75 GiB for step_llm.)"""
-    llm, kept = plan.planned_model(folder, "step_llm", torch.bfloat16)   # the demo stores bf16
-    _, cast = plan.planned_model(folder, "step_llm", torch.float32)
+    llm, kept = planned_models.planned_model(folder, "step_llm", torch.bfloat16)   # the demo stores bf16
+    _, cast = planned_models.planned_model(folder, "step_llm", torch.float32)
     table = sum(m.weight.nbytes for m in llm.modules() if isinstance(m, torch.nn.Embedding))
     assert kept.mapped_table_bytes == table > 0 and cast.mapped_table_bytes == 0
     assert plan.footprint(kept, None, load_profile("cpu")) == (kept.total_bytes - table, 0)
