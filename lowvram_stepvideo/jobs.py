@@ -3,11 +3,16 @@
 A running job is cancelled after its current denoising step, with its resume checkpoint saved; `resume(job_id)`
 queues it again and it continues from there. The worker is `runner.run_job(spec, events)` unless another callable
 with that signature is given (tests, or a web page that wants to wrap it).
+
+With `keep_jobs` (the web page), each job is also written next to its output (`.NAME.mp4.job.json`) until it is
+done or has failed, so a queue started later on the same results folder lists the jobs that were queued, running
+or cancelled when the last one stopped, as cancelled jobs that `resume` continues.
 """
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import logging
 import threading
 import time
@@ -16,6 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import StepVideoError
+from .fsutil import atomic_path
 from .outputs import default_name
 from .preflight import JobSpec
 from .runner import Events, Interrupted, JobResult, run_job
@@ -23,6 +29,7 @@ from .runner import Events, Interrupted, JobResult, run_job
 __all__ = ["JobQueue", "JobSpec", "JobStatus", "JobResult"]
 STATES = ("queued", "running", "done", "cancelled", "failed")
 FINISHED = ("done", "cancelled", "failed")
+INTERRUPTED = "not finished when the queue last stopped; Resume continues it (to forget it, delete {})"
 log = logging.getLogger(__name__)
 
 
@@ -72,10 +79,12 @@ class _JobEvents(Events):
 
 class JobQueue:
     def __init__(self, worker: Callable[[JobSpec, Events], JobResult] | None = None,
-                 results_dir: Path = Path("results"), log_line: Callable[[str], None] | None = None):
+                 results_dir: Path = Path("results"), log_line: Callable[[str], None] | None = None,
+                 keep_jobs: bool = False):
         from .runner import say
         self.worker, self.results_dir = worker or run_job, Path(results_dir)
         self.log_line = log_line or say
+        self.keep_jobs = keep_jobs
         self._lock = threading.RLock()              # guards every JobStatus; _wake signals changes
         self._wake = threading.Condition(self._lock)
         self._jobs: dict[str, JobStatus] = {}
@@ -83,6 +92,8 @@ class JobQueue:
         self._pending: list[str] = []
         self._ids = itertools.count(1)
         self._closed = False
+        if keep_jobs:
+            self._reload()
         self._thread = threading.Thread(target=self._work, name="lowvram-jobs", daemon=True)
         self._thread.start()
 
@@ -97,6 +108,8 @@ class JobQueue:
             if spec.output is None:
                 name = f"{Path(default_name(spec.prompt or '')).stem}-{job_id}.mp4"
                 spec = dataclasses.replace(spec, output=self.results_dir / name)
+            if self.keep_jobs:               # before the worker can see it (it forgets the file once done)
+                self._keep(spec)
             self._jobs[job_id] = JobStatus(job_id, spec, output=Path(spec.output))
             self._pending.append(job_id)
             self._wake.notify()
@@ -179,6 +192,8 @@ class JobQueue:
         while (job_id := self._next()) is not None:
             status, events = self._jobs[job_id], self._events[job_id]
             state, error, result = self._run(status.spec, events)
+            if self.keep_jobs and state != "cancelled":
+                job_file(status.output).unlink(missing_ok=True)
             with self._wake:
                 status.state, status.error, status.result = state, error, result
                 status.elapsed_s = time.monotonic() - status.started
@@ -202,3 +217,52 @@ class JobQueue:
         except Exception as e:   # a bug: recorded with its traceback in the log, the queue goes on
             log.exception("job failed")
             return "failed", f"{type(e).__name__}: {e}", None
+
+    # ---- kept jobs -----------------------------------------------------------------------------------------------
+
+    def _keep(self, spec: JobSpec) -> None:
+        try:
+            with atomic_path(job_file(spec.output)) as tmp:
+                tmp.write_text(json.dumps(spec_to_dict(spec), indent=1))
+        except OSError as e:   # the job runs anyway; only a restart would not list it
+            self.log_line(f"warning: cannot keep the job in {job_file(spec.output)} ({e.strerror or e})")
+
+    def _reload(self) -> None:
+        """The jobs an earlier queue kept in results_dir, oldest first, as cancelled jobs."""
+        files = sorted(self.results_dir.glob(".*.job.json"), key=lambda f: f.stat().st_mtime)
+        for f in files:
+            try:
+                spec = spec_from_dict(json.loads(f.read_text()))
+            except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+                self.log_line(f"warning: {f} is not a job this page can list again ({e}); left alone")
+                continue
+            if Path(spec.output).exists():     # finished just before the stop
+                f.unlink(missing_ok=True)
+                continue
+            job_id = f"job-{next(self._ids)}"
+            self._jobs[job_id] = JobStatus(job_id, spec, state="cancelled", output=Path(spec.output),
+                                           error=INTERRUPTED.format(f))
+
+
+def job_file(output: Path) -> Path:
+    """Where a kept job is written: hidden, next to its output."""
+    output = Path(output)
+    return output.with_name(f".{output.name}.job.json")
+
+
+def spec_to_dict(spec: JobSpec) -> dict:
+    d = dataclasses.asdict(spec)
+    for key in ("model_dir", "output"):
+        d[key] = None if d[key] is None else str(d[key])
+    d["options"] = {k: str(v) if isinstance(v, Path) else v for k, v in spec.options.items()}
+    return d
+
+
+def spec_from_dict(d: dict) -> JobSpec:
+    names = {f.name for f in dataclasses.fields(JobSpec)}
+    unknown = set(d) - names
+    if unknown or not isinstance(d.get("prompt"), str) or not isinstance(d.get("options", {}), dict):
+        raise ValueError(f"unexpected fields {sorted(unknown)}" if unknown else "no prompt or options")
+    spec = JobSpec(**d)
+    return dataclasses.replace(spec, model_dir=None if spec.model_dir is None else Path(spec.model_dir),
+                               output=Path(spec.output))

@@ -213,7 +213,7 @@ def serve(model_dir: Path | None, demo: bool, profile: str | None, port: int | N
     catalog = load_catalog(model_dir, demo, warn=_say)
     import_gradio()
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    queue = JobQueue(results_dir=RESULTS_DIR)
+    queue = JobQueue(results_dir=RESULTS_DIR, keep_jobs=True)   # a restarted page lists unfinished jobs again
     page = WebPage(catalog, queue, RESULTS_DIR, profile or "auto")
     app = build_app(page)
     host, port = (EVERYWHERE if listen else LOCAL), port or DEFAULT_PORT
@@ -230,8 +230,8 @@ def serve(model_dir: Path | None, demo: bool, profile: str | None, port: int | N
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        _say("stopping: a running job saves its resume checkpoint (continue it with generate.py, the same settings "
-             "and --resume --output results/<its file>.mp4)")
+        _say("stopping: a running job saves its resume checkpoint; the page lists the unfinished jobs again when it "
+             "is started in this folder (Resume continues them)")
     finally:
         queue.close()
         app.close()

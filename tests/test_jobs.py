@@ -62,6 +62,33 @@ def test_cancel_drops_a_queued_job_and_stops_a_running_one(tmp_path):
     queue.close()
 
 
+def test_a_queue_started_again_lists_the_unfinished_jobs_and_resumes_them(tmp_path):
+    """keep_jobs (the web page): queued, running and cancelled jobs come back as cancelled jobs after a restart;
+    done and failed ones do not; a damaged job file is left alone with one line."""
+    ran, lines = [], []
+    queue = JobQueue(worker=fake_worker(ran), results_dir=tmp_path, keep_jobs=True, log_line=lines.append)
+    done = queue.wait(queue.submit(JobSpec("one", seed=7, options={"vae_tile": 8})), timeout=10)
+    failed = queue.wait(queue.submit(JobSpec("fail")), timeout=10)
+    running = queue.submit(JobSpec("loop", demo=True, steps=3))
+    queued = queue.submit(JobSpec("two", negative_prompt="blur", frames=17))
+    while queue.get(running).done < 2:
+        threading.Event().wait(0.01)
+    queue.close()                                        # as the page stops: the running job saves its checkpoint
+    assert done.state == "done" and failed.state == "failed"
+    (tmp_path / ".broken.mp4.job.json").write_text("{")
+    again = JobQueue(worker=fake_worker(ran), results_dir=tmp_path, keep_jobs=True, log_line=lines.append)
+    listed = again.jobs()
+    assert [(s.spec.prompt, s.state) for s in listed] == [("loop", "cancelled"), ("two", "cancelled")]
+    assert [s.spec for s in listed] == [queue.get(running).spec, queue.get(queued).spec]
+    assert "Resume continues it" in listed[0].error and any("broken.mp4.job.json" in ln for ln in lines)
+    resumed = again.wait(again.resume(listed[1].id), timeout=10)
+    assert resumed.state == "done" and resumed.spec.options == {"resume": "auto"}
+    assert resumed.output == listed[1].output and ran[-1] == "two"
+    again.close()
+    kept = sorted(f.name for f in tmp_path.glob(".*.job.json"))
+    assert kept == [".broken.mp4.job.json", f".{listed[0].output.name}.job.json"]   # done now: forgotten
+
+
 class StopAfter(runner.Events):
     """Asks the run to stop once `steps` denoising steps are done."""
 
