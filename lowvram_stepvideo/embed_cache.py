@@ -4,9 +4,11 @@ The 19.6B step_llm is the slowest thing to bring onto a small card; a prompt see
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -16,6 +18,7 @@ from .caches import CACHE_ENV, cache_home
 from .fsutil import atomic_path, clean_orphans
 
 Embeds = tuple[torch.Tensor, torch.Tensor, torch.Tensor]   # y (B,S,D), y_mask (B,77+S), clip (B,77,Dc)
+MAX_BYTES = 2 * 2**30   # the entries used last within this size are kept (a full-size one is ~8 MB: ~250 prompts)
 log = logging.getLogger(__name__)
 
 
@@ -46,6 +49,10 @@ class EmbeddingCache:
         if problem:
             log.warning(f"warning: ignoring the cached text embeddings {path.name} ({problem}); computing them again")
             return None
+        try:
+            os.utime(path)          # used now: the last to go when the cache is trimmed
+        except OSError:
+            pass
         return embeds
 
     def problem(self, embeds: Embeds, batch: int) -> str | None:
@@ -74,6 +81,21 @@ class EmbeddingCache:
             clean_orphans(self.folder)   # temp files of runs that were killed while storing an entry
             with atomic_path(self._path(prompts), ".safetensors") as tmp:
                 save_file({"y": y, "y_mask": mask, "clip": clip}, str(tmp))
+            self._trim()
         except OSError as e:
             log.warning(f"warning: text embeddings not cached ({e.strerror or e}: {self.folder}); "
                         f"set {CACHE_ENV} to a writable folder or use --no-cache")
+
+    def _trim(self) -> None:
+        """Drop the entries used longest ago beyond MAX_BYTES (the cache would otherwise grow with every prompt)."""
+        entries = []
+        for f in self.folder.glob("*.safetensors"):
+            with contextlib.suppress(OSError):     # another process may be trimming too
+                st = f.stat()
+                entries.append((st.st_mtime_ns, st.st_size, f))
+        kept = 0
+        for _, size, f in sorted(entries, key=lambda e: e[0], reverse=True):
+            kept += size
+            if kept > MAX_BYTES:
+                with contextlib.suppress(OSError):
+                    f.unlink()

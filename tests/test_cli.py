@@ -2,6 +2,7 @@
 --dry-run, turbo defaults and one-line errors. The demo model and the embedding cache live in a temp folder
 (LOWVRAM_STEPVIDEO_CACHE); most runs are in-process (`cli.main`), the reference run is a real subprocess."""
 import json
+import os
 import re
 import signal
 import subprocess
@@ -101,6 +102,19 @@ def test_cache_entries_are_keyed_by_model_and_prompts_and_a_write_failure_is_onl
     blocked = EmbeddingCache("model-a", tmp_path / "file" / "embeddings")   # cannot be created
     blocked.put(["p", "n"], embeds)
     assert blocked.get(["p", "n"]) is None and "text embeddings not cached" in caplog.text
+
+
+def test_the_cache_keeps_the_entries_used_last_within_its_size(tmp_path, monkeypatch):
+    from lowvram_stepvideo import embed_cache
+    embeds = (torch.randn(2, 5, 3), torch.ones(2, 82, dtype=torch.int64), torch.randn(2, 77, 2))
+    cache, long_ago = EmbeddingCache("model-a", tmp_path), time.time() - 100
+    for i, prompt in enumerate(("a", "b")):
+        cache.put([prompt, "n"], embeds)
+        os.utime(cache._path([prompt, "n"]), (long_ago + i, long_ago + i))   # a written first, then b
+    monkeypatch.setattr(embed_cache, "MAX_BYTES", 2 * cache._path(["a", "n"]).stat().st_size)   # room for two
+    assert cache.get(["a", "n"]) is not None            # a read now: used more recently than b
+    cache.put(["c", "n"], embeds)
+    assert [p for p in "abc" if cache._path([p, "n"]).exists()] == ["a", "c"]
 
 
 def test_dry_run_prints_the_plan(capsys):
