@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU check in one run, for a session lent a GPU (the `device` tool; its machine has torch with CUDA but not
-# pytest or imageio-ffmpeg, and no network):
+# pytest, and no network; nothing here writes an mp4, so imageio-ffmpeg (a 68 MB wheel) is not needed):
 #
-#   here:    pip download -d gpu-wheels pytest imageio-ffmpeg      (once; gpu-wheels/ is git-ignored)
+#   here:    pip download -d gpu-wheels pytest      (once, 1.8 MB; gpu-wheels/ is git-ignored)
 #   device:  run(command="bash bench/gpu_checks.sh", carry=["gpu-wheels"], timeout_s=600)
 #
 # Each check has its own time limit (together under the device's 10 minutes a command), so one slow check cannot
@@ -14,9 +14,7 @@ mkdir -p "$out"
 export PYTHONPATH=.
 nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv > "$out/card.csv" 2>&1
 cat "$out/card.csv"
-for module in pytest imageio_ffmpeg; do
-    python -c "import $module" 2>/dev/null || pip install -q --no-index --find-links gpu-wheels "${module/_/-}"
-done
+python -c "import pytest" 2>/dev/null || pip install -q --no-index --find-links gpu-wheels pytest
 
 check() {   # check NAME SECONDS COMMAND...
     local name=$1 limit=$2
@@ -27,7 +25,7 @@ check() {   # check NAME SECONDS COMMAND...
     tail -n 25 "$out/$name.txt"
 }
 
-check pytest-gpu 90 python -m pytest -q -m gpu -p no:cacheprovider
+check pytest-gpu 90 python -m pytest -q -m gpu -p no:cacheprovider $(grep -l "mark.gpu" tests/*.py)
 check plan-vs-gpu 100 python bench/plan_vs_gpu.py --demo --profile 24gb
 check stream-gpu 130 python bench/stream_gpu.py
 check speed-gpu 200 python bench/speed_gpu.py --json

@@ -13,7 +13,10 @@ import tempfile
 from pathlib import Path
 from typing import Iterable
 
-import imageio_ffmpeg
+try:
+    import imageio_ffmpeg
+except ImportError:          # a dependency; only writing an mp4 needs it (a GPU bench machine may lack it)
+    imageio_ffmpeg = None
 import numpy as np
 import torch
 
@@ -121,6 +124,8 @@ def _check_frame(frame, shape: tuple[int, ...] | None) -> np.ndarray:
 def _encode(tmp: Path, frames: Iterable, first: np.ndarray, fps: float, params: list[str]) -> int:
     """Stream frames into ffmpeg (libx264, yuv420p) writing `tmp`; returns the number of frames sent."""
     h, w = first.shape[:2]
+    if imageio_ffmpeg is None:
+        raise VideoError("cannot write an mp4: imageio-ffmpeg is not installed (pip install imageio-ffmpeg)")
     writer = imageio_ffmpeg.write_frames(str(tmp), (w + w % 2, h + h % 2), fps=fps, codec="libx264", quality=None,
                                          pix_fmt_out="yuv420p", macro_block_size=1, ffmpeg_log_level="error",
                                          output_params=params)
