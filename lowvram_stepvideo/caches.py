@@ -5,6 +5,7 @@ The folder is $LOWVRAM_STEPVIDEO_CACHE, else $XDG_CACHE_HOME/lowvram-stepvideo, 
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from pathlib import Path
@@ -36,3 +37,20 @@ def model_identity(files: list[Path]) -> str:
 def weights_identity(root: Path, components: tuple[str, ...] = COMPONENTS) -> dict[str, str]:
     """Per component folder, the identity of every file in it (weights, configs, tokenizers)."""
     return {name: model_identity(files_under(Path(root) / name)) for name in components}
+
+
+def trim(folder: Path, pattern: str, max_files: int | None = None, max_bytes: int | None = None) -> None:
+    """Delete the files of `folder` matching `pattern` that were modified longest ago, beyond the newest
+    `max_files` or the newest within `max_bytes` (a cache entry's mtime is its last use where the cache says so).
+    Files another process removes meanwhile are skipped."""
+    entries = []
+    for f in Path(folder).glob(pattern):
+        with contextlib.suppress(OSError):
+            st = f.stat()
+            entries.append((st.st_mtime_ns, st.st_size, f))
+    kept = 0
+    for count, (_, size, f) in enumerate(sorted(entries, key=lambda e: e[0], reverse=True), start=1):
+        kept += size
+        if (max_files is not None and count > max_files) or (max_bytes is not None and kept > max_bytes):
+            with contextlib.suppress(OSError):
+                f.unlink()

@@ -16,7 +16,7 @@ from . import exit_codes, parallel, preflight, results, runner
 from .budgets import use_expandable_segments
 from .config import ConfigError
 from .errors import StepVideoError, UsageError
-from .outputs import plan_outputs
+from .outputs import RESULTS, plan_outputs
 from .preflight import JobSpec
 from .profiles import (auto_choice, describe, detect_vram_bytes, list_profiles, load_profile, profiles_dir,
                        with_overrides)
@@ -224,7 +224,7 @@ def _batch(args, spec: JobSpec) -> int:
                          "the file, the videos go to --output-dir; plan with --dry-run --prompt, sizes are shared)")
     seeds = batch.parse_seeds(args.seeds) if args.seeds is not None else None
     items = batch.read_prompts_file(args.prompts_file, seeds, args.seed)
-    out_dir = args.output_dir or Path("results") / args.prompts_file.stem
+    out_dir = args.output_dir or RESULTS / args.prompts_file.stem
     report = batch.run_batch(items, spec, out_dir, _say)
     return exit_codes.OK if report.ok else exit_codes.BATCH_INCOMPLETE
 

@@ -4,7 +4,6 @@ The 19.6B step_llm is the slowest thing to bring onto a small card; a prompt see
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -14,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .caches import CACHE_ENV, cache_home
+from .caches import CACHE_ENV, cache_home, trim
 from .fsutil import atomic_path, clean_orphans
 
 Embeds = tuple[torch.Tensor, torch.Tensor, torch.Tensor]   # y (B,S,D), y_mask (B,77+S), clip (B,77,Dc)
@@ -81,21 +80,7 @@ class EmbeddingCache:
             clean_orphans(self.folder)   # temp files of runs that were killed while storing an entry
             with atomic_path(self._path(prompts), ".safetensors") as tmp:
                 save_file({"y": y, "y_mask": mask, "clip": clip}, str(tmp))
-            self._trim()
+            trim(self.folder, "*.safetensors", max_bytes=MAX_BYTES)   # it would grow with every prompt
         except OSError as e:
             log.warning(f"warning: text embeddings not cached ({e.strerror or e}: {self.folder}); "
                         f"set {CACHE_ENV} to a writable folder or use --no-cache")
-
-    def _trim(self) -> None:
-        """Drop the entries used longest ago beyond MAX_BYTES (the cache would otherwise grow with every prompt)."""
-        entries = []
-        for f in self.folder.glob("*.safetensors"):
-            with contextlib.suppress(OSError):     # another process may be trimming too
-                st = f.stat()
-                entries.append((st.st_mtime_ns, st.st_size, f))
-        kept = 0
-        for _, size, f in sorted(entries, key=lambda e: e[0], reverse=True):
-            kept += size
-            if kept > MAX_BYTES:
-                with contextlib.suppress(OSError):
-                    f.unlink()

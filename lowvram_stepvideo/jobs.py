@@ -22,7 +22,7 @@ from typing import Callable
 
 from .errors import StepVideoError
 from .fsutil import atomic_path
-from .outputs import default_name
+from .outputs import RESULTS, default_name
 from .preflight import JobSpec
 from .runner import Events, Interrupted, JobResult, run_job
 
@@ -79,7 +79,7 @@ class _JobEvents(Events):
 
 class JobQueue:
     def __init__(self, worker: Callable[[JobSpec, Events], JobResult] | None = None,
-                 results_dir: Path = Path("results"), log_line: Callable[[str], None] | None = None,
+                 results_dir: Path = RESULTS, log_line: Callable[[str], None] | None = None,
                  keep_jobs: bool = False):
         from .runner import say
         self.worker, self.results_dir = worker or run_job, Path(results_dir)

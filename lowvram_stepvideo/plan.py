@@ -185,24 +185,21 @@ def trace(folder: ModelFolder, profile: Profile, preset: Preset, assume_format: 
     options = options or SpeedOptions()
     layout = layout and replace(layout, rank=0)
     base = (folder.weight_format, assume_format, (preset.frames, preset.height, preset.width), options, layout)
-    shaping = _shaping(profile)
-    keys = {"text+denoise": base + (replace(shaping, vae=None),), "decode": base + (shaping,)}
-    parts = {part: _cached(folder, key) for part, key in keys.items()}
-    if parts["decode"] is None:
-        traced = _traced(folder, profile, preset, options, layout, denoise=parts["text+denoise"] is None)
-        for part, names in (("text+denoise", ("text", "denoise")), ("decode", ("decode",))):
-            if parts[part] is None:
-                parts[part] = _store(folder, keys[part], {name: traced[name] for name in names})
-    elif parts["text+denoise"] is None:
-        traced = _traced(folder, profile, preset, options, layout, denoise=True)
-        parts["text+denoise"] = _store(folder, keys["text+denoise"], {n: traced[n] for n in ("text", "denoise")})
-    return {**parts["text+denoise"], **parts["decode"]}
+    shaping, identity = _shaping(profile), folder_identity(folder.root)
+    keys = {("text", "denoise"): base + (replace(shaping, vae=None),), ("decode",): base + (shaping,)}
+    memos = {names: (identity, repr(key)) for names, key in keys.items()}
+    parts = {names: _cached(memo) for names, memo in memos.items()}
+    if None in parts.values():
+        traced = _traced(folder, profile, preset, options, layout, denoise=parts[("text", "denoise")] is None)
+        for names, memo in memos.items():
+            if parts[names] is None:
+                parts[names] = _store(memo, {name: traced[name] for name in names})
+    return {name: stretches for part in parts.values() for name, stretches in part.items()}
 
 
-def _cached(folder: ModelFolder, key: tuple) -> Trace | None:
-    """A trace part of `folder`'s files as they are now (a long-running process, e.g. the web page, sees a folder
-    re-quantized in place as another folder)."""
-    memo = (folder_identity(folder.root), repr(key))
+def _cached(memo: tuple[str, str]) -> Trace | None:
+    """A trace part by (folder identity, what was traced): the identity of the folder's files as they are now, so
+    that a long-running process (the web page) sees a folder re-quantized in place as another folder."""
     if memo not in _TRACES:
         disk = disk_cache()
         phases = trace_from_json(disk.get(disk.key(*memo))) if disk else None
@@ -212,8 +209,7 @@ def _cached(folder: ModelFolder, key: tuple) -> Trace | None:
     return _TRACES[memo]
 
 
-def _store(folder: ModelFolder, key: tuple, phases: Trace) -> Trace:
-    memo = (folder_identity(folder.root), repr(key))
+def _store(memo: tuple[str, str], phases: Trace) -> Trace:
     _TRACES[memo] = phases
     disk = disk_cache()
     if disk:

@@ -10,7 +10,6 @@ only slower). The newest MAX_ENTRIES entries are kept.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import json
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .caches import cache_home, weights_identity
+from .caches import cache_home, trim, weights_identity
 from .fsutil import atomic_path
 
 MAX_ENTRIES = 256
@@ -69,15 +68,9 @@ class PlanCache:
             path.parent.mkdir(parents=True, exist_ok=True)
             with atomic_path(path) as tmp:
                 tmp.write_text(json.dumps({"key": key, "value": value}))
-            self._prune()
+            trim(self.folder, "*.json", max_files=MAX_ENTRIES)
         except OSError as e:
             log.debug(f"plan cache: cannot write {path}: {e}")
 
     def _path(self, key: str) -> Path:
         return self.folder / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
-
-    def _prune(self) -> None:
-        entries = sorted(self.folder.glob("*.json"), key=lambda p: p.stat().st_mtime_ns, reverse=True)
-        for old in entries[MAX_ENTRIES:]:
-            with contextlib.suppress(OSError):
-                old.unlink()

@@ -12,6 +12,7 @@ from .model_folder import ModelFolder, open_model_folder
 from .profiles import Preset, Profile, auto_choice, detect_vram_bytes, load_profile, with_overrides
 from .sampling import latent_shape, sampling_problem
 from .speed import SpeedOptions
+from .outputs import RESULTS
 from .video import output_path_error
 
 GiB = 2**30
@@ -126,6 +127,6 @@ def preset_for(spec: JobSpec, profile: Profile, default_steps: int | None, log) 
 
 
 def check_writable(path: Path) -> None:
-    problem = output_path_error(path, create_dirs=path.parent == Path("results"))
+    problem = output_path_error(path, create_dirs=path.parent == RESULTS)
     if problem:
         raise UsageError(problem)

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from . import web_view
+from .outputs import RESULTS
 from .demo import DEMO_PRESET
 from .errors import StepVideoError
 from .sampling import sampling_defaults
@@ -21,7 +22,6 @@ from .web_page import ATTENTION, EXPECTED, Form, WebPage
 DEFAULT_PORT = 7860
 LOCAL, EVERYWHERE = "127.0.0.1", "0.0.0.0"
 REFRESH_S = 1.0
-RESULTS_DIR = Path("results")
 # Form fields that "Reuse these settings" fills in (the preset list is rebuilt for the model and profile).
 REUSED = ("model", "prompt", "negative_prompt", "seed", "profile", "steps", "guidance_scale", "shift", "attention",
           "cache", "resident_blocks", "vae_tile", "matmul", "step_cache", "compile")
@@ -212,14 +212,14 @@ def serve(model_dir: Path | None, demo: bool, profile: str | None, port: int | N
     from .web_catalog import load_catalog
     catalog = load_catalog(model_dir, demo, warn=_say)
     import_gradio()
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    queue = JobQueue(results_dir=RESULTS_DIR, keep_jobs=True)   # a restarted page lists unfinished jobs again
-    page = WebPage(catalog, queue, RESULTS_DIR, profile or "auto")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    queue = JobQueue(results_dir=RESULTS, keep_jobs=True)   # a restarted page lists unfinished jobs again
+    page = WebPage(catalog, queue, RESULTS, profile or "auto")
     app = build_app(page)
     host, port = (EVERYWHERE if listen else LOCAL), port or DEFAULT_PORT
     try:
         app.launch(server_name=host, server_port=port, quiet=True, prevent_thread_lock=True, ssr_mode=False,
-                   allowed_paths=[str(RESULTS_DIR.resolve())], css=CSS, footer_links=["settings"])
+                   allowed_paths=[str(RESULTS.resolve())], css=CSS, footer_links=["settings"])
     except OSError as e:
         queue.close()
         cause = str(e).split(". ")[0].rstrip(".")   # Gradio adds advice about its own settings
@@ -245,7 +245,7 @@ def _announce(host: str, port: int, listen: bool) -> None:
         _say("!! Anyone who can reach this port can queue jobs on this GPU and see every result. No password.")
         _say(f"!! From another machine: http://<this machine's address>:{port}/")
         _say("!" * 100)
-    _say(f"web page: http://127.0.0.1:{port}/  (results in {RESULTS_DIR.resolve()}; Ctrl-C stops)")
+    _say(f"web page: http://127.0.0.1:{port}/  (results in {RESULTS.resolve()}; Ctrl-C stops)")
 
 
 def _say(msg: str) -> None:

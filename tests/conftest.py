@@ -118,3 +118,17 @@ def demo_env(monkeypatch, demo_cache):
 def demo_dir(demo_cache):
     from lowvram_stepvideo import demo
     return demo_cache / f"demo-v{demo.DEMO_VERSION}"
+
+
+def tiny_dit(layers: int, std: float):
+    """A seeded random DiT of `layers` one-head blocks (in/out 4 channels, captions 16 and 8 wide), weights ~ N(0,
+    std): for tests of what runs around the blocks (compile, step cache)."""
+    from lowvram_stepvideo.config import DiTConfig
+    from lowvram_stepvideo.models.dit import StepVideoModel
+    torch.manual_seed(0)
+    model = StepVideoModel(DiTConfig(num_layers=layers, num_heads=1, in_channels=4, out_channels=4,
+                                     caption_channels=(16, 8)))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, std)
+    return model

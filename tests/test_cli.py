@@ -117,6 +117,17 @@ def test_the_cache_keeps_the_entries_used_last_within_its_size(tmp_path, monkeyp
     assert [p for p in "abc" if cache._path([p, "n"]).exists()] == ["a", "c"]
 
 
+def test_caches_keep_their_newest_files(tmp_path):
+    """caches.trim, as the plan cache uses it (a number of entries); by size: the embedding cache, above."""
+    from lowvram_stepvideo.caches import trim
+    for i in range(5):
+        (tmp_path / f"{i}.json").write_text("{}")
+        os.utime(tmp_path / f"{i}.json", (1000 + i, 1000 + i))
+    (tmp_path / "other.txt").write_text("")
+    trim(tmp_path, "*.json", max_files=3)
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["2.json", "3.json", "4.json", "other.txt"]
+
+
 def test_dry_run_prints_the_plan(capsys):
     rc, out, err = run_cli(capsys, "--demo", "--prompt", PROMPT, "--dry-run")
     assert rc == 0, err

@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
+from conftest import tiny_dit
 from lowvram_stepvideo.compile import compile_blocks, uncompile_blocks
-from lowvram_stepvideo.config import DiTConfig
 from lowvram_stepvideo.models.dit import StepVideoModel, set_token_chunk
 from lowvram_stepvideo.offload import attach_streaming, offload_component
 
@@ -13,12 +13,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _dit(layers: int = 3) -> tuple[StepVideoModel, list]:
-    torch.manual_seed(0)
-    model = StepVideoModel(DiTConfig(num_layers=layers, num_heads=1, in_channels=4, out_channels=4,
-                                     caption_channels=(16, 8)))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.05)
+    model = tiny_dit(layers, 0.05)
     mask = torch.ones(1, 8)
     mask[0, 6:] = 0
     return model, [torch.randn(1, 2, 4, 3, 4), torch.tensor([0.5]), torch.randn(1, 5, 16), torch.randn(1, 3, 8), mask]

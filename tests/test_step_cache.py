@@ -3,7 +3,7 @@ last step, cap, per branch), and under block streaming (skipped blocks are not f
 import pytest
 import torch
 
-from lowvram_stepvideo.config import DiTConfig
+from conftest import tiny_dit
 from lowvram_stepvideo.models.dit import StepVideoModel
 from lowvram_stepvideo.offload import attach_streaming, offload_component
 from lowvram_stepvideo.sampling import cfg_combine, euler_step, flow_sigmas
@@ -14,13 +14,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _dit(layers: int = 4) -> StepVideoModel:
-    torch.manual_seed(0)
-    model = StepVideoModel(DiTConfig(num_layers=layers, num_heads=1, in_channels=4, out_channels=4,
-                                     caption_channels=(16, 8)))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.02)
-    return model
+    return tiny_dit(layers, 0.02)
 
 
 def _denoise(dit, cache: FirstBlockCache | None, steps: int = STEPS) -> torch.Tensor:

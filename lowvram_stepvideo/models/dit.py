@@ -164,8 +164,7 @@ class SelfAttention(HeadAttention):
         return project_in_place(self.wo, out, self.chunk_tokens)
 
     def head_group(self, qkv: torch.Tensor, rope_cos: torch.Tensor, rope_sin: torch.Tensor) -> torch.Tensor:
-        """qkv (B, S, G*3*Dh) of G heads -> attention output (B, S, G, Dh). (Every group of a call allocates the
-        same: the memory plan traces the first and replays the others.)"""
+        """qkv (B, S, G*3*Dh) of G heads -> attention output (B, S, G, Dh)."""
         b, s, _ = qkv.shape
         dh = self.head_dim
         qkv = qkv.view(b, s, -1, 3 * dh)                                   # (B, S, G, 3*Dh)
@@ -441,9 +440,9 @@ class StepVideoModel(nn.Module):
 
     def forward_blocks(self, handed: list[torch.Tensor], *args: torch.Tensor) -> torch.Tensor:
         """The block stack: `handed` = [h (B, S, D)] and the blocks' other inputs -> (B, S, D). h is taken out of the
-        list, so it is freed once the first block has run and every block runs with the same tensors alive (what
-        the planner's one block per stack assumes). An engine may replace this on the instance (e.g. a step cache
-        that skips blocks)."""
+        list, so it is freed once the first block has run and every block runs with the same tensors alive (a
+        block's memory does not depend on its place in the stack). An engine may replace this on the instance (e.g.
+        a step cache that skips blocks)."""
         h = handed.pop()
         for block in self.transformer_blocks:
             h = block(h, *args)
