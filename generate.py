@@ -9,5 +9,5 @@ Run with --help for every option.
 import sys
 
 if __name__ == "__main__":
-    from lowvram_stepvideo.cli import main
+    from lowvram_stepvideo.face.cli import main
     sys.exit(main(sys.argv[1:]))

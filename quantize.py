@@ -43,9 +43,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from tqdm import tqdm
 
-    from lowvram_stepvideo import exit_codes
-    from lowvram_stepvideo.checkpoint import CheckpointError
-    from lowvram_stepvideo.quantize_folder import format_verify_table, quantize_folder
+    from lowvram_stepvideo.face import exit_codes
+    from lowvram_stepvideo.files.weights import CheckpointError
+    from lowvram_stepvideo.tools.quantize_folder import format_verify_table, quantize_folder
 
     def log(message: str) -> None:
         tqdm.write(message, file=sys.stderr)

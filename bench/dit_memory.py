@@ -24,11 +24,11 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 sys.path.insert(0, str(ROOT))
 
-from lowvram_stepvideo.model_folder import open_model_folder  # noqa: E402
-from lowvram_stepvideo.plan import footprint, plan_memory  # noqa: E402
-from lowvram_stepvideo.planned_models import planned_model  # noqa: E402
+from lowvram_stepvideo.loading.model_folder import open_model_folder  # noqa: E402
+from lowvram_stepvideo.planning.plan import footprint, plan_memory  # noqa: E402
+from lowvram_stepvideo.planning.planned_models import planned_model  # noqa: E402
 from lowvram_stepvideo.profiles import Preset, load_profile, with_overrides  # noqa: E402
-from lowvram_stepvideo.runtime import streaming_settings  # noqa: E402
+from lowvram_stepvideo.pipeline.machine import streaming_settings  # noqa: E402
 
 GiB = 2**30
 

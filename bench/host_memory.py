@@ -41,7 +41,7 @@ def bench_profile(folder, frames: int, height: int, width: int, packed_blocks: f
     """The cpu profile in bf16 with the streamed layout described in the module docstring."""
     import torch
 
-    from lowvram_stepvideo.planned_models import planned_model
+    from lowvram_stepvideo.planning.planned_models import planned_model
     from lowvram_stepvideo.profiles import Preset, load_profile, with_overrides
     block = planned_model(folder, "transformer", torch.bfloat16)[1].block_bytes
     return with_overrides(
@@ -52,7 +52,7 @@ def bench_profile(folder, frames: int, height: int, width: int, packed_blocks: f
 
 
 def planned(folder, profile) -> dict[str, int]:
-    from lowvram_stepvideo.plan import plan_memory
+    from lowvram_stepvideo.planning.plan import plan_memory
     plan = plan_memory(folder, profile, profile.presets[0])   # any prompt plans the same
     return {name: p.peak_vram_bytes + p.peak_host_bytes for name, p in plan.phases.items()}
 
@@ -73,8 +73,8 @@ def measure(folder, profile) -> dict[str, int]:
     """Run text, one denoising step and decode; peak RSS of each above the RSS before the first."""
     import torch
 
-    from lowvram_stepvideo.pipeline import PhasePipeline
-    from lowvram_stepvideo.sampling import RELEASE_DEFAULTS, flow_sigmas, initial_noise, latent_shape
+    from lowvram_stepvideo.pipeline.phases import PhasePipeline
+    from lowvram_stepvideo.pipeline.sampling import RELEASE_DEFAULTS, flow_sigmas, initial_noise, latent_shape
     preset = profile.presets[0]
     pipe = PhasePipeline(folder, profile, progress=False, log=lambda msg: None)
     noise = initial_noise(latent_shape(preset.frames, preset.height, preset.width,
@@ -94,7 +94,7 @@ def measure(folder, profile) -> dict[str, int]:
 
 
 def child_main(args) -> None:
-    from lowvram_stepvideo.model_folder import open_model_folder
+    from lowvram_stepvideo.loading.model_folder import open_model_folder
     folder = open_model_folder(args.model_dir)
     profile = bench_profile(folder, args.frames, args.height, args.width, args.packed_blocks)
     print(json.dumps(measure(folder, profile)))
@@ -152,7 +152,7 @@ def main(argv=None) -> list[dict]:
         return []
     if args.model_dir == DEFAULT_FOLDER:
         ensure_folder(args.model_dir)
-    from lowvram_stepvideo.model_folder import open_model_folder
+    from lowvram_stepvideo.loading.model_folder import open_model_folder
     folder = open_model_folder(args.model_dir)
     profile = bench_profile(folder, args.frames, args.height, args.width, args.packed_blocks)
     result = rows(planned(folder, profile), measured_in_child(args))

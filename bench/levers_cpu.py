@@ -23,10 +23,11 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lowvram_stepvideo import fast_matmul, quant  # noqa: E402
-from lowvram_stepvideo.loaders import load_dit  # noqa: E402
-from lowvram_stepvideo.sampling import cfg_combine, euler_step, flow_sigmas  # noqa: E402
-from lowvram_stepvideo.step_cache import FirstBlockCache  # noqa: E402
+from lowvram_stepvideo.engines import fast_matmul
+from lowvram_stepvideo.models import quant  # noqa: E402
+from lowvram_stepvideo.loading.loaders import load_dit  # noqa: E402
+from lowvram_stepvideo.pipeline.sampling import cfg_combine, euler_step, flow_sigmas  # noqa: E402
+from lowvram_stepvideo.engines.step_cache import FirstBlockCache  # noqa: E402
 
 THRESHOLDS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5)   # the tiny model's block-0 residual moves 0.23-0.47 per step
 

@@ -35,7 +35,7 @@ def peak_rss() -> int:
 
 def child_load(component: str, root: Path, dtype_name: str) -> dict:
     import torch
-    from lowvram_stepvideo.models import load_clip, load_dit, load_step_llm, load_vae
+    from lowvram_stepvideo.loading.loaders import load_clip, load_dit, load_step_llm, load_vae
     loaders = {"transformer": load_dit, "step_llm": load_step_llm, "hunyuan_clip": load_clip, "vae": load_vae}
     baseline = peak_rss()
     t0 = time.perf_counter()
@@ -49,7 +49,7 @@ def child_load(component: str, root: Path, dtype_name: str) -> dict:
 
 
 def child_validate(root: Path) -> dict:
-    from lowvram_stepvideo.model_folder import open_model_folder
+    from lowvram_stepvideo.loading.model_folder import open_model_folder
     baseline = peak_rss()
     t0 = time.perf_counter()
     open_model_folder(root)

@@ -30,10 +30,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lowvram_stepvideo import parallel  # noqa: E402
-from lowvram_stepvideo.config import DiTConfig  # noqa: E402
+from lowvram_stepvideo.engines import parallel  # noqa: E402
+from lowvram_stepvideo.files.configs import DiTConfig  # noqa: E402
 from lowvram_stepvideo.models.dit import StepVideoModel  # noqa: E402
-from lowvram_stepvideo.sampling import cfg_combine, dit_timestep, euler_step  # noqa: E402
+from lowvram_stepvideo.pipeline.sampling import cfg_combine, dit_timestep, euler_step  # noqa: E402
 
 TEXT_TOKENS, CLIP_TOKENS = 32, 8
 

@@ -49,8 +49,8 @@ def dry_run(checkout: Path, model_dir: Path, profile: str, cache: Path) -> dict:
 
 
 PLANNING = """import sys, time
-from lowvram_stepvideo.fit import check_fit
-from lowvram_stepvideo.model_folder import open_model_folder
+from lowvram_stepvideo.planning.fit import check_fit
+from lowvram_stepvideo.loading.model_folder import open_model_folder
 from lowvram_stepvideo.profiles import load_profile
 folder, profile = open_model_folder(sys.argv[1]), load_profile(sys.argv[2])
 start = time.perf_counter()

@@ -68,7 +68,7 @@ def bench_format(src: Path, work: Path, fmt: str) -> dict:
 def full_size_ratio(component: str) -> dict:
     """Output bytes of the full released component after quantization (tensor data; headers add < 1 MB)."""
     sys.path.insert(0, str(ROOT))
-    from lowvram_stepvideo import quant
+    from lowvram_stepvideo.models import quant
     entries = json.loads((SHARED / "release" / "state_dict_manifest.json").read_text())[component]["keys"]
     shapes = {e["key"]: e["shape"] for e in entries}
     plan = quant.plan_quantization(component, shapes)

@@ -37,9 +37,9 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 from stream_gpu import build_stack, make_inputs  # noqa: E402
 
-from lowvram_stepvideo import attention, fast_matmul  # noqa: E402
-from lowvram_stepvideo.compile import compile_blocks, uncompile_blocks  # noqa: E402
-from lowvram_stepvideo.config import VAEConfig, VAEDecoderConfig  # noqa: E402
+from lowvram_stepvideo.engines import attention, fast_matmul  # noqa: E402
+from lowvram_stepvideo.engines.compile import compile_blocks, uncompile_blocks  # noqa: E402
+from lowvram_stepvideo.files.configs import VAEConfig, VAEDecoderConfig  # noqa: E402
 from lowvram_stepvideo.models.dit import set_attention_head_chunk, set_token_chunk  # noqa: E402
 from lowvram_stepvideo.models.vae import AutoencoderKL  # noqa: E402
 from lowvram_stepvideo.profiles import list_profiles, load_profile  # noqa: E402

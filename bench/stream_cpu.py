@@ -34,8 +34,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lowvram_stepvideo.loaders import load_dit  # noqa: E402
-from lowvram_stepvideo.offload import BlockStreamer  # noqa: E402
+from lowvram_stepvideo.loading.loaders import load_dit  # noqa: E402
+from lowvram_stepvideo.engines.streaming import BlockStreamer  # noqa: E402
 
 GB = 1e9
 

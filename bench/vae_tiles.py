@@ -24,9 +24,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lowvram_stepvideo.loaders import load_vae  # noqa: E402
+from lowvram_stepvideo.loading.loaders import load_vae  # noqa: E402
 from lowvram_stepvideo.profiles import list_profiles, load_profile  # noqa: E402
-from lowvram_stepvideo.tiling import decode_tiled, decode_untiled, tile_overhead  # noqa: E402
+from lowvram_stepvideo.engines.tiling import decode_tiled, decode_untiled, tile_overhead  # noqa: E402
 
 SIZES = {"544x992": (34, 62), "768x768": (48, 48)}
 FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "tiny-public" / "model_dir" / "vae"

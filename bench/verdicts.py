@@ -20,9 +20,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lowvram_stepvideo import plan  # noqa: E402
-from lowvram_stepvideo.fit import check_fit, layout  # noqa: E402
-from lowvram_stepvideo.model_folder import open_model_folder  # noqa: E402
+from lowvram_stepvideo.planning import plan  # noqa: E402
+from lowvram_stepvideo.planning.fit import check_fit  # noqa: E402
+from lowvram_stepvideo.planning.stacks import block_layout  # noqa: E402
+from lowvram_stepvideo.loading.model_folder import open_model_folder  # noqa: E402
 from lowvram_stepvideo.profiles import list_profiles, load_profile  # noqa: E402
 
 GiB = 2**30
@@ -59,7 +60,7 @@ def verdict_cell(folder, profile, fmt, ram_gib: float) -> dict:
     v = check_fit(folder, profile, profile.default_preset, None if card is None else int(card * GiB),
                   int(ram_gib * GiB), assume_format=fmt)
     d = v.to_dict()
-    dit = layout(v)["dit"]
+    dit = block_layout(v.folder, v.profile)["dit"]
     if v.fits:
         text = (f"{d['preset']}: DiT {dit['resident']} resident / {dit['packed_in_ram']} packed / "
                 f"{dit['from_disk']} disk; host {d['peak_host_bytes'] / GiB:.1f} GiB")

@@ -1,15 +1,16 @@
 """lowvram_stepvideo: Step-Video-T2V on one GPU. The public names are loaded on first use, so `import
 lowvram_stepvideo` (and generate.py --help) does not import torch:
 
-    StepVideoPipeline   the Python API (api.py)
+    StepVideoPipeline   the Python API (face/api.py)
     StepVideoError      the one exception type every one-line error derives from (errors.py)
-    JobSpec, JobQueue   one video's request, and the queue that runs them one at a time (jobs.py)
+    JobSpec, JobQueue   one video's request, and the queue that runs them one at a time (run/preflight.py, face/job_queue.py)
 """
 from __future__ import annotations
 
 import importlib
 
-_PUBLIC = {"StepVideoPipeline": "api", "StepVideoError": "errors", "JobSpec": "jobs", "JobQueue": "jobs"}
+_PUBLIC = {"StepVideoPipeline": "face.api", "StepVideoError": "errors", "JobSpec": "run.preflight",
+           "JobQueue": "face.job_queue"}
 __all__ = list(_PUBLIC)
 
 

@@ -13,3 +13,7 @@ class StepVideoError(Exception):
 
 class UsageError(StepVideoError):
     """A request that cannot run as given (empty prompt, bad number, unwritable output, ...)."""
+
+
+class ConfigError(StepVideoError, ValueError):
+    """A config or profile file is missing, unreadable or does not describe what is expected."""

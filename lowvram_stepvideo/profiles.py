@@ -42,13 +42,12 @@ working directory. LOWVRAM_STEPVIDEO_PROFILES points elsewhere, and --profile al
 """
 from __future__ import annotations
 
-import math
 import os
 import re
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
-from .config import ConfigError
+from .errors import ConfigError
 
 try:
     import tomllib
@@ -376,66 +375,15 @@ def detect_vram_bytes() -> int | None:
     return torch.cuda.get_device_properties(0).total_memory
 
 
-def auto_profile(vram_bytes: int | None, ram_bytes: int | None = None) -> Profile:
-    """The profile `--profile auto` picks for a card of `vram_bytes` (None: no CUDA device) in a machine with
-    `ram_bytes` of RAM (None: this machine's available RAM); `auto_reason` says why."""
-    return auto_choice(vram_bytes, ram_bytes)[0]
-
-
-def auto_reason(vram_bytes: int | None, ram_bytes: int | None = None) -> str:
-    return auto_choice(vram_bytes, ram_bytes)[1]
-
-
-def auto_choice(vram_bytes: int | None, ram_bytes: int | None = None) -> tuple[Profile, str]:
-    """By VRAM: the largest cuda tier whose min_vram_gib fits the card (the smallest for a card below all of
-    them). By RAM: when the host-RAM budget (budgets.host_budget) is below the tier's host_ram_gb, its memory is
-    scaled down to the budget (packed copies in the same proportion; blocks that no longer fit come from disk).
-    Without CUDA: the cpu tier with the largest host_ram_gb within the budget (the smallest when none is)."""
-    from .budgets import host_budget
-    ram, ram_from = host_budget(ram_bytes)
-    profiles = list(map(load_profile, list_profiles()))
-    if vram_bytes is None:
-        return _auto_cpu([p for p in profiles if p.device == "cpu"], ram, ram_from)
-    tiers = sorted((p for p in profiles if p.device == "cuda"), key=lambda p: p.min_vram_gib)
-    if not tiers:
-        raise ConfigError(f"{profiles_dir()}: no cuda profiles found; pass --profile explicitly")
-    fitting = [p for p in tiers if p.min_vram_gib * GiB <= vram_bytes]
-    tier = fitting[-1] if fitting else tiers[0]
-    why = (f"the largest tier for a {vram_bytes / GiB:.1f} GiB card" if fitting else
-           f"the smallest tier; the {vram_bytes / GiB:.1f} GiB card is below every tier's min_vram_gib")
-    if tier.memory.host_ram_gb * GiB <= ram:
-        return tier, f"auto: {tier.name}, {why}; its {tier.memory.host_ram_gb:g} GiB of host RAM fit ({ram_from})"
-    scaled = _scaled_to_ram(tier, ram)
-    return scaled, (f"auto: {tier.name}, {why}; its {tier.memory.host_ram_gb:g} GiB of host RAM exceed this "
-                    f"machine's {ram / GiB:.1f} GiB ({ram_from}): packed block copies {tier.memory.packed_gb:g} -> "
-                    f"{scaled.memory.packed_gb:.1f} GiB, the other blocks are read from disk")
-
-
-def _scaled_to_ram(tier: Profile, ram: int) -> Profile:
-    host = max(0.0, math.floor(ram / GiB * 10) / 10)          # GiB, rounded down to 0.1
-    share = tier.memory.packed_gb / tier.memory.host_ram_gb if tier.memory.host_ram_gb else 0.0
-    packed = math.floor(share * host * 10) / 10
-    disk = {"dit_source": "disk", "text_encoders_source": "disk"} if packed < 1 else {}
-    return with_overrides(tier, memory_host_ram_gb=host, memory_packed_gb=packed, **disk)
-
-
-def _auto_cpu(tiers: list[Profile], ram: int, ram_from: str) -> tuple[Profile, str]:
-    if not tiers:
-        raise ConfigError(f"{profiles_dir()}: no cpu profiles found; pass --profile explicitly")
-    tiers.sort(key=lambda p: p.memory.host_ram_gb)
-    fitting = [p for p in tiers if p.memory.host_ram_gb * GiB <= ram]
-    if fitting:
-        tier = fitting[-1]
-        return tier, (f"auto: {tier.name}, no CUDA device; the largest cpu tier whose {tier.memory.host_ram_gb:g} "
-                      f"GiB of host RAM fit ({ram_from})")
-    tier = tiers[0]
-    return tier, (f"auto: {tier.name}, no CUDA device; even the smallest cpu tier's {tier.memory.host_ram_gb:g} "
-                  f"GiB of host RAM exceed this machine's {ram / GiB:.1f} GiB ({ram_from})")
-
-
 def describe(profile: Profile) -> dict:
     """Plain-data view (for metadata sidecars and --dry-run reports)."""
     out = asdict(profile)
     out["path"] = str(profile.path)
     out["presets"] = [str(p) + f"@{p.steps}" for p in profile.presets]
     return out
+
+
+def ladder_from(presets: tuple[Preset, ...], first: Preset) -> list[Preset]:
+    """`first`, then every preset of the profile that is smaller, with `first`'s number of steps (memory does not
+    depend on it, and a fallback should not silently change the quality asked for)."""
+    return [first] + [replace(p, steps=first.steps) for p in presets if p.tokens < first.tokens]

@@ -5,8 +5,9 @@ import os
 import imageio.v2 as imageio
 import numpy as np
 
-from lowvram_stepvideo import cli, demo
-from lowvram_stepvideo.runtime import DeviceRuntime
+from lowvram_stepvideo.face import cli
+from lowvram_stepvideo.loading import demo
+from lowvram_stepvideo.pipeline.machine import DeviceRuntime
 
 BARS = ("step_llm:", "denoise:", "decode:")
 

@@ -34,7 +34,7 @@ def read_io(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 def _session_cache_folder(tmp_path_factory):
     """What tests cache (memory plans, text embeddings, the demo model) goes to the session's folder, never to
     the user's ~/.cache."""
-    from lowvram_stepvideo.caches import CACHE_ENV
+    from lowvram_stepvideo.files.caches import CACHE_ENV
     patch = pytest.MonkeyPatch()
     patch.setenv(CACHE_ENV, str(tmp_path_factory.getbasetemp() / "lowvram-cache"))
     yield
@@ -101,7 +101,7 @@ def link_tree(src: Path, dst: Path) -> Path:
 @pytest.fixture(scope="session")
 def demo_cache(tmp_path_factory):
     """One cache folder for the whole session (demo model and embedding cache): the demo model is built once."""
-    from lowvram_stepvideo import demo
+    from lowvram_stepvideo.loading import demo
     cache = tmp_path_factory.getbasetemp() / "lowvram-cache"
     demo.build_demo_model(cache / f"demo-v{demo.DEMO_VERSION}")
     return cache
@@ -110,20 +110,20 @@ def demo_cache(tmp_path_factory):
 @pytest.fixture
 def demo_env(monkeypatch, demo_cache):
     """generate.py --demo and the embedding cache use the session's cache folder."""
-    from lowvram_stepvideo import demo
+    from lowvram_stepvideo.loading import demo
     monkeypatch.setenv(demo.CACHE_ENV, str(demo_cache))
 
 
 @pytest.fixture
 def demo_dir(demo_cache):
-    from lowvram_stepvideo import demo
+    from lowvram_stepvideo.loading import demo
     return demo_cache / f"demo-v{demo.DEMO_VERSION}"
 
 
 def tiny_dit(layers: int, std: float):
     """A seeded random DiT of `layers` one-head blocks (in/out 4 channels, captions 16 and 8 wide), weights ~ N(0,
     std): for tests of what runs around the blocks (compile, step cache)."""
-    from lowvram_stepvideo.config import DiTConfig
+    from lowvram_stepvideo.files.configs import DiTConfig
     from lowvram_stepvideo.models.dit import StepVideoModel
     torch.manual_seed(0)
     model = StepVideoModel(DiTConfig(num_layers=layers, num_heads=1, in_channels=4, out_channels=4,

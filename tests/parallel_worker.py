@@ -11,11 +11,12 @@ from pathlib import Path
 
 import torch
 
-from lowvram_stepvideo import parallel
-from lowvram_stepvideo.model_folder import ModelFolder
-from lowvram_stepvideo.pipeline import PhasePipeline
+from lowvram_stepvideo.engines import parallel
+from lowvram_stepvideo.loading.model_folder import ModelFolder
+from lowvram_stepvideo.pipeline.parallel_machine import ParallelRuntime
+from lowvram_stepvideo.pipeline.phases import PhasePipeline
 from lowvram_stepvideo.profiles import load_profile
-from lowvram_stepvideo.sampling import flow_sigmas
+from lowvram_stepvideo.pipeline.sampling import flow_sigmas
 
 
 def inputs(seed: int = 0, channels: int = 4, latent=(1, 5, 3, 5), text=(12, 96), clip=(6, 32)):
@@ -57,7 +58,7 @@ def main(argv: list[str]) -> int:
             def hang(done, _latents):
                 if fault and par.layout.rank == 1 and done == after:
                     time.sleep(3600)
-            latents = denoise(folder, lambda mf: parallel.ParallelRuntime(mf, load_profile("cpu"), par),
+            latents = denoise(folder, lambda mf: ParallelRuntime(mf, load_profile("cpu"), par),
                               step_callback=hang)
             torch.save(latents, out / f"{i}-{mode}-rank{par.layout.rank}.pt")
     parallel.close()

@@ -6,10 +6,11 @@ from safetensors.torch import load_file
 
 import lowvram_stepvideo
 from cli_support import run_cli
-from lowvram_stepvideo import api, runner
+from lowvram_stepvideo.face import api
+from lowvram_stepvideo.run import job as runner
 from lowvram_stepvideo.errors import StepVideoError, UsageError
-from lowvram_stepvideo.model_folder import ModelFolderError
-from lowvram_stepvideo.runtime import DeviceRuntime
+from lowvram_stepvideo.loading.model_folder import ModelFolderError
+from lowvram_stepvideo.pipeline.machine import DeviceRuntime
 from lowvram_stepvideo.profiles import Preset
 
 pytestmark = pytest.mark.usefixtures("demo_env", "one_torch_thread")

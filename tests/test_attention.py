@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from lowvram_stepvideo import attention as A
+from lowvram_stepvideo.engines import attention as A
 
 
 def _reference(q, k, v, mask=None):

@@ -12,10 +12,12 @@ import torch
 
 from cli_support import loads_of, read_frames, read_sidecar, run_cli, subprocess_env
 from conftest import ROOT
-from lowvram_stepvideo import batch, embed_cache, runner
+from lowvram_stepvideo.face import batch
+from lowvram_stepvideo.files import text_cache as embed_cache
+from lowvram_stepvideo.run import job as runner
 from lowvram_stepvideo.errors import UsageError
-from lowvram_stepvideo.runtime import DeviceRuntime
-from lowvram_stepvideo.resume import checkpoint_path
+from lowvram_stepvideo.pipeline.machine import DeviceRuntime
+from lowvram_stepvideo.run.resume import checkpoint_path
 
 pytestmark = pytest.mark.usefixtures("demo_env", "one_torch_thread")
 TINY = ["--frames", "17", "--height", "16", "--width", "16", "--steps", "3"]
@@ -128,7 +130,7 @@ def test_a_failing_prompt_is_recorded_and_the_batch_goes_on(tmp_path, capsys, mo
 KILLER = """
 import os, signal, sys
 from lowvram_stepvideo import cli
-from lowvram_stepvideo.runtime import DeviceRuntime
+from lowvram_stepvideo.pipeline.machine import DeviceRuntime
 original, dits = DeviceRuntime.load, []
 
 def load(self, component, dtype):

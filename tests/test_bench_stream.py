@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lowvram_stepvideo.loaders import load_dit
+from lowvram_stepvideo.loading.loaders import load_dit
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 

@@ -16,8 +16,9 @@ from safetensors.torch import load_file, save_file
 
 from cli_support import leftovers, loads_of, read_frames, read_sidecar, run_cli, subprocess_env
 from conftest import ROOT
-from lowvram_stepvideo import cli, demo
-from lowvram_stepvideo.embed_cache import EmbeddingCache
+from lowvram_stepvideo.face import cli
+from lowvram_stepvideo.loading import demo
+from lowvram_stepvideo.files.text_cache import EmbeddingCache
 
 PROMPT = "a red fox runs through fresh snow"
 TINY = ["--frames", "17", "--height", "16", "--width", "16", "--steps", "1"]   # 3 latents of 1x1: fastest run
@@ -105,7 +106,7 @@ def test_cache_entries_are_keyed_by_model_and_prompts_and_a_write_failure_is_onl
 
 
 def test_the_cache_keeps_the_entries_used_last_within_its_size(tmp_path, monkeypatch):
-    from lowvram_stepvideo import embed_cache
+    from lowvram_stepvideo.files import text_cache as embed_cache
     embeds = (torch.randn(2, 5, 3), torch.ones(2, 82, dtype=torch.int64), torch.randn(2, 77, 2))
     cache, long_ago = EmbeddingCache("model-a", tmp_path), time.time() - 100
     for i, prompt in enumerate(("a", "b")):
@@ -119,7 +120,7 @@ def test_the_cache_keeps_the_entries_used_last_within_its_size(tmp_path, monkeyp
 
 def test_caches_keep_their_newest_files(tmp_path):
     """caches.trim, as the plan cache uses it (a number of entries); by size: the embedding cache, above."""
-    from lowvram_stepvideo.caches import trim
+    from lowvram_stepvideo.files.caches import trim
     for i in range(5):
         (tmp_path / f"{i}.json").write_text("{}")
         os.utime(tmp_path / f"{i}.json", (1000 + i, 1000 + i))

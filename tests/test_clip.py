@@ -6,9 +6,9 @@ import torch
 from conftest import RELEASE_MODEL, manifest_shapes, read_io
 from safetensors.torch import save_file
 
-from lowvram_stepvideo.checkpoint import build_on_meta
-from lowvram_stepvideo.config import ClipConfig
-from lowvram_stepvideo.models import load_clip
+from lowvram_stepvideo.loading.assign import build_on_meta
+from lowvram_stepvideo.files.configs import ClipConfig
+from lowvram_stepvideo.loading.loaders import load_clip
 from lowvram_stepvideo.models.clip import BertModel
 
 ATOL = 1e-4

@@ -5,9 +5,9 @@ import torch
 from torch._dynamo.utils import counters
 
 from conftest import tiny_dit
-from lowvram_stepvideo.compile import compile_blocks, uncompile_blocks
+from lowvram_stepvideo.engines.compile import compile_blocks, uncompile_blocks
 from lowvram_stepvideo.models.dit import StepVideoModel, set_token_chunk
-from lowvram_stepvideo.offload import attach_streaming, offload_component
+from lowvram_stepvideo.engines.streaming import attach_streaming, offload_component
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -55,7 +55,8 @@ def test_one_graph_for_every_block_and_step_with_streaming_hooks_outside():
 @pytest.mark.slow
 def test_fast_int8_matmul_in_compiled_blocks_does_not_recompile():
     """The fast kernel's call counter stays outside the trace (a traced count would recompile every call)."""
-    from lowvram_stepvideo import fast_matmul, quant
+    from lowvram_stepvideo.engines import fast_matmul
+    from lowvram_stepvideo.models import quant
     model, inputs = _dit(2)
     names = [n for n, _ in model.named_parameters()]
     quant.quantize_model(model, quant.FORMATS["int8"], quant.plan_quantization("transformer", names))

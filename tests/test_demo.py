@@ -10,9 +10,10 @@ import torch
 from safetensors import safe_open
 
 from conftest import RELEASE_MODEL
-from lowvram_stepvideo import demo, sampling
-from lowvram_stepvideo.loaders import load_clip, load_dit, load_step_llm, load_vae
-from lowvram_stepvideo.tokenizers import load_clip_tokenizer, load_step_llm_tokenizer
+from lowvram_stepvideo.loading import demo
+from lowvram_stepvideo.pipeline import sampling
+from lowvram_stepvideo.loading.loaders import load_clip, load_dit, load_step_llm, load_vae
+from lowvram_stepvideo.files.tokenizers import load_clip_tokenizer, load_step_llm_tokenizer
 
 RELEASE_FILES = [
     "model_index.json", "scheduler/scheduler_config.json",

@@ -4,8 +4,8 @@ from collections import Counter
 import pytest
 import torch
 
-from lowvram_stepvideo import quant
-from lowvram_stepvideo.config import DiTConfig
+from lowvram_stepvideo.models import quant
+from lowvram_stepvideo.files.configs import DiTConfig
 from lowvram_stepvideo.models.dit import TOKEN_RUN_SCOPES, StepVideoModel, set_attention_head_chunk, set_token_chunk
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -5,11 +5,17 @@ import pytest
 import torch
 from conftest import RELEASE_MODEL, manifest_shapes, read_io
 
-from lowvram_stepvideo.checkpoint import build_on_meta
-from lowvram_stepvideo.config import DiTConfig
-from lowvram_stepvideo.models import load_dit
-from lowvram_stepvideo.models.dit import (FeedForward, StepVideoModel, StepVideoTransformerBlock, cross_attention_mask,
-                                          rope_tables, set_attention_head_chunk, set_token_chunk)
+from lowvram_stepvideo.loading.assign import build_on_meta
+from lowvram_stepvideo.files.configs import DiTConfig
+from lowvram_stepvideo.loading.loaders import load_dit
+from lowvram_stepvideo.models.dit import (
+    FeedForward,
+    StepVideoModel,
+    StepVideoTransformerBlock,
+    cross_attention_mask,
+    rope_tables,
+    set_attention_head_chunk,
+    set_token_chunk)
 from lowvram_stepvideo.models.layers import RMSNorm, row_projector
 
 ATOL = 1e-4
@@ -124,7 +130,7 @@ def test_blocks_take_tensors_only_and_hooks_run(fixture_dir):
 
 
 def test_attention_backend_switch(fixture_dir):
-    from lowvram_stepvideo import attention
+    from lowvram_stepvideo.engines import attention
     model, t = _load(fixture_dir)
     with torch.inference_mode():
         plain = model(*_inputs(t))
@@ -199,7 +205,7 @@ def test_head_groups_project_only_their_rows():
 
 
 def test_head_groups_slice_quantized_linears(fixture_dir):
-    from lowvram_stepvideo.quant import QuantLinear, get_format, plan_quantization, quantize_model
+    from lowvram_stepvideo.models.quant import QuantLinear, get_format, plan_quantization, quantize_model
     model, t = _load(fixture_dir)
     names = [n for n, _ in model.named_parameters()]
     quantize_model(model, get_format("int8"), plan_quantization("transformer", names))
@@ -279,7 +285,7 @@ def _block_peak_units(block, seq: int, tokens, heads) -> float:
     hidden state included, in units of one (1, seq, D) bf16 tensor."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from lowvram_stepvideo.memory import ByteAccountant
+    from lowvram_stepvideo.planning.byte_count import ByteAccountant
     set_token_chunk(block, tokens)
     set_attention_head_chunk(block, heads)
     acc, dim = ByteAccountant(), block.dim

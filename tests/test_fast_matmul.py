@@ -5,9 +5,9 @@ import torch
 import torch.nn.functional as F
 from conftest import read_io
 
-from lowvram_stepvideo import fast_matmul as fm
-from lowvram_stepvideo import quant
-from lowvram_stepvideo.loaders import load_dit
+from lowvram_stepvideo.engines import fast_matmul as fm
+from lowvram_stepvideo.models import quant
+from lowvram_stepvideo.loading.loaders import load_dit
 from lowvram_stepvideo.profiles import load_profile, with_overrides
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

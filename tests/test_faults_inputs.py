@@ -11,11 +11,12 @@ from cli_support import loads_of, run_cli
 from conftest import ROOT
 from faults_support import (DIT, PROMPT, TINY, files_in, model_copy, read_all, replace_file, replace_json,
                             run_error, run_ok)
-from lowvram_stepvideo import cli, sampling
-from lowvram_stepvideo.embed_cache import EmbeddingCache
-from lowvram_stepvideo.model_folder import ModelFolderError, open_model_folder
-from lowvram_stepvideo.quantize_folder import quantize_folder
-from lowvram_stepvideo.tokenizers import load_step_llm_tokenizer
+from lowvram_stepvideo.face import cli
+from lowvram_stepvideo.pipeline import sampling
+from lowvram_stepvideo.files.text_cache import EmbeddingCache
+from lowvram_stepvideo.loading.model_folder import ModelFolderError, open_model_folder
+from lowvram_stepvideo.tools.quantize_folder import quantize_folder
+from lowvram_stepvideo.files.tokenizers import load_step_llm_tokenizer
 
 pytestmark = pytest.mark.usefixtures("demo_env", "one_torch_thread")
 

@@ -17,10 +17,13 @@ from safetensors.torch import load_file
 from cli_support import loads_of, read_sidecar, run_cli, subprocess_env
 from conftest import ROOT
 from faults_support import (DIT, PROMPT, TINY, files_in, model_copy, read_all, replace_file, run_error, run_ok)
-from lowvram_stepvideo import cli, demo, fsutil, outputs, resume, runner, video
-from lowvram_stepvideo.pipeline import PhasePipeline
-from lowvram_stepvideo.quantize_folder import quantize_folder
-from lowvram_stepvideo.resume import checkpoint_path
+from lowvram_stepvideo.face import cli
+from lowvram_stepvideo.loading import demo
+from lowvram_stepvideo.files import fsutil, video
+from lowvram_stepvideo.run import outputs, resume, job as runner
+from lowvram_stepvideo.pipeline.phases import PhasePipeline
+from lowvram_stepvideo.tools.quantize_folder import quantize_folder
+from lowvram_stepvideo.run.resume import checkpoint_path
 
 pytestmark = pytest.mark.usefixtures("demo_env", "one_torch_thread")
 

@@ -14,12 +14,13 @@ import pytest
 
 from cli_support import run_cli
 from conftest import SHARED
-from lowvram_stepvideo import budgets, fit
-from lowvram_stepvideo.budgets import GiB, Budget, host_budget, machine_budget, vram_budget
-from lowvram_stepvideo.offload import ARENA_BYTES
-from lowvram_stepvideo.offload_store import HostArenas
-from lowvram_stepvideo.plan import PhasePlan, Plan
-from lowvram_stepvideo.profiles import Preset, auto_choice, auto_profile, load_profile, with_overrides
+from lowvram_stepvideo.planning import budgets, fit, stacks
+from lowvram_stepvideo.planning.budgets import GiB, Budget, host_budget, machine_budget, vram_budget
+from lowvram_stepvideo.engines.streaming import ARENA_BYTES
+from lowvram_stepvideo.engines.host_store import HostArenas
+from lowvram_stepvideo.planning.plan import PhasePlan, Plan
+from lowvram_stepvideo.profiles import Preset, load_profile, with_overrides
+from lowvram_stepvideo.planning.budgets import auto_choice, auto_profile
 
 MiB = 2**20
 BLOCK, BLOCKS = 64 * MiB, 10            # synthetic DiT: 10 blocks of 64 MiB (a power of two: arenas cost n x BLOCK)
@@ -55,7 +56,7 @@ def synthetic_fit_profile(folder, profile, preset, budget_bytes, options=None, l
 def synthetic(monkeypatch):
     synthetic_fit_profile.calls = 0
     monkeypatch.setattr(fit, "fit_profile", synthetic_fit_profile)
-    monkeypatch.setattr(fit, "stack_size", lambda folder, component, dtype: (BLOCKS, BLOCK))
+    monkeypatch.setattr(stacks, "stack_size", lambda folder, component, dtype: (BLOCKS, BLOCK))
     return SimpleNamespace(weight_format="int8")       # a folder: only its format is looked at
 
 
@@ -128,7 +129,7 @@ def test_resident_blocks_then_packed_ram_are_lowered_to_fit(synthetic):
     verdict = fit.check_fit(synthetic, profile, preset, *_machine(room, host=4 * BLOCK))
     assert verdict.fits and verdict.preset == preset and verdict.requested_plan is None
     assert verdict.profile.dit.resident_blocks == 4             # 6 streamed, of which 4 fit the host budget
-    assert fit.packed_blocks(synthetic, verdict.profile, "dit") == 4 and verdict.profile.dit.source == "ram"
+    assert stacks.packed_blocks(synthetic, verdict.profile, "dit") == 4 and verdict.profile.dit.source == "ram"
     d = verdict.to_dict()
     assert d["layout"]["dit"] == {"blocks": 10, "resident": 4, "packed_in_ram": 4, "from_disk": 2, "prefetch": 2}
     assert "fitted: DiT resident blocks 10 -> 4; packed RAM 32 -> 0.2 GiB" in verdict.report()
@@ -179,12 +180,12 @@ def test_on_the_cpu_device_and_host_share_the_ram(synthetic):
 
 
 def test_a_real_run_says_what_fitting_lowered(synthetic):
-    from lowvram_stepvideo.runner import fit_to_card
+    from lowvram_stepvideo.run.job import fit_to_card
     profile = profile_24gb()
     card, ram = _machine(peak(with_overrides(profile, dit_resident_blocks=3), LADDER[0]), host=2 * BLOCK)
     pipe, said = SimpleNamespace(folder=synthetic, profile=profile, options=None), []
     assert fit_to_card(pipe, LADDER, card, said.append, ram_bytes=ram) == LADDER
-    assert pipe.profile.dit.resident_blocks == 3 and fit.packed_blocks(synthetic, pipe.profile, "dit") == 2
+    assert pipe.profile.dit.resident_blocks == 3 and stacks.packed_blocks(synthetic, pipe.profile, "dit") == 2
     assert "plan: DiT resident blocks lowered from 10 to 3 to fit" in said
     assert any(line.startswith("plan: packed host RAM lowered from 32 to 0.1 GiB") for line in said), said
 
@@ -257,8 +258,8 @@ def test_auto_scales_a_tiers_host_ram_to_a_small_machine():
 def test_a_machine_that_holds_the_decode_but_not_the_mp4_writer_is_told(demo_dir):
     """Writing the mp4 is a phase of the plan: the uint8 frames and the ffmpeg process come on top of the decoded
     video (video.py's estimates, measured in tests/test_video.py)."""
-    from lowvram_stepvideo.demo import DEMO_PRESET
-    from lowvram_stepvideo.model_folder import open_model_folder
+    from lowvram_stepvideo.loading.demo import DEMO_PRESET
+    from lowvram_stepvideo.loading.model_folder import open_model_folder
     folder, profile = open_model_folder(demo_dir), load_profile("12gb")
     plan = fit.check_fit(folder, profile, DEMO_PRESET, 8 * GiB, 64 * GiB).plan
     write, decode = plan.phases["write"], plan.phases["decode"]
@@ -273,19 +274,19 @@ def test_a_machine_that_holds_the_decode_but_not_the_mp4_writer_is_told(demo_dir
 
 @pytest.mark.slow
 def test_assumed_int8_plans_like_the_quantized_folder(demo_dir, tmp_path, one_torch_thread):
-    from lowvram_stepvideo.assumed_format import assume_format
-    from lowvram_stepvideo.demo import DEMO_PRESET
-    from lowvram_stepvideo.model_folder import ModelFolderError, open_model_folder
-    from lowvram_stepvideo.plan import plan_memory
-    from lowvram_stepvideo.quantize_folder import quantize_folder
+    from lowvram_stepvideo.planning.assumed_format import assume_format
+    from lowvram_stepvideo.loading.demo import DEMO_PRESET
+    from lowvram_stepvideo.loading.model_folder import ModelFolderError, open_model_folder
+    from lowvram_stepvideo.planning.plan import plan_memory
+    from lowvram_stepvideo.tools.quantize_folder import quantize_folder
     quantize_folder(demo_dir, tmp_path / "int8", "int8", log=lambda m: None)
     release, quantized = open_model_folder(demo_dir), open_model_folder(tmp_path / "int8")
     profile = load_profile("12gb")
     assumed = plan_memory(release, profile, DEMO_PRESET, assume_format="int8")
     assert assumed.phases == plan_memory(quantized, profile, DEMO_PRESET).phases
     assert assumed.phases != plan_memory(release, profile, DEMO_PRESET).phases
-    assert fit.stack_size(assume_format(release, "int8"), "transformer", profile.torch_dtype) == \
-        fit.stack_size(quantized, "transformer", profile.torch_dtype)
+    assert stacks.stack_size(assume_format(release, "int8"), "transformer", profile.torch_dtype) == \
+        stacks.stack_size(quantized, "transformer", profile.torch_dtype)
     with pytest.raises(ModelFolderError, match="already quantized"):
         assume_format(quantized, "fp8")
 
@@ -304,7 +305,7 @@ def sparse_4_layers(tmp_path_factory):
 
 @pytest.mark.slow
 def test_8gb_fits_the_full_preset_in_8_gib_and_16_gib(sparse_4_layers):
-    from lowvram_stepvideo.model_folder import open_model_folder
+    from lowvram_stepvideo.loading.model_folder import open_model_folder
     profile = load_profile("8gb")
     assert profile.dit.resident_blocks + profile.dit.prefetch + 1 <= 4        # the 4-layer slice plans as 48 would
     verdict = fit.check_fit(open_model_folder(sparse_4_layers), profile, profile.default_preset, 8 * GiB, 16 * GiB,

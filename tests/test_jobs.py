@@ -6,10 +6,10 @@ import pytest
 from safetensors.torch import load_file
 
 from cli_support import read_frames
-from lowvram_stepvideo import runner
+from lowvram_stepvideo.run import job as runner
 from lowvram_stepvideo.errors import StepVideoError
-from lowvram_stepvideo.jobs import JobQueue, JobSpec
-from lowvram_stepvideo.resume import checkpoint_path
+from lowvram_stepvideo.face.job_queue import JobQueue, JobSpec
+from lowvram_stepvideo.run.resume import checkpoint_path
 
 TINY = dict(frames=17, height=16, width=16, steps=4)
 

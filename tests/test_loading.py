@@ -14,9 +14,9 @@ import torch
 from conftest import link_tree, read_io
 from safetensors.torch import save_file
 
-from lowvram_stepvideo.checkpoint import CheckpointError
-from lowvram_stepvideo.config import ConfigError
-from lowvram_stepvideo.models import load_clip, load_dit, load_step_llm, load_vae
+from lowvram_stepvideo.files.weights import CheckpointError
+from lowvram_stepvideo.files.configs import ConfigError
+from lowvram_stepvideo.loading.loaders import load_clip, load_dit, load_step_llm, load_vae
 
 DIT_INPUTS = ("hidden_states", "timestep", "encoder_hidden_states", "encoder_hidden_states_2",
               "encoder_attention_mask")

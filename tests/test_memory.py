@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from lowvram_stepvideo.memory import ByteAccountant
+from lowvram_stepvideo.planning.byte_count import ByteAccountant
 
 MiB = 2**20
 

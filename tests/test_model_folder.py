@@ -14,9 +14,9 @@ import pytest
 import torch
 from conftest import RELEASE_MODEL, ROOT, SHARED, link_tree, manifest_shapes
 
-from lowvram_stepvideo.loaders import open_clip, open_dit, open_step_llm, open_vae
-from lowvram_stepvideo.model_folder import ModelFolderError, open_model_folder
-from lowvram_stepvideo.models import load_dit
+from lowvram_stepvideo.loading.loaders import open_clip, open_dit, open_step_llm, open_vae
+from lowvram_stepvideo.loading.model_folder import ModelFolderError, open_model_folder
+from lowvram_stepvideo.loading.loaders import load_dit
 
 MAKE_SPARSE = SHARED / "tools" / "make_sparse_release.py"
 LAYERS = 2
@@ -31,7 +31,7 @@ MANIFEST_NAMES = {"transformer": "transformer", "step_llm": "step_llm", "hunyuan
 CHILD = r"""
 import gc, json, resource, sys, time
 import torch
-from lowvram_stepvideo.models import load_clip, load_dit, load_step_llm, load_vae
+from lowvram_stepvideo.loading.loaders import load_clip, load_dit, load_step_llm, load_vae
 root, report = sys.argv[1], {"baseline_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 for name, load in [("transformer", load_dit), ("step_llm", load_step_llm), ("hunyuan_clip", load_clip),
                    ("vae", load_vae)]:
@@ -195,7 +195,7 @@ def test_tiny_folder_without_tokenizers_fails_naming_the_file(fixture_dir, tmp_p
 
 def test_turbo_is_carried_by_the_quantized_header_not_the_name(fixture_dir, tmp_path):
     """quantize.py records in the DiT header whether its source was turbo; the header wins over the folder name."""
-    from lowvram_stepvideo.quantize_folder import quantize_folder
+    from lowvram_stepvideo.tools.quantize_folder import quantize_folder
     turbo_src = tiny_model_folder(fixture_dir, tmp_path / "stepvideo-t2v-turbo")
     plain_src = tiny_model_folder(fixture_dir, tmp_path / "stepvideo-t2v")
     quantize_folder(turbo_src, tmp_path / "q-int8", "int8", log=lambda msg: None)

@@ -1,4 +1,4 @@
-"""Block streaming (lowvram_stepvideo.offload) against the plain resident model: toy stacks, the fixture DiT and
+"""Block streaming (lowvram_stepvideo.engines.streaming) against the plain resident model: toy stacks, the fixture DiT and
 step_llm, quantized blocks; transfer order and bounds from the engine's log; bounded RSS in disk mode."""
 import json
 import os
@@ -12,10 +12,16 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from lowvram_stepvideo.checkpoint import CheckpointError, build_on_meta, load_weights, open_weights
-from lowvram_stepvideo.offload import (BlockStreamer, attach_streaming, device_memory_report, find_blocks,
-                                       offload_component, to_device)
-from lowvram_stepvideo.offload_store import BlockLayout, pread_into
+from lowvram_stepvideo.files.weights import CheckpointError, open_weights
+from lowvram_stepvideo.loading.assign import build_on_meta, load_weights
+from lowvram_stepvideo.engines.streaming import (
+    BlockStreamer,
+    attach_streaming,
+    device_memory_report,
+    find_blocks,
+    offload_component,
+    to_device)
+from lowvram_stepvideo.engines.host_store import BlockLayout, pread_into
 
 CUDA = torch.cuda.is_available()
 
@@ -121,7 +127,7 @@ def test_toy_streamed_equals_resident(toy_dir, dtype, source, resident, prefetch
 
 @pytest.mark.parametrize("budget_blocks,pinned", [(0, 0), (2.5, 2), (100, 6)])
 def test_pin_budget_splits_pinned_and_pageable(toy_dir, budget_blocks, pinned, caplog):
-    caplog.set_level("INFO", logger="lowvram_stepvideo.offload")
+    caplog.set_level("INFO", logger="lowvram_stepvideo.engines.streaming")
     model = load_toy(toy_dir, 32, 7, torch.bfloat16)
     slot_bytes = BlockLayout(model.transformer_blocks[0]).nbytes
     budget = int(budget_blocks * slot_bytes)
@@ -188,7 +194,7 @@ def fake_cuda(monkeypatch):
     and the order of stream waits can be checked."""
     import contextlib
 
-    from lowvram_stepvideo import offload_store
+    from lowvram_stepvideo.engines import host_store as offload_store
     waits = []
     compute = _FakeStream("compute", waits)
     monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
@@ -365,7 +371,7 @@ RSS_SCRIPT = """
 import json, sys, torch
 sys.path.insert(0, {tests!r})
 from test_offload import load_toy
-from lowvram_stepvideo.offload import attach_streaming, offload_component
+from lowvram_stepvideo.engines.streaming import attach_streaming, offload_component
 
 def status_bytes(key):
     return int(open("/proc/self/status").read().split(key + ":")[1].split()[0]) * 1024
@@ -440,7 +446,7 @@ FIXTURE_SETTINGS = [("ram", 0, 0), ("disk", 1, 2), ("ram", 2, 1)]   # (source, r
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 def test_fixture_dit_streamed_equals_resident(fixture_dir, tmp_path, dtype):
-    from lowvram_stepvideo.loaders import load_dit
+    from lowvram_stepvideo.loading.loaders import load_dit
     inputs = _dit_inputs(fixture_dir, dtype)
     folder = _long_copy(fixture_dir, tmp_path, "transformer", "diffusion_pytorch_model", "transformer_blocks", 5)
     plain = _run(load_dit(folder, dtype), *inputs)
@@ -452,7 +458,7 @@ def test_fixture_dit_streamed_equals_resident(fixture_dir, tmp_path, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 def test_fixture_step_llm_streamed_equals_resident(fixture_dir, tmp_path, dtype):
     from conftest import read_io
-    from lowvram_stepvideo.loaders import load_step_llm
+    from lowvram_stepvideo.loading.loaders import load_step_llm
     io, _ = read_io(fixture_dir / "text_io.safetensors")
     inputs = [io["in.step_llm.input_ids"]]
     folder = _long_copy(fixture_dir, tmp_path, "step_llm", "model", "transformer.layers", 5)
@@ -467,7 +473,7 @@ def test_fixture_step_llm_streamed_equals_resident(fixture_dir, tmp_path, dtype)
 @pytest.fixture(scope="module", params=["int8", "fp8"])
 def quantized_dir(request, tmp_path_factory):
     from conftest import fixture_dirs
-    from lowvram_stepvideo.quantize_folder import quantize_folder
+    from lowvram_stepvideo.tools.quantize_folder import quantize_folder
     out = tmp_path_factory.mktemp("quant") / request.param
     quantize_folder(fixture_dirs()[0] / "model_dir", out, request.param, components=("transformer", "step_llm"),
                     log=lambda message: None)
@@ -477,8 +483,8 @@ def quantized_dir(request, tmp_path_factory):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 def test_quantized_folder_streamed_equals_resident(quantized_dir, fixture_dir, dtype):
     from conftest import read_io
-    from lowvram_stepvideo.loaders import load_dit, load_step_llm
-    from lowvram_stepvideo.quant import QuantLinear
+    from lowvram_stepvideo.loading.loaders import load_dit, load_step_llm
+    from lowvram_stepvideo.models.quant import QuantLinear
     dit_inputs = _dit_inputs(fixture_dir, dtype)
     model = load_dit(quantized_dir / "transformer", dtype)
     assert isinstance(model.transformer_blocks[0].attn1.wqkv, QuantLinear)
@@ -496,8 +502,8 @@ def test_quantized_folder_streamed_equals_resident(quantized_dir, fixture_dir, d
 def test_quantized_in_memory_streamed_equals_resident(fixture_dir, tmp_path):
     """Blocks quantized after loading (quantize_model): pinned streaming works; their weight_refs describe the
     float file, so disk streaming refuses instead of casting float bytes into codes."""
-    from lowvram_stepvideo import quant
-    from lowvram_stepvideo.loaders import load_dit
+    from lowvram_stepvideo.models import quant
+    from lowvram_stepvideo.loading.loaders import load_dit
     folder = _long_copy(fixture_dir, tmp_path, "transformer", "diffusion_pytorch_model", "transformer_blocks", 5)
     inputs = _dit_inputs(fixture_dir, torch.bfloat16)
 
@@ -557,7 +563,7 @@ def test_gpu_peak_memory_is_bounded(tmp_path):
 @pytest.mark.gpu
 @gpu
 def test_gpu_fixture_dit_streamed_equals_resident(fixture_dir, tmp_path):
-    from lowvram_stepvideo.loaders import load_dit
+    from lowvram_stepvideo.loading.loaders import load_dit
     folder = _long_copy(fixture_dir, tmp_path, "transformer", "diffusion_pytorch_model", "transformer_blocks", 5)
     inputs = [x.cuda() for x in _dit_inputs(fixture_dir, torch.bfloat16)]
     model = load_dit(folder, torch.bfloat16)

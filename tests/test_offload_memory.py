@@ -10,10 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from lowvram_stepvideo import offload, offload_store
-from lowvram_stepvideo.offload import (PACKED_RAM_MARGIN, BlockStreamer, Footprint, attach_streaming,
-                                       clamp_packed_budget, offload_component, streaming_footprint)
-from lowvram_stepvideo.offload_store import BlockLayout
+from lowvram_stepvideo.engines import streaming as offload, host_store as offload_store
+from lowvram_stepvideo.engines.streaming import (
+    PACKED_RAM_MARGIN,
+    BlockStreamer,
+    Footprint,
+    attach_streaming,
+    clamp_packed_budget,
+    offload_component,
+    streaming_footprint)
+from lowvram_stepvideo.engines.host_store import BlockLayout
 from test_offload import fake_cuda, load_toy, write_toy  # noqa: F401  (fake_cuda is a fixture)
 
 DIM, N = 32, 7
@@ -102,7 +108,7 @@ def test_failed_page_locking_falls_back_with_one_warning(toy_dir, fake_cuda, mon
         return torch.empty(n, dtype=torch.uint8)
 
     monkeypatch.setattr(offload_store, "host_buffer", host_buffer)
-    caplog.set_level("INFO", logger="lowvram_stepvideo.offload")
+    caplog.set_level("INFO", logger="lowvram_stepvideo.engines.streaming")
     model = load_toy(toy_dir, DIM, N, torch.bfloat16)
     x = torch.randn(3, DIM, dtype=torch.bfloat16)
     with torch.inference_mode():
@@ -164,7 +170,7 @@ DETACH_SCRIPT = """
 import json, sys, torch
 sys.path.insert(0, {tests!r})
 from test_offload import load_toy
-from lowvram_stepvideo.offload import attach_streaming, offload_component
+from lowvram_stepvideo.engines.streaming import attach_streaming, offload_component
 
 def status_bytes(key):
     return int(open("/proc/self/status").read().split(key + ":")[1].split()[0]) * 1024

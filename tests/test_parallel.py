@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lowvram_stepvideo import parallel
+from lowvram_stepvideo.engines import parallel
 from lowvram_stepvideo.profiles import load_profile
-from lowvram_stepvideo.runtime import DeviceRuntime
+from lowvram_stepvideo.pipeline.machine import DeviceRuntime
 
 from conftest import ROOT, fixture_dirs
 
@@ -146,7 +146,7 @@ def demo_args(out: Path, steps: int, *extra) -> list[str]:
 def api_latents(demo_dir: Path, steps: int) -> torch.Tensor:
     """The single-process latents of the demo request generate.py makes (no decode)."""
     from lowvram_stepvideo import StepVideoPipeline
-    from lowvram_stepvideo.demo import DEMO_PRESET
+    from lowvram_stepvideo.loading.demo import DEMO_PRESET
     pipe = StepVideoPipeline.from_pretrained(demo_dir, "cpu", log=lambda m: None)
     with torch.no_grad():
         return pipe(prompt=PROMPT, num_frames=DEMO_PRESET.frames, height=DEMO_PRESET.height,
@@ -213,9 +213,9 @@ def test_parallel_flag_without_torchrun_is_one_line(capsys, monkeypatch):
 def test_plan_per_rank_divides_activations_not_weights(demo_dir):
     """The sequence split's rank plans less denoise memory than one process (activations split; the weights, the
     same on every rank, are in both), and the same text phase."""
-    from lowvram_stepvideo.model_folder import open_model_folder
-    from lowvram_stepvideo.parallel_plan import plan_per_rank
-    from lowvram_stepvideo.plan import plan_memory
+    from lowvram_stepvideo.loading.model_folder import open_model_folder
+    from lowvram_stepvideo.planning.plan import plan_per_rank
+    from lowvram_stepvideo.planning.plan import plan_memory
     from lowvram_stepvideo.profiles import Preset
     folder, profile, preset = open_model_folder(demo_dir), load_profile("cpu"), Preset(34, 256, 256, 1)
     alone = plan_memory(folder, profile, preset)
@@ -227,6 +227,6 @@ def test_plan_per_rank_divides_activations_not_weights(demo_dir):
     activations = alone.phases["denoise"].peak_vram_bytes - weights
     assert split.phases["denoise"].peak_vram_bytes - weights < 0.75 * activations
     # what a run under torchrun fits its presets with (runner.fit_to_card, --dry-run) is the rank's plan
-    from lowvram_stepvideo.plan import fit_profile
+    from lowvram_stepvideo.planning.plan import fit_profile
     _, fitted = fit_profile(folder, profile, preset, 2**40, layout=parallel.layout_for("sequence", 2, rank=1))
     assert fitted.phases["denoise"] == split.phases["denoise"]

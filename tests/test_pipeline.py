@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import complete_model_dir, read_io
-from lowvram_stepvideo.pipeline import PhasePipeline
+from lowvram_stepvideo.pipeline.phases import PhasePipeline
 
 
 @pytest.fixture
@@ -71,9 +71,9 @@ def test_decode_alone_matches_reference_vae(pipe, reference):
 
 def test_pipeline_schedule_is_the_reference_one(model_dir, reference):
     """The pipeline feeds the DiT exactly the reference's timesteps (the schedule file is checked in test_sampling)."""
-    from lowvram_stepvideo.model_folder import open_model_folder
+    from lowvram_stepvideo.loading.model_folder import open_model_folder
     from lowvram_stepvideo.profiles import load_profile
-    from lowvram_stepvideo.runtime import DeviceRuntime
+    from lowvram_stepvideo.pipeline.machine import DeviceRuntime
     io, call = reference
     seen = []
 

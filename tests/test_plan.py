@@ -33,8 +33,8 @@ def _dry_run(model_dir, profile: str) -> tuple[dict, float]:
 @pytest.mark.parametrize("profile", sorted(TARGETS))
 def test_full_size_plan_fits_the_tier(sparse_release, profile):
     """In process, as the dry-run computes it (resident blocks fitted to the tier's nominal card)."""
-    from lowvram_stepvideo.model_folder import open_model_folder
-    from lowvram_stepvideo.plan import fit_profile
+    from lowvram_stepvideo.loading.model_folder import open_model_folder
+    from lowvram_stepvideo.planning.plan import fit_profile
     from lowvram_stepvideo.profiles import load_profile
     tier = load_profile(profile)
     _, plan = fit_profile(open_model_folder(sparse_release), tier, tier.default_preset, int(tier.min_vram_gib * GiB))
@@ -59,8 +59,8 @@ def _host_budget(profile: str) -> int:
 
 
 def test_plan_grows_with_the_preset_and_counts_weights(sparse_release):
-    from lowvram_stepvideo.model_folder import open_model_folder
-    from lowvram_stepvideo.plan import plan_memory
+    from lowvram_stepvideo.loading.model_folder import open_model_folder
+    from lowvram_stepvideo.planning.plan import plan_memory
     from lowvram_stepvideo.profiles import Preset, load_profile, with_overrides
     folder = open_model_folder(sparse_release)
     profile = with_overrides(load_profile("12gb"), dit_resident_blocks=0)
@@ -82,11 +82,11 @@ def test_plan_matches_a_measured_cpu_run(tmp_path, monkeypatch):
     (nothing built), so there it is the planned activations. Host RSS against the plan: bench/host_memory.py."""
     import torch
 
-    from lowvram_stepvideo import plan as plan_mod
-    from lowvram_stepvideo.demo import DEMO_PRESET, build_demo_model
-    from lowvram_stepvideo.memory import ByteAccountant
-    from lowvram_stepvideo.model_folder import open_model_folder
-    from lowvram_stepvideo.pipeline import PhasePipeline
+    from lowvram_stepvideo.planning import plan as plan_mod
+    from lowvram_stepvideo.loading.demo import DEMO_PRESET, build_demo_model
+    from lowvram_stepvideo.planning.byte_count import ByteAccountant
+    from lowvram_stepvideo.loading.model_folder import open_model_folder
+    from lowvram_stepvideo.pipeline.phases import PhasePipeline
     from lowvram_stepvideo.profiles import load_profile
     monkeypatch.setenv("LOWVRAM_STEPVIDEO_CACHE", str(tmp_path))
     folder, profile = open_model_folder(build_demo_model()), load_profile("cpu")
@@ -109,13 +109,13 @@ def test_plan_matches_a_measured_cpu_run(tmp_path, monkeypatch):
 
 
 def test_fit_to_card_starts_the_ladder_at_the_largest_preset_that_fits(tmp_path, monkeypatch):
-    from lowvram_stepvideo.demo import build_demo_model
-    from lowvram_stepvideo.model_folder import open_model_folder
-    from lowvram_stepvideo.pipeline import PhasePipeline
-    from lowvram_stepvideo.plan import plan_memory
+    from lowvram_stepvideo.loading.demo import build_demo_model
+    from lowvram_stepvideo.loading.model_folder import open_model_folder
+    from lowvram_stepvideo.pipeline.phases import PhasePipeline
+    from lowvram_stepvideo.planning.plan import plan_memory
     from lowvram_stepvideo.profiles import Preset, load_profile
-    from lowvram_stepvideo.budgets import HOST_MARGIN_MIN
-    from lowvram_stepvideo.runner import fit_to_card
+    from lowvram_stepvideo.planning.budgets import HOST_MARGIN_MIN
+    from lowvram_stepvideo.run.job import fit_to_card
     monkeypatch.setenv("LOWVRAM_STEPVIDEO_CACHE", str(tmp_path))
     folder, profile = open_model_folder(build_demo_model()), load_profile("cpu")
     ladder = [Preset(68, 128, 192, 1), Preset(34, 64, 96, 1), Preset(17, 32, 48, 1)]
@@ -134,9 +134,9 @@ def test_plans_are_kept_on_disk_per_folder_identity(demo_dir, tmp_path, monkeypa
     """A second process plans from the disk without tracing; a damaged entry, or a file of the folder replaced
     (seen by a running process too), is traced again; a cache folder that cannot be written only makes planning
     slower."""
-    from lowvram_stepvideo import plan
-    from lowvram_stepvideo.demo import DEMO_PRESET
-    from lowvram_stepvideo.model_folder import open_model_folder
+    from lowvram_stepvideo.planning import plan
+    from lowvram_stepvideo.loading.demo import DEMO_PRESET
+    from lowvram_stepvideo.loading.model_folder import open_model_folder
     from lowvram_stepvideo.profiles import load_profile
     cache = tmp_path / "cache"
     monkeypatch.setenv("LOWVRAM_STEPVIDEO_CACHE", str(cache))

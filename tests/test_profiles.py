@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from lowvram_stepvideo import profiles as P
-from lowvram_stepvideo.config import ConfigError
+from lowvram_stepvideo.planning import budgets
+from lowvram_stepvideo.files.configs import ConfigError
 
 try:
     import tomllib
@@ -182,4 +183,4 @@ GiB = 2**30
     (int(6 * GiB), "8gb"),         # below every tier: the smallest
 ])
 def test_auto_profile(vram, expected):
-    assert P.auto_profile(vram, 128 * GiB).name == expected     # RAM for every tier (auto by RAM: test_fit.py)
+    assert budgets.auto_profile(vram, 128 * GiB).name == expected     # RAM for every tier (auto by RAM: test_fit.py)

@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from lowvram_stepvideo import progress
+from lowvram_stepvideo.pipeline import progress
 
 
 def _plain_lines(err: str) -> list[str]:

@@ -9,9 +9,10 @@ from conftest import RELEASE_MODEL, manifest_shapes
 from safetensors.torch import save_file
 from torch import nn
 
-from lowvram_stepvideo import quant
-from lowvram_stepvideo.checkpoint import CheckpointError, build_on_meta, load_weights, open_weights
-from lowvram_stepvideo.config import DiTConfig
+from lowvram_stepvideo.models import quant
+from lowvram_stepvideo.files.weights import CheckpointError, open_weights
+from lowvram_stepvideo.loading.assign import build_on_meta, load_weights
+from lowvram_stepvideo.files.configs import DiTConfig
 from lowvram_stepvideo.models.dit import StepVideoModel
 
 FORMATS = list(quant.FORMATS)

@@ -13,10 +13,10 @@ import torch
 from conftest import RELEASE_MODEL, ROOT, fixture_dirs, read_io
 from safetensors.torch import load_file, save_file
 
-from lowvram_stepvideo import quant
-from lowvram_stepvideo import quantize_folder as qf
-from lowvram_stepvideo.checkpoint import SafetensorsFile, open_weights
-from lowvram_stepvideo.models import load_clip, load_dit, load_step_llm
+from lowvram_stepvideo.models import quant
+from lowvram_stepvideo.tools import quantize_folder as qf
+from lowvram_stepvideo.files.weights import SafetensorsFile, open_weights
+from lowvram_stepvideo.loading.loaders import load_clip, load_dit, load_step_llm
 
 LIMITS = {"int8": 0.020, "fp8": 0.075}   # relative Frobenius error against the float32 reference outputs
 DIT_INPUTS = ("hidden_states", "timestep", "encoder_hidden_states", "encoder_hidden_states_2", "encoder_attention_mask")

@@ -9,12 +9,14 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT
-from lowvram_stepvideo import cli, runner, runtime
-from lowvram_stepvideo.memory import ByteAccountant
-from lowvram_stepvideo.pipeline import PhasePipeline
-from lowvram_stepvideo.runtime import DeviceRuntime
-from lowvram_stepvideo.profiles import Preset
-from lowvram_stepvideo.resume import checkpoint_path, save_checkpoint
+from lowvram_stepvideo.face import cli
+from lowvram_stepvideo.run import job as runner
+from lowvram_stepvideo.pipeline import machine as runtime
+from lowvram_stepvideo.planning.byte_count import ByteAccountant
+from lowvram_stepvideo.pipeline.phases import PhasePipeline
+from lowvram_stepvideo.pipeline.machine import DeviceRuntime
+from lowvram_stepvideo.profiles import Preset, ladder_from
+from lowvram_stepvideo.run.resume import checkpoint_path, save_checkpoint
 from cli_support import loads_of, read_frames, read_sidecar, run_cli
 
 pytestmark = pytest.mark.usefixtures("demo_env", "one_torch_thread")
@@ -137,7 +139,7 @@ def test_resume_ladder_starts_at_the_checkpoints_preset(tmp_path):
     assert runner.resume_ladder(ladder, ckpt) == ladder                    # no checkpoint: unchanged
     save_checkpoint(ckpt, torch.zeros(1), 2, {"preset": "17x32x48"})
     assert runner.resume_ladder(ladder, ckpt) == ladder[1:]                # an earlier run stepped down
-    assert runner.ladder_from((Preset(34, 64, 96, 30), Preset(17, 16, 16, 30)), Preset(34, 64, 96, 4)) == \
+    assert ladder_from((Preset(34, 64, 96, 30), Preset(17, 16, 16, 30)), Preset(34, 64, 96, 4)) == \
         [Preset(34, 64, 96, 4), Preset(17, 16, 16, 4)]                      # fallbacks keep the steps asked for
 
 

@@ -7,13 +7,15 @@ from dataclasses import replace
 import pytest
 import torch
 
-from lowvram_stepvideo import loaders, plan, planned_models, step_cache
-from lowvram_stepvideo.demo import DEMO_PRESET
-from lowvram_stepvideo.memory import DEVICE, HOST, PlanningAccountant
-from lowvram_stepvideo.model_folder import open_model_folder
-from lowvram_stepvideo.parallel import Layout
+from lowvram_stepvideo.loading import loaders
+from lowvram_stepvideo.planning import plan, planned_models, planning_machine
+from lowvram_stepvideo.engines import step_cache
+from lowvram_stepvideo.loading.demo import DEMO_PRESET
+from lowvram_stepvideo.planning.byte_count import DEVICE, HOST, PlanningAccountant
+from lowvram_stepvideo.loading.model_folder import open_model_folder
+from lowvram_stepvideo.engines.parallel import Layout
 from lowvram_stepvideo.profiles import Preset, load_profile, with_overrides
-from lowvram_stepvideo.speed import SpeedOptions
+from lowvram_stepvideo.engines.levers import SpeedOptions
 
 MiB = 2**20
 
@@ -48,9 +50,9 @@ def test_planning_shortcuts_do_not_change_the_plan(folder, monkeypatch, options)
                             config if layers is None else replace(config, num_layers=min(layers, 4)))
     fast = _peaks(plan.plan_memory(folder, profile, preset, options=options))
     monkeypatch.setattr(plan, "_TRACES", {})
-    monkeypatch.setattr(plan, "PLANNED_BLOCKS", 1000)
-    monkeypatch.setattr(plan, "REPLAYED", ())
-    monkeypatch.setattr(plan.PlanningRuntime, "free", lambda self: gc.collect())
+    monkeypatch.setattr(planning_machine, "PLANNED_BLOCKS", 1000)
+    monkeypatch.setattr(planning_machine, "REPLAYED", ())
+    monkeypatch.setattr(planning_machine.PlanningRuntime, "free", lambda self: gc.collect())
     plain = _peaks(plan.plan_memory(folder, profile, preset, options=options))
     assert fast == plain
     assert fast["decode"][0] > 0 and fast["denoise"][0] > fast["text"][0] > 0
@@ -126,7 +128,7 @@ def test_tables_read_in_place_count_only_where_they_are_copied(folder):
 
 
 def test_assume_format_plans_like_the_quantized_folder(folder, tmp_path):
-    from lowvram_stepvideo.quantize_folder import quantize_folder
+    from lowvram_stepvideo.tools.quantize_folder import quantize_folder
     quantize_folder(folder.root, tmp_path / "int8", "int8", log=lambda msg: None)
     profile = load_profile("12gb")
     quantized = plan.plan_memory(open_model_folder(tmp_path / "int8"), profile, DEMO_PRESET)
@@ -177,7 +179,7 @@ def test_planning_accountant_refuses_what_needs_data():
 # ---------------------------------------------------------------- the real runtime
 
 def test_device_runtime_places_per_profile_section(folder):
-    from lowvram_stepvideo.runtime import DeviceRuntime
+    from lowvram_stepvideo.pipeline.machine import DeviceRuntime
     profile = with_overrides(load_profile("cpu"), dit_resident_blocks=1, dit_prefetch=0, dit_source="ram",
                              text_encoders_placement="device")
     runtime = DeviceRuntime(folder, profile, log=lambda msg: None)

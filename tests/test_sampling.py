@@ -5,8 +5,15 @@ import pytest
 import torch
 
 from conftest import SHARED, read_io
-from lowvram_stepvideo.sampling import (REFERENCE_NOISE_SEED, cfg_combine, dit_timestep, euler_step,
-                                        flow_sigmas, flow_timesteps, initial_noise, latent_shape)
+from lowvram_stepvideo.pipeline.sampling import (
+    REFERENCE_NOISE_SEED,
+    cfg_combine,
+    dit_timestep,
+    euler_step,
+    flow_sigmas,
+    flow_timesteps,
+    initial_noise,
+    latent_shape)
 
 SCHEDULES = json.loads((SHARED / "fixtures" / "scheduler_timesteps.json").read_text())["schedules"]
 

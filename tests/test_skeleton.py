@@ -1,3 +1,3 @@
 def test_package_imports():
-    import lowvram_stepvideo.checkpoint  # noqa: F401
-    import lowvram_stepvideo.config  # noqa: F401
+    import lowvram_stepvideo.files.weights  # noqa: F401
+    import lowvram_stepvideo.files.configs  # noqa: F401

@@ -36,11 +36,11 @@ def test_bad_cache_threshold_is_one_line(tmp_path, capsys, value):
 @pytest.mark.slow
 def test_the_plan_counts_the_step_cache_residuals(demo_dir):
     """(Two plans of the demo: ~1 min on a busy machine until the planner gets faster.)"""
-    from lowvram_stepvideo.demo import DEMO_PRESET
-    from lowvram_stepvideo.model_folder import open_model_folder
-    from lowvram_stepvideo.plan import plan_memory
+    from lowvram_stepvideo.loading.demo import DEMO_PRESET
+    from lowvram_stepvideo.loading.model_folder import open_model_folder
+    from lowvram_stepvideo.planning.plan import plan_memory
     from lowvram_stepvideo.profiles import load_profile
-    from lowvram_stepvideo.speed import SpeedOptions
+    from lowvram_stepvideo.engines.levers import SpeedOptions
     folder, profile = open_model_folder(demo_dir), load_profile("cpu")
     plain = plan_memory(folder, profile, DEMO_PRESET).phases["denoise"].peak_vram_bytes   # the compute device
     cached = plan_memory(folder, profile, DEMO_PRESET, options=SpeedOptions(cache=0.1)).phases["denoise"]

@@ -5,9 +5,9 @@ import torch
 
 from conftest import tiny_dit
 from lowvram_stepvideo.models.dit import StepVideoModel
-from lowvram_stepvideo.offload import attach_streaming, offload_component
-from lowvram_stepvideo.sampling import cfg_combine, euler_step, flow_sigmas
-from lowvram_stepvideo.step_cache import FirstBlockCache, relative_change
+from lowvram_stepvideo.engines.streaming import attach_streaming, offload_component
+from lowvram_stepvideo.pipeline.sampling import cfg_combine, euler_step, flow_sigmas
+from lowvram_stepvideo.engines.step_cache import FirstBlockCache, relative_change
 
 STEPS = 8
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

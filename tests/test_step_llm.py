@@ -2,9 +2,9 @@
 import torch
 from conftest import RELEASE_MODEL, manifest_shapes, read_io
 
-from lowvram_stepvideo.checkpoint import build_on_meta
-from lowvram_stepvideo.config import StepLLMConfig
-from lowvram_stepvideo.models import load_step_llm
+from lowvram_stepvideo.loading.assign import build_on_meta
+from lowvram_stepvideo.files.configs import StepLLMConfig
+from lowvram_stepvideo.loading.loaders import load_step_llm
 from lowvram_stepvideo.models import step_llm as step_llm_module
 from lowvram_stepvideo.models.step_llm import Step1Model
 

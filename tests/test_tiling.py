@@ -3,9 +3,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lowvram_stepvideo.tiling import (DecodeState, TileOOMError, axis_weights, check_tiling, chunk_frames,
-                                      decode_tiled, decode_untiled, decode_with_fallback, halving_tiles,
-                                      mix_boundary, tile_count, tile_overhead, tile_spans)
+from lowvram_stepvideo.engines.tiling import (
+    DecodeState,
+    TileOOMError,
+    axis_weights,
+    check_tiling,
+    chunk_frames,
+    decode_tiled,
+    decode_untiled,
+    decode_with_fallback,
+    halving_tiles,
+    mix_boundary,
+    tile_count,
+    tile_overhead,
+    tile_spans)
 
 SCALE = 8  # stand-in upscale factor (the real VAE has 16; smaller keeps the tests fast)
 TO_RGB = torch.tensor([[0.9, -0.4, 0.3, 0.2], [-0.2, 0.7, 0.5, -0.6], [0.4, 0.1, -0.8, 0.5]])  # (3, C=4)
@@ -266,7 +277,7 @@ def test_halving_tiles():
 # ---------------------------------------------------------------------------------------------- the tiny real VAE
 
 def _tiny_vae(fixture_dir):
-    from lowvram_stepvideo.models import load_vae
+    from lowvram_stepvideo.loading.loaders import load_vae
     return load_vae(fixture_dir / "model_dir" / "vae", dtype=torch.float32)
 
 
@@ -289,8 +300,8 @@ def test_full_cover_tiled_vae_decode_is_the_reference_decode(fixture_dir):
 
 
 def test_decode_bar_knows_its_total_from_the_start_and_across_a_fallback(capsys):
-    from lowvram_stepvideo import progress
-    from lowvram_stepvideo.pipeline import _tile_progress
+    from lowvram_stepvideo.pipeline import progress
+    from lowvram_stepvideo.pipeline.phases import _tile_progress
     z, seen = _latents(t=8, h=5, w=6), []
     flaky = _FlakyDecoder(fail_call=2)                  # chunk 0 decoded whole, then out of memory
     with progress.listen(lambda *a: seen.append(a[1:])):

@@ -8,8 +8,8 @@ import sentencepiece
 import torch
 from conftest import RELEASE_MODEL, read_io
 
-from lowvram_stepvideo.checkpoint import CheckpointError
-from lowvram_stepvideo.models import load_clip_tokenizer, load_step_llm_tokenizer
+from lowvram_stepvideo.files.weights import CheckpointError
+from lowvram_stepvideo.files.tokenizers import load_clip_tokenizer, load_step_llm_tokenizer
 
 STEP_DIR = RELEASE_MODEL / "step_llm"
 CLIP_DIR = RELEASE_MODEL / "hunyuan_clip"

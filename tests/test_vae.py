@@ -7,9 +7,9 @@ import torch
 from conftest import RELEASE_MODEL, manifest_shapes, read_io
 from safetensors.torch import save_file
 
-from lowvram_stepvideo.checkpoint import CheckpointError
-from lowvram_stepvideo.config import ConfigError, VAEConfig, VAEDecoderConfig, VAEEncoderConfig
-from lowvram_stepvideo.models import load_vae
+from lowvram_stepvideo.files.weights import CheckpointError
+from lowvram_stepvideo.files.configs import ConfigError, VAEConfig, VAEDecoderConfig, VAEEncoderConfig
+from lowvram_stepvideo.loading.loaders import load_vae
 from lowvram_stepvideo.models import vae as vae_mod
 from lowvram_stepvideo.models.vae import AutoencoderKL, mix_chunks, pixel_shuffle_3d, pixel_unshuffle_3d
 
@@ -258,7 +258,7 @@ def test_bad_vae_config_is_one_line_error(tmp_path, raw, message):
 
 
 def test_vae_folder_with_another_networks_config_is_refused(tmp_path):
-    from lowvram_stepvideo.config import ConfigError, VAEConfig
+    from lowvram_stepvideo.files.configs import ConfigError, VAEConfig
     (tmp_path / "config.json").write_text((RELEASE_MODEL / "transformer" / "config.json").read_text())
     with pytest.raises(ConfigError, match="another network's config"):
         VAEConfig.from_folder(tmp_path)
@@ -285,7 +285,7 @@ def test_attention_hands_sdpa_dense_rows_and_keeps_its_math(monkeypatch):
 
 
 def test_generation_opens_the_vae_without_its_encoder(tmp_path):
-    from lowvram_stepvideo.loaders import open_vae
+    from lowvram_stepvideo.loading.loaders import open_vae
     state = AutoencoderKL(tiny_encoder_config(), with_encoder=True).state_dict()
     stored = {k.replace("decoder.conv_out.conv.", "decoder.conv_out."): v for k, v in state.items()}
     raw = {"z_channels": 4, "encoder": {"ch": 32, "ch_mult": [1, 1, 1, 1], "present": True},
@@ -297,7 +297,7 @@ def test_generation_opens_the_vae_without_its_encoder(tmp_path):
     vae = decoder_only.load(torch.float32)
     assert vae.encoder is None
     assert torch.equal(vae.decoder.conv_out.conv.weight, state["decoder.conv_out.conv.weight"])
-    from lowvram_stepvideo.model_folder import ModelFolder
+    from lowvram_stepvideo.loading.model_folder import ModelFolder
     import dataclasses
     fields = {f.name: None for f in dataclasses.fields(ModelFolder)} | {"root": tmp_path}
     assert ModelFolder(**fields).open("vae").module.encoder is None   # what the pipeline loads to decode

@@ -12,9 +12,16 @@ import pytest
 import torch
 
 from conftest import read_io
-from lowvram_stepvideo import video as video_mod
-from lowvram_stepvideo.video import (VideoError, crop_540p, output_path_error, postprocess, sidecar_path,
-                                     to_uint8_frames, write_mp4, write_sidecar)
+from lowvram_stepvideo.files import video as video_mod
+from lowvram_stepvideo.files.video import (
+    VideoError,
+    crop_540p,
+    output_path_error,
+    postprocess,
+    sidecar_path,
+    to_uint8_frames,
+    write_mp4,
+    write_sidecar)
 
 
 def test_postprocess_matches_reference_frames(fixture_dir):
@@ -254,7 +261,7 @@ def test_output_path_read_only_folder(tmp_path):
 HOST_RAM_SCRIPT = """
 import json, resource, sys, torch
 from pathlib import Path
-from lowvram_stepvideo.video import postprocess, write_mp4
+from lowvram_stepvideo.files.video import postprocess, write_mp4
 
 def status_bytes(key):
     return int(open("/proc/self/status").read().split(key + ":")[1].split()[0]) * 1024

@@ -11,10 +11,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lowvram_stepvideo import cli, demo, preflight, web_catalog, web_view
+from lowvram_stepvideo.face import cli, web_catalog, web_view
+from lowvram_stepvideo.loading import demo
+from lowvram_stepvideo.run import preflight
 from lowvram_stepvideo.profiles import load_profile
-from lowvram_stepvideo.config import ConfigError
-from lowvram_stepvideo.model_folder import ModelFolderError
+from lowvram_stepvideo.files.configs import ConfigError
+from lowvram_stepvideo.loading.model_folder import ModelFolderError
 
 from conftest import link_tree
 
@@ -182,8 +184,8 @@ def test_web_without_a_model_is_a_one_line_error(capsys, no_config):
 
 @pytest.fixture
 def page(tmp_path, demo_dir):
-    from lowvram_stepvideo.jobs import JobQueue
-    from lowvram_stepvideo.web_page import WebPage
+    from lowvram_stepvideo.face.job_queue import JobQueue
+    from lowvram_stepvideo.face.web_page import WebPage
     catalog = [web_catalog.ModelChoice("0", "demo folder", demo_dir), web_catalog.ModelChoice("demo", "demo", None)]
     queue = JobQueue(worker=lambda spec, events: None, results_dir=tmp_path)
     yield WebPage(catalog, queue, tmp_path)
@@ -191,7 +193,7 @@ def page(tmp_path, demo_dir):
 
 
 def form(**kw):
-    from lowvram_stepvideo.web_page import Form
+    from lowvram_stepvideo.face.web_page import Form
     return Form(**{"model": "demo", "prompt": "a fox", "preset": "34x64x96", **kw})
 
 
@@ -294,7 +296,7 @@ def test_missing_gradio_is_a_one_line_error(monkeypatch, capsys, no_config):
 
 
 def test_a_profile_file_given_on_the_command_line_is_offered(tmp_path, page):
-    from lowvram_stepvideo.web_page import WebPage
+    from lowvram_stepvideo.face.web_page import WebPage
     mine = tmp_path / "mine.toml"
     mine.write_text(Path(load_profile("cpu").path).read_text())
     offered = WebPage(page.catalog, page.queue, tmp_path, str(mine))

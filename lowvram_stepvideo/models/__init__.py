@@ -1,5 +1,6 @@
-"""Pure nn.Modules of the released networks (attribute names = checkpoint keys) and their loaders."""
-from ..loaders import load_clip, load_dit, load_step_llm, load_vae
-from ..tokenizers import load_clip_tokenizer, load_step_llm_tokenizer
+"""The released networks as pure nn.Modules (attribute names = checkpoint keys): the DiT (dit), the VAE (vae),
+the two text encoders (step_llm, clip), their shared layers, and quantized linears swapped in for int8 / fp8
+weights (quant). No devices, files or offloading here: that is loading/ and engines/.
 
-__all__ = ["load_dit", "load_vae", "load_step_llm", "load_clip", "load_step_llm_tokenizer", "load_clip_tokenizer"]
+May import files (configs, weight-file errors) and the root modules.
+"""

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layers import empty_embedding
-from ..config import ClipConfig
+from ..files.configs import ClipConfig
 
 
 class BertEmbeddings(nn.Module):

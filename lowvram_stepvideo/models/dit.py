@@ -1,14 +1,14 @@
 """Step-Video-T2V DiT (`StepVideoModel`), docs/STEPVIDEO.md §3. Attribute names are the checkpoint keys.
 
 Runtime knobs are plain attributes set from outside; none of them changes the math:
-- each attention module's `attend` callable (see `lowvram_stepvideo.attention.use_attention_backend`);
+- each attention module's `attend` callable (see `lowvram_stepvideo.engines.attention.use_attention_backend`);
 - `chunk_tokens` on the model, its blocks, attention modules and FeedForwards (see `set_token_chunk`): every
   token-wise op (modulated norms, QK-norm + RoPE, attention output projections, gated residuals, FFN, final
   layer) runs over runs of at most that many tokens, so besides a few (B, S, D) tensors nothing full-length lives;
 - `head_chunk` on the attention modules (see `set_attention_head_chunk`): attention runs for a group of heads at a
   time, each group projecting only its own rows of the fused weights into one (B, S, H*Dh) buffer for Wo;
 - `sequence` on the model (a `WholeSequence` by default): which tokens this process runs through the blocks and how
-  the final layer's output becomes the whole sequence again (lowvram_stepvideo.parallel splits them across ranks).
+  the final layer's output becomes the whole sequence again (lowvram_stepvideo.engines.parallel splits them across ranks).
 Blocks take tensors only, so offload engines can attach forward-pre-hooks to them; `forward_blocks` (the plain
 loop over them, handed the hidden states as its own) may be replaced on the instance by an engine such as the step
 cache.
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import DiTConfig
+from ..files.configs import DiTConfig
 from .layers import RMSNorm, row_projector, sdpa
 
 ROPE_SPLIT = (64, 32, 32)   # head channels rotated by frame, height, width position (hard-coded in the release)

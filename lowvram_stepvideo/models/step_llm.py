@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ConfigError, StepLLMConfig
+from ..files.configs import ConfigError, StepLLMConfig
 from .layers import RMSNorm, empty_embedding
 
 DEFAULT_SCORE_BUDGET_BYTES = 64 * 2**20   # float32 scores held at once per attention call

@@ -13,7 +13,7 @@ from einops import rearrange
 from torch import nn
 from torch.nn import functional as F
 
-from ..config import VAEConfig
+from ..files.configs import VAEConfig
 
 GROUPS = 32
 SLICED_CONV_NUMEL = 2**30   # a 3D conv whose (padded) input or output reaches this size runs in time slices

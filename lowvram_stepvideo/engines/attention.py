@@ -1,0 +1,177 @@
+"""Attention backends, chosen per model from outside: `use_attention_backend(model, "sage")`.
+
+Every backend takes q (B, Sq, H, D), k and v (B, Sk, H, D) and an optional boolean key mask (B, Sk) (True = attend;
+the same keys for every query, which is all the DiT needs) and returns (B, Sq, H, D). Scale is 1/sqrt(D).
+- "sdpa":  torch.nn.functional.scaled_dot_product_attention (default; any device and dtype).
+- "flash": flash-attn 3 (`flash_attn_interface`, Hopper only) or 2 (`flash_attn`); CUDA, fp16/bf16. The kernel
+           actually used is reported as "flash3" or "flash2".
+- "sage":  SageAttention (`sageattention.sageattn`, int8 QK); CUDA, fp16/bf16.
+flash takes no mask: a masked call runs it per batch element over the selected keys, which is exact. A masked call
+to sage (the DiT's cross-attention over a few hundred text tokens: little of the cost) runs SDPA, so the masked
+cross-attention stays exact.
+
+"auto" picks per card from `AUTO_RULES` (first matching row; its backends in order, the first importable one):
+- Hopper (9.x): flash-attn 3, then SageAttention, flash-attn 2, SDPA.
+- GeForce cards of compute capability 8.x (RTX 30xx/40xx): SageAttention, then flash-attn 2, SDPA. Consumer cards
+  run bf16 matmuls with float32 accumulation at half rate; SageAttention's int8 QK^T avoids that (about 2x over
+  flash-attn 2 as published for these cards; to be confirmed by bench/speed_gpu.py on each card).
+- any other CUDA card: flash-attn 2, then SageAttention, SDPA. No CUDA: SDPA.
+A GPU measurement that disagrees changes a row of the table, not code.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..models.layers import sdpa
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("sdpa", "flash", "sage")        # what a profile or --attention names
+KERNELS = ("sdpa", "flash3", "flash2", "sage")  # what runs (and is recorded)
+INSTALL_HINT = {"flash": "pip install flash-attn", "sage": "pip install sageattention"}
+_MODULES = {"flash3": [("flash_attn_interface", "flash_attn_func")], "flash2": [("flash_attn", "flash_attn_func")],
+            "sage": [("sageattention", "sageattn")]}
+_MODULES["flash"] = _MODULES["flash3"] + _MODULES["flash2"]
+
+
+@dataclass(frozen=True)
+class Card:
+    """What the automatic choice looks at: compute capability (None without CUDA) and the device name."""
+    capability: tuple[int, int] | None
+    name: str = ""
+
+    @property
+    def hopper(self) -> bool:
+        return self.capability is not None and self.capability[0] == 9
+
+    @property
+    def consumer_8x(self) -> bool:
+        return self.capability is not None and self.capability[0] == 8 and "geforce" in self.name.lower()
+
+
+# (which cards, backends in order of preference, why)
+AUTO_RULES: list[tuple[Callable[[Card], bool], tuple[str, ...], str]] = [
+    (lambda c: c.capability is None, ("sdpa",), "no CUDA device"),
+    (lambda c: c.hopper, ("flash3", "sage", "flash2", "sdpa"), "Hopper: flash-attn 3 first"),
+    (lambda c: c.consumer_8x, ("sage", "flash2", "sdpa"),
+     "GeForce 8.x: half-rate float32 accumulation, int8 QK (SageAttention) first"),
+    (lambda c: True, ("flash2", "sage", "sdpa"), "flash-attn 2 first"),
+]
+
+
+def current_card(device=None) -> Card:
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return Card(None, device.type)
+    return Card(tuple(torch.cuda.get_device_capability(device)), torch.cuda.get_device_name(device))
+
+
+def choose_auto(card: Card, importable: Callable[[str], bool]) -> tuple[str, str]:
+    """(kernel, reason) for "auto" on `card`; `importable(kernel)` says whether a kernel's package imports."""
+    for applies, order, why in AUTO_RULES:
+        if applies(card):
+            kernel = next(k for k in order if k == "sdpa" or importable(k))
+            return kernel, f"{why} ({card.name or 'cpu'}" + (
+                f", compute capability {card.capability[0]}.{card.capability[1]})" if card.capability else ")")
+    raise AssertionError("the last AUTO_RULES row matches every card")
+
+
+@functools.cache
+def _kernel(name: str) -> Callable | None:
+    """The unmasked (B, S, H, D) kernel of an optional package, or None when it cannot be imported."""
+    for module, attr in _MODULES[name]:
+        try:
+            return getattr(importlib.import_module(module), attr)
+        except Exception:  # ImportError, or a broken CUDA extension failing at import
+            continue
+    return None
+
+
+def is_available(name: str) -> bool:
+    return name == "sdpa" or (name in _MODULES and _kernel(name) is not None)
+
+
+def _run_kernel(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"attention backend {name!r} needs CUDA fp16/bf16 tensors, got {q.device.type} {q.dtype}; "
+                         "run the DiT in bf16 on a GPU or use backend 'sdpa'")
+    fn = _kernel(name)
+    out = fn(q, k, v, tensor_layout="NHD", is_causal=False) if name == "sage" else fn(q, k, v, causal=False)
+    return out[0] if isinstance(out, tuple) else out  # flash-attn 3 may return (out, lse)
+
+
+def _masked_kernel(name: str, q, k, v, mask: torch.Tensor) -> torch.Tensor:
+    """Keys are masked the same for every query, so attending over only the kept keys is exact."""
+    outs = []
+    for b in range(q.shape[0]):
+        keep = mask[b]  # (Sk,) bool
+        outs.append(_run_kernel(name, q[b:b + 1], k[b:b + 1, keep], v[b:b + 1, keep]))
+    return torch.cat(outs, dim=0)  # (B, Sq, H, D)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+              backend: str = "sdpa") -> torch.Tensor:
+    """q (B, Sq, H, D), k/v (B, Sk, H, D), mask (B, Sk) bool or None -> (B, Sq, H, D). `backend`: a name of
+    BACKENDS or KERNELS."""
+    if backend == "sdpa" or (backend == "sage" and mask is not None):   # masked: exact SDPA (see module doc)
+        return sdpa(q, k, v, mask)
+    check_backend(backend)
+    if mask is None:
+        return _run_kernel(backend, q, k, v)
+    return _masked_kernel(backend, q, k, v, mask)
+
+
+def _family(kernel: str) -> str:
+    return "flash" if kernel.startswith("flash") else kernel
+
+
+def check_backend(name: str) -> None:
+    if name not in BACKENDS and name not in KERNELS:
+        raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    if not is_available(name):
+        raise ValueError(f"attention backend {name!r} is not importable here; install it "
+                         f"({INSTALL_HINT[_family(name)]}) or use 'sdpa'")
+
+
+def choose_backend(name: str, card: Card, fallback: bool = False) -> tuple[str, str]:
+    """(kernel of KERNELS, why) for a profile's `attention` value on `card`. An explicit backend that is not
+    importable is an error, or with `fallback` becomes 'sdpa' with a warning."""
+    if name == "auto":
+        return choose_auto(card, is_available)
+    if name not in BACKENDS:
+        check_backend(name)
+    kernel = name
+    if name == "flash":   # flash-attn 3 runs on Hopper only
+        kernel = "flash3" if card.hopper and is_available("flash3") else "flash2"
+    if fallback and not is_available(kernel):
+        log.warning("attention backend %r is not importable (%s); using 'sdpa'", name, INSTALL_HINT[name])
+        return "sdpa", f"{name!r} not importable"
+    if not is_available(kernel):
+        check_backend(name)
+        check_backend(kernel)
+    return kernel, "as configured"
+
+
+def resolve_backend(name: str, fallback: bool = False, card: Card | None = None) -> str:
+    """The kernel `name` runs as on `card` (default: this machine's first device); see `choose_backend`."""
+    return choose_backend(name, card or current_card(), fallback)[0]
+
+
+def use_attention_backend(model: nn.Module, name: str, fallback: bool = False, card: Card | None = None) -> str:
+    """Point every attention module of `model` (those with an `attend` attribute) at backend `name` (a profile's
+    value, "auto" included) and return the kernel used (one of KERNELS)."""
+    name = resolve_backend(name, fallback, card)
+    fn = sdpa if name == "sdpa" else functools.partial(attention, backend=name)
+    found = [m for m in model.modules() if hasattr(m, "attend")]
+    if not found:
+        raise ValueError(f"{type(model).__name__} has no attention modules with an 'attend' attribute")
+    for m in found:
+        m.attend = fn
+    return name

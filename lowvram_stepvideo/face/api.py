@@ -1,0 +1,105 @@
+"""The Python API; generate.py's engine, with the same guards.
+
+    from lowvram_stepvideo import StepVideoPipeline
+    pipe = StepVideoPipeline.from_pretrained("./stepvideo-t2v-int8", profile="24gb")
+    frames = pipe(prompt="a red fox in the snow", seed=0)            # uint8 (T, H, W, 3)
+    pipe.generate("a red fox in the snow", output="fox.mp4")        # mp4 + sidecar, like generate.py
+    pipe.generate_many(["a cat", "a dog"], output_dir="results/pets")
+
+Every call runs the runner's path (runner.py): folder validation, the device check (a CUDA profile without a GPU
+is refused before anything is allocated), the memory plan and preset ladder, out-of-memory step-down, resume when
+asked. Every error is a `StepVideoError` with the one-line message generate.py prints.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import batch
+from ..run import preflight, job as runner
+from ..errors import UsageError
+from ..run.preflight import JobSpec
+from ..profiles import Preset
+from ..files.video import postprocess
+
+OUTPUT_TYPES = ("uint8", "video", "latent")
+
+
+class StepVideoPipeline:
+    """One model folder and profile; each call is one run of the runner."""
+
+    def __init__(self, model_dir: Path | None = None, profile: str | None = None, demo: bool = False,
+                 log: Callable[[str], None] | None = None, **options):
+        """model_dir: a release or quantize.py folder (or demo=True: the built-in tiny model); profile: a name,
+        a .toml path or None (auto: by the card; 'cpu' for the demo). options: profile overrides (attention,
+        dit_resident_blocks, vae_tile, ...) and run options (checkpoint_every, cache, cache_dir, turbo); see
+        preflight.RUN_OPTIONS."""
+        self.base = JobSpec("", model_dir=Path(model_dir) if model_dir else None, demo=demo, profile=profile,
+                            options=dict(options))
+        self.events = runner.Events(log)
+        self.folder = preflight.model_folder(self.base)
+        self.profile = preflight.profile_for(self.base)      # the device check and overrides, now
+        self.last_preset: Preset | None = None               # what the last call ran, after any step-down
+        self.timings: dict[str, float] = {}
+
+    @classmethod
+    def from_pretrained(cls, model_dir, profile: str | None = None, **kwargs) -> "StepVideoPipeline":
+        return cls(model_dir, profile, **kwargs)
+
+    def __call__(self, prompt: str, negative_prompt: str | None = None, num_frames: int | None = None,
+                 height: int | None = None, width: int | None = None, num_inference_steps: int | None = None,
+                 guidance_scale: float | None = None, time_shift: float | None = None, seed: int = 0,
+                 output_type: str = "uint8", checkpoint: Path | None = None, resume: bool = False):
+        """Frames of one video. Sizes default to the profile's first preset, steps / guidance / shift to the
+        release's (turbo's for a turbo folder). output_type: "uint8" (T, H, W, 3) after the reference
+        post-processing, "video" (B, T, 3, H, W) in [-1, 1], "latent" (final latents). checkpoint: save the
+        latents there every few steps; resume=True continues from it."""
+        if output_type not in OUTPUT_TYPES:
+            raise UsageError(f"output_type {output_type!r}: use one of {', '.join(OUTPUT_TYPES)}")
+        if resume and checkpoint is None:
+            raise UsageError("resume=True needs checkpoint=PATH (the file an earlier call saved its latents to)")
+        spec = self._spec(prompt, negative_prompt, seed, num_frames, height, width, num_inference_steps,
+                          guidance_scale, time_shift, options={"checkpoint": checkpoint, "resume": resume})
+        with runner.one_line_oom():
+            job = runner.prepare_job(spec, self.events.log, folder=self.folder, writes_video=False)
+            latents, self.last_preset = runner.denoise_job(job, self.events)
+            if output_type != "latent":
+                with torch.no_grad():
+                    video = job.pipe.decode(latents)
+            self.timings = job.pipe.timings
+        if checkpoint is not None:
+            Path(checkpoint).unlink(missing_ok=True)   # the call finished: nothing left to resume
+        if output_type == "latent":
+            return latents
+        return video if output_type == "video" else _postprocess(video)
+
+    def generate(self, prompt: str, output: Path | None = None, **kwargs) -> runner.JobResult:
+        """One video written as generate.py writes it (mp4 + sidecar; default results/<prompt>-<time>.mp4).
+        kwargs: JobSpec fields (seed, frames, height, width, steps, guidance_scale, shift, negative_prompt) and
+        options={...}."""
+        spec = self._spec(prompt, output=output, **kwargs)
+        with runner.one_line_oom():
+            return runner.run_job(spec, self.events)
+
+    def generate_many(self, prompts: list[str] | Path, output_dir: Path, seeds: list[int] | None = None,
+                      **kwargs) -> batch.BatchReport:
+        """A batch (like generate.py --prompts-file): prompts (a list, or a prompts file) encoded in one text
+        phase, each video denoised and decoded in turn; finished videos are skipped, an interrupted one resumes.
+        kwargs as for generate (applied to every prompt)."""
+        items = (batch.read_prompts_file(Path(prompts), seeds, kwargs.pop("seed", 0)) if isinstance(prompts, (str, Path))
+                 else batch.items_from_prompts(prompts, seeds, kwargs.pop("seed", 0)))
+        return batch.run_batch(items, self._spec("", **kwargs), Path(output_dir), self.events.log, folder=self.folder)
+
+    def _spec(self, prompt: str, negative_prompt: str | None = None, seed: int = 0, frames: int | None = None,
+              height: int | None = None, width: int | None = None, steps: int | None = None,
+              guidance_scale: float | None = None, shift: float | None = None, output: Path | None = None,
+              options: dict | None = None) -> JobSpec:
+        return JobSpec(prompt, negative_prompt, seed, frames, height, width, steps, guidance_scale, shift,
+                       self.base.model_dir, self.base.demo, self.base.profile, output,
+                       {**self.base.options, **(options or {})})
+
+
+def _postprocess(video: torch.Tensor):
+    return postprocess(video)

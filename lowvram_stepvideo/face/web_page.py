@@ -1,0 +1,241 @@
+"""What the web page does, without Gradio: each method is one button or field of the page, takes the form's values
+and returns what the page shows. `web.py` wires these to Gradio components; tests call them directly.
+
+The browser names a model folder by its key in the catalog (web_catalog.py) and never sends a path."""
+from __future__ import annotations
+
+import dataclasses
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..loading import demo
+from ..run import preflight
+from . import web_view
+from ..errors import StepVideoError
+from ..planning.fit import check_fit
+from .job_queue import JobQueue, JobSpec
+from ..profiles import Preset, Profile, detect_vram_bytes, list_profiles, load_profile
+from ..planning.budgets import auto_choice, auto_profile
+from ..engines.levers import SpeedOptions
+from .web_catalog import ModelChoice
+
+AUTO = "auto"
+ATTENTION = ("profile", "auto", "sdpa", "flash", "sage")   # "profile": keep the profile's choice
+MATMUL = ("profile", "weight-only", "fast")
+# What a handler may fail with: a one-line message for the page, never a traceback.
+EXPECTED = (StepVideoError, ValueError, OSError)
+
+
+@dataclass
+class Form:
+    """The settings of one video, as the page's fields hold them (None = blank = the default)."""
+    model: str
+    prompt: str
+    negative_prompt: str | None = None
+    seed: float | str | None = 0
+    profile: str = AUTO
+    preset: str | None = None
+    steps: str | None = None            # the number fields are text: blank means "the default"
+    guidance_scale: str | None = None
+    shift: str | None = None
+    attention: str = "profile"
+    cache: bool = True
+    resident_blocks: str | None = None
+    vae_tile: str | None = None
+    matmul: str = "profile"
+    step_cache: str | None = None       # first-block step cache threshold; blank (or 0) = off
+    compile: bool = False
+
+
+class WebPage:
+    def __init__(self, catalog: list[ModelChoice], queue: JobQueue, results_dir: Path, profile: str = AUTO):
+        self.catalog, self.queue, self.results_dir = catalog, queue, Path(results_dir)
+        self.profiles = [AUTO] + list_profiles()
+        if profile not in self.profiles:   # a .toml path given with --profile: offered too (ConfigError if bad)
+            load_profile(profile)
+            self.profiles.append(profile)
+        self.default_profile = profile
+        self._captions: dict[Path, tuple[float, str]] = {}   # video -> (mtime, caption): sidecars read once
+
+    # ---- settings ------------------------------------------------------------------------------------------------
+
+    def choice(self, key: str) -> ModelChoice:
+        for c in self.catalog:
+            if c.key == key:
+                return c
+        raise ValueError(f"unknown model choice {key!r}; reload the page")
+
+    def resolve_profile(self, name: str) -> Profile:
+        if name == AUTO:
+            return auto_profile(detect_vram_bytes())
+        if name not in self.profiles:
+            raise ValueError(f"unknown profile {name!r}; choose one of {', '.join(self.profiles)}")
+        return load_profile(name)
+
+    def profile_note(self, name: str) -> str:
+        """What a profile means here; for 'auto', which profile it picks on this machine and why."""
+        try:
+            profile = self.resolve_profile(name)
+        except EXPECTED as e:
+            return f"**error:** {e}"
+        if name != AUTO:
+            return profile.description
+        return f"{auto_choice(detect_vram_bytes())[1]}. {profile.description}"
+
+    def matmul_choices(self, profile: str) -> list[tuple[str, str]]:
+        """(label, value) of the matmul list: the first keeps the profile's choice and names it."""
+        try:
+            mine = f"profile ({self.resolve_profile(profile).matmul})"
+        except EXPECTED:   # an unreadable profile: the profile note says why
+            mine = "profile"
+        return [(mine, "profile")] + [(m, m) for m in MATMUL[1:]]
+
+    def presets(self, model: str, profile: str) -> list[Preset]:
+        """The ladder offered for this model and profile, largest first; the demo's tiny size leads for the demo."""
+        ladder = list(self.resolve_profile(profile).presets)
+        return [demo.DEMO_PRESET] + ladder if self.choice(model).demo else ladder
+
+    def random_seed(self) -> int:
+        return random.randrange(2**31)
+
+    # ---- jobs ----------------------------------------------------------------------------------------------------
+
+    def spec(self, form: Form) -> JobSpec:
+        """The job of a filled-in form; ValueError (one line) for what the page can tell is wrong."""
+        choice = self.choice(form.model)
+        if not (form.prompt or "").strip():
+            raise ValueError("the prompt is empty: describe the video to generate")
+        self.resolve_profile(form.profile)
+        if not form.preset:
+            raise ValueError("choose a size from the preset list")
+        size = Preset.parse(form.preset, steps=1)
+        options = {"cache": bool(form.cache)}
+        for key, value, choices in (("attention", form.attention, ATTENTION), ("matmul", form.matmul, MATMUL)):
+            if value not in choices:
+                raise ValueError(f"unknown {key} {value!r}; choose one of {', '.join(choices)}")
+            if value != "profile":
+                options[key] = value
+        step_cache = _number(form.step_cache, "step cache threshold", float)
+        if step_cache:
+            SpeedOptions(cache=step_cache)   # ValueError (one line) outside [0, 1)
+            options["step_cache"] = step_cache
+        if form.compile:
+            options["compile"] = True
+        for key, value, what in (("dit_resident_blocks", form.resident_blocks, "resident blocks"),
+                                 ("vae_tile", form.vae_tile, "VAE tile")):
+            if _number(value, what, int) is not None:
+                options[key] = _number(value, what, int)
+        return JobSpec(prompt=form.prompt.strip(), negative_prompt=(form.negative_prompt or "").strip() or None,
+                       seed=_number(form.seed, "seed", int) or 0, frames=size.frames, height=size.height,
+                       width=size.width, steps=_number(form.steps, "steps", int),
+                       guidance_scale=_number(form.guidance_scale, "guidance scale", float),
+                       shift=_number(form.shift, "shift", float), model_dir=choice.path, demo=choice.demo,
+                       profile=form.profile, options=options)
+
+    def submit(self, form: Form) -> str:
+        """Queue the form's job; what pre-flight can refuse cheaply (numbers, a GPU profile without a GPU) is
+        refused here rather than as a failed job."""
+        try:
+            spec = self.spec(form)
+            preflight.check_numbers(spec)
+            preflight.profile_for(spec)
+            job_id = self.queue.submit(spec)
+        except EXPECTED as e:
+            return f"**error:** {e}"
+        return f"queued {job_id}"
+
+    def cancel(self, job_id: str | None) -> str:
+        if not job_id:
+            return "**error:** choose a job first"
+        state = self._state(job_id)
+        if state not in ("queued", "running"):
+            return f"**error:** {job_id} is {state or 'unknown'}; only a queued or running job can be cancelled"
+        self.queue.cancel(job_id)
+        return f"cancelling {job_id}: a running job stops after its current step, its checkpoint saved"
+
+    def resume(self, job_id: str | None) -> str:
+        if not job_id:
+            return "**error:** choose a cancelled or failed job first"
+        try:
+            new_id = self.queue.resume(job_id)
+        except EXPECTED as e:
+            return f"**error:** {e}"
+        return f"resuming {job_id} as {new_id} (from its checkpoint when it has one)"
+
+    def _state(self, job_id: str) -> str | None:
+        return next((s.state for s in self.queue.jobs() if s.id == job_id), None)
+
+    def check_fit(self, form: Form) -> str:
+        """The memory plan's verdict on this machine for the form's model, profile, size and speed options, resolved
+        as a job would resolve them (the prompt plays no part)."""
+        try:
+            spec = self.spec(dataclasses.replace(form, prompt=form.prompt or "check fit"))
+            profile = preflight.profile_for(spec, need_device=False)
+            preset = preflight.preset_for(spec, profile, None, lambda msg: None)
+            return check_fit(preflight.model_folder(spec), profile, preset).report()
+        except EXPECTED as e:
+            return f"error: {e}"
+
+    # ---- what the page polls -------------------------------------------------------------------------------------
+
+    def queue_view(self) -> tuple[str, list[tuple[str, str]]]:
+        statuses = self.queue.jobs()
+        return web_view.queue_html(statuses), web_view.job_choices(statuses)
+
+    def videos(self) -> list[Path]:
+        return web_view.finished_videos(self.results_dir)
+
+    def video_key(self, path: Path) -> str:
+        """How the page names a finished video: its path inside the results folder."""
+        return path.relative_to(self.results_dir).as_posix()
+
+    def video(self, name: str) -> Path:
+        """A finished video by its key: only files of the results folder are ever served."""
+        for path in self.videos():
+            if self.video_key(path) == name:
+                return path
+        raise ValueError(f"{name!r} is not a finished video of {self.results_dir}")
+
+    def video_choices(self) -> list[tuple[str, str]]:
+        """(caption, key) of the finished videos, newest first."""
+        choices = []
+        for path in self.videos():
+            mtime = path.stat().st_mtime
+            if self._captions.get(path, (None,))[0] != mtime:
+                self._captions[path] = (mtime, web_view.caption(path, web_view.read_sidecar(path)))
+            choices.append((self._captions[path][1], self.video_key(path)))
+        return choices
+
+    def show(self, name: str | None) -> tuple[str | None, dict | None]:
+        """The video file to play and its sidecar settings."""
+        try:
+            path = self.video(name or "")
+        except ValueError:
+            return None, None
+        return str(path), web_view.read_sidecar(path)
+
+    def reuse(self, name: str | None) -> dict:
+        """The form values of a finished video (see web_view.form_from_sidecar); a profile this page does not
+        offer becomes auto."""
+        if not name:
+            raise ValueError("choose a finished video first")
+        meta = web_view.read_sidecar(self.video(name))
+        values = web_view.form_from_sidecar(meta, self.catalog)
+        if values["profile"] not in self.profiles:
+            values["profile"] = AUTO
+        return values
+
+
+def _number(value, what: str, kind: type) -> int | float | None:
+    """A number field's value; None when blank. ValueError (one line) for text that is not a number of `kind`."""
+    text = str(value).strip() if value is not None else ""
+    if not text:
+        return None
+    try:
+        number = float(text)
+    except ValueError:
+        raise ValueError(f"{what} {text!r}: not a number") from None
+    if kind is int and number != int(number):
+        raise ValueError(f"{what} {text}: must be a whole number")
+    return kind(number)

@@ -1,0 +1,127 @@
+"""One loader per released network: config file -> module on meta -> memory-mapped weights, in eval mode.
+
+Each `open_*` function does the cheap part (read the config, build the module on the meta device, index the weight
+files) and returns a `Component`; `load_*` then assigns the tensors. Validation and the memory plan use the
+`open_*` half alone; the plan builds block stacks with `layers` blocks only (identical blocks allocate
+identically), modules that cannot load the folder's weights but cost nothing to build.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..files.weights import CheckpointError, WeightSource, open_weights
+from .assign import build_on_meta, load_weights, match_weights
+from ..files.configs import ClipConfig, ConfigError, DiTConfig, StepLLMConfig, VAEConfig
+from ..models.dit import StepVideoModel
+from ..models.step_llm import Step1Model
+from ..models.clip import BertModel
+from ..models.vae import AutoencoderKL
+
+
+@dataclass
+class Component:
+    module: nn.Module                       # on the meta device
+    source: WeightSource
+    rename: Callable[[str], str | None] = lambda k: k
+    config: object = None                   # the architecture as released (all its blocks, whatever `module` has)
+
+    def check(self) -> None:
+        match_weights(self.module, self.source, self.rename)
+
+    def load(self, dtype: torch.dtype, device="cpu", reader=None) -> nn.Module:
+        model = load_weights(self.module, self.source, dtype, self.rename, reader)
+        return model if torch.device(device).type == "cpu" else model.to(device)
+
+
+def _read_config(read: Callable[[Path], object], folder: Path, component: str):
+    """A component's config; errors also say which folder was expected (the usual cause is a wrong path)."""
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: folder not found; pass the {component} folder of a Step-Video model")
+    try:
+        return read(folder)
+    except ConfigError as e:
+        raise ConfigError(f"{e}; pass the {component} folder of a Step-Video model "
+                          "(or re-download a missing file)") from None
+
+
+def _layers(config, layers: int | None):
+    """The config to build: the released one, or with its block stack cut to `layers` blocks."""
+    return config if layers is None else replace(config, num_layers=min(layers, config.num_layers))
+
+
+def open_dit(folder: Path, layers: int | None = None) -> Component:
+    folder = Path(folder)
+    config = _read_config(lambda f: DiTConfig.from_file(f / "config.json"), folder, "transformer/")
+    source = open_weights(folder, ("diffusion_pytorch_model", "model"))
+    return Component(build_on_meta(lambda: StepVideoModel(_layers(config, layers))), source, config=config)
+
+
+def open_step_llm(folder: Path, layers: int | None = None) -> Component:
+    folder = Path(folder)
+    config = _read_config(lambda f: StepLLMConfig.from_file(f / "config.json"), folder, "step_llm/")
+    source = open_weights(folder, ("model",))
+    return Component(build_on_meta(lambda: Step1Model(_layers(config, layers))), source, config=config)
+
+
+def open_clip(folder: Path, layers: int | None = None) -> Component:
+    """`folder` is the release's `hunyuan_clip` (holding `clip_text_encoder/`) or `clip_text_encoder` itself."""
+    folder = Path(folder)
+    if (folder / "clip_text_encoder").is_dir():
+        folder = folder / "clip_text_encoder"
+    config = _read_config(lambda f: ClipConfig.from_file(f / "config.json"), folder, "hunyuan_clip/")
+    source = open_weights(folder, ("model", "pytorch_model"))
+    with_pooler = any((_strip_bert(k) or "").startswith("pooler.") for k in source.keys())
+    module = build_on_meta(lambda: BertModel(_layers(config, layers), with_pooler=with_pooler))
+    return Component(module, source, _strip_bert, config)
+
+
+def _strip_bert(key: str) -> str | None:
+    key = key.removeprefix("bert.")
+    return None if key.endswith("position_ids") else key  # old transformers saved this buffer
+
+
+def open_vae(folder: Path, with_encoder: bool = True) -> Component:
+    """The decoder is required; the encoder is built only when asked, the config says so and its weights exist
+    (generation only decodes: it opens the VAE without the encoder, whose 110 M parameters never load)."""
+    folder = Path(folder)
+    config = _read_config(VAEConfig.from_folder, folder, "vae/")
+    source = open_weights(folder, ("vae_v2", "vae", "model"))
+    with_encoder = with_encoder and config.encoder.present and any(k.startswith("encoder.") for k in source.keys())
+    rename = _vae_rename if with_encoder else _vae_rename_decoder_only
+    return Component(build_on_meta(lambda: AutoencoderKL(config, with_encoder=with_encoder)), source, rename, config)
+
+
+def _vae_rename(key: str) -> str:
+    # the file stores decoder.conv_out.{weight,bias}; the module wraps that conv as conv_out.conv
+    if key.startswith("decoder.conv_out.") and ".conv." not in key:
+        return key.replace("decoder.conv_out.", "decoder.conv_out.conv.")
+    return key
+
+
+def _vae_rename_decoder_only(key: str) -> str | None:
+    return None if key.startswith("encoder.") else _vae_rename(key)
+
+
+def load_dit(folder: Path, dtype: torch.dtype = torch.bfloat16, device="cpu") -> nn.Module:
+    return open_dit(folder).load(dtype, device)
+
+
+def load_step_llm(folder: Path, dtype: torch.dtype = torch.bfloat16, device="cpu") -> nn.Module:
+    return open_step_llm(folder).load(dtype, device)
+
+
+def load_clip(folder: Path, dtype: torch.dtype = torch.float32, device="cpu") -> nn.Module:
+    return open_clip(folder).load(dtype, device)
+
+
+def load_vae(folder: Path, dtype: torch.dtype = torch.bfloat16, device="cpu") -> nn.Module:
+    return open_vae(folder).load(dtype, device)
+
+
+__all__ = ["CheckpointError", "Component", "open_dit", "open_step_llm", "open_clip", "open_vae",
+           "load_dit", "load_step_llm", "load_clip", "load_vae"]

@@ -1,0 +1,146 @@
+"""What the pipeline's phases ask of the machine: load a network, place it on the compute device (whole, or its
+blocks streamed per a profile section), take it off again, choose its attention kernel, and mark phases (events
+to listeners, timings, freeing cached memory, a memory report).
+
+Two implementations share this interface, so the planner and a real run are the same pipeline code:
+- `DeviceRuntime` (here) runs for real: memory-mapped checkpoints and the offload engines;
+- `plan.PlanningRuntime` runs on data-free tensors, with one block per stack, and counts bytes.
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+import sys
+import time
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..loading.model_folder import ModelFolder
+from ..engines.streaming import attach_streaming, device_memory_report, find_blocks, offload_component, to_device
+from ..profiles import Profile
+from ..engines.levers import DiTLevers, SpeedOptions
+
+GiB = 2**30
+PhaseListener = Callable[[str, str], None]     # (phase name, "start" | "end")
+
+
+def streaming_settings(profile: Profile, section: str | None, blocks: int):
+    """The profile's settings for streaming a stack of `blocks` blocks placed per `section` ("dit" or
+    "text_encoders"), or None when the model goes to the device whole (no section, placement "device", or every
+    block resident)."""
+    if section is None:
+        return None
+    settings = getattr(profile, section)
+    if getattr(settings, "placement", "stream") == "device" or settings.resident_blocks >= blocks:
+        return None
+    return settings
+
+
+class Runtime:
+    """The interface, and what both runtimes share: phases and `placed`."""
+
+    def __init__(self, folder: ModelFolder, profile: Profile, device=None,
+                 log: Callable[[str], None] | None = None):
+        self.folder, self.profile = folder, profile
+        self.device = torch.device(device or profile.device)
+        self.log = log or (lambda msg: print(msg, file=sys.stderr))
+        self.timings: dict[str, float] = {}
+        self.phase_listeners: list[PhaseListener] = []
+
+    def load(self, component: str, dtype: torch.dtype) -> nn.Module:
+        """A network of the folder ("transformer", "step_llm", "hunyuan_clip", "vae"), not yet placed."""
+        raise NotImplementedError
+
+    def place(self, model: nn.Module, section: str | None = None) -> None:
+        """All weights on the device, or the block stack streamed per the profile's `section`."""
+        raise NotImplementedError
+
+    def unplace(self, model: nn.Module) -> None:
+        raise NotImplementedError
+
+    def attach_levers(self, dit: nn.Module, options: SpeedOptions, said: bool = False) -> DiTLevers:
+        """The speed levers (speed.py: attention kernel, kept expansions, fast matmuls, step cache, compile) on
+        the DiT for one denoising phase, as this runtime runs them; `said`: already logged once."""
+        raise NotImplementedError
+
+    def detach_levers(self, levers: DiTLevers) -> dict | None:
+        """Undo `attach_levers`; what the levers did (for the sidecar), None when nothing ran for real."""
+        levers.detach()
+        return None
+
+    def free(self) -> None:
+        """Give memory that is no longer referenced back (after a phase, after an out-of-memory error)."""
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    @contextlib.contextmanager
+    def placed(self, model: nn.Module, section: str | None = None):
+        """The model on the device for the block; whatever happens inside (OOM included), it leaves after."""
+        try:
+            self.place(model, section)
+            yield model
+        finally:
+            self.unplace(model)
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        self._notify(name, "start")
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.free()
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
+            self._notify(name, "end")
+        self.report(name)
+
+    def report(self, phase: str) -> None:
+        """Called after a phase that ended normally."""
+
+    def _notify(self, name: str, event: str) -> None:
+        for listener in self.phase_listeners:
+            listener(name, event)
+
+
+class DeviceRuntime(Runtime):
+    """The real thing: weights memory-mapped from the folder, placed whole or streamed by `offload`."""
+
+    def load(self, component: str, dtype: torch.dtype) -> nn.Module:
+        return self.folder.open(component).load(dtype, "cpu")   # the DiT's kernels come with attach_levers
+
+    def place(self, model: nn.Module, section: str | None = None) -> None:
+        blocks = len(find_blocks(model)[1]) if section else 0
+        settings = streaming_settings(self.profile, section, blocks)
+        if settings is None:
+            to_device(model, self.device)
+            return
+        engine = attach_streaming(model, self.device, resident=settings.resident_blocks,
+                                  prefetch=settings.prefetch, source=settings.source,
+                                  pin_budget_bytes=int(self.profile.memory.packed_gb * GiB),
+                                  cyclic=hasattr(model, "transformer_blocks"))   # the DiT runs in a loop
+        self.log(f"{type(model).__name__}: {engine.summary()}")
+
+    def unplace(self, model: nn.Module) -> None:
+        offload_component(model, discard=True)   # each phase loads its model and throws it away after
+
+    def attach_levers(self, dit: nn.Module, options: SpeedOptions, said: bool = False) -> DiTLevers:
+        levers = DiTLevers(dit, self.profile, options, self.device).attach()
+        if not said:                        # once per pipeline (OOM retries attach again)
+            self.log(levers.summary())
+        return levers
+
+    def detach_levers(self, levers: DiTLevers) -> dict | None:
+        report = levers.report()
+        levers.detach()
+        counts = report["step_cache"]
+        if counts:
+            self.log(f"step cache: {counts['full']} full and {counts['cached']} cached DiT evaluations "
+                     f"(threshold {counts['threshold']})")
+        return report
+
+    def report(self, phase: str) -> None:
+        if self.device.type == "cuda":
+            self.log(f"{phase}: done in {self.timings[phase]:.1f} s; {device_memory_report(self.device)}")

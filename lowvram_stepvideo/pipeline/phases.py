@@ -1,0 +1,283 @@
+"""Text to video in phases that never share the device: text encoders -> free -> denoise -> free -> decode.
+
+Each phase asks its runtime (runtime.py) to load its network, place it per the profile (whole on the device, or
+blocks streamed), runs it, and gives the device back before the next phase starts. The memory plan runs this same
+code over a planning runtime (plan.py).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable
+
+import torch
+
+from . import progress as progress_bars
+from ..files.caches import model_identity
+from ..files.text_cache import EmbeddingCache
+from ..loading.model_folder import ModelFolder, open_model_folder
+from ..models.dit import set_attention_head_chunk, set_token_chunk
+from ..engines.streaming import find_blocks
+from ..profiles import Profile, load_profile
+from .machine import DeviceRuntime, Runtime
+from .sampling import (
+    cfg_combine,
+    dit_timestep,
+    euler_step,
+    flow_sigmas,
+    initial_noise,
+    latent_shape,
+    sampling_defaults,
+    sampling_problem)
+from ..engines.levers import DiTLevers, SpeedOptions
+from ..engines.tiling import decode_with_fallback, halving_tiles, tile_count
+from ..files.video import postprocess
+
+# Suffixes the reference appends to every prompt / uses as the negative prompt (its config.py defaults).
+POS_MAGIC = "超高清、HDR 视频、环境光、杜比全景声、画面稳定、流畅动作、逼真的细节、专业级构图、超现实主义、自然、生动、超细节、清晰。"
+NEG_MAGIC = "画面暗、低分辨率、不良手、文本、缺少手指、多余的手指、裁剪、低质量、颗粒状、签名、水印、用户名、模糊。"
+CLIP_TOKENS = 77
+
+Embeds = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # y (2, S, D), y_mask (2, 77+S), clip (2, 77, Dc)
+StepCallback = Callable[[int, torch.Tensor], None]         # (steps done, latents float32)
+
+
+class PhasePipeline:
+    """The phases (encode_prompt, denoise, decode) on one folder and profile, with no pre-flight, plan or
+    fallback: those are the runner's (runner.py), and the public `lowvram_stepvideo.StepVideoPipeline` goes through
+    it. `__call__` chains the phases for the memory planner and the reference tests. Phase timings land in
+    `self.timings`.
+
+    `runtime` does the loading, placing and phase bookkeeping (default: a DeviceRuntime for `profile` on `device`,
+    the profile's device when None); the profile in use is the runtime's (`pipe.profile`)."""
+
+    def __init__(self, folder: ModelFolder, profile: Profile, device=None, cache: EmbeddingCache | None = None,
+                 log: Callable[[str], None] | None = None, progress: bool = True, runtime: Runtime | None = None,
+                 options: SpeedOptions | None = None):
+        self.folder = folder
+        self.runtime = runtime or DeviceRuntime(folder, profile, device, log)
+        self.options = options or SpeedOptions()
+        self.speed: dict | None = None   # what the speed levers did in the last denoise (for the sidecar)
+        self.cache, self.progress = cache, progress
+        self.log = self.runtime.log
+
+    @property
+    def profile(self) -> Profile:
+        return self.runtime.profile
+
+    @profile.setter
+    def profile(self, profile: Profile) -> None:
+        self.runtime.profile = profile
+
+    @property
+    def device(self) -> torch.device:
+        return self.runtime.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.profile.torch_dtype
+
+    @property
+    def timings(self) -> dict[str, float]:
+        return self.runtime.timings
+
+    @classmethod
+    def open(cls, model_dir, profile: str | Profile = "cpu", **kwargs) -> "PhasePipeline":
+        profile = profile if isinstance(profile, Profile) else load_profile(profile)
+        return cls(open_model_folder(model_dir), profile, **kwargs)
+
+    @property
+    def defaults(self) -> dict:
+        return sampling_defaults(self.folder.turbo)
+
+    @torch.inference_mode()
+    def __call__(self, prompt: str | None = None, negative_prompt: str | None = None, num_frames: int = 204,
+                 height: int = 544, width: int = 992, num_inference_steps: int | None = None,
+                 guidance_scale: float | None = None, time_shift: float | None = None, seed: int = 0,
+                 output_type: str = "uint8", prompt_embeds: Embeds | None = None, latents: torch.Tensor | None = None,
+                 pos_magic: str = POS_MAGIC, start_step: int = 0, step_callback: StepCallback | None = None):
+        """output_type: "latent" (final latents, float32), "video" (decoded (B, T, 3, H, W)) or "uint8" (frames
+        (T, H, W, 3) after the reference post-processing). `latents` is the initial noise, or the latents after
+        `start_step` steps when resuming. `prompt_embeds` replaces the text phase."""
+        if output_type not in ("latent", "video", "uint8"):
+            raise ValueError(f"output_type must be 'latent', 'video' or 'uint8', got {output_type!r}")
+        steps = num_inference_steps or self.defaults["steps"]
+        g = self.defaults["guidance_scale"] if guidance_scale is None else guidance_scale
+        shift = time_shift or self.defaults["shift"]
+        problem = sampling_problem(g, shift, seed)   # a NaN guidance scale would give a black video
+        if problem:
+            raise ValueError(problem)
+        if prompt_embeds is None:
+            prompt_embeds = self.encode_prompt(prompt, negative_prompt, pos_magic)
+        if latents is None:
+            shape = latent_shape(num_frames, height, width, channels=self.latent_channels())
+            latents = initial_noise(shape.shape, seed)
+        latents = self.denoise(prompt_embeds, latents, flow_sigmas(steps, shift), g, start_step, step_callback)
+        if output_type == "latent":
+            return latents
+        video = self.decode(latents)
+        return video if output_type == "video" else postprocess(video)
+
+    def latent_channels(self) -> int:
+        return self.folder.open("transformer", layers=0).config.in_channels
+
+    # ------------------------------------------------------------------ text
+
+    def encode_prompt(self, prompt: str | None, negative_prompt: str | None = None,
+                      pos_magic: str = POS_MAGIC) -> Embeds:
+        """[prompt + pos_magic, negative prompt (default: the reference's neg_magic)] -> (y, y_mask, clip)."""
+        return self.encode_prompts([(prompt, negative_prompt)], pos_magic)[0]
+
+    def encode_prompts(self, prompts: list[tuple[str | None, str | None]], pos_magic: str = POS_MAGIC) -> list[Embeds]:
+        """encode_prompt for many (prompt, negative prompt) pairs in one text phase: each network is loaded once,
+        pairs in the embedding cache are taken from it."""
+        for prompt, negative_prompt in prompts:
+            if not prompt or not prompt.strip():
+                raise ValueError("the prompt is empty; describe the video to generate")
+            for warning in self.folder.prompt_warnings(prompt, negative_prompt):
+                self.log(warning)
+        texts = [[prompt + pos_magic, NEG_MAGIC if neg is None else neg] for prompt, neg in prompts]
+        embeds = [self.cache.get(t) if self.cache else None for t in texts]
+        if any(e is not None for e in embeds):
+            self.log("text: embeddings taken from the cache" if len(texts) == 1 else
+                     f"text: embeddings of {sum(e is not None for e in embeds)} of {len(texts)} prompts taken "
+                     "from the cache")
+        todo = [i for i, e in enumerate(embeds) if e is None]
+        if todo:
+            with self.runtime.phase("text"):
+                llm_out = self._run_step_llm([texts[i] for i in todo])
+                clips = self._run_clip([texts[i] for i in todo])
+            for i, (y, y_mask), clip in zip(todo, llm_out, clips):
+                embeds[i] = (y, y_mask, clip)
+                if self.cache:
+                    self.cache.put(texts[i], embeds[i])
+        return [tuple(t.to(self.device) for t in e) for e in embeds]
+
+    def _run_step_llm(self, texts: list[list[str]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(y, y_mask) per pair of texts, step_llm loaded and placed once."""
+        tokenizer, out = self.folder.step_llm_tokenizer(), []
+        llm = self.runtime.load("step_llm", self.dtype)
+        with self.runtime.placed(llm, "text_encoders"), self.block_progress(llm, "step_llm", len(texts)):
+            for pair in texts:
+                ids, mask = tokenizer(pair)
+                y = llm(ids.to(self.device), mask.to(self.device)).to(self.dtype)
+                ones = torch.ones(len(pair), CLIP_TOKENS, dtype=mask.dtype)
+                out.append((y, torch.cat([ones, mask], dim=1).to(self.device)))   # CLIP tokens first, all attended
+        return out
+
+    @contextlib.contextmanager
+    def block_progress(self, model: torch.nn.Module, name: str, passes: int = 1):
+        """A progress bar over a stack's blocks (step_llm streamed from disk takes a while on a small card)."""
+        blocks = find_blocks(model)[1]
+        with progress_bars.bar(name, len(blocks) * passes, unit="block", show=self.progress) as bar:
+            hooks = [b.register_forward_hook(_ticker(bar)) for b in blocks]
+            try:
+                yield
+            finally:
+                for h in hooks:
+                    h.remove()
+
+    def _run_clip(self, texts: list[list[str]]) -> list[torch.Tensor]:
+        tokenizer = self.folder.clip_tokenizer()
+        clip = self.runtime.load("hunyuan_clip", torch.float32)    # the reference runs it in float32
+        with self.runtime.placed(clip):
+            return [clip(*(t.to(self.device) for t in tokenizer(pair))).to(self.dtype) for pair in texts]
+
+    def embedding_cache(self, folder=None) -> EmbeddingCache:
+        tokenizers = [self.folder.root / "step_llm" / "step1_chat_tokenizer.model",
+                      self.folder.root / "hunyuan_clip" / "tokenizer" / "vocab.txt",
+                      self.folder.root / "hunyuan_clip" / "tokenizer" / "tokenizer_config.json"]
+        files = self.folder.files("step_llm") + self.folder.files("hunyuan_clip") + tokenizers
+        widths = tuple(self.folder.open("transformer", layers=0).config.caption_channels)   # what the DiT reads
+        return EmbeddingCache(model_identity(files) + f"-{self.profile.compute_dtype}", folder, widths=widths)
+
+    # ------------------------------------------------------------------ denoise
+
+    def denoise(self, embeds: Embeds, latents: torch.Tensor, sigmas: torch.Tensor, guidance_scale: float,
+                start_step: int = 0, step_callback: StepCallback | None = None) -> torch.Tensor:
+        """Euler steps start_step..N-1 from `latents`; returns float32 latents on the CPU."""
+        y, y_mask, clip = (t.to(self.device) for t in embeds)
+        embeds = (y.to(self.dtype), y_mask.to(self.dtype), clip.to(self.dtype))   # mask too (quirk Q1)
+        steps = len(sigmas) - 1
+        with self.runtime.phase("denoise"):
+            dit = self.runtime.load("transformer", self.dtype)
+            with self.runtime.placed(dit, "dit"), progress_bars.bar("denoise", steps, unit="step",
+                                                                    initial=start_step, show=self.progress) as bar:
+                set_token_chunk(dit, self.profile.token_chunk or None)
+                set_attention_head_chunk(dit, self.profile.attention_head_chunk or None)
+                levers = self.runtime.attach_levers(dit, self.options, said=self.speed is not None)
+                try:
+                    latents = latents.to(self.device)
+                    for i in range(start_step, steps):
+                        levers.start_step(i, steps)
+                        v = self._guided_velocity(dit, latents, sigmas[i], embeds, guidance_scale, levers)
+                        latents = euler_step(latents, v, sigmas[i], sigmas[i + 1])
+                        bar.update()
+                        if step_callback:
+                            step_callback(i + 1, latents)
+                finally:
+                    self.speed = self.runtime.detach_levers(levers) or self.speed
+            latents = latents.float().cpu()
+        return latents
+
+    def _guided_velocity(self, dit, latents, t, embeds: Embeds, scale: float, levers: DiTLevers) -> torch.Tensor:
+        y, mask, clip = embeds
+        x = latents.to(self.dtype)
+        if self.profile.cfg_mode == "batch":
+            with levers.branch("cond+uncond"):
+                v = dit(torch.cat([x, x]), dit_timestep(t, 2, self.dtype).to(self.device), y, clip, mask)
+            v_cond, v_uncond = v.chunk(2)
+        else:
+            v_cond, v_uncond = (self._branch(dit, levers, b, x, t, embeds, mask) for b in (0, 1))
+        return cfg_combine(v_cond, v_uncond, scale)
+
+    def _branch(self, dit, levers: DiTLevers, b: int, x, t, embeds: Embeds, mask) -> torch.Tensor:
+        """Sequential CFG: the DiT on prompt b (0 = cond, 1 = uncond) alone."""
+        y, _, clip = embeds
+        with levers.branch(("cond", "uncond")[b]):
+            return dit(x, dit_timestep(t, 1, self.dtype).to(self.device), y[b:b + 1], clip[b:b + 1],
+                       None if mask is None else mask[b:b + 1])
+
+    # ------------------------------------------------------------------ decode
+
+    def decode(self, latents: torch.Tensor, tile: int | None = None) -> torch.Tensor:
+        """Latents (B, T, C, h, w) -> video (B, F, 3, H, W) on the CPU, tiled per the profile; on out-of-memory
+        the finished chunks are kept and tiles get smaller."""
+        with self.runtime.phase("decode"):
+            vae = self.runtime.load("vae", self.dtype)
+            z = latents.to(self.device, self.dtype)
+            h, w = z.shape[-2:]
+            tile = tile or self.profile.vae.tile or max(h, w)
+            overlap = min(self.profile.vae.overlap, max(0, (min(tile, h, w) - 1) // 2))
+            tiles = halving_tiles(tile, overlap, (h, w))
+            total = tile_count(z.shape, tiles[0], overlap)
+            with self.runtime.placed(vae), progress_bars.bar("decode", total, unit="tile",
+                                                             show=self.progress) as bar:
+                return decode_with_fallback(vae.decode_chunk, z, tiles, overlap, on_oom=self._tile_oom,
+                                            out_device="cpu", progress=_tile_progress(bar))
+
+    def _tile_oom(self, failed: tuple, nxt: tuple) -> None:
+        self.runtime.free()
+        self.log(f"decode: out of memory with {failed[0]}x{failed[1]} latent tiles; "
+                 f"continuing with {nxt[0]}x{nxt[1]} (finished chunks are kept)")
+
+
+def _ticker(bar):
+    def hook(*_) -> None:   # a forward hook must return None to keep the block's output
+        bar.update()
+    return hook
+
+
+def _tile_progress(bar):
+    """decode_tiled's (done, total) of each attempt -> one bar: after an out-of-memory retry with smaller tiles,
+    the total becomes the tiles already decoded plus those the retry has left."""
+    offset = 0
+
+    def update(done: int, total: int) -> None:
+        nonlocal offset
+        if done == 0:
+            offset = bar.done
+            if bar.total != offset + total:
+                bar.set_total(offset + total)
+        if offset + done > bar.done:
+            bar.update(offset + done - bar.done)
+    return update

@@ -1,0 +1,133 @@
+"""Everything checked before any heavy work: a job's request turned into a model folder, a profile the machine can
+run, a preset, the sampling settings and writable outputs, or a one-line `StepVideoError` naming the fix."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from ..loading import demo
+from ..errors import UsageError
+from ..loading.model_folder import ModelFolder, open_model_folder
+from ..profiles import Preset, Profile, detect_vram_bytes, load_profile, with_overrides
+from ..planning.budgets import auto_choice
+from ..pipeline.sampling import latent_shape, sampling_problem
+from ..engines.levers import SpeedOptions
+from .outputs import RESULTS
+from ..files.video import output_path_error
+
+GiB = 2**30
+# Options of a job that are not profile overrides (those go to profiles.with_overrides by name).
+RUN_OPTIONS = {"resume": False,          # True: continue from the checkpoint; "auto": when there is one
+               "checkpoint_every": 5,    # save the latents every N steps (0 = never)
+               "save_latents": None,     # also keep the final latents in this file
+               "checkpoint": None,       # the resume checkpoint (default: next to the output)
+               "cache": True,            # use the text-embedding cache
+               "cache_dir": None,        # its folder (default: embed_cache.default_cache_dir())
+               "overwrite": False,       # replace existing outputs (and an earlier run's checkpoint)
+               "turbo": False,           # the turbo checkpoint's defaults whatever the folder
+               "step_cache": 0.0,        # first-block step cache threshold (speed.SpeedOptions.cache; 0 = off)
+               "compile": False,         # regional torch.compile of the DiT blocks
+               "parallel": None}         # under torchrun: "cfg" | "sequence" | "auto" (None: auto)
+
+
+@dataclass
+class JobSpec:
+    """One video to generate; None means the default (of the profile, the checkpoint or the release)."""
+    prompt: str
+    negative_prompt: str | None = None
+    seed: int = 0
+    frames: int | None = None
+    height: int | None = None
+    width: int | None = None
+    steps: int | None = None
+    guidance_scale: float | None = None
+    shift: float | None = None
+    model_dir: Path | None = None
+    demo: bool = False
+    profile: str | None = None
+    output: Path | None = None
+    options: dict = field(default_factory=dict)   # RUN_OPTIONS and profile overrides (attention, vae_tile, ...)
+
+
+def run_options(spec: JobSpec) -> dict:
+    """RUN_OPTIONS with the spec's values."""
+    return {k: spec.options.get(k, v) for k, v in RUN_OPTIONS.items()}
+
+
+def speed_options(spec: JobSpec) -> SpeedOptions:
+    options = run_options(spec)
+    try:
+        return SpeedOptions(cache=options["step_cache"] or 0.0, compile=bool(options["compile"]))
+    except ValueError as e:
+        raise UsageError(f"--cache: {e}") from None
+
+
+def model_folder(spec: JobSpec) -> ModelFolder:
+    if spec.demo:
+        return open_model_folder(demo.build_demo_model())
+    if spec.model_dir is None:
+        raise UsageError("give --model-dir PATH (the downloaded stepvideo-t2v folder) or --demo")
+    return open_model_folder(spec.model_dir)
+
+
+def profile_for(spec: JobSpec, need_device: bool = True, log: Callable[[str], None] | None = None) -> Profile:
+    """The spec's profile ('auto': by the card and the RAM, said to `log`) with its overrides; with need_device, a
+    CUDA profile on a machine without a GPU is refused here, before anything is allocated."""
+    name = spec.profile or ("cpu" if spec.demo else "auto")
+    vram = detect_vram_bytes()
+    if name == "auto":
+        profile, reason = auto_choice(vram)
+        if log:
+            log(reason)
+    else:
+        profile = load_profile(name)
+    if need_device and profile.device == "cuda" and vram is None:
+        raise UsageError(f"profile {profile.name!r} needs a CUDA GPU and none was found; use --profile cpu "
+                         "(slow) or --dry-run to see its memory plan")
+    overrides = {k: v for k, v in spec.options.items() if k not in RUN_OPTIONS}
+    try:
+        return with_overrides(profile, **overrides)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def check_numbers(spec: JobSpec) -> None:
+    if not spec.prompt or not spec.prompt.strip():
+        raise UsageError("--prompt is empty; describe the video to generate, e.g. --prompt \"a cat playing piano\"")
+    if spec.steps is not None and spec.steps < 1:
+        raise UsageError(f"--steps {spec.steps}: needs at least 1 denoising step (release 30-50, turbo 15)")
+    if isinstance(spec.seed, bool) or not isinstance(spec.seed, int):
+        raise UsageError(f"--seed {spec.seed!r}: must be an integer")
+    problem = sampling_problem(spec.guidance_scale, spec.shift, spec.seed)
+    if problem:
+        raise UsageError(problem)
+    every = run_options(spec)["checkpoint_every"]
+    if every < 0:
+        raise UsageError(f"--checkpoint-every {every}: must be >= 0 (0 = never)")
+
+
+def preset_for(spec: JobSpec, profile: Profile, default_steps: int | None, log) -> Preset:
+    """The size asked for (the profile's default preset where not given), rounded to what the model makes;
+    steps: the spec's, else `default_steps` (turbo), else the preset's."""
+    base = demo.DEMO_PRESET if spec.demo else profile.default_preset
+    given = {"frames": spec.frames, "height": spec.height, "width": spec.width}
+    bad = [f"--{k} {v}" for k, v in given.items() if v is not None and v < 1]
+    if bad:
+        raise UsageError(f"{bad[0]}: must be positive (frames in multiples of 17, height and width in multiples "
+                         "of 16; the release uses 204 frames of 544x992)")
+    frames, height, width = (spec.frames or base.frames, spec.height or base.height, spec.width or base.width)
+    if max(height, width) > 4096 or frames > 1024:
+        raise UsageError(f"{frames} frames of {height}x{width} is beyond what the model was trained for "
+                         "(the release uses 204 frames of 544x992); choose a smaller size")
+    shape = latent_shape(frames, height, width)
+    if shape.rounded:
+        log(f"warning: {frames}x{height}x{width} rounded to {shape.num_frames}x{shape.height}x{shape.width} "
+            "(frames come in 17-frame chunks, sizes in multiples of 16)")
+    return Preset(shape.num_frames, shape.height, shape.width, spec.steps or default_steps or base.steps)
+
+
+def check_writable(path: Path) -> None:
+    problem = output_path_error(path, create_dirs=path.parent == RESULTS)
+    if problem:
+        raise UsageError(problem)
