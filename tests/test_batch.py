@@ -129,7 +129,7 @@ def test_a_failing_prompt_is_recorded_and_the_batch_goes_on(tmp_path, capsys, mo
 
 KILLER = """
 import os, signal, sys
-from lowvram_stepvideo import cli
+from lowvram_stepvideo.face import cli
 from lowvram_stepvideo.pipeline.machine import DeviceRuntime
 original, dits = DeviceRuntime.load, []
 

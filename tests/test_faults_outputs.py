@@ -343,7 +343,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, capsys, demo_cache):
             "--steps", "6", "--checkpoint-every", "1", "--no-cache"]
     run_ok(capsys, *argv, "--output", tmp_path / "ref.mp4", "--save-latents", tmp_path / "ref.safetensors")
     out = tmp_path / "k.mp4"
-    slow = ("import sys, time; from lowvram_stepvideo import cli, runner; save = runner.save_checkpoint; "
+    slow = ("import sys, time; from lowvram_stepvideo.face import cli; from lowvram_stepvideo.run import job as runner; save = runner.save_checkpoint; "
             "runner.save_checkpoint = lambda *a: (save(*a), time.sleep(0.5)); sys.exit(cli.main(sys.argv[1:]))")
     proc = subprocess.Popen([sys.executable, "-c", slow, *argv, "--output", str(out)], cwd=ROOT,
                             env={**subprocess_env(demo_cache), "PYTHONPATH": str(ROOT)},
