@@ -4,11 +4,11 @@ import json
 import pytest
 import torch
 
-from conftest import SHARED, read_io
+from conftest import FIXTURES, read_io
 from lowvram_stepvideo.sampling import (REFERENCE_NOISE_SEED, cfg_combine, dit_timestep, euler_step,
                                         flow_sigmas, flow_timesteps, initial_noise, latent_shape)
 
-SCHEDULES = json.loads((SHARED / "fixtures" / "scheduler_timesteps.json").read_text())["schedules"]
+SCHEDULES = json.loads((FIXTURES / "scheduler_timesteps.json").read_text())["schedules"]
 
 
 def _ids(s):
