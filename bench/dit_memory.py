@@ -9,7 +9,7 @@ profile's token_chunk (which also chunks the DiT's other token-wise ops), all he
 plus the profile's attention_head_chunk. Prints the planned peak of the denoise phase, the DiT weights placed on
 the device for it (profile streaming settings; the folder's own dtype) and their difference, the activations.
 
-The model folder is a zero-weight sparse release (../shared/tools/make_sparse_release.py, written there when
+The model folder is a zero-weight sparse release (tests/sparse_release.py, written there when
 missing): its DiT is bf16, so weights here are those of the bf16 release, about twice the int8 profiles' own.
 """
 from __future__ import annotations
@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
 sys.path.insert(0, str(ROOT))
 
 from lowvram_stepvideo.loading.model_folder import open_model_folder  # noqa: E402
@@ -51,7 +50,7 @@ def plan_row(folder, profile, preset, tokens: int, heads: int) -> dict:
 def ensure_folder(path: Path) -> None:
     if not (path / "transformer").is_dir():
         print(f"writing a sparse zero-weight release to {path} ...", file=sys.stderr)
-        subprocess.run([sys.executable, str(SHARED / "tools" / "make_sparse_release.py"), str(path)], check=True)
+        subprocess.run([sys.executable, str(ROOT / "tests" / "sparse_release.py"), str(path)], check=True)
 
 
 def main() -> None:

@@ -3,7 +3,7 @@
 
     python bench/host_memory.py [--model-dir DIR] [--json] [--frames 17 --height 128 --width 128]
 
-DIR (default /tmp/lowvram_stepvideo_sparse_4layers, written with ../shared/tools/make_sparse_release.py --layers 4
+DIR (default /tmp/lowvram_stepvideo_sparse_4layers, written with tests/sparse_release.py --layers 4
 when it does not hold a model folder yet) is a release folder; a 4-layer full-width slice keeps every block at its
 real size. The run uses the cpu profile with bf16 compute (the folder's dtype: nothing is cast at load) and this
 layout: DiT 1 resident block, prefetch 1, the others packed in RAM within a budget of `--packed-blocks` blocks and
@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-MAKE_SPARSE = ROOT.parent / "shared" / "tools" / "make_sparse_release.py"
+MAKE_SPARSE = ROOT / "tests" / "sparse_release.py"
 DEFAULT_FOLDER = Path("/tmp/lowvram_stepvideo_sparse_4layers")
 PHASES = ("text", "denoise", "decode")
 PROMPT = "a red fox running through fresh snow"

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Error of the inexact speed levers on the tiny fixture model (CPU, float32), for BENCHMARKS.md.
 
-    python bench/levers_cpu.py [--fixture ../shared/fixtures/tiny-public] [--steps 30]
+    python bench/levers_cpu.py [--fixture tests/data/fixtures/tiny-public] [--steps 30]
 
 - fast matmul: the fixture DiT quantized to int8 / fp8, DiT `out.x` (dit_io) and the latents after the fixture's 3
   steps and after `--steps` steps (its prompt embeddings and noise, sequential CFG 9, shift 13), fast against
@@ -92,7 +92,7 @@ def cache_rows(fixture: Path, io: dict, steps: int) -> list[str]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--fixture", type=Path, default=ROOT.parent / "shared" / "fixtures" / "tiny-public")
+    p.add_argument("--fixture", type=Path, default=ROOT / "tests" / "data" / "fixtures" / "tiny-public")
     p.add_argument("--steps", type=int, default=30)
     args = p.parse_args(argv)
     torch.manual_seed(0)

@@ -4,7 +4,7 @@
     python bench/load_full_size.py [FOLDER]
 
 FOLDER (default /tmp/lowvram_stepvideo_sparse_release) is reused when it already holds a model folder, otherwise
-written with ../shared/tools/make_sparse_release.py (~100 GB apparent size, a few MB on disk). Each component is
+written with tests/sparse_release.py (~100 GB apparent size, a few MB on disk). Each component is
 loaded with the normal loaders in a fresh subprocess, so every row's peak RSS is that load alone (plus the Python +
 torch baseline, shown separately). Prints a markdown table.
 """
@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MAKE_SPARSE = ROOT.parent / "shared" / "tools" / "make_sparse_release.py"
+MAKE_SPARSE = ROOT / "tests" / "sparse_release.py"
 DEFAULT_FOLDER = Path("/tmp/lowvram_stepvideo_sparse_release")
 # (row label, component folder, load dtype); the pipeline runs the CLIP in float32, so both are shown
 RUNS = [("transformer", "transformer", "bfloat16"), ("step_llm", "step_llm", "bfloat16"),

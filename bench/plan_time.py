@@ -11,7 +11,7 @@ disk (plan_cache.py), as every dry-run or run after the first does. Prints wall 
 seconds (user + system; on a shared machine wall time also counts waiting for a core, CPU time does not) and the
 planned peaks. "cold plan s" is the planning alone (fit.check_fit, what a run does before it starts: after the
 imports and the folder check), in a fresh process with an empty cache. `--checkout` times another checkout of the project (e.g. the main branch) with the same command.
-The model folder is a zero-weight sparse release (../shared/tools/make_sparse_release.py, written when missing).
+The model folder is a zero-weight sparse release (tests/sparse_release.py, written when missing).
 """
 from __future__ import annotations
 
@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
 GiB = 2**30
 PROFILES = "8gb,12gb,16gb,24gb,48gb,80gb,cpu,cpu-lowram"
 
@@ -79,7 +78,7 @@ def main() -> None:
     ap.add_argument("--checkout", type=Path, default=ROOT, help="project checkout whose generate.py to time")
     args = ap.parse_args()
     if not (args.model_dir / "transformer").is_dir():
-        subprocess.run([sys.executable, str(SHARED / "tools" / "make_sparse_release.py"), str(args.model_dir)],
+        subprocess.run([sys.executable, str(ROOT / "tests" / "sparse_release.py"), str(args.model_dir)],
                        check=True)
     print(f"full-size dry-run, {args.checkout}, load average {os.getloadavg()[0]:.1f}")
     print(f"{'profile':<11} {'cold wall s':>11} {'cold cpu s':>10} {'warm wall s':>11} {'warm cpu s':>10} {'cold plan s':>11} {'rc':>3} "

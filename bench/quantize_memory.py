@@ -3,7 +3,7 @@
 
     python bench/quantize_memory.py [--layers 4] [--formats int8,fp8] [--workdir /tmp]
 
-Builds a zero-weight release folder with ../shared/tools/make_sparse_release.py (the DiT's top-level tensors plus
+Builds a zero-weight release folder with tests/sparse_release.py (the DiT's top-level tensors plus
 `--layers` full-width blocks, sparse files: about 5.5 GB apparent for 4 layers, no disk used), quantizes it in a
 child process per format (after reading the source once, so every format meets the same page cache), and
 reports the child's peak RSS (from wait4, cross-checked with RUSAGE_CHILDREN), its throughput and the
@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
+MANIFEST = ROOT / "tests" / "data" / "release" / "state_dict_manifest.json"
 RSS_LIMIT_MB = 2000
 
 
@@ -69,7 +69,7 @@ def full_size_ratio(component: str) -> dict:
     """Output bytes of the full released component after quantization (tensor data; headers add < 1 MB)."""
     sys.path.insert(0, str(ROOT))
     from lowvram_stepvideo.models import quant
-    entries = json.loads((SHARED / "release" / "state_dict_manifest.json").read_text())[component]["keys"]
+    entries = json.loads(MANIFEST.read_text())[component]["keys"]
     shapes = {e["key"]: e["shape"] for e in entries}
     plan = quant.plan_quantization(component, shapes)
     bf16 = sum(2 * math.prod(s) for s in shapes.values())
@@ -88,7 +88,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="quantize-bench-", dir=args.workdir))
     try:
         src = work / "release"
-        subprocess.run([sys.executable, str(SHARED / "tools" / "make_sparse_release.py"), str(src), "--layers",
+        subprocess.run([sys.executable, str(ROOT / "tests" / "sparse_release.py"), str(src), "--layers",
                         str(args.layers), "--components", "transformer"], check=True, stdout=subprocess.DEVNULL)
         warm_page_cache(src)
         rows = [bench_format(src, work, fmt) for fmt in args.formats.split(",")]

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """How fast one DiT block's bytes reach a host buffer, from each place BlockStreamer keeps streamed blocks.
 
-    python ../shared/tools/make_sparse_release.py /tmp/sparse --layers 4 --components transformer
+    python tests/sparse_release.py /tmp/sparse --layers 4 --components transformer
     python bench/stream_cpu.py /tmp/sparse [--block 1] [--repeats 5] [--json out.json]
 
 FOLDER is a release folder (its transformer/ is used) or a transformer folder; the DiT is loaded memory-mapped in

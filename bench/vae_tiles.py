@@ -29,7 +29,7 @@ from lowvram_stepvideo.profiles import list_profiles, load_profile  # noqa: E402
 from lowvram_stepvideo.engines.tiling import decode_tiled, decode_untiled, tile_overhead  # noqa: E402
 
 SIZES = {"544x992": (34, 62), "768x768": (48, 48)}
-FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "tiny-public" / "model_dir" / "vae"
+FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "data" / "fixtures" / "tiny-public" / "model_dir" / "vae"
 
 
 def fixed_tiles_overhead(size, tile: int, overlap: int) -> float:

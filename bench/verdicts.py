@@ -3,7 +3,7 @@
 
     python bench/verdicts.py --model-dir ./stepvideo-t2v [--ram-gib 16 32 64] [--profiles 8gb 24gb] [--json]
 
-The folder may be the release (bf16) or the zero-weight one from make_sparse_release.py: profiles sized for int8
+The folder may be the release (bf16) or the zero-weight one from tests/sparse_release.py: profiles sized for int8
 are planned with --assume-format int8. Each cuda profile gets the card it is named for (8gb: 8 GiB, ...); cpu
 profiles have RAM only. Prints two markdown tables: the plan of each profile at its first preset as written (no
 fitting), and per RAM size the verdict: the preset that would run, with what was lowered, or the suggestion.

@@ -1,4 +1,6 @@
-"""Shared test setup: fixture folders come from LOWVRAM_STEPVIDEO_FIXTURES (os.pathsep-separated)."""
+"""Shared test setup. The test data is in the repository (tests/data/: the reference fixtures, the release's
+configs, tokenizers and tensor manifest), so a clone tests itself. Tests run on the fixture folder
+tests/data/fixtures/tiny-public plus any folders LOWVRAM_STEPVIDEO_FIXTURES names (os.pathsep-separated)."""
 import os
 import shutil
 from pathlib import Path
@@ -8,14 +10,20 @@ import torch
 from safetensors import safe_open
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-RELEASE = SHARED / "release"
+DATA = ROOT / "tests" / "data"
+FIXTURES = DATA / "fixtures"
+RELEASE = DATA / "release"
 RELEASE_MODEL = RELEASE / "stepvideo-t2v"
+FIXTURES_ENV = "LOWVRAM_STEPVIDEO_FIXTURES"
 
 
 def fixture_dirs() -> list[Path]:
-    raw = os.environ.get("LOWVRAM_STEPVIDEO_FIXTURES", str(SHARED / "fixtures" / "tiny-public"))
-    return [Path(p) for p in raw.split(os.pathsep) if p]
+    """The in-repo tiny-public fixture, then the folders LOWVRAM_STEPVIDEO_FIXTURES adds (each once)."""
+    dirs = [FIXTURES / "tiny-public"]
+    for raw in os.environ.get(FIXTURES_ENV, "").split(os.pathsep):
+        if raw and all(Path(raw).resolve() != d.resolve() for d in dirs):
+            dirs.append(Path(raw))
+    return dirs
 
 
 def pytest_generate_tests(metafunc):

@@ -5,15 +5,12 @@ The ladder/lowering logic runs against a synthetic plan (bytes as simple functio
 boundary is known exactly); the CLI, --assume-format and the 8gb check run the real planner."""
 import json
 import math
-import subprocess
-import sys
 from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
 
 from cli_support import run_cli
-from conftest import SHARED
 from lowvram_stepvideo.planning import budgets, fit, stacks
 from lowvram_stepvideo.planning.budgets import GiB, Budget, host_budget, machine_budget, vram_budget
 from lowvram_stepvideo.engines.streaming import ARENA_BYTES
@@ -21,6 +18,7 @@ from lowvram_stepvideo.engines.host_store import HostArenas
 from lowvram_stepvideo.planning.plan import PhasePlan, Plan
 from lowvram_stepvideo.profiles import Preset, load_profile, with_overrides
 from lowvram_stepvideo.planning.budgets import auto_choice, auto_profile
+from sparse_release import write_sparse_release
 
 MiB = 2**20
 BLOCK, BLOCKS = 64 * MiB, 10            # synthetic DiT: 10 blocks of 64 MiB (a power of two: arenas cost n x BLOCK)
@@ -297,10 +295,7 @@ def test_assumed_int8_plans_like_the_quantized_folder(demo_dir, tmp_path, one_to
 def sparse_4_layers(tmp_path_factory):
     """The full-size zero-weight release with 4 DiT blocks and 4 step_llm layers: for the 8gb layout (1 resident
     block, 2 slots) it plans the same device and host bytes as all 48, in a fraction of the time."""
-    out = tmp_path_factory.mktemp("sparse4") / "stepvideo-t2v"
-    subprocess.run([sys.executable, str(SHARED / "tools" / "make_sparse_release.py"), str(out), "--layers", "4"],
-                   check=True, capture_output=True)
-    return out
+    return write_sparse_release(tmp_path_factory.mktemp("sparse4") / "stepvideo-t2v", layers=4)
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""Model folders at full size (zero-weight sparse release from shared/tools/make_sparse_release.py, 2 layers) and
+"""Model folders at full size (zero-weight sparse release from tests/sparse_release.py, 2 layers) and
 on the tiny fixture: lazy loads with bounded memory, validation, and one-line ModelFolderError on broken folders."""
 import json
 import os
@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import RELEASE_MODEL, ROOT, SHARED, link_tree, manifest_shapes
+from conftest import RELEASE_MODEL, ROOT, link_tree, manifest_shapes
 
 from lowvram_stepvideo.loading.loaders import open_clip, open_dit, open_step_llm, open_vae
 from lowvram_stepvideo.loading.model_folder import ModelFolderError, open_model_folder
 from lowvram_stepvideo.loading.loaders import load_dit
+from sparse_release import write_sparse_release
 
-MAKE_SPARSE = SHARED / "tools" / "make_sparse_release.py"
 LAYERS = 2
 MAX_PEAK_RSS = 2 * 2**30
 MAX_LOAD_SECONDS = 30
@@ -50,10 +50,7 @@ print(json.dumps(report))
 
 @pytest.fixture(scope="module")
 def sparse_release(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("sparse") / "stepvideo-t2v"
-    subprocess.run([sys.executable, str(MAKE_SPARSE), str(out), "--layers", str(LAYERS)], check=True,
-                   capture_output=True)
-    return out
+    return write_sparse_release(tmp_path_factory.mktemp("sparse") / "stepvideo-t2v", layers=LAYERS)
 
 
 def in_kept_layers(key: str) -> bool:

@@ -6,7 +6,8 @@ import time
 
 import pytest
 
-from conftest import ROOT, SHARED, link_tree
+from conftest import ROOT, link_tree
+from sparse_release import write_sparse_release
 
 GiB = 2**30
 # profile -> most device memory the full-length plan may predict (204 frames, 544x992; issue targets)
@@ -15,10 +16,7 @@ TARGETS = {"24gb": 22, "16gb": 15, "12gb": 11}
 
 @pytest.fixture(scope="module")
 def sparse_release(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sparse") / "stepvideo-t2v"
-    subprocess.run([sys.executable, str(SHARED / "tools" / "make_sparse_release.py"), str(out)], check=True,
-                   capture_output=True)
-    return out
+    return write_sparse_release(tmp_path_factory.mktemp("sparse") / "stepvideo-t2v")
 
 
 def _dry_run(model_dir, profile: str) -> tuple[dict, float]:

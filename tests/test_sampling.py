@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from conftest import SHARED, read_io
+from conftest import FIXTURES, read_io
 from lowvram_stepvideo.pipeline.sampling import (
     REFERENCE_NOISE_SEED,
     cfg_combine,
@@ -15,7 +15,7 @@ from lowvram_stepvideo.pipeline.sampling import (
     initial_noise,
     latent_shape)
 
-SCHEDULES = json.loads((SHARED / "fixtures" / "scheduler_timesteps.json").read_text())["schedules"]
+SCHEDULES = json.loads((FIXTURES / "scheduler_timesteps.json").read_text())["schedules"]
 
 
 def _ids(s):
