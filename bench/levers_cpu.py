@@ -65,9 +65,10 @@ def matmul_rows(fixture: Path, io: dict, steps: int) -> list[str]:
         quant.quantize_model(dit, quant.FORMATS[fmt], quant.plan_quantization("transformer", names))
         out = {}
         for mode in ("weight-only", "fast"):
-            fast_matmul.use_matmul(dit, fmt if mode == "fast" else None, cuda=False)
+            matmul = fast_matmul.attach_matmul(dit, fmt if mode == "fast" else None, cuda=False)
             with torch.no_grad():
                 out[mode] = (dit(*inputs), denoise(dit, io, io["sigmas"]), denoise(dit, io, flow_sigmas(steps, 13.0)))
+            matmul.detach()
         errs = [rel(f, w) for f, w in zip(out["fast"], out["weight-only"])]
         rows.append(f"| {fmt} | {errs[0]:.2%} | {rel(out['weight-only'][0], dit_io['out.x']):.2%} | "
                     f"{errs[1]:.2%} | {errs[2]:.2%} |")

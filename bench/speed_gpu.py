@@ -38,7 +38,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 from stream_gpu import build_stack, make_inputs  # noqa: E402
 
 from lowvram_stepvideo.engines import attention, fast_matmul  # noqa: E402
-from lowvram_stepvideo.engines.compile import compile_blocks, uncompile_blocks  # noqa: E402
+from lowvram_stepvideo.engines.attach import Attachments  # noqa: E402
+from lowvram_stepvideo.engines.compile import compile_blocks  # noqa: E402
 from lowvram_stepvideo.files.configs import VAEConfig, VAEDecoderConfig  # noqa: E402
 from lowvram_stepvideo.models.dit import set_attention_head_chunk, set_token_chunk  # noqa: E402
 from lowvram_stepvideo.models.vae import AutoencoderKL  # noqa: E402
@@ -93,16 +94,17 @@ def block_seconds(lever: dict, grid, size: dict, stacks: dict, device, repeats: 
     stack = stacks[lever["fmt"]]
     set_token_chunk(stack, size["token_chunk"])
     set_attention_head_chunk(stack, size["head_chunk"])
-    attention.use_attention_backend(stack, lever["attention"])
-    fast_matmul.use_matmul(stack, lever["kernel"], device.type == "cuda")
-    if lever["compile"]:
-        compile_blocks(stack.transformer_blocks)
+    levers = Attachments()
+    with levers:
+        levers.add(attention.use_attention_backend(stack, lever["attention"]))
+        levers.add(fast_matmul.attach_matmul(stack, lever["kernel"], device.type == "cuda"))
+        if lever["compile"]:
+            levers.add(compile_blocks(stack.transformer_blocks))
     try:
         inputs = make_inputs(grid, 1, size["heads"] * 128, device)
         return timed(lambda: stack(*inputs), repeats, device)
     finally:
-        if lever["compile"]:
-            uncompile_blocks(stack.transformer_blocks)
+        levers.detach()
 
 
 def vae_seconds(size: dict, device, repeats: int) -> float:

@@ -33,7 +33,7 @@ from lowvram_stepvideo.models import quant  # noqa: E402
 from lowvram_stepvideo.loading.assign import build_on_meta
 from lowvram_stepvideo.files.configs import DiTConfig  # noqa: E402
 from lowvram_stepvideo.models.dit import StepVideoTransformerBlock, rope_tables, set_token_chunk  # noqa: E402
-from lowvram_stepvideo.engines.streaming import attach_streaming, offload_component, to_device  # noqa: E402
+from lowvram_stepvideo.engines.placement import attach_streaming, offload_component, to_device  # noqa: E402
 
 GiB = 2**30
 TEXT_TOKENS = 142          # CLIP 77 + a typical 65-token step_llm prompt (the cross-attention keys)

@@ -76,7 +76,7 @@ def test_unavailable_backend_falls_back_to_sdpa_when_asked(monkeypatch, caplog, 
     monkeypatch.setattr(A, "_kernel", lambda n: None)
     model = _TwoAttn()
     with caplog.at_level(logging.WARNING, logger=A.__name__):
-        assert A.use_attention_backend(model, name, fallback=True) == "sdpa"
+        assert A.use_attention_backend(model, name, fallback=True).value == "sdpa"
     assert model.a.attend is A.sdpa and model.b.attend is A.sdpa
     assert any(name in r.getMessage() for r in caplog.records)
 
@@ -95,9 +95,12 @@ def test_unknown_backend_and_cpu_float32_kernel_are_errors(monkeypatch):
 def test_use_attention_backend_sets_every_attention_module(monkeypatch):
     monkeypatch.setattr(A, "_kernel", lambda n: (lambda *a, **kw: None))
     model = _TwoAttn()
-    assert A.use_attention_backend(model, "flash", card=A.Card(None)) == "flash2"   # flash-attn 3 is Hopper-only
+    handle = A.use_attention_backend(model, "flash", card=A.Card(None))
+    assert handle.value == "flash2"                                   # flash-attn 3 is Hopper-only
     assert model.a.attend.keywords == {"backend": "flash2"} and model.b.attend.keywords == {"backend": "flash2"}
-    assert A.use_attention_backend(model, "flash", card=A.Card((9, 0), "NVIDIA H100")) == "flash3"
+    handle.detach()
+    assert model.a.attend is None and model.b.attend is None          # each module's own value back
+    assert A.use_attention_backend(model, "flash", card=A.Card((9, 0), "NVIDIA H100")).value == "flash3"
     with pytest.raises(ValueError, match="no attention modules"):
         A.use_attention_backend(nn.Linear(2, 2), "sdpa")
 
@@ -135,9 +138,10 @@ def test_auto_picks_per_card(card, importable, expected):
 def test_auto_uses_the_injected_card_and_packages(monkeypatch):
     monkeypatch.setattr(A, "_kernel", lambda n: (lambda *a, **kw: None) if n in ("sage", "flash2") else None)
     model = _TwoAttn()
-    assert A.use_attention_backend(model, "auto", card=RTX_4090) == "sage"
-    assert model.a.attend.keywords == {"backend": "sage"}
-    assert A.use_attention_backend(model, "auto", card=A100) == "flash2"
+    handle = A.use_attention_backend(model, "auto", card=RTX_4090)
+    assert handle.value == "sage" and model.a.attend.keywords == {"backend": "sage"}
+    handle.detach()
+    assert A.use_attention_backend(model, "auto", card=A100).value == "flash2"
     assert A.choose_backend("auto", A.Card(None), fallback=True)[0] == "sdpa"
 
 

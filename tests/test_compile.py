@@ -5,9 +5,9 @@ import torch
 from torch._dynamo.utils import counters
 
 from conftest import tiny_dit
-from lowvram_stepvideo.engines.compile import compile_blocks, uncompile_blocks
+from lowvram_stepvideo.engines.compile import compile_blocks
 from lowvram_stepvideo.models.dit import StepVideoModel, set_token_chunk
-from lowvram_stepvideo.engines.streaming import attach_streaming, offload_component
+from lowvram_stepvideo.engines.placement import attach_streaming, offload_component
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -28,11 +28,11 @@ def _steps(model, inputs, n: int = 3) -> list[torch.Tensor]:
 def _compiled_run(model, inputs, backend: str):
     torch._dynamo.reset()
     counters.clear()
-    compile_blocks(model.transformer_blocks, backend=backend)
+    handle = compile_blocks(model.transformer_blocks, backend=backend)
     try:
         return _steps(model, inputs)
     finally:
-        uncompile_blocks(model.transformer_blocks)
+        handle.detach()
 
 
 @pytest.mark.slow
@@ -60,7 +60,7 @@ def test_fast_int8_matmul_in_compiled_blocks_does_not_recompile():
     model, inputs = _dit(2)
     names = [n for n, _ in model.named_parameters()]
     quant.quantize_model(model, quant.FORMATS["int8"], quant.plan_quantization("transformer", names))
-    counts = fast_matmul.use_matmul(model, "int8", cuda=False)
+    counts = fast_matmul.attach_matmul(model, "int8", cuda=False).value
     eager = _steps(model, inputs)
     compiled = _compiled_run(model, inputs, backend="aot_eager")
     assert counts[0] > 0

@@ -134,7 +134,7 @@ def test_attention_backend_switch(fixture_dir):
     model, t = _load(fixture_dir)
     with torch.inference_mode():
         plain = model(*_inputs(t))
-        assert attention.use_attention_backend(model, "sdpa") == "sdpa"
+        assert attention.use_attention_backend(model, "sdpa").value == "sdpa"
         _close(model(*_inputs(t)), plain, atol=1e-6)
     attend = {m.attend for m in model.modules() if hasattr(m, "attend")}
     assert attend == {attention.sdpa} and len([m for m in model.modules() if hasattr(m, "attend")]) == \

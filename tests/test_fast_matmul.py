@@ -113,7 +113,7 @@ def test_fixture_dit_error_of_fast_against_weight_only(fixture_dir, fmt):
               t["in.encoder_attention_mask"]]
     with torch.no_grad():
         weight_only = model(*inputs)
-        count = fm.use_matmul(model, fmt, cuda=False)
+        count = fm.attach_matmul(model, fmt, cuda=False).value
         fast = model(*inputs)
     assert count[0] > 0
     err = float((fast - weight_only).norm() / weight_only.norm())

@@ -14,13 +14,13 @@ from torch import nn
 
 from lowvram_stepvideo.files.weights import CheckpointError, open_weights
 from lowvram_stepvideo.loading.assign import build_on_meta, load_weights
-from lowvram_stepvideo.engines.streaming import (
-    BlockStreamer,
+from lowvram_stepvideo.engines.placement import (
     attach_streaming,
     device_memory_report,
     find_blocks,
     offload_component,
     to_device)
+from lowvram_stepvideo.engines.streaming import BlockStreamer
 from lowvram_stepvideo.engines.host_store import BlockLayout, pread_into
 
 CUDA = torch.cuda.is_available()
@@ -371,7 +371,7 @@ RSS_SCRIPT = """
 import json, sys, torch
 sys.path.insert(0, {tests!r})
 from test_offload import load_toy
-from lowvram_stepvideo.engines.streaming import attach_streaming, offload_component
+from lowvram_stepvideo.engines.placement import attach_streaming, offload_component
 
 def status_bytes(key):
     return int(open("/proc/self/status").read().split(key + ":")[1].split()[0]) * 1024

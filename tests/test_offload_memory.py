@@ -11,13 +11,12 @@ import pytest
 import torch
 
 from lowvram_stepvideo.engines import streaming as offload, host_store as offload_store
+from lowvram_stepvideo.engines.placement import attach_streaming, offload_component
 from lowvram_stepvideo.engines.streaming import (
     PACKED_RAM_MARGIN,
     BlockStreamer,
     Footprint,
-    attach_streaming,
     clamp_packed_budget,
-    offload_component,
     streaming_footprint)
 from lowvram_stepvideo.engines.host_store import BlockLayout
 from test_offload import fake_cuda, load_toy, write_toy  # noqa: F401  (fake_cuda is a fixture)
@@ -159,7 +158,7 @@ def test_discard_leaves_the_model_empty(toy_dir):
         model(torch.randn(2, DIM, dtype=torch.bfloat16))
     offload_component(model, discard=True)
     assert all(t.numel() == 0 and t.device.type == "cpu" for t in model.state_dict().values())
-    assert engine._arenas is None and engine._slots == [] and engine.footprint() == Footprint(0, 0)
+    assert engine.store is None and engine._slots == [] and engine.footprint() == Footprint(0, 0)
     assert not any(b._forward_pre_hooks or b._forward_hooks for b in model.modules())
 
 
@@ -170,7 +169,7 @@ DETACH_SCRIPT = """
 import json, sys, torch
 sys.path.insert(0, {tests!r})
 from test_offload import load_toy
-from lowvram_stepvideo.engines.streaming import attach_streaming, offload_component
+from lowvram_stepvideo.engines.placement import attach_streaming, offload_component
 
 def status_bytes(key):
     return int(open("/proc/self/status").read().split(key + ":")[1].split()[0]) * 1024

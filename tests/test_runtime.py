@@ -179,14 +179,15 @@ def test_planning_accountant_refuses_what_needs_data():
 # ---------------------------------------------------------------- the real runtime
 
 def test_device_runtime_places_per_profile_section(folder):
+    from lowvram_stepvideo.engines.attach import attached
     from lowvram_stepvideo.pipeline.machine import DeviceRuntime
     profile = with_overrides(load_profile("cpu"), dit_resident_blocks=1, dit_prefetch=0, dit_source="ram",
                              text_encoders_placement="device")
     runtime = DeviceRuntime(folder, profile, log=lambda msg: None)
     dit = runtime.load("transformer", torch.float32)
     with runtime.placed(dit, "dit"):
-        assert "_lowvram_streamer" in dit.__dict__             # 1 of 2 blocks resident: streamed
-    assert "_lowvram_streamer" not in dit.__dict__
+        assert attached(dit) == ["streaming"]                  # 1 of 2 blocks resident: streamed
+    assert attached(dit) == []
     llm = runtime.load("step_llm", torch.float32)
     with runtime.placed(llm, "text_encoders"):
-        assert "_lowvram_streamer" not in llm.__dict__         # placement "device": whole
+        assert attached(llm) == ["placement"]                  # placement "device": whole

@@ -5,7 +5,7 @@ import torch
 
 from conftest import tiny_dit
 from lowvram_stepvideo.models.dit import StepVideoModel
-from lowvram_stepvideo.engines.streaming import attach_streaming, offload_component
+from lowvram_stepvideo.engines.placement import attach_streaming, offload_component
 from lowvram_stepvideo.pipeline.sampling import cfg_combine, euler_step, flow_sigmas
 from lowvram_stepvideo.engines.step_cache import FirstBlockCache, relative_change
 

@@ -1,4 +1,5 @@
-"""Attention backends, chosen per model from outside: `use_attention_backend(model, "sage")`.
+"""Attention backends, chosen for a card (`choose_attention`: the same choice for a run and its memory plan) and
+attached to a model through the registry (`attach_attention`, or `use_attention_backend(model, "sage")`).
 
 Every backend takes q (B, Sq, H, D), k and v (B, Sk, H, D) and an optional boolean key mask (B, Sk) (True = attend;
 the same keys for every query, which is all the DiT needs) and returns (B, Sq, H, D). Scale is 1/sqrt(D).
@@ -16,20 +17,23 @@ cross-attention stays exact.
   run bf16 matmuls with float32 accumulation at half rate; SageAttention's int8 QK^T avoids that (about 2x over
   flash-attn 2 as published for these cards; to be confirmed by bench/speed_gpu.py on each card).
 - any other CUDA card: flash-attn 2, then SageAttention, SDPA. No CUDA: SDPA.
-A GPU measurement that disagrees changes a row of the table, not code.
+A GPU measurement that disagrees changes a row of the table, not code. The memory planner attaches the chosen
+kernel's data-free stand-in (`planned_kernel`).
 """
 from __future__ import annotations
 
 import functools
 import importlib
 import logging
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
 
 from ..models.layers import sdpa
+from ..profiles import Profile
+from .attach import Handle, attaching
+from .cards import Card, current_card
 
 log = logging.getLogger(__name__)
 
@@ -41,21 +45,6 @@ _MODULES = {"flash3": [("flash_attn_interface", "flash_attn_func")], "flash2": [
 _MODULES["flash"] = _MODULES["flash3"] + _MODULES["flash2"]
 
 
-@dataclass(frozen=True)
-class Card:
-    """What the automatic choice looks at: compute capability (None without CUDA) and the device name."""
-    capability: tuple[int, int] | None
-    name: str = ""
-
-    @property
-    def hopper(self) -> bool:
-        return self.capability is not None and self.capability[0] == 9
-
-    @property
-    def consumer_8x(self) -> bool:
-        return self.capability is not None and self.capability[0] == 8 and "geforce" in self.name.lower()
-
-
 # (which cards, backends in order of preference, why)
 AUTO_RULES: list[tuple[Callable[[Card], bool], tuple[str, ...], str]] = [
     (lambda c: c.capability is None, ("sdpa",), "no CUDA device"),
@@ -64,13 +53,6 @@ AUTO_RULES: list[tuple[Callable[[Card], bool], tuple[str, ...], str]] = [
      "GeForce 8.x: half-rate float32 accumulation, int8 QK (SageAttention) first"),
     (lambda c: True, ("flash2", "sage", "sdpa"), "flash-attn 2 first"),
 ]
-
-
-def current_card(device=None) -> Card:
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type != "cuda" or not torch.cuda.is_available():
-        return Card(None, device.type)
-    return Card(tuple(torch.cuda.get_device_capability(device)), torch.cuda.get_device_name(device))
 
 
 def choose_auto(card: Card, importable: Callable[[str], bool]) -> tuple[str, str]:
@@ -142,7 +124,7 @@ def check_backend(name: str) -> None:
 
 def choose_backend(name: str, card: Card, fallback: bool = False) -> tuple[str, str]:
     """(kernel of KERNELS, why) for a profile's `attention` value on `card`. An explicit backend that is not
-    importable is an error, or with `fallback` becomes 'sdpa' with a warning."""
+    importable is an error, or with `fallback` becomes 'sdpa' (see `fell_back`)."""
     if name == "auto":
         return choose_auto(card, is_available)
     if name not in BACKENDS:
@@ -151,7 +133,6 @@ def choose_backend(name: str, card: Card, fallback: bool = False) -> tuple[str, 
     if name == "flash":   # flash-attn 3 runs on Hopper only
         kernel = "flash3" if card.hopper and is_available("flash3") else "flash2"
     if fallback and not is_available(kernel):
-        log.warning("attention backend %r is not importable (%s); using 'sdpa'", name, INSTALL_HINT[name])
         return "sdpa", f"{name!r} not importable"
     if not is_available(kernel):
         check_backend(name)
@@ -159,19 +140,59 @@ def choose_backend(name: str, card: Card, fallback: bool = False) -> tuple[str, 
     return kernel, "as configured"
 
 
-def resolve_backend(name: str, fallback: bool = False, card: Card | None = None) -> str:
-    """The kernel `name` runs as on `card` (default: this machine's first device); see `choose_backend`."""
-    return choose_backend(name, card or current_card(), fallback)[0]
+def choose_attention(profile: Profile, card: Card) -> tuple[str, str]:
+    """The attention kernel a run of `profile` uses on `card`, and why: the one choice of a real run (its device's
+    card) and of the memory plan (the profile's target card). A backend that is not importable falls back to
+    'sdpa'."""
+    return choose_backend(profile.attention, card, fallback=True)
 
 
-def use_attention_backend(model: nn.Module, name: str, fallback: bool = False, card: Card | None = None) -> str:
-    """Point every attention module of `model` (those with an `attend` attribute) at backend `name` (a profile's
-    value, "auto" included) and return the kernel used (one of KERNELS)."""
-    name = resolve_backend(name, fallback, card)
-    fn = sdpa if name == "sdpa" else functools.partial(attention, backend=name)
+def fell_back(name: str, kernel: str) -> bool:
+    """Whether backend `name` became 'sdpa' because its package is not importable."""
+    return name in INSTALL_HINT and kernel == "sdpa"
+
+
+def warn_fallback(name: str) -> None:
+    log.warning("attention backend %r is not importable (%s); using 'sdpa'", name, INSTALL_HINT[name])
+
+
+def kernel_function(kernel: str) -> Callable:
+    """The `attend` callable that runs `kernel` (one of KERNELS)."""
+    return sdpa if kernel == "sdpa" else functools.partial(attention, backend=kernel)
+
+
+def planned_kernel(kernel: str) -> Callable:
+    """What `kernel` allocates, without data, for the memory planner. Every kernel of KERNELS plans as its output
+    alone: flash-attn, SageAttention and SDPA's fused paths keep no (Sq, Sk) scores in memory. A kernel measured
+    to hold more gets its own stand-in here."""
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown attention kernel {kernel!r}; one of {', '.join(KERNELS)}")
+    return output_only
+
+
+def output_only(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None) -> torch.Tensor:
+    """q (B, Sq, H, D) -> an output of the same shape, nothing computed."""
+    return torch.empty_like(q)
+
+
+def attach_attention(model: nn.Module, attend: Callable) -> Handle:
+    """Point every attention module of `model` (those with an `attend` attribute) at `attend`; the handle's
+    detach gives each its own kernel back."""
     found = [m for m in model.modules() if hasattr(m, "attend")]
     if not found:
         raise ValueError(f"{type(model).__name__} has no attention modules with an 'attend' attribute")
-    for m in found:
-        m.attend = fn
-    return name
+    with attaching(model, "attention") as handle:
+        for m in found:
+            handle.set(m, "attend", attend)
+    return handle
+
+
+def use_attention_backend(model: nn.Module, name: str, fallback: bool = False, card: Card | None = None) -> Handle:
+    """Attach backend `name` (a profile's value, "auto" included) on `card` (default: this machine's first
+    device) to `model`'s attention modules; the handle's `value` is the kernel used (one of KERNELS)."""
+    kernel, _ = choose_backend(name, card or current_card(), fallback)
+    if fell_back(name, kernel):
+        warn_fallback(name)
+    handle = attach_attention(model, kernel_function(kernel))
+    handle.value = kernel
+    return handle

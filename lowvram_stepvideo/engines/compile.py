@@ -14,6 +14,8 @@ import functools
 import torch
 from torch import nn
 
+from .attach import Handle, attaching
+
 _COMPILED: dict[tuple[type, str], object] = {}
 
 
@@ -24,13 +26,11 @@ def compiled_forward(cls: type, backend: str = "inductor"):
     return _COMPILED[cls, backend]
 
 
-def compile_blocks(blocks: nn.ModuleList, backend: str = "inductor") -> None:
-    """Route each block's forward through its class's compiled forward; `uncompile_blocks` undoes it. `backend`:
-    a torch.compile backend ("inductor" generates kernels; "aot_eager" only traces, for tests)."""
-    for block in blocks:
-        block.forward = functools.partial(compiled_forward(type(block), backend), block)
-
-
-def uncompile_blocks(blocks: nn.ModuleList) -> None:
-    for block in blocks:
-        block.__dict__.pop("forward", None)
+def compile_blocks(blocks: nn.ModuleList, backend: str = "inductor") -> Handle:
+    """Route each block's forward through its class's compiled forward; the handle's detach gives the blocks their
+    own forward back. `backend`: a torch.compile backend ("inductor" generates kernels; "aot_eager" only traces,
+    for tests)."""
+    with attaching(blocks, "compile") as handle:
+        for block in blocks:
+            handle.set(block, "forward", functools.partial(compiled_forward(type(block), backend), block))
+    return handle

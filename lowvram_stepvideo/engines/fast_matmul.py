@@ -22,6 +22,9 @@ import torch
 from torch import nn
 
 from ..models.quant import QuantLinear
+from ..profiles import Profile
+from .attach import Handle, attaching
+from .cards import Card
 
 MODES = ("weight-only", "fast")
 # weight format -> (lowest compute capability with tensor cores for it, kernel description)
@@ -116,6 +119,13 @@ def choose(mode: str, fmt: str | None, device_type: str, capability: tuple[int, 
     return fmt, f"{what} (compute capability {capability[0]}.{capability[1]})"
 
 
+def choose_matmul(profile: Profile, fmt: str | None, card: Card) -> tuple[str | None, str]:
+    """The matmul a run of `profile` on a folder of weight format `fmt` uses on `card` (see `choose`): the one
+    choice of a real run (its device's card; the run then probes the kernel) and of the memory plan (the
+    profile's target card)."""
+    return choose(profile.matmul, fmt, card.device_type, card.capability)
+
+
 def device_capability(device) -> tuple[int, int] | None:
     """Compute capability of a CUDA `device`; None for any other device."""
     device = torch.device(device)
@@ -136,12 +146,14 @@ def probe(fmt: str, device, dtype: torch.dtype = torch.bfloat16) -> str | None:
     return None
 
 
-def use_matmul(model: nn.Module, kernel_format: str | None, cuda: bool) -> list[int]:
+def attach_matmul(model: nn.Module, kernel_format: str | None, cuda: bool) -> Handle:
     """Point every QuantLinear of `model` with codes of `kernel_format` at the fast kernel (None: weight-only for
-    all). Returns the live [fast calls, weight-only fallbacks] counter."""
+    all, nothing changed). The handle's `value` is the live [fast calls, weight-only fallbacks] counter."""
     count = [0, 0]
-    for m in model.modules():
-        if isinstance(m, QuantLinear):
-            use = kernel_format is not None and m.fmt.name == kernel_format
-            m.matmul = fast_kernel(kernel_format, cuda, count) if use else None
-    return count
+    with attaching(model, "matmul") as handle:
+        if kernel_format is not None:
+            for m in model.modules():
+                if isinstance(m, QuantLinear) and m.fmt.name == kernel_format:
+                    handle.set(m, "matmul", fast_kernel(kernel_format, cuda, count))
+    handle.value = count
+    return handle

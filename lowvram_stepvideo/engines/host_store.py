@@ -259,3 +259,28 @@ def available_ram_bytes() -> int:
     except OSError:
         pass
     return physical_ram_bytes()
+
+
+def release_cached_pinned_memory() -> None:
+    """torch keeps freed page-locked blocks for reuse; give them back so the next phase has that RAM (private API,
+    named differently across torch versions, hence the lookup)."""
+    for name in ("_accelerator_emptyHostCache", "_host_emptyCache"):
+        empty = getattr(torch._C, name, None)
+        if empty is not None:
+            try:
+                empty()
+            except RuntimeError:   # no accelerator after all: nothing is cached
+                pass
+            return
+
+
+def size_text(n: int) -> str:
+    """Bytes for a log line: "1.50 GiB", "12.00 MiB", "512 B"."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
+
+
+def first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]

@@ -1,10 +1,15 @@
 """The speed levers of the denoising phase, attached to the DiT from outside for one phase and reported for the
 log and the sidecar: attention kernel (profile `attention`), expanded weights kept across token runs, fast
-low-precision matmuls (profile `matmul`), the first-block step cache and regional compile (`SpeedOptions`).
+low-precision matmuls (profile `matmul`), the first-block step cache, regional compile (`SpeedOptions`) and, on a
+rank of a parallel run, the CFG and sequence splits. Each is a handle of the attach registry (attach.py); `detach`
+takes them all off, last first.
 
-Under the memory planner (fake tensors) the levers that allocate are attached as they would run on the target card
-(kept expansions, the step cache's residuals, the fast matmul's temporaries when the profile asks for it), so the
-plan counts them; the attention kernel and compile change no allocation the plan models and are left out.
+A real run and the memory planner choose with the same functions (attention.choose_attention,
+fast_matmul.choose_matmul) for a `Card`: the device's in a run, the profile's target card in a plan. Under the
+planner (fake tensors) the levers are attached as they would run on that card, so the plan counts what they
+allocate (kept expansions, the step cache's residuals, the fast matmul's temporaries), with the chosen attention
+kernel's data-free stand-in (attention.planned_kernel); compile changes no allocation the plan models and is left
+out, and no kernel is probed.
 """
 from __future__ import annotations
 
@@ -14,9 +19,11 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from . import fast_matmul
-from .attention import choose_backend, current_card, use_attention_backend
-from .compile import compile_blocks, uncompile_blocks
+from . import fast_matmul, parallel
+from .attach import Attachments, Handle, attaching
+from .attention import attach_attention, choose_attention, fell_back, kernel_function, planned_kernel, warn_fallback
+from .cards import Card
+from .compile import compile_blocks
 from ..models.dit import TOKEN_RUN_SCOPES
 from ..models.quant import QuantLinear, keep_expanded_weights
 from .step_cache import FirstBlockCache
@@ -42,56 +49,69 @@ def weight_format(model: nn.Module) -> str:
     return next((m.fmt.name for m in model.modules() if isinstance(m, QuantLinear)), "bf16")
 
 
-class DiTLevers:
-    """Attach with `attach()`, undo with `detach()`; `report()` says what ran (for the sidecar)."""
+def attach_expanded_weights(model: nn.Module) -> Handle:
+    """Keep each quantized linear's expanded weight for one call of its token-run scope (quant.ExpandedWeights)."""
+    with attaching(model, "expanded_weights") as handle:
+        engine = keep_expanded_weights(model, TOKEN_RUN_SCOPES)
+        handle.on_detach(lambda discard: engine.remove())
+    handle.value = engine
+    return handle
 
-    def __init__(self, dit: nn.Module, profile, options: SpeedOptions, device: torch.device, planning: bool = False):
+
+class DiTLevers:
+    """Attach with `attach()`, undo with `detach()`; `report()` says what ran (for the sidecar). `card`: the card
+    the levers choose for (see the module docstring); `par`: this rank's place in a parallel run, or None."""
+
+    def __init__(self, dit: nn.Module, profile, options: SpeedOptions, device: torch.device, card: Card,
+                 planning: bool = False, par=None):
         self.dit, self.profile, self.options, self.planning = dit, profile, options, planning
-        self.device = torch.device(device)
+        self.device, self.card, self.par = torch.device(device), card, par
         self.cache: FirstBlockCache | None = None
+        self.attached = Attachments()
         self.info: dict = {}
 
     def attach(self) -> "DiTLevers":
-        if not self.planning:
-            card = current_card(self.device)   # of the device this runs on, not of the machine's first one
-            kernel, why = choose_backend(self.profile.attention, card, fallback=True)
-            self.info["attention"] = use_attention_backend(self.dit, kernel, card=card)
-            self.info["attention_reason"] = why
-        self.compiled = self.options.compile and not self.planning
-        # hooks inside a compiled block would be guarded per block (a recompile each): a compiled block leaves
-        # repeated expansions of a weight to the compiler
-        self.expanded = None if self.compiled else keep_expanded_weights(self.dit, TOKEN_RUN_SCOPES)
-        self._attach_matmul()
-        if self.options.cache:
-            self.cache = FirstBlockCache(self.options.cache, self.options.cache_max_reuse).attach(self.dit)
-        if self.compiled:
-            compile_blocks(self.dit.transformer_blocks)
+        with self.attached:
+            self._attach_attention()
+            self.compiled = self.options.compile and not self.planning
+            # hooks inside a compiled block would be guarded per block (a recompile each): a compiled block leaves
+            # repeated expansions of a weight to the compiler (attach.EXCLUSIVE)
+            if not self.compiled:
+                self.attached.add(attach_expanded_weights(self.dit))
+            self._attach_matmul()
+            if self.options.cache:
+                self.cache = FirstBlockCache(self.options.cache, self.options.cache_max_reuse).attach(self.dit)
+                self.attached.add(self.cache.handle)
+            if self.compiled:
+                self.attached.add(compile_blocks(self.dit.transformer_blocks))
+            if self.par is not None:     # around the kernel chosen above (attach.ORDER)
+                self.attached.add(parallel.attach(self.dit, self.par))
         return self
 
-    def _attach_matmul(self) -> None:
-        fmt, cuda = weight_format(self.dit), self.device.type == "cuda"
-        if self.planning:   # plan as the target card would run: the profile's choice, if the folder allows it
-            cuda = self.profile.device == "cuda"
-            use = fmt if self.profile.matmul == "fast" and fmt in fast_matmul.KERNEL_TABLE and cuda else None
-            why = "planned"
+    def _attach_attention(self) -> None:
+        kernel, why = choose_attention(self.profile, self.card)
+        if self.planning:
+            attend = planned_kernel(kernel)
         else:
-            capability = fast_matmul.device_capability(self.device)
-            use, why = fast_matmul.choose(self.profile.matmul, fmt, self.device.type, capability)
-            failed = use and fast_matmul.probe(use, self.device, self.profile.torch_dtype)
-            if failed:
-                use, why = None, f"{why} failed here ({failed}); using weight-only"
-        self.matmul_calls = fast_matmul.use_matmul(self.dit, use, cuda)
+            if fell_back(self.profile.attention, kernel):
+                warn_fallback(self.profile.attention)
+            attend = kernel_function(kernel)
+        self.attached.add(attach_attention(self.dit, attend))
+        self.info["attention"], self.info["attention_reason"] = kernel, why
+
+    def _attach_matmul(self) -> None:
+        fmt = weight_format(self.dit)
+        use, why = fast_matmul.choose_matmul(self.profile, fmt, self.card)
+        if self.planning:
+            why = "planned"
+        elif use and (failed := fast_matmul.probe(use, self.device, self.profile.torch_dtype)):
+            use, why = None, f"{why} failed here ({failed}); using weight-only"
+        self.matmul_calls = self.attached.add(fast_matmul.attach_matmul(self.dit, use, self.card.cuda)).value
         self.info["matmul"] = "weight-only" if use is None else f"{use} x {use}"
         self.info["matmul_reason"] = why
 
     def detach(self) -> None:
-        if self.expanded is not None:
-            self.expanded.remove()
-        fast_matmul.use_matmul(self.dit, None, False)
-        if self.cache is not None:
-            self.cache.detach()
-        if self.compiled:
-            uncompile_blocks(self.dit.transformer_blocks)
+        self.attached.detach()
 
     def start_step(self, step: int, total_steps: int) -> None:
         if self.cache is not None:

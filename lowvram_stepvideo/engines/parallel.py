@@ -8,7 +8,8 @@
   sequence for its share of the heads) and back; cross-attention stays local (its keys are the text); RoPE uses
   the global positions of the local run; the final layer's output is gathered. Same math per head.
 Ranks: rank = cfg_rank * P + seq_rank, so a sequence group is P consecutive ranks (one node's fast links carry the
-all-to-alls). The engines attach to a loaded DiT from outside (`attach`); the model's code does not change.
+all-to-alls). The engines attach to a loaded DiT from outside (`attach`, through attach.py); the model's code does
+not change.
 
 Every collective runs under the process group's timeout (`LOWVRAM_STEPVIDEO_PARALLEL_TIMEOUT`, seconds), so a rank
 that died or hangs ends the others with an error instead of a hang. Only rank 0 writes files.
@@ -25,6 +26,7 @@ from torch import nn
 
 from ..errors import StepVideoError
 from ..models.dit import SelfAttention, WholeSequence
+from .attach import Attachments, attaching
 
 MODES = ("cfg", "sequence", "auto")
 TIMEOUT_ENV = "LOWVRAM_STEPVIDEO_PARALLEL_TIMEOUT"
@@ -292,36 +294,25 @@ class CfgSplit:
 
 # ---------------------------------------------------------------- attach
 
-class Attached:
-    """What `attach` did to a DiT; `remove()` puts it back."""
-
-    def __init__(self, dit: nn.Module):
-        self.dit, self.hooks, self.wrapped = dit, [], []
-
-    def remove(self) -> None:
-        for h in self.hooks:
-            h.remove()
-        for attn in self.wrapped:
-            attn.attend = attn.attend.inner
-        self.dit.sequence = WholeSequence()
-        self.hooks, self.wrapped = [], []
-
-
-def attach(dit: nn.Module, par: Parallel) -> Attached:
-    """Run `dit` per `par.layout`. Call after its attention backend is chosen (the all-to-all wraps that kernel).
-    With CFG parallel, the caller passes the guided pair as one batch of 2."""
-    done, layout = Attached(dit), par.layout
-    if layout.sequence > 1:
-        split = SequenceSplit(par.seq_group, layout.seq_rank, layout.sequence)
-        dit.sequence = split
-        for m in dit.modules():
-            if isinstance(m, SelfAttention):
-                m.attend = UlyssesAttention(m.attend, split)
-                done.wrapped.append(m)
-    if layout.cfg == 2:
-        cfg = CfgSplit(par.cfg_group, layout.cfg_rank)
-        done.hooks.append(dit.register_forward_pre_hook(cfg.pick_branch, with_kwargs=True))
-        done.hooks.append(dit.register_forward_hook(cfg.gather, with_kwargs=True))
+def attach(dit: nn.Module, par: Parallel) -> Attachments:
+    """Run `dit` per `par.layout`: sequence parallel (its `sequence` split and the all-to-all around each
+    self-attention kernel; after the attention kernel is attached, see attach.ORDER) and CFG parallel (hooks
+    picking this rank's branch and gathering both). With CFG parallel, the caller passes the guided pair as one
+    batch of 2."""
+    layout = par.layout
+    with Attachments() as done:
+        if layout.sequence > 1:
+            with attaching(dit, "sequence_parallel") as handle:
+                split = SequenceSplit(par.seq_group, layout.seq_rank, layout.sequence)
+                handle.set(dit, "sequence", split)
+                for m in dit.modules():
+                    if isinstance(m, SelfAttention):
+                        handle.set(m, "attend", UlyssesAttention(m.attend, split))
+            done.add(handle)
+        if layout.cfg == 2:
+            with attaching(dit, "cfg_parallel") as handle:
+                cfg = CfgSplit(par.cfg_group, layout.cfg_rank)
+                handle.hook(dit.register_forward_pre_hook(cfg.pick_branch, with_kwargs=True))
+                handle.hook(dit.register_forward_hook(cfg.gather, with_kwargs=True))
+            done.add(handle)
     return done
-
-

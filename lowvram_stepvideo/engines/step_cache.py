@@ -1,4 +1,4 @@
-"""First-block residual cache for the DiT (opt-in: `--cache THRESHOLD`), attached from outside like the streamer.
+"""First-block residual cache for the DiT (opt-in: `--cache THRESHOLD`), attached from outside (attach.py).
 
 Each DiT forward runs block 0, then compares block 0's residual (its output minus its input) with the one saved at
 the last full evaluation of the same CFG branch: relative change = mean|r - r_saved| / mean|r_saved|. Below the
@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from .attach import attaching
 
 
 @dataclass
@@ -46,12 +48,14 @@ class FirstBlockCache:
         if self.max_reuse < 1:
             raise ValueError(f"step cache max_reuse must be >= 1, got {self.max_reuse!r}")
         self.dit = dit
-        dit.forward_blocks = self._forward_blocks     # an instance attribute over the model's plain loop
+        with attaching(dit, "step_cache") as handle:
+            handle.set(dit, "forward_blocks", self._forward_blocks)   # over the model's plain loop
+            handle.on_detach(lambda discard: self.branches.clear())
+        self.handle = handle
         return self
 
     def detach(self) -> None:
-        self.dit.__dict__.pop("forward_blocks", None)
-        self.branches.clear()
+        self.handle.detach()
 
     def start_step(self, step: int, total_steps: int) -> None:
         self.step, self.total_steps = step, total_steps

@@ -17,15 +17,16 @@ compute. If page-locking fails, the engine logs one warning and carries on with 
 pageable staging). On a CPU device the same engine runs with plain buffers and no streams, so its logic is tested
 everywhere.
 
-Host and device bytes an engine holds are `streaming_footprint(...)` of its settings; a live engine reports its
-actual allocations with `footprint()`, and the two agree (tests/test_offload_memory.py). `detach(discard=True)` frees
-everything and leaves the blocks empty (for a model about to be thrown away); `detach()` gives the blocks their
-original tensors back (memory-mapped views where they were loaded as such), never a second copy next to the arenas.
+Where streamed blocks live on the host is the store's (block_store.py); attaching to a whole model, with its other
+weights, is placement.py's. Host and device bytes an engine holds are `streaming_footprint(...)` of its settings; a
+live engine reports its actual allocations with `footprint()`, and the two agree (tests/test_offload_memory.py).
+`detach(discard=True)` frees everything and leaves the blocks empty (for a model about to be thrown away);
+`detach()` gives the blocks their original tensors back (memory-mapped views where they were loaded as such), never
+a second copy next to the arenas.
 """
 from __future__ import annotations
 
 import logging
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -34,24 +35,24 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from ..profiles import Profile
 from . import host_store as offload_store
+from .block_store import BlockStore
 from .host_store import (
     BlockLayout,
-    CastSegment,
     HostArenas,
     RamSegment,
-    as_bytes,
     available_ram_bytes,
     block_tensors,
-    disk_segments,
-    fill_range,
-    physical_ram_bytes)
+    first_line,
+    physical_ram_bytes,
+    release_cached_pinned_memory,
+    size_text)
 
 log = logging.getLogger(__name__)
 GiB = 2**30
 SOURCES = ("ram", "disk")
 PIN_FRACTION = 0.5                    # default pinned budget (source="ram"): this share of physical RAM
-BLOCK_LISTS = ("transformer_blocks", "transformer.layers")   # DiT, step_llm
 ARENA_BYTES = 256 * 2**20             # packed host images come in arenas of this size (a power of two)
 STAGING_BYTES, STAGING_BUFFERS = 64 * 2**20, 3                # pinned staging ring for disk/pageable blocks
 # RAM left alone when packing at attach: the OS, this process's own allocations (activations on a CPU device,
@@ -62,6 +63,12 @@ PACKED_RAM_MARGIN = 4 * GiB
 class Footprint(NamedTuple):
     device_bytes: int     # weights placed on the device: other weights + resident blocks + slots
     host_bytes: int       # host RAM the engine allocates: packed block images + staging buffers
+
+
+def packed_budget_bytes(profile: Profile) -> int:
+    """The packed-RAM budget of `profile` in bytes (`memory.packed_gb`), as a run asks for it at attach and the plan
+    counts it (before `clamp_packed_budget`, which only a run on this machine applies)."""
+    return int(profile.memory.packed_gb * GiB)
 
 
 def clamp_packed_budget(budget_bytes: int, available_bytes: int | None = None) -> int:
@@ -82,7 +89,7 @@ def streaming_footprint(block_bytes: int, n_blocks: int, other_bytes: int, resid
     after `clamp_packed_budget`; it applies to source "ram" only. Host bytes that are not allocations of the engine
     (the checkpoint's memory-mapped pages, a model's own loaded tensors) are not included.
     """
-    n_resident = len(_resident_indices(resident, n_blocks))
+    n_resident = len(resident_indices(resident, n_blocks))
     streamed = n_blocks - n_resident
     slots = min(prefetch + 1, streamed)
     arenas = HostArenas(block_bytes, arena_bytes, pin=False)
@@ -144,7 +151,7 @@ class BlockStreamer:
             raise ValueError(f"prefetch must be a block count >= 0, got {prefetch!r}")
         self.blocks, self.device = list(blocks), torch.device(device)
         self.cuda = self.device.type == "cuda"
-        self.resident = _resident_indices(resident, len(self.blocks))
+        self.resident = resident_indices(resident, len(self.blocks))
         self.prefetch, self.source, self.cyclic = prefetch, source, cyclic
         if pin_budget_bytes is None:
             pin_budget_bytes = int(PIN_FRACTION * physical_ram_bytes())
@@ -154,6 +161,7 @@ class BlockStreamer:
         self.stats = StreamStats()
         self.log: list | None = [] if keep_log else None
         self.other_bytes = 0              # weights outside the stack that the caller put on the device beside it
+        self.store: BlockStore | None = None
         self.attached = False
         self._warned = False
 
@@ -169,15 +177,16 @@ class BlockStreamer:
             self.layout.check(block, i)
         self._tensors = [[t for _, t in block_tensors(b)] for b in self.blocks]
         self._order = [i for i in range(len(self.blocks)) if i not in self.resident]
-        self._originals = {i: self._kept_originals(i) for i in range(len(self.blocks))}
-        self._fds: dict = {}
+        self.store = BlockStore(self._tensors, self.layout, self._order, self.resident, self.source, pin=self.cuda,
+                                cuda=self.cuda, weight_refs=self.weight_refs, prefix=self.prefix,
+                                arena_bytes=self.arena_bytes, warn=self._warn)
         self._slots, self._staging, self._worker = [], [], None
         try:
-            self._plan_sources()
+            self._fill_store()
             self._move_resident(self.device)
             self._make_slots()          # device allocations: may run out of memory
         except BaseException:
-            self._restore_resident()
+            self.store.restore_resident()
             self._free_buffers()
             raise
         self._placeholders = [torch.empty(0, dtype=e.dtype, device=self.device) for e in self.layout.entries]
@@ -208,13 +217,11 @@ class BlockStreamer:
                 for t, placeholder in zip(tensors, empty):
                     t.data = placeholder
         else:
-            self._restore_resident()
-            for i in sorted(self._order, key=lambda i: self._pin_pos.get(i, -1), reverse=True):
-                self._restore_streamed(i)
+            self.store.restore_resident()
+            self.store.restore_streamed()
             self._free_buffers()
-        self._originals, self._segments = {}, {}
         if self.cuda:
-            _release_cached_pinned_memory()
+            release_cached_pinned_memory()
         self.attached = False
 
     def _stop_copies(self) -> None:
@@ -228,114 +235,31 @@ class BlockStreamer:
 
     def _free_buffers(self) -> None:
         self._slots, self._staging = [], []
-        if getattr(self, "_arenas", None) is not None:
-            self._arenas.release_from(0)
-        self._arenas = None
-        _close_all(self._fds)
-
-    def _kept_originals(self, i: int) -> list[torch.Tensor | None]:
-        """Block i's tensors that detach can give back as they are: memory-mapped views of the checkpoint (the
-        file has the tensor in its run dtype), and every tensor a CPU engine leaves in place (resident blocks).
-        Copies (cast at load, in-memory models) are not kept while the block streams: that would be RAM twice."""
-        if i in self.resident and not self.cuda:
-            return [t.data for t in self._tensors[i]]
-        refs = self.weight_refs or {}
-        out = []
-        for e, t in zip(self.layout.entries, self._tensors[i]):
-            ref = refs.get(f"{self.prefix}{i}.{e.name}")
-            out.append(t.data if ref is not None and ref.dtype == t.dtype and ref.shape == e.shape else None)
-        return out
-
-    def _restore_resident(self) -> None:
-        for i in self.resident:
-            for t, original in zip(self._tensors[i], self._originals[i]):
-                t.data = original if original is not None else t.data.to("cpu")
-
-    def _restore_streamed(self, i: int) -> None:
-        """Originals back; missing ones rebuilt. Packed blocks go from the last arena position down, each
-        arena released once no block left to restore lies in it."""
-        kept = self._originals[i]
-        rebuilt = self._host_tensors(i) if any(t is None for t in kept) else [None] * len(kept)
-        for t, original, new in zip(self._tensors[i], kept, rebuilt):
-            t.data = original if original is not None else new
-        if i in self._pin_pos:
-            self._arenas.release_from(self._pin_pos[i] * self.layout.nbytes)
+        if self.store is not None:
+            self.store.free()
+        self.store = None
 
     def _register(self, i: int, block: nn.Module) -> list:
         pre = block.register_forward_pre_hook(lambda module, args: self._pre(i))
         post = block.register_forward_hook(lambda module, args, out: self._post(i), always_call=True)
         return [pre, post]
 
-    def _plan_sources(self) -> None:
-        """Decide where each streamed block lives and fill the packed images of those that fit the budget."""
-        pin = self.cuda
+    def _fill_store(self) -> None:
+        """The packed budget as this machine can hold it, then the store decides where each block lives."""
         budget = clamp_packed_budget(self.requested_budget_bytes) if self.requested_budget_bytes else 0
         if budget < self.requested_budget_bytes:
-            log.info(f"packed budget lowered from {_size(self.requested_budget_bytes)} to {_size(budget)}: "
-                     f"the available RAM minus {_size(PACKED_RAM_MARGIN)}")
-        self.stats.pin_budget_bytes = budget
-        self._arenas = HostArenas(self.layout.nbytes, self.arena_bytes, pin)
-        n_packed = self._allocate_arenas(self._arenas.fit(budget, len(self._order)))
-        self._kind, self._pin_pos, self._segments = {}, {}, {}
-        for pos, i in enumerate(self._order):
-            if pos < n_packed:
-                segments = self._packing_segments(i)
-                for piece, off in self._arenas.pieces(pos):
-                    fill_range(self.layout, segments, piece, off, off + piece.numel())
-                self._kind[i], self._pin_pos[i] = "packed", pos
-            else:
-                self._kind[i], self._segments[i] = ("disk" if self.source == "disk" else "pageable"), \
-                    self._source_segments(i)
-        self._update_source_stats(pin)
-
-    def _allocate_arenas(self, blocks: int) -> int:
-        """Allocate packed images for `blocks` blocks; if the RAM (or the page-locking of it) is refused, keep the
-        whole blocks that did fit and warn once. Returns how many blocks are packed."""
-        try:
-            self._arenas.allocate(blocks)
-            return blocks
-        except RuntimeError as e:     # RLIMIT_MEMLOCK, a full RAM, or a driver that cannot pin more
-            got = self._arenas.keep_whole_blocks(blocks)
-            self._warn(f"could not {'page-lock' if self.cuda else 'allocate'} {_size(self._arenas.cost(blocks))} "
-                       f"of host RAM for packed blocks ({_first_line(e)}); {got} of {blocks} blocks packed, the "
-                       "others are read from the checkpoint or pageable RAM at each forward (slower copies)")
-            return got
+            log.info(f"packed budget lowered from {size_text(self.requested_budget_bytes)} to {size_text(budget)}: "
+                     f"the available RAM minus {size_text(PACKED_RAM_MARGIN)}")
+        self.store.fill(budget)
+        s, counts = self.stats, self.store.counts()
+        s.pin_budget_bytes, s.resident_blocks = budget, len(self.resident)
+        s.packed_blocks, s.pageable_blocks, s.disk_blocks = counts["packed"], counts["pageable"], counts["disk"]
+        s.packed_bytes, s.page_locked = self.store.nbytes, self.cuda and s.packed_blocks > 0
 
     def _warn(self, message: str) -> None:
         if not self._warned:
             log.warning(message)
             self._warned = True
-
-    def _source_segments(self, i: int) -> list:
-        """Where an unpacked block is read from at each forward: its checkpoint file (source "disk"; for "ram" too
-        when the file holds the block as it runs, so no cast is repeated), else the module's tensors."""
-        if self.source == "disk":
-            return disk_segments(self.layout, self._tensors[i], self.weight_refs, f"{self.prefix}{i}.", self._fds)
-        segments = self._file_segments(i)
-        if segments is None or any(isinstance(seg, CastSegment) for seg in segments):
-            return [RamSegment(t.data) for t in self._tensors[i]]
-        return segments
-
-    def _packing_segments(self, i: int) -> list:
-        return self._file_segments(i) or [RamSegment(t.data) for t in self._tensors[i]]
-
-    def _file_segments(self, i: int) -> list | None:
-        """Block i read from the checkpoint with positioned reads, if its weights are there as loaded. Reading
-        through the memory map instead would leave the file's pages mapped into this process: the block counted
-        again in its RSS, on top of the packed image or slot it was copied into."""
-        if self.weight_refs is None:
-            return None
-        try:
-            return disk_segments(self.layout, self._tensors[i], self.weight_refs, f"{self.prefix}{i}.", self._fds)
-        except ValueError:        # the module changed after loading (e.g. quantized in memory)
-            return None
-
-    def _update_source_stats(self, pin: bool) -> None:
-        kinds = list(self._kind.values())
-        s = self.stats
-        s.resident_blocks, s.packed_blocks = len(self.resident), kinds.count("packed")
-        s.pageable_blocks, s.disk_blocks = kinds.count("pageable"), kinds.count("disk")
-        s.packed_bytes, s.page_locked = self._arenas.nbytes, pin and s.packed_blocks > 0
 
     def _move_resident(self, device: torch.device) -> None:
         if not self.cuda:
@@ -350,8 +274,8 @@ class BlockStreamer:
         self._slot_of: dict[int, _Slot] = {}
         self._windows = [self._window(i) for i in range(len(self.blocks))]
         self.stats.slots, self.stats.slot_bytes = count, self.layout.nbytes
-        staged = any(kind != "packed" for kind in self._kind.values())
-        reads_files = any(not isinstance(seg, RamSegment) for segs in self._segments.values() for seg in segs)
+        staged = any(kind != "packed" for kind in self.store.kind.values())
+        reads_files = any(not isinstance(seg, RamSegment) for segs in self.store.segments.values() for seg in segs)
         self._worker = ThreadPoolExecutor(1, "block-stream") if staged and (self.cuda or reads_files) else None
         self._copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
         size = min(self.staging_bytes, self.layout.nbytes)
@@ -363,7 +287,7 @@ class BlockStreamer:
         try:
             return offload_store.host_buffer(size, pin=True)
         except RuntimeError as e:
-            self._warn(f"could not page-lock {_size(size)} of staging RAM ({_first_line(e)}); staging in pageable "
+            self._warn(f"could not page-lock {size_text(size)} of staging RAM ({first_line(e)}); staging in pageable "
                        "RAM (copies to the device are not asynchronous)")
             return offload_store.host_buffer(size, pin=False)
 
@@ -375,17 +299,6 @@ class BlockStreamer:
         head = [i] if i not in self.resident else []
         ahead = [j for j in later if j != i][:self.prefetch]
         return (head + ahead)[:len(self._slots)]
-
-    def _host_tensors(self, i: int) -> list[torch.Tensor]:
-        """Plain host tensors of a streamed block (originals where they are kept, else rebuilt)."""
-        if self._kind[i] != "packed":
-            return [seg.materialise() for seg in self._segments[i]]
-        out = []
-        for e in self.layout.entries:
-            t = torch.empty(e.shape, dtype=e.dtype)
-            self._arenas.read(self._pin_pos[i], as_bytes(t), e.offset, e.offset + e.nbytes)
-            out.append(t)
-        return out
 
     def _park(self, i: int) -> None:
         for t, placeholder in zip(self._tensors[i], self._placeholders):
@@ -428,7 +341,7 @@ class BlockStreamer:
         slot.stamp = self.stats.blocks_fetched
         self.stats.bytes_moved += self.layout.nbytes
         self._record("fetch", j)
-        if self._kind[j] == "packed" and self.cuda:
+        if self.store.kind[j] == "packed" and self.cuda:
             self._copy_pinned(j, slot)
         elif self._worker is None:
             self._read_block(j, slot.flat, 0, self.layout.nbytes)
@@ -473,16 +386,13 @@ class BlockStreamer:
     def read_block_into(self, index: int, dst: torch.Tensor) -> None:
         """For measurements: the image of streamed block `index` (slot layout, `stats.slot_bytes` bytes) into the
         uint8 CPU tensor `dst`, from wherever that block lives (packed RAM, pageable RAM or disk)."""
-        if index not in self._kind:
+        if index not in self.store.kind:
             raise ValueError(f"block {index} is not streamed (resident or out of range)")
         self._read_block(index, dst, 0, self.layout.nbytes)
 
     def _read_block(self, j: int, dst: torch.Tensor, a: int, b: int) -> None:
         """Host side: bytes [a, b) of block j's image into the host buffer `dst`."""
-        if self._kind[j] == "packed":
-            self._arenas.read(self._pin_pos[j], dst, a, b)
-        else:
-            fill_range(self.layout, self._segments[j], dst, a, b)
+        self.store.read(j, dst, a, b)
 
     def _cpu_fill(self, j: int, slot: _Slot) -> None:
         self._read_block(j, slot.flat, 0, self.layout.nbytes)
@@ -490,7 +400,7 @@ class BlockStreamer:
     def _copy_pinned(self, j: int, slot: _Slot) -> None:
         with torch.cuda.stream(self._copy_stream):
             self._copy_stream.wait_event(slot.free)
-            for piece, off in self._arenas.pieces(self._pin_pos[j]):
+            for piece, off in self.store.pieces(j):
                 slot.flat[off:off + piece.numel()].copy_(piece, non_blocking=True)
             slot.ready.record(self._copy_stream)
 
@@ -517,7 +427,7 @@ class BlockStreamer:
             return Footprint(0, 0)
         block = self.layout.nbytes
         device = self.other_bytes + len(self.resident) * block + sum(s.flat.numel() for s in self._slots)
-        host = self._arenas.nbytes + sum(buf.numel() for buf, _ in self._staging)
+        host = self.store.nbytes + sum(buf.numel() for buf, _ in self._staging)
         return Footprint(device, host)
 
     def summary(self) -> str:
@@ -526,19 +436,8 @@ class BlockStreamer:
         where = "page-locked" if s.page_locked else "host RAM"
         return (f"block streaming to {self.device}: {len(self.blocks)} blocks, {s.resident_blocks} resident, "
                 f"{streamed} streamed ({s.packed_blocks} packed in {where}, {s.pageable_blocks} pageable, "
-                f"{s.disk_blocks} from disk), prefetch {self.prefetch}, {s.slots} slots x {_size(s.slot_bytes)}; "
-                f"packed {_size(s.packed_bytes)} of {_size(s.pin_budget_bytes)} budget")
-
-
-def _size(n: int) -> str:
-    for unit, scale in (("GiB", GiB), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n} B"
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+                f"{s.disk_blocks} from disk), prefetch {self.prefetch}, {s.slots} slots x {size_text(s.slot_bytes)}; "
+                f"packed {size_text(s.packed_bytes)} of {size_text(s.pin_budget_bytes)} budget")
 
 
 def _inference_mode(fn):
@@ -550,7 +449,7 @@ def _inference_mode(fn):
     return run
 
 
-def _resident_indices(resident, n: int) -> frozenset[int]:
+def resident_indices(resident, n: int) -> frozenset[int]:
     """An int r keeps r blocks spread evenly (0, n/r, 2n/r, ...): each gives the copies more time to catch up."""
     if isinstance(resident, int):
         if resident < 0:
@@ -561,107 +460,3 @@ def _resident_indices(resident, n: int) -> frozenset[int]:
     if any(i < 0 or i >= n for i in chosen):
         raise ValueError(f"resident block indices must be in 0..{n - 1}, got {sorted(chosen)}")
     return chosen
-
-
-def _release_cached_pinned_memory() -> None:
-    """torch keeps freed page-locked blocks for reuse; give them back so the next phase has that RAM (private API,
-    named differently across torch versions, hence the lookup)."""
-    for name in ("_accelerator_emptyHostCache", "_host_emptyCache"):
-        empty = getattr(torch._C, name, None)
-        if empty is not None:
-            try:
-                empty()
-            except RuntimeError:   # no accelerator after all: nothing is cached
-                pass
-            return
-
-
-def _close_all(fds: dict) -> None:
-    for fd in fds.values():
-        os.close(fd)
-    fds.clear()
-
-
-# ---------------------------------------------------------------- whole models and phases
-
-def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The block stack of a DiT (`transformer_blocks`) or step_llm (`transformer.layers`) and its key prefix."""
-    for path in BLOCK_LISTS:
-        try:
-            blocks = model.get_submodule(path)
-        except AttributeError:
-            continue
-        if isinstance(blocks, nn.ModuleList):
-            return path, blocks
-    raise ValueError(f"{type(model).__name__} has no block list ({' or '.join(BLOCK_LISTS)}) to stream")
-
-
-def attach_streaming(model: nn.Module, device, resident=0, prefetch: int = 1, source: str = "ram",
-                     pin_budget_bytes: int | None = None, **options) -> BlockStreamer:
-    """Stream `model`'s blocks to `device` and put every other weight there. `offload_component(model)` (or the
-    returned engine's `detach()` for the blocks) undoes it. `options` go to BlockStreamer (cyclic, keep_log...).
-    The engine's `footprint()` includes those other weights."""
-    path, blocks = find_blocks(model)
-    if "_lowvram_streamer" in model.__dict__ or "_lowvram_host" in model.__dict__:
-        raise ValueError(f"{type(model).__name__} is already placed on a device; offload_component(model) first")
-    engine = BlockStreamer(blocks, device, resident=resident, prefetch=prefetch, source=source,
-                           pin_budget_bytes=pin_budget_bytes, weight_refs=getattr(model, "weight_refs", None),
-                           prefix=path + ".", **options).attach()
-    model.__dict__["_lowvram_streamer"] = engine     # before the next step: offload_component undoes both
-    engine.other_bytes = to_device(model, device, skip=(path,))
-    return engine
-
-
-def _named_tensors(module: nn.Module):
-    yield from module.named_parameters()
-    yield from module.named_buffers()
-
-
-def to_device(module: nn.Module, device, skip: tuple[str, ...] = ()) -> int:
-    """Put a component's weights on `device` (except those under the `skip` prefixes); returns their bytes. The
-    host tensors are kept, so `offload_component` costs no copy; weights must not be modified meanwhile."""
-    device = torch.device(device)
-    host = module.__dict__.setdefault("_lowvram_host", {})
-    placed = 0
-    for name, t in _named_tensors(module):
-        if any(name.startswith(p + ".") for p in skip):
-            continue
-        host.setdefault(name, t.data)
-        t.data = t.data.to(device)
-        placed += t.numel() * t.element_size()
-    return placed
-
-
-def offload_component(module: nn.Module, discard: bool = False) -> None:
-    """Take a component off the device: detach its block streamer, give its weights their host tensors back.
-    `discard`: the component is about to be thrown away; every weight is dropped instead (arenas and slots
-    first, nothing copied back), leaving the module empty and unusable."""
-    engine = module.__dict__.pop("_lowvram_streamer", None)
-    if engine is not None:
-        engine.detach(discard=discard)
-    host = module.__dict__.pop("_lowvram_host", {})
-    for name, t in _named_tensors(module):
-        if discard:
-            t.data = torch.empty(0, dtype=t.dtype)
-        elif name in host:
-            t.data = host[name]
-        elif t.device.type != "cpu":
-            t.data = t.data.to("cpu")
-
-
-def device_memory(device) -> dict[str, int] | None:
-    """Bytes allocated / reserved / peak / total on a CUDA device; None on a CPU (nothing to report)."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return None
-    return {"allocated": torch.cuda.memory_allocated(device), "reserved": torch.cuda.memory_reserved(device),
-            "peak": torch.cuda.max_memory_allocated(device),
-            "total": torch.cuda.get_device_properties(device).total_memory}
-
-
-def device_memory_report(device) -> str:
-    mem = device_memory(device)
-    if mem is None:
-        return f"{torch.device(device)}: device memory n/a"
-    return (f"{torch.device(device)}: {mem['allocated'] / GiB:.2f} GiB allocated, {mem['reserved'] / GiB:.2f} GiB "
-            f"reserved, peak {mem['peak'] / GiB:.2f} GiB of {mem['total'] / GiB:.2f} GiB")

@@ -18,11 +18,13 @@ import torch
 from torch import nn
 
 from ..loading.model_folder import ModelFolder
-from ..engines.streaming import attach_streaming, device_memory_report, find_blocks, offload_component, to_device
-from ..profiles import Profile
+from ..engines.cards import current_card
 from ..engines.levers import DiTLevers, SpeedOptions
+from ..engines.parallel import Parallel
+from ..engines.placement import attach_streaming, device_memory_report, find_blocks, offload_component, to_device
+from ..engines.streaming import packed_budget_bytes
+from ..profiles import Profile
 
-GiB = 2**30
 PhaseListener = Callable[[str, str], None]     # (phase name, "start" | "end")
 
 
@@ -39,7 +41,10 @@ def streaming_settings(profile: Profile, section: str | None, blocks: int):
 
 
 class Runtime:
-    """The interface, and what both runtimes share: phases and `placed`."""
+    """The interface, and what both runtimes share: phases and `placed`. `par`: this rank's place in a parallel
+    run (the DiT's levers attach its splits), None for a single process."""
+
+    par: Parallel | None = None
 
     def __init__(self, folder: ModelFolder, profile: Profile, device=None,
                  log: Callable[[str], None] | None = None):
@@ -61,8 +66,9 @@ class Runtime:
         raise NotImplementedError
 
     def attach_levers(self, dit: nn.Module, options: SpeedOptions, said: bool = False) -> DiTLevers:
-        """The speed levers (speed.py: attention kernel, kept expansions, fast matmuls, step cache, compile) on
-        the DiT for one denoising phase, as this runtime runs them; `said`: already logged once."""
+        """The speed levers (levers.py: attention kernel, kept expansions, fast matmuls, step cache, compile, the
+        parallel splits) on the DiT for one denoising phase, as this runtime runs them; `said`: already logged
+        once."""
         raise NotImplementedError
 
     def detach_levers(self, levers: DiTLevers) -> dict | None:
@@ -119,7 +125,7 @@ class DeviceRuntime(Runtime):
             return
         engine = attach_streaming(model, self.device, resident=settings.resident_blocks,
                                   prefetch=settings.prefetch, source=settings.source,
-                                  pin_budget_bytes=int(self.profile.memory.packed_gb * GiB),
+                                  pin_budget_bytes=packed_budget_bytes(self.profile),
                                   cyclic=hasattr(model, "transformer_blocks"))   # the DiT runs in a loop
         self.log(f"{type(model).__name__}: {engine.summary()}")
 
@@ -127,7 +133,8 @@ class DeviceRuntime(Runtime):
         offload_component(model, discard=True)   # each phase loads its model and throws it away after
 
     def attach_levers(self, dit: nn.Module, options: SpeedOptions, said: bool = False) -> DiTLevers:
-        levers = DiTLevers(dit, self.profile, options, self.device).attach()
+        card = current_card(self.device)    # of the device this runs on, not of the machine's first one
+        levers = DiTLevers(dit, self.profile, options, self.device, card, par=self.par).attach()
         if not said:                        # once per pipeline (OOM retries attach again)
             self.log(levers.summary())
         return levers

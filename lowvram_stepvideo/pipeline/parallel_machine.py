@@ -1,5 +1,5 @@
-"""The machine runtime of one rank of a CFG or sequence parallel run (torchrun): the device runtime with the
-parallel engines attached around the kernel the speed levers chose."""
+"""The machine runtime of one rank of a CFG or sequence parallel run (torchrun): the device runtime whose speed
+levers attach the parallel engines too, around the kernel they chose (levers.DiTLevers)."""
 from __future__ import annotations
 
 import dataclasses
@@ -7,7 +7,7 @@ import dataclasses
 from torch import nn
 
 from ..engines.levers import DiTLevers, SpeedOptions
-from ..engines.parallel import Parallel, ParallelError, attach
+from ..engines.parallel import Parallel, ParallelError
 from ..profiles import Profile
 from .machine import DeviceRuntime
 
@@ -31,14 +31,8 @@ class ParallelRuntime(DeviceRuntime):
         self._profile = profile
 
     def attach_levers(self, dit: nn.Module, options: SpeedOptions, said: bool = False) -> DiTLevers:
-        """The speed levers, then the parallel engines around the kernel they chose (see `attach`)."""
+        """The speed levers with this rank's parallel engines (see DeviceRuntime.attach_levers)."""
         if options.cache and self.par.layout.sequence > 1:
             raise ParallelError("the step cache (--cache) does not go with sequence parallel yet (each rank would "
                                 "decide on its own tokens); use --parallel cfg or drop --cache")
-        levers = super().attach_levers(dit, options, said)
-        levers.parallel = attach(dit, self.par)
-        return levers
-
-    def detach_levers(self, levers: DiTLevers) -> dict | None:
-        levers.parallel.remove()
-        return super().detach_levers(levers)
+        return super().attach_levers(dit, options, said)

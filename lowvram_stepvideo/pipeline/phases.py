@@ -16,7 +16,7 @@ from ..files.caches import model_identity
 from ..files.text_cache import EmbeddingCache
 from ..loading.model_folder import ModelFolder, open_model_folder
 from ..models.dit import set_attention_head_chunk, set_token_chunk
-from ..engines.streaming import find_blocks
+from ..engines.placement import find_blocks
 from ..profiles import Profile, load_profile
 from .machine import DeviceRuntime, Runtime
 from .sampling import (

@@ -28,7 +28,7 @@ import torch
 from .assumed_format import assume_format as assume_format_of
 from .byte_count import fmt_bytes
 from ..loading.model_folder import ModelFolder
-from ..engines.streaming import streaming_footprint
+from ..engines.streaming import packed_budget_bytes, streaming_footprint
 from ..pipeline.phases import PhasePipeline
 from .plan_cache import PlanCache, folder_identity
 from .planned_models import ModelShape
@@ -39,7 +39,6 @@ from ..pipeline.sampling import latent_shape
 from ..files.video import mp4_writer_host_bytes, postprocess_host_bytes
 from ..engines.levers import SpeedOptions
 
-GiB = 2**30
 PLAN_PROMPT = "a memory plan"          # step_llm pads every prompt to the same length: any text plans the same
 CACHED_STEPS = 2                       # denoising steps planned under the step cache (see the module docstring)
 
@@ -122,7 +121,7 @@ def footprint(shape: ModelShape, streaming, profile: Profile) -> tuple[int, int]
     if streaming is None:
         return other + shape.blocks * shape.block_tensor_bytes, 0
     held = streaming_footprint(shape.block_bytes, shape.blocks, other, streaming.resident_blocks,
-                               streaming.prefetch, streaming.source, int(profile.memory.packed_gb * GiB),
+                               streaming.prefetch, streaming.source, packed_budget_bytes(profile),
                                cuda=profile.device == "cuda")
     return held.device_bytes, held.host_bytes
 

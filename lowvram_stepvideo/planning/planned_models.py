@@ -12,8 +12,7 @@ from ..models import quant
 from ..loading.assign import run_dtype
 from ..loading.model_folder import ModelFolder
 from ..engines.host_store import BlockLayout, block_tensors
-
-STACKS = {"transformer": "transformer_blocks", "step_llm": "transformer.layers", "hunyuan_clip": "encoder.layer"}
+from ..engines.placement import BLOCK_STACKS
 
 
 @dataclass(frozen=True)
@@ -37,18 +36,13 @@ class ModelShape:
         return self.other_bytes - (self.mapped_table_bytes if device == "cpu" else 0)
 
 
-
-def flash_style_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None) -> torch.Tensor:
-    """Shape-only stand-in for a fused attention kernel: q (B, Sq, H, D) -> output of the same shape."""
-    return torch.empty_like(q)
-
-
 def planned_model(folder: ModelFolder, component: str, dtype: torch.dtype,
                   blocks: int = 1) -> tuple[nn.Module, ModelShape]:
     """`component` with the tensors (dtypes, quantized layers) a run would load, data-free on "meta", `blocks`
-    blocks per stack, attention on `flash_style_attention`; and the shape of the whole network. An assumed-format
-    folder (assumed_format.py) plans as its quantized version: its weight index carries the scheme."""
-    opened = folder.open(component, layers=blocks) if component in STACKS else folder.open(component)
+    blocks per stack, and the shape of the whole network. The DiT's attention kernel is attached with its levers,
+    as in a run. An assumed-format folder (assumed_format.py) plans as its quantized version: its weight index
+    carries the scheme."""
+    opened = folder.open(component, layers=blocks) if component in BLOCK_STACKS else folder.open(component)
     module = opened.module
     keep = _quantize_as_run(module, opened.source.metadata)
     stored = module.state_dict(keep_vars=True)
@@ -56,9 +50,6 @@ def planned_model(folder: ModelFolder, component: str, dtype: torch.dtype,
              for name, t in stored.items()}
     module.load_state_dict(state, strict=True, assign=True)
     module.eval().requires_grad_(False)
-    for m in module.modules():
-        if hasattr(m, "attend"):
-            m.attend = flash_style_attention
     source = opened.source
     uncast = {name for name in stored if name in source.keys() and source.ref(name).dtype == state[name].dtype}
     return module, _shape(module, component, opened.config, uncast)
@@ -85,7 +76,7 @@ def _has_module(module: nn.Module, weight_name: str) -> bool:
 def _shape(module: nn.Module, component: str, config, uncast: set[str]) -> ModelShape:
     """`uncast`: the names of the tensors a run loads in their stored dtype."""
     total = sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
-    stack = STACKS.get(component)
+    stack = BLOCK_STACKS.get(component)
     tables = sum(m.weight.nbytes for name, m in module.named_modules() if isinstance(m, nn.Embedding)
                  and f"{name}.weight" in uncast and not (stack and name.startswith(stack + ".")))
     if stack is None:

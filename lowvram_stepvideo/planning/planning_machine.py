@@ -1,9 +1,10 @@
 """The planner's machine runtime: the pipeline's runtime interface on data-free tensors (see plan.py's docstring).
 
 It loads each network on "meta" with one block per stack (identical blocks allocate identically), attaches the
-engines and levers as the target card would run them, and cuts each phase into stretches at every place/unplace;
-repeated calls with the same shapes replay their allocations instead of running again (Replaying). With a parallel
-`layout`, the engines of rank 0 of that run are attached too (their buffers counted, nothing sent).
+engines and levers as the target card would run them (chosen by the same functions as a real run, for the card the
+profile is for), and cuts each phase into stretches at every place/unplace; repeated calls with the same shapes
+replay their allocations instead of running again (Replaying). With a parallel `layout`, the engines of rank 0 of
+that run are attached too (their buffers counted, nothing sent).
 """
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..engines.cards import target_card
 from ..engines.levers import DiTLevers, SpeedOptions
-from ..engines.parallel import Layout, Parallel, attach
+from ..engines.parallel import Layout, Parallel
 from ..loading.model_folder import ModelFolder
 from ..pipeline.machine import Runtime
 from ..profiles import Profile
@@ -67,8 +69,6 @@ class PlanningRuntime(Runtime):
             for m in model.modules():
                 if hasattr(m, "head_group"):
                     m.head_group = _Replay(m.head_group, self.accountant)
-        if component == "transformer" and self.par:
-            attach(model, self.par)
         if component in REPLAYED and not (self.cached and component == "transformer"):
             model = Replaying(model, self.accountant)
         self._shapes[id(model)] = shape
@@ -83,8 +83,10 @@ class PlanningRuntime(Runtime):
         self._placed.pop(id(model), None)
 
     def attach_levers(self, dit, options: SpeedOptions, said: bool = False) -> DiTLevers:
-        """The levers that allocate, as the target card would run them (see speed.py), on the DiT itself."""
-        return DiTLevers(getattr(dit, "model", dit), self.profile, options, self.device, planning=True).attach()
+        """The levers as the profile's target card would run them (see levers.py), on the DiT itself; with a
+        `layout`, rank 0's parallel engines around them."""
+        return DiTLevers(getattr(dit, "model", dit), self.profile, options, self.device, target_card(self.profile),
+                         planning=True, par=self.par).attach()
 
     def free(self) -> None:
         """Nothing to give back. No full garbage collection either (0.1-0.2 s each with torch loaded): the planned

@@ -8,12 +8,10 @@ from dataclasses import replace
 import torch
 
 from ..engines.host_store import HostArenas
-from ..engines.streaming import ARENA_BYTES
+from ..engines.streaming import ARENA_BYTES, packed_budget_bytes
 from ..loading.model_folder import ModelFolder
 from ..profiles import Profile
 from .planned_models import planned_model
-
-GiB = 2**30
 
 
 def clamped(folder: ModelFolder, profile: Profile) -> Profile:
@@ -34,7 +32,7 @@ def packed_blocks(folder: ModelFolder, profile: Profile, section: str) -> int:
         return 0
     count, block = stack_size(folder, _component(section), profile.torch_dtype)
     streamed = max(0, count - settings.resident_blocks)
-    return HostArenas(block, ARENA_BYTES, pin=False).fit(int(profile.memory.packed_gb * GiB), streamed)
+    return HostArenas(block, ARENA_BYTES, pin=False).fit(packed_budget_bytes(profile), streamed)
 
 
 def packed_bytes(folder: ModelFolder, profile: Profile, section: str) -> int:
