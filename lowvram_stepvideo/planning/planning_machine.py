@@ -83,7 +83,7 @@ class PlanningRuntime(Runtime):
         self._placed.pop(id(model), None)
 
     def attach_levers(self, dit, options: SpeedOptions, said: bool = False) -> DiTLevers:
-        """The levers that allocate, as the target card would run them (see speed.py), on the DiT itself."""
+        """The levers that allocate, as the target card would run them (see engines/levers.py), on the DiT itself."""
         return DiTLevers(getattr(dit, "model", dit), self.profile, options, self.device, planning=True).attach()
 
     def free(self) -> None:
