@@ -270,3 +270,17 @@ def test_cpu_lowram_streams_from_disk_with_the_same_latents(profile_latents):
 def test_cpu_and_cpu_lowram_profiles_give_identical_latents(profile_latents):
     latents, _, _ = profile_latents
     assert torch.equal(latents["cpu"], latents["cpu-lowram"])
+
+
+def test_a_profile_the_plan_lowers_runs_in_a_new_pipeline(demo_dir, monkeypatch):
+    """On a GPU (here a device named cuda, the fit faked) plan_ladder hands back a pipeline running the lowered
+    profile; the pipeline it was given keeps its own."""
+    from lowvram_stepvideo.loading.model_folder import open_model_folder
+    from lowvram_stepvideo.profiles import load_profile, with_overrides
+    folder, profile = open_model_folder(demo_dir), load_profile("cpu")
+    pipe = PhasePipeline(folder, profile, progress=False, runtime=DeviceRuntime(folder, profile, "cuda"))
+    lowered, ladder = with_overrides(profile, dit_resident_blocks=1), list(profile.presets)
+    monkeypatch.setattr(job, "fit_to_card", lambda p, presets, *a, **kw: (presets[1:], lowered))
+    got, ran = job.plan_ladder(pipe, ladder[0], None, lambda msg: None)
+    assert got == ladder[1:] and ran.profile == lowered and ran.device.type == "cuda"
+    assert pipe.profile == profile and ran.timings is pipe.timings
