@@ -4,7 +4,8 @@
     python quantize.py --model-dir ./stepvideo-t2v --out ./stepvideo-t2v-int8 --format int8 [--verify]
 
 The output folder has the release layout and opens exactly like the release. An interrupted run resumes when the
-same command is given again. See lowvram_stepvideo/quantize_folder.py (folder conversion) and quant.py (scheme).
+same command is given again. See lowvram_stepvideo/tools/quantize_folder.py (folder conversion) and
+lowvram_stepvideo/models/quant.py (scheme).
 """
 from __future__ import annotations
 

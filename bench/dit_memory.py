@@ -3,7 +3,7 @@
 
     python bench/dit_memory.py [--model-dir /tmp/sparse-full] [--profiles 12gb,16gb,24gb] [--preset 204x544x992]
 
-Runs the memory planner (lowvram_stepvideo/plan.py: the real pipeline on data-free tensors, one denoising step)
+Runs the memory planner (lowvram_stepvideo/planning/plan.py: the real pipeline on data-free tensors, one denoising step)
 for each profile three times: "off" = no token chunking (token_chunk = 0) and all heads at once; "tokens" = the
 profile's token_chunk (which also chunks the DiT's other token-wise ops), all heads at once; "profile" = that
 plus the profile's attention_head_chunk. Prints the planned peak of the denoise phase, the DiT weights placed on

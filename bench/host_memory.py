@@ -74,15 +74,16 @@ def measure(folder, profile) -> dict[str, int]:
     import torch
 
     from lowvram_stepvideo.pipeline.phases import PhasePipeline
-    from lowvram_stepvideo.pipeline.sampling import RELEASE_DEFAULTS, flow_sigmas, initial_noise, latent_shape
+    from lowvram_stepvideo.defaults import RELEASE_SAMPLING
+    from lowvram_stepvideo.pipeline.sampling import flow_sigmas, initial_noise, latent_shape
     preset = profile.presets[0]
     pipe = PhasePipeline(folder, profile, progress=False, log=lambda msg: None)
     noise = initial_noise(latent_shape(preset.frames, preset.height, preset.width,
                                        channels=pipe.latent_channels()).shape, 0)
-    sigmas = flow_sigmas(1, RELEASE_DEFAULTS["shift"])
+    sigmas = flow_sigmas(1, RELEASE_SAMPLING["shift"])
     baseline, out = _status_bytes("VmRSS"), {}
     steps = {"text": lambda _: pipe.encode_prompt(PROMPT),
-             "denoise": lambda embeds: pipe.denoise(embeds, noise, sigmas, RELEASE_DEFAULTS["guidance_scale"]),
+             "denoise": lambda embeds: pipe.denoise(embeds, noise, sigmas, RELEASE_SAMPLING["guidance_scale"]),
              "decode": lambda latents: pipe.decode(latents)}
     value = None
     with torch.inference_mode():

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Time per guided denoising step for 1, 2, ... processes (CFG / sequence parallel, lowvram_stepvideo/parallel.py).
+"""Time per guided denoising step for 1, 2, ... processes (CFG / sequence parallel,
+lowvram_stepvideo/engines/parallel.py).
 
     python bench/parallel_scaling.py [--ranks 1 2 4] [--mode auto] [--layers 2 --heads 4 --latent 6x16x16]
     python bench/parallel_scaling.py --device cuda --ranks 1 2 4 8 --layers 4 --heads 48 --latent 36x34x62

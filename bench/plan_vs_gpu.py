@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from lowvram_stepvideo.planning.budgets import ALLOC_CONF, use_expandable_segments, vram_reserve  # noqa: E402
-from lowvram_stepvideo.loading.demo import DEMO_PRESET, build_demo_model  # noqa: E402
+from lowvram_stepvideo.defaults import DEMO_PRESET  # noqa: E402
+from lowvram_stepvideo.loading.demo import build_demo_model  # noqa: E402
 from lowvram_stepvideo.planning.fit import check_fit  # noqa: E402
 from lowvram_stepvideo.loading.model_folder import open_model_folder  # noqa: E402
 from lowvram_stepvideo.pipeline.phases import PhasePipeline  # noqa: E402

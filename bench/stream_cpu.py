@@ -5,7 +5,7 @@
     python bench/stream_cpu.py /tmp/sparse [--block 1] [--repeats 5] [--json out.json]
 
 FOLDER is a release folder (its transformer/ is used) or a transformer folder; the DiT is loaded memory-mapped in
-bf16 as the runner does. For block `--block` (the others stay resident, i.e. untouched), it times filling one
+bf16 as a run does. For block `--block` (the others stay resident, i.e. untouched), it times filling one
 slot-sized host buffer:
 - disk:   positioned file reads (os.preadv) into the buffer, the source="disk" path; the first read comes after
           posix_fadvise(DONTNEED) on the weight files (cold page cache, where the kernel honours it), later reads

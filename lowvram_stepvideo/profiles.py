@@ -1,6 +1,6 @@
 """Runtime profiles: one TOML file per memory tier (`profiles/*.toml` at the repository root), read into frozen
 dataclasses. A profile holds runtime choices only (where weights live, how work is chunked); the networks'
-architecture is in `config.py`.
+architecture is in `files/configs.py`.
 
 Keys (every file has exactly these; the TOML comments say why each tier picks its values):
 
@@ -10,20 +10,20 @@ Keys (every file has exactly these; the TOML comments say why each tier picks it
     compute_dtype      "bfloat16" | "float16" | "float32"
     weight_format      "bf16" | "int8" | "fp8": what the DiT and step_llm weights of the folder this tier is sized
                        for are stored in (the release is bf16; quantize.py writes int8/fp8)
-    attention          "sdpa" | "flash" | "sage" | "auto" (best importable for the card: attention.AUTO_RULES)
+    attention          "sdpa" | "flash" | "sage" | "auto" (best importable for the card: engines/attention.py)
     matmul             "weight-only" (int8/fp8 weights expanded to compute_dtype: exact) | "fast" (int8 x int8 /
                        fp8 x fp8 tensor-core matmuls with per-token activation scales on cards that have them,
-                       weight-only elsewhere; see fast_matmul.py)
+                       weight-only elsewhere; see engines/fast_matmul.py)
     cfg_mode           "batch" (cond+uncond as a batch of 2) | "sequential" (two passes)
     token_chunk   FFN (and other token-wise ops) run over at most this many tokens at once; 0 = no chunking
     attention_head_chunk  DiT attention runs this many heads at a time (each group projects only its rows of the
                        fused q/k/v weights); 0 = all heads at once
-    presets            ladder of {frames, height, width, steps}, largest first: the first is the default, the
-                       runner steps down on OOM. frames % 17 == 0, height and width % 16 == 0.
+    presets            ladder of {frames, height, width, steps}, largest first: the first is the default, a
+                       run steps down on OOM. frames % 17 == 0, height and width % 16 == 0.
     [memory]           host_ram_gb: host RAM (GiB) the tier is sized for (auto pick: cpu tiers are chosen by it, a
                        cuda tier above the machine's RAM budget is scaled down to it); packed_gb: part of it for
                        packed block copies of source "ram" stacks (page-locked on cuda, ordinary RAM on cpu;
-                       lowered at run time to the available RAM minus offload.PACKED_RAM_MARGIN)
+                       lowered at run time to the available RAM minus engines.streaming.PACKED_RAM_MARGIN)
     [dit]              streaming of the DiT's 48 blocks: resident_blocks kept on the compute device (an upper
                        bound, the memory plan may lower it); prefetch = blocks copied ahead on a side stream
                        (0 = synchronous); source of the others each forward: "ram" (a packed copy held in RAM,

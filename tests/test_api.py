@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 import lowvram_stepvideo
 from cli_support import run_cli
 from lowvram_stepvideo.face import api
-from lowvram_stepvideo.run import job as runner
+from lowvram_stepvideo.run import job
 from lowvram_stepvideo.errors import StepVideoError, UsageError
 from lowvram_stepvideo.loading.model_folder import ModelFolderError
 from lowvram_stepvideo.pipeline.machine import DeviceRuntime
@@ -64,7 +64,7 @@ def test_the_api_gives_the_cli_latents_and_resumes_when_asked(demo_dir, tmp_path
         return model
     monkeypatch.setattr(DeviceRuntime, "load", load)
     ckpt = tmp_path / "kite.resume.safetensors"
-    with pytest.raises(runner.Interrupted, match="interrupted after step 2"):
+    with pytest.raises(job.Interrupted, match="interrupted after step 2"):
         pipe(prompt=prompt, output_type="latent", checkpoint=ckpt, **SIZE)
     assert ckpt.is_file()
     resumed = pipe(prompt=prompt, output_type="latent", checkpoint=ckpt, resume=True, **SIZE)
@@ -77,13 +77,13 @@ def _raise(exc):
 
 def test_the_api_steps_down_the_ladder_on_out_of_memory(demo_dir, monkeypatch):
     big, small = Preset(34, 64, 96, 2), Preset(17, 16, 16, 2)
-    original = runner.denoise
+    original = job.denoise
 
     def denoise(pipe, req, *args, **kwargs):
         if req.preset.tokens > small.tokens:
             raise torch.OutOfMemoryError("injected")
         return original(pipe, req, *args, **kwargs)
-    monkeypatch.setattr(runner, "denoise", denoise)
+    monkeypatch.setattr(job, "denoise", denoise)
     said = []
     pipe = api.StepVideoPipeline.from_pretrained(demo_dir, profile="cpu", presets=[big, small], log=said.append)
     frames = pipe(prompt="a heron in the reeds", num_frames=34, height=64, width=96, num_inference_steps=2)

@@ -13,8 +13,8 @@ import torch
 from cli_support import loads_of, read_frames, read_sidecar, run_cli, subprocess_env
 from conftest import ROOT
 from lowvram_stepvideo.face import batch
-from lowvram_stepvideo.files import text_cache as embed_cache
-from lowvram_stepvideo.run import job as runner
+from lowvram_stepvideo.files import text_cache
+from lowvram_stepvideo.run import job
 from lowvram_stepvideo.errors import UsageError
 from lowvram_stepvideo.pipeline.machine import DeviceRuntime
 from lowvram_stepvideo.run.resume import checkpoint_path
@@ -72,7 +72,7 @@ def test_bad_prompts_files_fail_in_one_line(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_three_prompts_one_text_phase_three_videos_and_a_rerun_does_nothing(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(embed_cache, "default_cache_dir", lambda: tmp_path / "embeddings")   # nothing cached yet
+    monkeypatch.setattr(text_cache, "default_cache_dir", lambda: tmp_path / "embeddings")   # nothing cached yet
     path, out = prompts_file(tmp_path), tmp_path / "out"
     loaded, phases = loads_of(monkeypatch), phases_of(monkeypatch)
     rc, _, err = run_cli(capsys, "--demo", "--prompts-file", path, "--output-dir", out, *TINY)
@@ -104,13 +104,13 @@ def test_three_prompts_one_text_phase_three_videos_and_a_rerun_does_nothing(tmp_
 @pytest.mark.slow
 def test_a_failing_prompt_is_recorded_and_the_batch_goes_on(tmp_path, capsys, monkeypatch):
     """Out of memory at every preset of one prompt (injected): recorded, the next is made, exit status 4."""
-    original = runner.denoise
+    original = job.denoise
 
     def denoise(pipe, req, *args, **kwargs):
         if req.prompt.startswith("snow"):
             raise torch.OutOfMemoryError("injected")
         return original(pipe, req, *args, **kwargs)
-    monkeypatch.setattr(runner, "denoise", denoise)
+    monkeypatch.setattr(job, "denoise", denoise)
     out, path = tmp_path / "out", prompts_file(tmp_path, "snow falls on a quiet village\na lantern floats on a lake\n")
     rc, _, err = run_cli(capsys, "--demo", "--prompts-file", path, "--output-dir", out, *TINY[:-1], "1")
     assert rc == 4, err
@@ -120,7 +120,7 @@ def test_a_failing_prompt_is_recorded_and_the_batch_goes_on(tmp_path, capsys, mo
     made = out / "0002-a_lantern_floats_on_a_lake-seed0.mp4"
     assert list(out.glob("*.mp4")) == [made]
 
-    monkeypatch.setattr(runner, "denoise", original)   # memory back: --overwrite makes both again
+    monkeypatch.setattr(job, "denoise", original)   # memory back: --overwrite makes both again
     before = made.stat().st_mtime_ns
     rc, _, err = run_cli(capsys, "--demo", "--prompts-file", path, "--output-dir", out, *TINY[:-1], "1", "--overwrite")
     assert rc == 0, err

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from cli_support import leftovers, loads_of, read_frames, read_sidecar, run_cli, subprocess_env
 from conftest import ROOT
 from lowvram_stepvideo.face import cli
-from lowvram_stepvideo.loading import demo
+from lowvram_stepvideo.defaults import DEMO_PRESET
 from lowvram_stepvideo.files.text_cache import EmbeddingCache
 
 PROMPT = "a red fox runs through fresh snow"
@@ -47,7 +47,7 @@ def test_demo_run_writes_a_playable_mp4_and_a_sidecar(reference, demo_dir):
     decode = [ln for ln in proc.stderr.splitlines() if ln.startswith("decode: ")]
     assert decode[0].startswith("decode: 0/2 tiles (0%)") and decode[-1].startswith("decode: 2/2 tiles (100%)")
     frames = read_frames(out / "fox.mp4")
-    assert frames.shape == (demo.DEMO_PRESET.frames, demo.DEMO_PRESET.height, demo.DEMO_PRESET.width, 3)
+    assert frames.shape == (DEMO_PRESET.frames, DEMO_PRESET.height, DEMO_PRESET.width, 3)
     assert frames.std() > 1   # not a constant picture
     meta = read_sidecar(out / "fox.mp4")
     assert (meta["prompt"], meta["seed"], meta["model_dir"]) == (PROMPT, 7, str(demo_dir))
@@ -80,7 +80,7 @@ def test_embedding_cache_skips_the_text_encoders(tmp_path, capsys, monkeypatch):
     loaded = loads_of(monkeypatch)
     prompt = "a hot air balloon rises over green fields"   # used by no other test
     metas = []
-    for extra in ([], [], ["--no-cache"]):
+    for extra in ([], [], ["--no-text-cache"]):
         loaded.clear()
         rc, _, err = run_cli(capsys, "--demo", "--prompt", prompt, *TINY, "--output", tmp_path / "b.mp4",
                              "--overwrite", *extra)
@@ -90,7 +90,7 @@ def test_embedding_cache_skips_the_text_encoders(tmp_path, capsys, monkeypatch):
     encoders = ["step_llm", "hunyuan_clip", "transformer", "vae"]
     assert metas[0] == (encoders, False, True)                  # a prompt not seen before: computed, stored
     assert metas[1] == (["transformer", "vae"], True, False)    # same prompt: from the cache
-    assert metas[2] == (encoders, False, True)                  # --no-cache: computed again
+    assert metas[2] == (encoders, False, True)                  # --no-text-cache: computed again
 
 
 def test_cache_entries_are_keyed_by_model_and_prompts_and_a_write_failure_is_only_a_warning(tmp_path, caplog):
@@ -106,13 +106,13 @@ def test_cache_entries_are_keyed_by_model_and_prompts_and_a_write_failure_is_onl
 
 
 def test_the_cache_keeps_the_entries_used_last_within_its_size(tmp_path, monkeypatch):
-    from lowvram_stepvideo.files import text_cache as embed_cache
+    from lowvram_stepvideo.files import text_cache
     embeds = (torch.randn(2, 5, 3), torch.ones(2, 82, dtype=torch.int64), torch.randn(2, 77, 2))
     cache, long_ago = EmbeddingCache("model-a", tmp_path), time.time() - 100
     for i, prompt in enumerate(("a", "b")):
         cache.put([prompt, "n"], embeds)
         os.utime(cache._path([prompt, "n"]), (long_ago + i, long_ago + i))   # a written first, then b
-    monkeypatch.setattr(embed_cache, "MAX_BYTES", 2 * cache._path(["a", "n"]).stat().st_size)   # room for two
+    monkeypatch.setattr(text_cache, "MAX_BYTES", 2 * cache._path(["a", "n"]).stat().st_size)   # room for two
     assert cache.get(["a", "n"]) is not None            # a read now: used more recently than b
     cache.put(["c", "n"], embeds)
     assert [p for p in "abc" if cache._path([p, "n"]).exists()] == ["a", "c"]

@@ -10,6 +10,7 @@ import torch
 from safetensors import safe_open
 
 from conftest import RELEASE_MODEL
+from lowvram_stepvideo.defaults import DEMO_PRESET
 from lowvram_stepvideo.loading import demo
 from lowvram_stepvideo.pipeline import sampling
 from lowvram_stepvideo.loading.loaders import load_clip, load_dit, load_step_llm, load_vae
@@ -179,7 +180,7 @@ def test_default_cache_location(monkeypatch, tmp_path):
     assert demo.default_demo_dir() == tmp_path / "mine" / f"demo-v{demo.DEMO_VERSION}"
 
 
-def generate(demo_dir, prompt: str, decode: bool = True, preset=demo.DEMO_PRESET, guidance=9.0, seed=0):
+def generate(demo_dir, prompt: str, decode: bool = True, preset=DEMO_PRESET, guidance=9.0, seed=0):
     """The release pipeline's steps (STEPVIDEO.md §5) with the loaders, in float32 on CPU: video (1, T, 3, H, W),
     or the final latents when `decode` is False."""
     llm_tok, clip_tok = load_step_llm_tokenizer(demo_dir / "step_llm"), load_clip_tokenizer(demo_dir / "hunyuan_clip")
@@ -207,7 +208,7 @@ def test_whole_pipeline_gives_a_non_degenerate_video(demo_dir):
     start, cpu_start = time.perf_counter(), time.process_time()
     video = generate(demo_dir, PROMPTS[0])
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
-    p = demo.DEMO_PRESET
+    p = DEMO_PRESET
     print(f"demo pipeline {p}: {seconds:.1f} s wall, {cpu_seconds:.1f} s CPU, {torch.get_num_threads()} threads")
     assert video.shape == (1, p.frames, 3, p.height, p.width)
     assert torch.isfinite(video).all()

@@ -20,7 +20,7 @@ from faults_support import (DIT, PROMPT, TINY, files_in, model_copy, read_all, r
 from lowvram_stepvideo.face import cli
 from lowvram_stepvideo.loading import demo
 from lowvram_stepvideo.files import fsutil, video
-from lowvram_stepvideo.run import outputs, resume, job as runner
+from lowvram_stepvideo.run import job, outputs, resume
 from lowvram_stepvideo.pipeline.phases import PhasePipeline
 from lowvram_stepvideo.tools.quantize_folder import quantize_folder
 from lowvram_stepvideo.run.resume import checkpoint_path
@@ -242,11 +242,11 @@ def test_saved_latents_record_the_request_and_decode_to_the_same_video(made, tmp
 
 def test_nan_latents_stop_the_run_naming_the_step_and_keep_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
     out = tmp_path / "n.mp4"
-    original = runner.check_step_latents
+    original = job.check_step_latents
 
     def poisoned(latents, step, steps, ckpt):   # the latents of step 2 turn NaN (as a NaN weight would make them)
         return original(latents * float("nan") if step == 2 else latents, step, steps, ckpt)
-    monkeypatch.setattr(runner, "check_step_latents", poisoned)
+    monkeypatch.setattr(job, "check_step_latents", poisoned)
     err = run_error(capsys, "--demo", "--prompt", PROMPT, *TINY[:-1], "3", "--checkpoint-every", "1",
                     "--output", out)
     ckpt = checkpoint_path(out)
@@ -279,12 +279,12 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one_and_the_run_goes_on(tm
     ckpt = checkpoint_path(out)
     on_disk = {}
     monkeypatch.setattr(resume, "save_file", _disk_full_on({2}, resume.save_file))
-    original_check = runner.check_step_latents
+    original_check = job.check_step_latents
 
     def check(latents, step, steps, path):   # the checkpoint on disk when steps 2 and 3 end
         on_disk[step] = ckpt.read_bytes() if step > 1 else None
         return original_check(latents, step, steps, path)
-    monkeypatch.setattr(runner, "check_step_latents", check)
+    monkeypatch.setattr(job, "check_step_latents", check)
     err = run_ok(capsys, "--demo", "--prompt", PROMPT, *TINY[:-1], "3", "--checkpoint-every", "1", "--output", out)
     assert (f"warning: could not save the checkpoint after step 2 (No space left on device); the previous "
             f"checkpoint in {ckpt} is kept") in err.splitlines()
@@ -340,11 +340,12 @@ def test_demo_with_a_read_only_cache_falls_back_or_says_where_it_must_write(demo
 @pytest.mark.slow
 def test_sigkill_then_resume_is_bit_identical(tmp_path, capsys, demo_cache):
     argv = ["--demo", "--prompt", PROMPT, "--seed", "9", "--frames", "17", "--height", "16", "--width", "32",
-            "--steps", "6", "--checkpoint-every", "1", "--no-cache"]
+            "--steps", "6", "--checkpoint-every", "1", "--no-text-cache"]
     run_ok(capsys, *argv, "--output", tmp_path / "ref.mp4", "--save-latents", tmp_path / "ref.safetensors")
     out = tmp_path / "k.mp4"
-    slow = ("import sys, time; from lowvram_stepvideo.face import cli; from lowvram_stepvideo.run import job as runner; save = runner.save_checkpoint; "
-            "runner.save_checkpoint = lambda *a: (save(*a), time.sleep(0.5)); sys.exit(cli.main(sys.argv[1:]))")
+    slow = ("import sys, time; from lowvram_stepvideo.face import cli; from lowvram_stepvideo.run import job; "
+            "save = job.save_checkpoint; job.save_checkpoint = lambda *a: (save(*a), time.sleep(0.5)); "
+            "sys.exit(cli.main(sys.argv[1:]))")
     proc = subprocess.Popen([sys.executable, "-c", slow, *argv, "--output", str(out)], cwd=ROOT,
                             env={**subprocess_env(demo_cache), "PYTHONPATH": str(ROOT)},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

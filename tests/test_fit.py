@@ -182,8 +182,9 @@ def test_a_real_run_says_what_fitting_lowered(synthetic):
     profile = profile_24gb()
     card, ram = _machine(peak(with_overrides(profile, dit_resident_blocks=3), LADDER[0]), host=2 * BLOCK)
     pipe, said = SimpleNamespace(folder=synthetic, profile=profile, options=None), []
-    assert fit_to_card(pipe, LADDER, card, said.append, ram_bytes=ram) == LADDER
-    assert pipe.profile.dit.resident_blocks == 3 and stacks.packed_blocks(synthetic, pipe.profile, "dit") == 2
+    ladder, fitted = fit_to_card(pipe, LADDER, card, said.append, ram_bytes=ram)
+    assert ladder == LADDER and pipe.profile is profile                      # the pipeline is left as it is
+    assert fitted.dit.resident_blocks == 3 and stacks.packed_blocks(synthetic, fitted, "dit") == 2
     assert "plan: DiT resident blocks lowered from 10 to 3 to fit" in said
     assert any(line.startswith("plan: packed host RAM lowered from 32 to 0.1 GiB") for line in said), said
 
@@ -256,7 +257,7 @@ def test_auto_scales_a_tiers_host_ram_to_a_small_machine():
 def test_a_machine_that_holds_the_decode_but_not_the_mp4_writer_is_told(demo_dir):
     """Writing the mp4 is a phase of the plan: the uint8 frames and the ffmpeg process come on top of the decoded
     video (video.py's estimates, measured in tests/test_video.py)."""
-    from lowvram_stepvideo.loading.demo import DEMO_PRESET
+    from lowvram_stepvideo.defaults import DEMO_PRESET
     from lowvram_stepvideo.loading.model_folder import open_model_folder
     folder, profile = open_model_folder(demo_dir), load_profile("12gb")
     plan = fit.check_fit(folder, profile, DEMO_PRESET, 8 * GiB, 64 * GiB).plan
@@ -273,7 +274,7 @@ def test_a_machine_that_holds_the_decode_but_not_the_mp4_writer_is_told(demo_dir
 @pytest.mark.slow
 def test_assumed_int8_plans_like_the_quantized_folder(demo_dir, tmp_path, one_torch_thread):
     from lowvram_stepvideo.planning.assumed_format import assume_format
-    from lowvram_stepvideo.loading.demo import DEMO_PRESET
+    from lowvram_stepvideo.defaults import DEMO_PRESET
     from lowvram_stepvideo.loading.model_folder import ModelFolderError, open_model_folder
     from lowvram_stepvideo.planning.plan import plan_memory
     from lowvram_stepvideo.tools.quantize_folder import quantize_folder

@@ -1,4 +1,4 @@
-"""The job queue (one worker thread, cancel / resume) and runner.run_job driven through it on the demo model."""
+"""The job queue (one worker thread, cancel / resume) and run/job.py's run_job driven through it on the demo model."""
 import threading
 
 import numpy as np
@@ -6,7 +6,7 @@ import pytest
 from safetensors.torch import load_file
 
 from cli_support import read_frames
-from lowvram_stepvideo.run import job as runner
+from lowvram_stepvideo.run import job
 from lowvram_stepvideo.errors import StepVideoError
 from lowvram_stepvideo.face.job_queue import JobQueue, JobSpec
 from lowvram_stepvideo.run.resume import checkpoint_path
@@ -25,11 +25,11 @@ def fake_worker(log: list, gate: threading.Event | None = None):
             for step in range(1000):
                 events.progress("denoise", step, 1000)
                 if events.should_stop():
-                    raise runner.Interrupted(spec.output, step)
+                    raise job.Interrupted(spec.output, step)
                 threading.Event().wait(0.01)
         if gate is not None:
             gate.wait(10)
-        return runner.JobResult(spec.output, None, {}, 0.0)
+        return job.JobResult(spec.output, None, {}, 0.0)
     return work
 
 
@@ -89,7 +89,7 @@ def test_a_queue_started_again_lists_the_unfinished_jobs_and_resumes_them(tmp_pa
     assert kept == [".broken.mp4.job.json", f".{listed[0].output.name}.job.json"]   # done now: forgotten
 
 
-class StopAfter(runner.Events):
+class StopAfter(job.Events):
     """Asks the run to stop once `steps` denoising steps are done."""
 
     def __init__(self, inner, steps: int):
@@ -116,7 +116,7 @@ def test_a_cancelled_job_resumes_to_the_uninterrupted_result(tmp_path):
 
     def worker(spec, events):
         first["n"] += 1
-        return runner.run_job(spec, StopAfter(events, 2) if first["n"] == 2 else events)
+        return job.run_job(spec, StopAfter(events, 2) if first["n"] == 2 else events)
 
     queue, lines = JobQueue(worker=worker, results_dir=tmp_path, log_line=lambda msg: None), []
     spec = dict(prompt="a paper boat on a river", seed=3, demo=True, **TINY)

@@ -129,3 +129,24 @@ def test_the_checker_sees_an_upward_and_a_lazy_import(tmp_path):
     found = imported(f"{NAME}.files.x", fake / "x.py", {f"{NAME}.pipeline.phases", f"{NAME}.files.y"})
     assert found == [(f"{NAME}.pipeline.phases", False), (f"{NAME}.files.y", True)]
     assert floor(f"{NAME}.pipeline.phases")[0] > floor(f"{NAME}.files.x")[0]
+
+
+def engine_imports(mod: str, path: Path, known: set[str]) -> list[str]:
+    return [t for t, _ in imported(mod, path, known) if t == f"{NAME}.engines" or t.startswith(f"{NAME}.engines.")]
+
+
+def test_the_phases_import_no_engine():
+    """pipeline/phases.py reaches block streaming, the speed levers and the tiled decode only through its runtime
+    (pipeline/machine.py), so the planner's runtime and the real one run the same phases."""
+    mods = modules()
+    assert engine_imports(f"{NAME}.pipeline.phases", mods[f"{NAME}.pipeline.phases"], set(mods)) == []
+
+
+def test_the_checker_sees_an_engine_import_in_the_phases(tmp_path):
+    fake = tmp_path / NAME / "pipeline"
+    fake.mkdir(parents=True)
+    (fake / "phases.py").write_text("from ..engines.tiling import tile_count\nfrom ..engines import streaming\n"
+                                    "from ..defaults import SpeedOptions\n")
+    known = {f"{NAME}.engines.tiling", f"{NAME}.engines.streaming", f"{NAME}.defaults"}
+    assert engine_imports(f"{NAME}.pipeline.phases", fake / "phases.py", known) == [
+        f"{NAME}.engines.tiling", f"{NAME}.engines.streaming"]

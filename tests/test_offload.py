@@ -194,7 +194,7 @@ def fake_cuda(monkeypatch):
     and the order of stream waits can be checked."""
     import contextlib
 
-    from lowvram_stepvideo.engines import host_store as offload_store
+    from lowvram_stepvideo.engines import host_store
     waits = []
     compute = _FakeStream("compute", waits)
     monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
@@ -203,7 +203,7 @@ def fake_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: compute)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
-    monkeypatch.setattr(offload_store, "host_buffer", lambda n, pin: torch.empty(n, dtype=torch.uint8))
+    monkeypatch.setattr(host_store, "host_buffer", lambda n, pin: torch.empty(n, dtype=torch.uint8))
     return waits
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lowvram_stepvideo.engines import streaming as offload, host_store as offload_store
+from lowvram_stepvideo.engines import host_store, streaming
 from lowvram_stepvideo.engines.placement import attach_streaming, offload_component
 from lowvram_stepvideo.engines.streaming import (
     PACKED_RAM_MARGIN,
@@ -85,7 +85,7 @@ def test_packed_budget_is_clamped_to_available_ram(toy_dir, monkeypatch):
     assert clamp_packed_budget(2**30, available_bytes=2**30) == 0
     model = load_toy(toy_dir, DIM, N, torch.bfloat16)
     block = BlockLayout(model.transformer_blocks[0]).nbytes
-    monkeypatch.setattr(offload, "available_ram_bytes", lambda: PACKED_RAM_MARGIN + 2 * block)
+    monkeypatch.setattr(streaming, "available_ram_bytes", lambda: PACKED_RAM_MARGIN + 2 * block)
     engine = attach_streaming(model, "cpu", pin_budget_bytes=2**40, arena_bytes=512)
     assert engine.stats.pin_budget_bytes == 2 * block and engine.stats.packed_blocks == 2
     offload_component(model)
@@ -106,7 +106,7 @@ def test_failed_page_locking_falls_back_with_one_warning(toy_dir, fake_cuda, mon
             pinned.append(n)
         return torch.empty(n, dtype=torch.uint8)
 
-    monkeypatch.setattr(offload_store, "host_buffer", host_buffer)
+    monkeypatch.setattr(host_store, "host_buffer", host_buffer)
     caplog.set_level("INFO", logger="lowvram_stepvideo.engines.streaming")
     model = load_toy(toy_dir, DIM, N, torch.bfloat16)
     x = torch.randn(3, DIM, dtype=torch.bfloat16)

@@ -1,5 +1,6 @@
-"""CFG and sequence parallel (lowvram_stepvideo/parallel.py) on the CPU with gloo: 2 and 4 processes started with
-torchrun's environment give the single-process latents; a dead or hung rank ends the others in bounded time."""
+"""CFG and sequence parallel (lowvram_stepvideo/engines/parallel.py) on the CPU with gloo: 2 and 4 processes
+started with torchrun's environment give the single-process latents; a dead or hung rank ends the others in bounded
+time."""
 import os
 import socket
 import subprocess
@@ -146,7 +147,7 @@ def demo_args(out: Path, steps: int, *extra) -> list[str]:
 def api_latents(demo_dir: Path, steps: int) -> torch.Tensor:
     """The single-process latents of the demo request generate.py makes (no decode)."""
     from lowvram_stepvideo import StepVideoPipeline
-    from lowvram_stepvideo.loading.demo import DEMO_PRESET
+    from lowvram_stepvideo.defaults import DEMO_PRESET
     pipe = StepVideoPipeline.from_pretrained(demo_dir, "cpu", log=lambda m: None)
     with torch.no_grad():
         return pipe(prompt=PROMPT, num_frames=DEMO_PRESET.frames, height=DEMO_PRESET.height,
@@ -226,7 +227,7 @@ def test_plan_per_rank_divides_activations_not_weights(demo_dir):
     assert weights < split.phases["denoise"].peak_vram_bytes < alone.phases["denoise"].peak_vram_bytes
     activations = alone.phases["denoise"].peak_vram_bytes - weights
     assert split.phases["denoise"].peak_vram_bytes - weights < 0.75 * activations
-    # what a run under torchrun fits its presets with (runner.fit_to_card, --dry-run) is the rank's plan
+    # what a run under torchrun fits its presets with (run.job.fit_to_card, --dry-run) is the rank's plan
     from lowvram_stepvideo.planning.plan import fit_profile
     _, fitted = fit_profile(folder, profile, preset, 2**40, layout=parallel.layout_for("sequence", 2, rank=1))
     assert fitted.phases["denoise"] == split.phases["denoise"]

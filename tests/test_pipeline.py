@@ -97,3 +97,52 @@ def test_pipeline_schedule_is_the_reference_one(model_dir, reference):
 def test_empty_prompt_is_refused(pipe):
     with pytest.raises(ValueError, match="prompt is empty"):
         pipe(prompt="   ", num_frames=17, height=32, width=48, num_inference_steps=1)
+
+
+def test_with_profile_runs_another_profile_and_leaves_the_pipeline_as_it_is(demo_dir, one_torch_thread):
+    """A lowered profile runs through a new pipeline sharing the folder, the cache and the runtime's state; the
+    pipeline it came from keeps its profile, which nothing can set."""
+    from lowvram_stepvideo.loading.model_folder import open_model_folder
+    from lowvram_stepvideo.profiles import load_profile, with_overrides
+    folder, sequential = open_model_folder(demo_dir), load_profile("cpu")
+    batched = with_overrides(sequential, cfg_mode="batch")
+    pipe = PhasePipeline(folder, sequential, progress=False, log=lambda msg: None)
+    other = pipe.with_profile(batched)
+    assert other.profile == batched and pipe.profile == sequential and pipe.runtime.profile == sequential
+    assert other.folder is pipe.folder and other.timings is pipe.timings and other.runtime is not pipe.runtime
+    with pytest.raises(AttributeError):
+        pipe.profile = batched
+    forwards = {}
+    for name, p in (("sequential", pipe), ("batch", other)):
+        seen, load = forwards.setdefault(name, []), p.runtime.load
+
+        def counting(component, dtype, load=load, seen=seen):
+            model = load(component, dtype)
+            if component == "transformer":
+                model.register_forward_pre_hook(lambda *args: seen.append(1))
+            return model
+        p.runtime.load = counting
+        p(prompt="a cat", num_frames=17, height=16, width=16, num_inference_steps=1, output_type="latent")
+    assert (len(forwards["sequential"]), len(forwards["batch"])) == (2, 1)   # one DiT forward per CFG branch
+
+
+def profile_assignments(source: str) -> list[int]:
+    """Lines that set a `profile` attribute of another object (`pipe.profile = ...`, `pipe.runtime.profile = ...`);
+    an object setting its own (`self.profile = ...`) is not one."""
+    import ast
+    return [node.lineno for node in ast.walk(ast.parse(source)) if isinstance(node, (ast.Assign, ast.AugAssign))
+            for target in (node.targets if isinstance(node, ast.Assign) else [node.target])
+            if isinstance(target, ast.Attribute) and target.attr == "profile"
+            and not (isinstance(target.value, ast.Name) and target.value.id == "self")]
+
+
+def test_no_job_or_face_sets_a_pipelines_profile():
+    from pathlib import Path
+
+    import lowvram_stepvideo
+    root = Path(lowvram_stepvideo.__file__).parent
+    found = [f"{path.relative_to(root)}:{line}" for sub in ("run", "face") for path in sorted((root / sub).glob("*.py"))
+             for line in profile_assignments(path.read_text())]
+    assert not found, "a pipeline's profile set from outside (use pipe.with_profile):\n" + "\n".join(found)
+    planted = "pipe.profile = p\nself.profile = p\njob.pipe.runtime.profile = p\nprofile = p\n"
+    assert profile_assignments(planted) == [1, 3]

@@ -81,7 +81,8 @@ def test_plan_matches_a_measured_cpu_run(tmp_path, monkeypatch):
     import torch
 
     from lowvram_stepvideo.planning import plan as plan_mod
-    from lowvram_stepvideo.loading.demo import DEMO_PRESET, build_demo_model
+    from lowvram_stepvideo.defaults import DEMO_PRESET
+    from lowvram_stepvideo.loading.demo import build_demo_model
     from lowvram_stepvideo.planning.byte_count import ByteAccountant
     from lowvram_stepvideo.loading.model_folder import open_model_folder
     from lowvram_stepvideo.pipeline.phases import PhasePipeline
@@ -123,9 +124,9 @@ def test_fit_to_card_starts_the_ladder_at_the_largest_preset_that_fits(tmp_path,
     ram = (peaks[0] + peaks[1]) // 2 + HOST_MARGIN_MIN     # the first does not fit the RAM budget, the second does
     said = []
     pipe = PhasePipeline(folder, profile, progress=False, log=said.append)
-    assert fit_to_card(pipe, ladder, None, said.append, ram_bytes=ram) == ladder[1:]
+    assert fit_to_card(pipe, ladder, None, said.append, ram_bytes=ram)[0] == ladder[1:]
     assert any("does not fit" in line for line in said)
-    assert fit_to_card(pipe, ladder, None, said.append, ram_bytes=peaks[0] + HOST_MARGIN_MIN) == ladder
+    assert fit_to_card(pipe, ladder, None, said.append, ram_bytes=peaks[0] + HOST_MARGIN_MIN)[0] == ladder
 
 
 def test_plans_are_kept_on_disk_per_folder_identity(demo_dir, tmp_path, monkeypatch):
@@ -133,7 +134,7 @@ def test_plans_are_kept_on_disk_per_folder_identity(demo_dir, tmp_path, monkeypa
     (seen by a running process too), is traced again; a cache folder that cannot be written only makes planning
     slower."""
     from lowvram_stepvideo.planning import plan
-    from lowvram_stepvideo.loading.demo import DEMO_PRESET
+    from lowvram_stepvideo.defaults import DEMO_PRESET
     from lowvram_stepvideo.loading.model_folder import open_model_folder
     from lowvram_stepvideo.profiles import load_profile
     cache = tmp_path / "cache"

@@ -1,5 +1,6 @@
-"""The runner behind generate.py on CPU with the demo model: the OOM ladder (injected memory limit), smaller VAE
-tiles on a decode OOM, checkpoints / Ctrl-C / --resume (bit-identical), and the cpu vs cpu-lowram profiles."""
+"""A job (run/job.py) behind generate.py on CPU with the demo model: the OOM ladder (injected memory limit),
+smaller VAE tiles on a decode OOM, checkpoints / Ctrl-C / --resume (bit-identical), and the cpu vs cpu-lowram
+profiles."""
 import contextlib
 import re
 
@@ -10,8 +11,8 @@ from safetensors.torch import load_file
 
 from conftest import ROOT
 from lowvram_stepvideo.face import cli
-from lowvram_stepvideo.run import job as runner
-from lowvram_stepvideo.pipeline import machine as runtime
+from lowvram_stepvideo.run import job
+from lowvram_stepvideo.pipeline import machine
 from lowvram_stepvideo.planning.byte_count import ByteAccountant
 from lowvram_stepvideo.pipeline.phases import PhasePipeline
 from lowvram_stepvideo.pipeline.machine import DeviceRuntime
@@ -120,7 +121,7 @@ def test_decode_oom_retries_with_smaller_tiles_without_denoising_again(demo_dir,
 def test_text_oom_retries_streamed_then_fails_in_one_line(tmp_path, capsys):
     """The demo's text phase peak is activations, which streaming step_llm does not shrink: the retry is announced,
     then the run ends with a one-line error and writes nothing."""
-    args = ["--demo", "--prompt", "neon lights on a wet street", "--no-cache", "--frames", "17", "--height", "16",
+    args = ["--demo", "--prompt", "neon lights on a wet street", "--no-text-cache", "--frames", "17", "--height", "16",
             "--width", "16", "--steps", "1", "--output", tmp_path / "v.mp4"]
     with pytest.raises(Stop), phase_peaks(stop_at="denoise") as peaks:
         cli.main([str(a) for a in args])
@@ -136,9 +137,9 @@ def test_text_oom_retries_streamed_then_fails_in_one_line(tmp_path, capsys):
 def test_resume_ladder_starts_at_the_checkpoints_preset(tmp_path):
     ladder = [Preset(34, 64, 96, 4), Preset(17, 32, 48, 4), Preset(17, 16, 16, 4)]
     ckpt = tmp_path / "x.mp4.resume.safetensors"
-    assert runner.resume_ladder(ladder, ckpt) == ladder                    # no checkpoint: unchanged
+    assert job.resume_ladder(ladder, ckpt) == ladder                    # no checkpoint: unchanged
     save_checkpoint(ckpt, torch.zeros(1), 2, {"preset": "17x32x48"})
-    assert runner.resume_ladder(ladder, ckpt) == ladder[1:]                # an earlier run stepped down
+    assert job.resume_ladder(ladder, ckpt) == ladder[1:]                # an earlier run stepped down
     assert ladder_from((Preset(34, 64, 96, 30), Preset(17, 16, 16, 30)), Preset(34, 64, 96, 4)) == \
         [Preset(34, 64, 96, 4), Preset(17, 16, 16, 4)]                      # fallbacks keep the steps asked for
 
@@ -174,7 +175,7 @@ def test_interrupt_then_resume_is_bit_identical(tmp_path, capsys, monkeypatch):
 
     dit = interrupt_dit(monkeypatch, after_forwards=6)   # cfg sequential (cpu profile): two forwards per step
     saves = []
-    monkeypatch.setattr(runner, "save_checkpoint", lambda path, latents, step, request: (
+    monkeypatch.setattr(job, "save_checkpoint", lambda path, latents, step, request: (
         saves.append(step), save_checkpoint(path, latents, step, request)))
     out = ["--output", work / "v.mp4", "--save-latents", work / "z.safetensors"]
     rc, _, err = run_cli(capsys, *size, *out)
@@ -237,15 +238,15 @@ def profile_latents(tmp_path_factory, demo_cache):
         mp.setenv("LOWVRAM_STEPVIDEO_CACHE", str(demo_cache))
         for name in ("cpu", "cpu-lowram", str(sequential)):
             streamed[name] = seen = []
-            original = runtime.attach_streaming
-            mp.setattr(runtime, "attach_streaming", lambda model, *a, seen=seen, original=original, **kw: (
+            original = machine.attach_streaming
+            mp.setattr(machine, "attach_streaming", lambda model, *a, seen=seen, original=original, **kw: (
                 seen.append((type(model).__name__, kw.get("source"))), original(model, *a, **kw))[1])
             out = folder / f"{len(latents)}.safetensors"
-            assert cli.main(["--demo", "--profile", name, "--prompt", "two dancers spin on a stage", "--no-cache",
+            assert cli.main(["--demo", "--profile", name, "--prompt", "two dancers spin on a stage", "--no-text-cache",
                              "--frames", "17", "--height", "16", "--width", "16", "--steps", "2",
                              "--output", str(folder / f"{len(latents)}.mp4"), "--save-latents", str(out)]) == 0
             latents[name] = load_file(str(out))["latents"]
-            mp.setattr(runtime, "attach_streaming", original)
+            mp.setattr(machine, "attach_streaming", original)
     return latents, streamed, str(sequential)
 
 
@@ -269,3 +270,17 @@ def test_cpu_lowram_streams_from_disk_with_the_same_latents(profile_latents):
 def test_cpu_and_cpu_lowram_profiles_give_identical_latents(profile_latents):
     latents, _, _ = profile_latents
     assert torch.equal(latents["cpu"], latents["cpu-lowram"])
+
+
+def test_a_profile_the_plan_lowers_runs_in_a_new_pipeline(demo_dir, monkeypatch):
+    """On a GPU (here a device named cuda, the fit faked) plan_ladder hands back a pipeline running the lowered
+    profile; the pipeline it was given keeps its own."""
+    from lowvram_stepvideo.loading.model_folder import open_model_folder
+    from lowvram_stepvideo.profiles import load_profile, with_overrides
+    folder, profile = open_model_folder(demo_dir), load_profile("cpu")
+    pipe = PhasePipeline(folder, profile, progress=False, runtime=DeviceRuntime(folder, profile, "cuda"))
+    lowered, ladder = with_overrides(profile, dit_resident_blocks=1), list(profile.presets)
+    monkeypatch.setattr(job, "fit_to_card", lambda p, presets, *a, **kw: (presets[1:], lowered))
+    got, ran = job.plan_ladder(pipe, ladder[0], None, lambda msg: None)
+    assert got == ladder[1:] and ran.profile == lowered and ran.device.type == "cuda"
+    assert pipe.profile == profile and ran.timings is pipe.timings

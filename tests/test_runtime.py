@@ -10,12 +10,12 @@ import torch
 from lowvram_stepvideo.loading import loaders
 from lowvram_stepvideo.planning import plan, planned_models, planning_machine
 from lowvram_stepvideo.engines import step_cache
-from lowvram_stepvideo.loading.demo import DEMO_PRESET
+from lowvram_stepvideo.defaults import DEMO_PRESET
 from lowvram_stepvideo.planning.byte_count import DEVICE, HOST, PlanningAccountant
 from lowvram_stepvideo.loading.model_folder import open_model_folder
 from lowvram_stepvideo.engines.parallel import Layout
 from lowvram_stepvideo.profiles import Preset, load_profile, with_overrides
-from lowvram_stepvideo.engines.levers import SpeedOptions
+from lowvram_stepvideo.defaults import SpeedOptions
 
 MiB = 2**20
 

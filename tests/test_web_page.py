@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lowvram_stepvideo.face import cli, web_catalog, web_view
-from lowvram_stepvideo.loading import demo
+from lowvram_stepvideo.defaults import DEMO_PRESET
 from lowvram_stepvideo.run import preflight
 from lowvram_stepvideo.profiles import load_profile
 from lowvram_stepvideo.files.configs import ConfigError
@@ -126,8 +126,8 @@ def test_form_from_sidecar_maps_the_model_to_a_choice(tmp_path):
     form = web_view.form_from_sidecar(meta, catalog)
     assert form == {"model": "0", "prompt": "p", "negative_prompt": "", "seed": 7, "profile": "auto",
                     "preset": "34x64x96", "steps": 4, "guidance_scale": 5.0, "shift": 3.0, "attention": "sdpa",
-                    "cache": False, "resident_blocks": None, "vae_tile": 2, "matmul": "profile", "step_cache": None,
-                    "compile": False}
+                    "text_cache": False, "resident_blocks": None, "vae_tile": 2, "matmul": "profile",
+                    "step_cache": None, "compile": False}
     assert web_view.form_from_sidecar({**meta, "model_dir": "/elsewhere"}, catalog)["model"] is None
     assert web_view.form_from_sidecar({**meta, "arguments": {"demo": True}}, catalog)["model"] == "demo"
     assert web_view.form_from_sidecar({**meta, "arguments": {}}, catalog)["profile"] == "cpu"
@@ -199,24 +199,25 @@ def form(**kw):
 
 def test_spec_from_the_form(page, demo_dir):
     spec = page.spec(form(model="0", seed="12", steps=" 7 ", guidance_scale="4.5", shift="", attention="sdpa",
-                          cache=False, resident_blocks="3", vae_tile="0", negative_prompt="  ", profile="cpu"))
+                          text_cache=False, resident_blocks="3", vae_tile="0", negative_prompt="  ", profile="cpu"))
     assert (spec.model_dir, spec.demo, spec.profile, spec.seed) == (demo_dir, False, "cpu", 12)
     assert (spec.frames, spec.height, spec.width, spec.steps, spec.guidance_scale, spec.shift) == (34, 64, 96, 7, 4.5,
                                                                                                   None)
     assert spec.negative_prompt is None
-    assert spec.options == {"cache": False, "attention": "sdpa", "dit_resident_blocks": 3, "vae_tile": 0}
+    assert spec.options == {"text_cache": False, "attention": "sdpa", "dit_resident_blocks": 3, "vae_tile": 0}
     demo_spec = page.spec(form())
-    assert demo_spec.demo and demo_spec.model_dir is None and demo_spec.options == {"cache": True}
+    assert demo_spec.demo and demo_spec.model_dir is None and demo_spec.options == {"text_cache": True}
 
 
 @pytest.mark.parametrize("kw, flags", [({"matmul": "fast"}, ["--matmul", "fast"]),
                                        ({"matmul": "weight-only"}, ["--matmul", "weight-only"]),
-                                       ({"step_cache": " 0.1 "}, ["--cache", "0.1"]),
+                                       ({"step_cache": " 0.1 "}, ["--step-cache", "0.1"]),
                                        ({"compile": True}, ["--compile"])])
 def test_speed_levers_map_as_the_command_line_maps_them(page, kw, flags):
     spec = page.spec(form(**kw))
     wanted = cli.job_spec(cli.build_parser().parse_args(["--demo", "--prompt", "a fox", *flags])).options
-    assert spec.options == {"cache": True, **{k: wanted[k] for k in ("matmul", "step_cache", "compile") if k in wanted}}
+    assert spec.options == {"text_cache": True,
+                            **{k: wanted[k] for k in ("matmul", "step_cache", "compile") if k in wanted}}
     assert len(spec.options) == 2
     assert preflight.speed_options(spec) == preflight.speed_options(dataclasses.replace(spec, options=wanted))
 
@@ -224,7 +225,7 @@ def test_speed_levers_map_as_the_command_line_maps_them(page, kw, flags):
 def test_a_blank_or_zero_step_cache_is_off(page):
     for blank in (None, "", " ", "0"):
         spec = page.spec(form(step_cache=blank, matmul="profile", compile=False))
-        assert spec.options == {"cache": True} and preflight.speed_options(spec).cache == 0.0
+        assert spec.options == {"text_cache": True} and preflight.speed_options(spec).cache == 0.0
 
 
 @pytest.mark.parametrize("kw, message", [({"prompt": " "}, "the prompt is empty"),
@@ -254,7 +255,7 @@ def test_cancel_and_resume_replies(page):
 
 
 def test_presets_and_profile_note(page):
-    assert page.presets("demo", "cpu")[0] == demo.DEMO_PRESET
+    assert page.presets("demo", "cpu")[0] == DEMO_PRESET
     assert page.presets("0", "cpu") == list(load_profile("cpu").presets)
     assert page.profile_note("auto").startswith("auto: ")
     assert page.profile_note("cpu") == load_profile("cpu").description
@@ -279,7 +280,7 @@ def test_only_finished_videos_of_the_results_folder_are_served(page, tmp_path):
     reused = page.reuse("a.mp4")
     assert (reused["matmul"], reused["step_cache"], reused["compile"]) == ("fast", 0.08, True)
     spec = page.spec(form(**{k: v for k, v in reused.items() if k != "preset"}))   # the form filled in again
-    assert spec.options == {"cache": True, "matmul": "fast", "step_cache": 0.08, "compile": True}
+    assert spec.options == {"text_cache": True, "matmul": "fast", "step_cache": 0.08, "compile": True}
     (tmp_path / "batch").mkdir()
     (tmp_path / "batch" / "b.mp4").write_bytes(b"x")
     (tmp_path / "batch" / "b.mp4.json").write_text("{}")

@@ -14,7 +14,7 @@ out, and no kernel is probed.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import torch
 from torch import nn
@@ -24,24 +24,10 @@ from .attach import Attachments, Handle, attaching
 from .attention import attach_attention, choose_attention, fell_back, kernel_function, planned_kernel, warn_fallback
 from .cards import Card
 from .compile import compile_blocks
+from ..defaults import SpeedOptions
 from ..models.dit import TOKEN_RUN_SCOPES
 from ..models.quant import QuantLinear, keep_expanded_weights
 from .step_cache import FirstBlockCache
-
-
-@dataclass(frozen=True)
-class SpeedOptions:
-    """Runtime options beside the profile; these defaults are the only ones (all off: the exact path)."""
-    cache: float = 0.0           # first-block cache threshold (relative change of block 0's residual); 0 = off
-    cache_max_reuse: int = 2     # consecutive forwards of one CFG branch that may reuse
-    compile: bool = False        # regional torch.compile of the DiT blocks
-
-    def __post_init__(self):
-        if isinstance(self.cache, bool) or not isinstance(self.cache, (int, float)) or not 0 <= self.cache < 1:
-            raise ValueError(f"cache threshold {self.cache!r} must be a number in [0, 1) (0 = off; try 0.05-0.1)")
-        if isinstance(self.cache_max_reuse, bool) or not isinstance(self.cache_max_reuse, int) \
-                or self.cache_max_reuse < 1:
-            raise ValueError(f"cache_max_reuse {self.cache_max_reuse!r} must be an integer >= 1")
 
 
 def weight_format(model: nn.Module) -> str:

@@ -6,7 +6,7 @@
     pipe.generate("a red fox in the snow", output="fox.mp4")        # mp4 + sidecar, like generate.py
     pipe.generate_many(["a cat", "a dog"], output_dir="results/pets")
 
-Every call runs the runner's path (runner.py): folder validation, the device check (a CUDA profile without a GPU
+Every call runs a job's path (run/job.py): folder validation, the device check (a CUDA profile without a GPU
 is refused before anything is allocated), the memory plan and preset ladder, out-of-memory step-down, resume when
 asked. Every error is a `StepVideoError` with the one-line message generate.py prints.
 """
@@ -18,7 +18,9 @@ from typing import Callable
 import torch
 
 from . import batch
-from ..run import preflight, job as runner
+from ..defaults import SEED
+from ..run import preflight
+from ..run.job import Events, JobResult, denoise_job, one_line_oom, prepare_job, run_job
 from ..errors import UsageError
 from ..run.preflight import JobSpec
 from ..profiles import Preset
@@ -28,17 +30,19 @@ OUTPUT_TYPES = ("uint8", "video", "latent")
 
 
 class StepVideoPipeline:
-    """One model folder and profile; each call is one run of the runner."""
+    """One model folder and profile; each call is one job (run/job.py)."""
 
     def __init__(self, model_dir: Path | None = None, profile: str | None = None, demo: bool = False,
                  log: Callable[[str], None] | None = None, **options):
         """model_dir: a release or quantize.py folder (or demo=True: the built-in tiny model); profile: a name,
         a .toml path or None (auto: by the card; 'cpu' for the demo). options: profile overrides (attention,
-        dit_resident_blocks, vae_tile, ...) and run options (checkpoint_every, cache, cache_dir, turbo); see
-        preflight.RUN_OPTIONS."""
+        dit_resident_blocks, vae_tile, ...) and run options (checkpoint_every, text_cache, text_cache_dir, turbo,
+        step_cache, compile); see defaults.RUN_OPTIONS."""
         self.base = JobSpec("", model_dir=Path(model_dir) if model_dir else None, demo=demo, profile=profile,
                             options=dict(options))
-        self.events = runner.Events(log)
+        self.events = Events(log)
+        for note in preflight.old_option_names(options):
+            self.events.log(note)
         self.folder = preflight.model_folder(self.base)
         self.profile = preflight.profile_for(self.base)      # the device check and overrides, now
         self.last_preset: Preset | None = None               # what the last call ran, after any step-down
@@ -50,7 +54,7 @@ class StepVideoPipeline:
 
     def __call__(self, prompt: str, negative_prompt: str | None = None, num_frames: int | None = None,
                  height: int | None = None, width: int | None = None, num_inference_steps: int | None = None,
-                 guidance_scale: float | None = None, time_shift: float | None = None, seed: int = 0,
+                 guidance_scale: float | None = None, time_shift: float | None = None, seed: int = SEED,
                  output_type: str = "uint8", checkpoint: Path | None = None, resume: bool = False):
         """Frames of one video. Sizes default to the profile's first preset, steps / guidance / shift to the
         release's (turbo's for a turbo folder). output_type: "uint8" (T, H, W, 3) after the reference
@@ -62,9 +66,9 @@ class StepVideoPipeline:
             raise UsageError("resume=True needs checkpoint=PATH (the file an earlier call saved its latents to)")
         spec = self._spec(prompt, negative_prompt, seed, num_frames, height, width, num_inference_steps,
                           guidance_scale, time_shift, options={"checkpoint": checkpoint, "resume": resume})
-        with runner.one_line_oom():
-            job = runner.prepare_job(spec, self.events.log, folder=self.folder, writes_video=False)
-            latents, self.last_preset = runner.denoise_job(job, self.events)
+        with one_line_oom():
+            job = prepare_job(spec, self.events.log, folder=self.folder, writes_video=False)
+            latents, self.last_preset = denoise_job(job, self.events)
             if output_type != "latent":
                 with torch.no_grad():
                     video = job.pipe.decode(latents)
@@ -75,27 +79,30 @@ class StepVideoPipeline:
             return latents
         return video if output_type == "video" else _postprocess(video)
 
-    def generate(self, prompt: str, output: Path | None = None, **kwargs) -> runner.JobResult:
+    def generate(self, prompt: str, output: Path | None = None, **kwargs) -> JobResult:
         """One video written as generate.py writes it (mp4 + sidecar; default results/<prompt>-<time>.mp4).
         kwargs: JobSpec fields (seed, frames, height, width, steps, guidance_scale, shift, negative_prompt) and
         options={...}."""
         spec = self._spec(prompt, output=output, **kwargs)
-        with runner.one_line_oom():
-            return runner.run_job(spec, self.events)
+        with one_line_oom():
+            return run_job(spec, self.events)
 
     def generate_many(self, prompts: list[str] | Path, output_dir: Path, seeds: list[int] | None = None,
                       **kwargs) -> batch.BatchReport:
         """A batch (like generate.py --prompts-file): prompts (a list, or a prompts file) encoded in one text
         phase, each video denoised and decoded in turn; finished videos are skipped, an interrupted one resumes.
         kwargs as for generate (applied to every prompt)."""
-        items = (batch.read_prompts_file(Path(prompts), seeds, kwargs.pop("seed", 0)) if isinstance(prompts, (str, Path))
-                 else batch.items_from_prompts(prompts, seeds, kwargs.pop("seed", 0)))
+        seed = kwargs.pop("seed", SEED)
+        items = (batch.read_prompts_file(Path(prompts), seeds, seed) if isinstance(prompts, (str, Path))
+                 else batch.items_from_prompts(prompts, seeds, seed))
         return batch.run_batch(items, self._spec("", **kwargs), Path(output_dir), self.events.log, folder=self.folder)
 
-    def _spec(self, prompt: str, negative_prompt: str | None = None, seed: int = 0, frames: int | None = None,
+    def _spec(self, prompt: str, negative_prompt: str | None = None, seed: int = SEED, frames: int | None = None,
               height: int | None = None, width: int | None = None, steps: int | None = None,
               guidance_scale: float | None = None, shift: float | None = None, output: Path | None = None,
               options: dict | None = None) -> JobSpec:
+        for note in preflight.old_option_names(options or {}):
+            self.events.log(note)
         return JobSpec(prompt, negative_prompt, seed, frames, height, width, steps, guidance_scale, shift,
                        self.base.model_dir, self.base.demo, self.base.profile, output,
                        {**self.base.options, **(options or {})})

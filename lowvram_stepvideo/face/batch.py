@@ -5,8 +5,8 @@ Prompts file: UTF-8, one prompt per line; blank lines and lines starting with '#
 (default: `--seed`, 0). Videos are named `<line>-<prompt start>-seed<N>.mp4` in the output folder, so a rerun of
 the same command finds them: a finished video whose sidecar matches the request and the weights is skipped, an
 interrupted one continues from its checkpoint, the rest run (--overwrite: all of them again, from the start). One
-prompt failing is recorded and the batch goes on. With --no-cache the shared embeddings live in a temporary folder
-for the batch's duration.
+prompt failing is recorded and the batch goes on. With --no-text-cache the shared embeddings live in a temporary
+folder for the batch's duration.
 """
 from __future__ import annotations
 
@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ..run import outputs, preflight, results, job as runner
+from ..defaults import SEED
+from ..run import outputs, preflight, results
+from ..run.job import encode_all_with_fallback, one_line_oom, prepare_job, prepare_request
 from ..errors import StepVideoError, UsageError
 from ..files.fsutil import atomic_path
 from .job_queue import JobQueue
@@ -64,7 +66,7 @@ class BatchReport:
 
 # ---- reading prompts ---------------------------------------------------------------------------------------------
 
-def read_prompts_file(path: Path, seeds: list[int] | None = None, default_seed: int = 0) -> list[BatchItem]:
+def read_prompts_file(path: Path, seeds: list[int] | None = None, default_seed: int = SEED) -> list[BatchItem]:
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as e:
@@ -78,7 +80,8 @@ def read_prompts_file(path: Path, seeds: list[int] | None = None, default_seed: 
     return items
 
 
-def items_from_prompts(prompts: list[str], seeds: list[int] | None = None, default_seed: int = 0) -> list[BatchItem]:
+def items_from_prompts(prompts: list[str], seeds: list[int] | None = None,
+                       default_seed: int = SEED) -> list[BatchItem]:
     items = _items([(i, p.strip()) for i, p in enumerate(prompts, 1)], seeds, default_seed)
     if not items or any(not it.prompt for it in items):
         raise UsageError("every prompt of a batch must be non-empty text")
@@ -152,12 +155,13 @@ def _finish(report: BatchReport, log) -> None:
 
 @contextlib.contextmanager
 def _embedding_cache(base: JobSpec):
-    """The batch hands its embeddings to the videos through the embedding cache: a temporary one with no-cache."""
-    if preflight.run_options(base)["cache"]:
+    """The batch hands its embeddings to the videos through the text-embedding cache: a temporary one without
+    text_cache."""
+    if preflight.run_options(base)["text_cache"]:
         yield base
         return
     with tempfile.TemporaryDirectory(prefix="lowvram-batch-embeddings-") as tmp:
-        yield dataclasses.replace(base, options={**base.options, "cache": True, "cache_dir": tmp})
+        yield dataclasses.replace(base, options={**base.options, "text_cache": True, "text_cache_dir": tmp})
 
 
 def _spec(base: JobSpec, item: BatchItem, out_dir: Path) -> JobSpec:
@@ -173,13 +177,13 @@ def _check_all(specs: list[JobSpec], rows: list[Row], folder: ModelFolder, log) 
     todo = []
     for i, (spec, row) in enumerate(zip(specs, rows)):
         try:
-            job = runner.prepare_request(spec, log, folder=folder)
+            job = prepare_request(spec, log, folder=folder)
             fingerprint = job.request.fingerprint(folder.root, job.pipe.profile.compute_dtype)
             finished = results.finished_sidecar(spec.output, fingerprint)
             if finished and not job.options["overwrite"]:
                 row.state, row.preset, row.seconds = "skipped", finished.get("preset"), finished.get("timings_s", {})
                 continue
-            runner.prepare_job(spec, log, folder=folder)
+            prepare_job(spec, log, folder=folder)
             todo.append(i)
         except StepVideoError as e:
             row.state, row.error = "failed", str(e)
@@ -191,13 +195,13 @@ def _shared_text_phase(specs: list[JobSpec], folder: ModelFolder, log) -> float:
     if not specs:
         return 0.0
     start = time.perf_counter()
-    job = runner.prepare_job(specs[0], log, folder=folder)
+    job = prepare_job(specs[0], log, folder=folder)
     pipe, options = job.pipe, job.options
-    pipe.cache = pipe.embedding_cache(options["cache_dir"])
+    pipe.cache = pipe.embedding_cache(options["text_cache_dir"])
     log(f"text: {len(specs)} prompt{'s' * (len(specs) > 1)} in one text phase")
     try:
-        with runner.one_line_oom():
-            runner.encode_all_with_fallback(pipe, [(s.prompt, s.negative_prompt) for s in specs])
+        with one_line_oom():
+            encode_all_with_fallback(pipe, [(s.prompt, s.negative_prompt) for s in specs])
     except StepVideoError as e:   # each video then tries its own text phase and records what happens
         log(f"text: the shared text phase failed ({e}); each video encodes its own prompt")
     return time.perf_counter() - start

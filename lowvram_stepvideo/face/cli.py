@@ -14,7 +14,7 @@ import torch
 
 from . import exit_codes
 from ..engines import parallel
-from ..run import preflight, results, job as runner
+from ..run import preflight, results
 from ..planning.budgets import use_expandable_segments
 from ..files.configs import ConfigError
 from ..errors import StepVideoError, UsageError
@@ -23,8 +23,8 @@ from ..run.preflight import JobSpec
 from ..profiles import describe, detect_vram_bytes, list_profiles, load_profile, profiles_dir, with_overrides
 from ..planning.budgets import auto_choice
 from ..run.resume import load_latents
-from ..run.job import Interrupted, PhasePipeline, say as _say
-from ..pipeline.sampling import RELEASE_DEFAULTS, TURBO_DEFAULTS, sampling_defaults
+from ..run.job import Interrupted, PhasePipeline, decode_frames, note_weight_format, run_job, say as _say
+from ..defaults import CHECKPOINT_EVERY, RELEASE_PRESET, RELEASE_SAMPLING, SEED, TURBO_SAMPLING, WEB_PORT
 from . import batch
 from ..planning.fit import check_fit
 from .web import serve
@@ -69,7 +69,7 @@ batches:
 
 
 def build_parser(prog: str = "generate.py") -> argparse.ArgumentParser:
-    release, turbo = RELEASE_DEFAULTS, TURBO_DEFAULTS
+    release, turbo, size = RELEASE_SAMPLING, TURBO_SAMPLING, RELEASE_PRESET
     p = argparse.ArgumentParser(prog=prog, description="Text to video with Step-Video-T2V on one GPU (or the CPU).",
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-dir", type=Path, help="the downloaded stepvideo-t2v folder, or quantize.py's output")
@@ -86,9 +86,10 @@ def build_parser(prog: str = "generate.py") -> argparse.ArgumentParser:
                    help="with --prompts-file: where the videos and summary.json go (default results/<file name>/)")
     p.add_argument("--negative-prompt", help="what to avoid (default: the reference's negative prompt)")
     p.add_argument("--frames", type=int,
-                   help="number of frames, a multiple of 17 (default: the profile's first preset; release 204)")
-    p.add_argument("--height", type=int, help="height in pixels, a multiple of 16 (release 544)")
-    p.add_argument("--width", type=int, help="width in pixels, a multiple of 16 (release 992)")
+                   help=f"number of frames, a multiple of 17 (default: the profile's first preset; release "
+                        f"{size.frames})")
+    p.add_argument("--height", type=int, help=f"height in pixels, a multiple of 16 (release {size.height})")
+    p.add_argument("--width", type=int, help=f"width in pixels, a multiple of 16 (release {size.width})")
     p.add_argument("--steps", type=int,
                    help="denoising steps, at least 1 (default: the profile's preset, 30 or 50; "
                         f"turbo {turbo['steps']})")
@@ -101,9 +102,9 @@ def build_parser(prog: str = "generate.py") -> argparse.ArgumentParser:
                    help=f"use the turbo checkpoint's defaults ({turbo['steps']} steps, cfg "
                         f"{turbo['guidance_scale']:g}, shift {turbo['shift']:g}); automatic for a turbo folder "
                         "(quantize.py records it; else model_index.json or a folder name with 'turbo')")
-    p.add_argument("--seed", type=int, default=0,
-                   help="seed of the initial noise (default 0): the same seed, prompt and settings give the same "
-                        "video, another seed another video; an integer from 0 to 2**64-1")
+    p.add_argument("--seed", type=int, default=SEED,
+                   help="seed of the initial noise (default %(default)s): the same seed, prompt and settings give the "
+                        "same video, another seed another video; an integer from 0 to 2**64-1")
     p.add_argument("--output", type=Path, help="mp4 path (default: results/<prompt>-<time>.mp4, made unique); the "
                                                "metadata goes next to it as <output>.json")
     p.add_argument("--overwrite", action="store_true",
@@ -120,13 +121,14 @@ def build_parser(prog: str = "generate.py") -> argparse.ArgumentParser:
     p.add_argument("--assume-format", choices=["int8", "fp8"],
                    help="with --dry-run: plan a release (bf16) folder as quantize.py's output in this format")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
-    p.add_argument("--checkpoint-every", type=int, default=5,
+    p.add_argument("--checkpoint-every", type=int, default=CHECKPOINT_EVERY,
                    help="save the latents every N steps for --resume (default %(default)s; 0 = never)")
     p.add_argument("--save-latents", type=Path, help="also keep the final latents in this .safetensors file")
     p.add_argument("--decode-latents", type=Path,
                    help="skip the text and denoising phases: only decode latents saved with --save-latents")
-    p.add_argument("--no-cache", action="store_true",
+    p.add_argument("--no-text-cache", action="store_true",
                    help="do not read or write the text-embedding cache (~/.cache/lowvram-stepvideo/embeddings)")
+    _old_name(p, "--no-cache", "--no-text-cache", nargs=0, const=True)
     p.add_argument("--attention", choices=["sdpa", "flash", "sage", "auto"],
                    help="attention backend instead of the profile's: sdpa (PyTorch), flash (flash-attn), sage "
                         "(SageAttention), auto (the fastest installed)")
@@ -134,9 +136,10 @@ def build_parser(prog: str = "generate.py") -> argparse.ArgumentParser:
                    help="matmuls of int8/fp8 folders instead of the profile's: weight-only (exact: weights expanded "
                         "to bf16) or fast (int8 x int8 / fp8 x fp8 tensor-core matmuls on cards that have them; "
                         "also rounds the activations)")
-    p.add_argument("--cache", type=float, metavar="THRESHOLD",
+    p.add_argument("--step-cache", type=float, metavar="THRESHOLD",
                    help="first-block step cache (default off): skip the other DiT blocks while the first block's "
                         "output changes by less than THRESHOLD (e.g. 0.1); faster, slightly different video")
+    _old_name(p, "--cache", "--step-cache", type=float)
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the DiT blocks (the first step compiles; needs Triton on CUDA)")
     p.add_argument("--resident-blocks", type=int,
@@ -148,7 +151,7 @@ def build_parser(prog: str = "generate.py") -> argparse.ArgumentParser:
                    help="serve the local web page instead of making one video (needs the web extra: pip install "
                         "-e \".[web]\"); its model list is --model-dir, --demo and the folders of "
                         "~/.config/lowvram-stepvideo/web.toml")
-    p.add_argument("--port", type=int, help="with --web: the port (default 7860)")
+    p.add_argument("--port", type=int, help=f"with --web: the port (default {WEB_PORT})")
     p.add_argument("--listen", action="store_true",
                    help="with --web: serve on every network interface instead of 127.0.0.1 (no password!)")
     p.add_argument("--parallel", choices=parallel.MODES,
@@ -156,6 +159,24 @@ def build_parser(prog: str = "generate.py") -> argparse.ArgumentParser:
                         "branch each; sequence = the DiT's tokens split across all N; auto (default under "
                         "torchrun) = cfg x sequence when N is even, else sequence")
     return p
+
+
+class _OldName(argparse.Action):
+    """A flag's old spelling, taken for one release: it sets the new flag's value and says the new name."""
+
+    def __init__(self, option_strings, dest, new: str, **kwargs):
+        super().__init__(option_strings, dest, **kwargs)
+        self.new = new
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        _say(f"note: {option_string} is now {self.new} (the old name goes in the next release)")
+        setattr(namespace, self.dest, self.const if self.nargs == 0 else values)
+
+
+def _old_name(p: argparse.ArgumentParser, old: str, new: str, **kwargs) -> None:
+    """`old` as another spelling of the flag `new` (added just before), left out of --help."""
+    p.add_argument(old, action=_OldName, new=new, dest=new.lstrip("-").replace("-", "_"), default=argparse.SUPPRESS,
+                   help=argparse.SUPPRESS, **kwargs)
 
 
 def main(argv: list[str], prog: str = "generate.py") -> int:
@@ -190,7 +211,7 @@ def run(args) -> int:
     if args.list_profiles:
         return exit_codes.OK if _list_profiles() else exit_codes.BAD_INPUT
     if args.port is not None and not 0 < args.port < 65536:
-        raise UsageError(f"--port {args.port}: must be 1-65535 (default 7860)")
+        raise UsageError(f"--port {args.port}: must be 1-65535 (default {WEB_PORT})")
     if args.web:
         _check_web_flags(args)
         return serve(args.model_dir, args.demo, args.profile, args.port, args.listen)
@@ -210,7 +231,7 @@ def run(args) -> int:
         return _decode_only(args, spec)
     if args.dry_run:
         return _dry_run(args, spec)
-    runner.run_job(spec)
+    run_job(spec)
     return exit_codes.OK
 
 
@@ -246,9 +267,9 @@ def _check_web_flags(args) -> None:
 
 def job_spec(args) -> JobSpec:
     options = {"attention": args.attention, "matmul": args.matmul, "dit_resident_blocks": args.resident_blocks,
-               "vae_tile": args.vae_tile, "step_cache": args.cache, "compile": args.compile or None,
+               "vae_tile": args.vae_tile, "step_cache": args.step_cache, "compile": args.compile or None,
                "resume": args.resume, "checkpoint_every": args.checkpoint_every, "save_latents": args.save_latents,
-               "cache": not args.no_cache, "overwrite": args.overwrite, "turbo": args.turbo,
+               "text_cache": not args.no_text_cache, "overwrite": args.overwrite, "turbo": args.turbo,
                "parallel": args.parallel}
     return JobSpec(args.prompt, args.negative_prompt, args.seed, args.frames, args.height, args.width, args.steps,
                    args.cfg, args.shift, args.model_dir, args.demo, args.profile, args.output,
@@ -298,10 +319,10 @@ def _dry_run(args, spec: JobSpec) -> int:
         if layout.cfg == 2:
             profile = with_overrides(profile, cfg_mode="batch")   # as ParallelRuntime runs it
     if not args.assume_format:
-        runner.note_weight_format(folder, profile, _say)
+        note_weight_format(folder, profile, _say)
     preflight.check_numbers(spec)
     turbo = args.turbo or folder.turbo
-    preset = preflight.preset_for(spec, profile, sampling_defaults(True)["steps"] if turbo else None, _say)
+    preset = preflight.preset_for(spec, profile, TURBO_SAMPLING["steps"] if turbo else None, _say)
     if vram is not None and profile.device == "cpu":
         _say(f"note: --vram-gib does not apply to profile {profile.name} (it computes in RAM; --ram-gib does)")
     verdict = check_fit(folder, profile, preset, vram, ram, args.assume_format, preflight.speed_options(spec),
@@ -341,7 +362,7 @@ def _decode_only(args, spec: JobSpec) -> int:
     pipe = PhasePipeline(folder, profile, log=_say)
     latents = load_latents(args.decode_latents, folder.root, pipe.latent_channels())
     start = time.perf_counter()
-    frames = runner.decode_frames(pipe, latents)
+    frames = decode_frames(pipe, latents)
     meta = {"prompt": args.prompt, "decoded_from": str(args.decode_latents),
             "arguments": results.spec_arguments(spec)}
     results.write_outputs(outputs.output, frames, pipe, meta, time.perf_counter() - start, _say)

@@ -1,7 +1,7 @@
 """One job queue for batches and the web page: jobs run one at a time in one worker thread.
 
 A running job is cancelled after its current denoising step, with its resume checkpoint saved; `resume(job_id)`
-queues it again and it continues from there. The worker is `runner.run_job(spec, events)` unless another callable
+queues it again and it continues from there. The worker is `run.job.run_job(spec, events)` unless another callable
 with that signature is given (tests, or a web page that wants to wrap it).
 
 With `keep_jobs` (the web page), each job is also written next to its output (`.NAME.mp4.job.json`) until it is

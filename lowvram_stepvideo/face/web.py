@@ -14,19 +14,17 @@ from pathlib import Path
 
 from . import web_view
 from ..run.outputs import RESULTS
-from ..loading.demo import DEMO_PRESET
+from ..defaults import DEMO_PRESET, RELEASE_SAMPLING, RUN_OPTIONS, SEED, TURBO_SAMPLING, WEB_PORT
 from ..errors import StepVideoError
-from ..pipeline.sampling import sampling_defaults
 from .web_page import ATTENTION, EXPECTED, Form, WebPage
 from .job_queue import JobQueue
 from .web_catalog import load_catalog
 
-DEFAULT_PORT = 7860
 LOCAL, EVERYWHERE = "127.0.0.1", "0.0.0.0"
 REFRESH_S = 1.0
 # Form fields that "Reuse these settings" fills in (the preset list is rebuilt for the model and profile).
 REUSED = ("model", "prompt", "negative_prompt", "seed", "profile", "steps", "guidance_scale", "shift", "attention",
-          "cache", "resident_blocks", "vae_tile", "matmul", "step_cache", "compile")
+          "text_cache", "resident_blocks", "vae_tile", "matmul", "step_cache", "compile")
 TEXT_FIELDS = ("steps", "guidance_scale", "shift", "resident_blocks", "vae_tile", "step_cache")
 CSS = """
 .lvs-queue { width: 100%; border-collapse: collapse; font-size: 0.9em; }
@@ -77,7 +75,7 @@ def _settings(gr, page: WebPage):
          "negative_prompt": gr.Textbox(label="Negative prompt", elem_id="lvs-negative",
                                        placeholder="blank: the release's negative prompt")}
     with gr.Row():
-        f["seed"] = gr.Number(0, label="Seed", precision=0, elem_id="lvs-seed", scale=3)
+        f["seed"] = gr.Number(SEED, label="Seed", precision=0, elem_id="lvs-seed", scale=3)
         dice = gr.Button("Random seed", elem_id="lvs-random-seed", scale=1)
     f["profile"] = gr.Dropdown(page.profiles, value=page.default_profile, label="Profile", elem_id="lvs-profile")
     note = gr.Markdown(page.profile_note(page.default_profile), elem_id="lvs-profile-note")
@@ -96,7 +94,7 @@ def _settings(gr, page: WebPage):
 
 def _numbers(gr, f: dict, page: WebPage) -> None:
     """Sampling numbers and speed options: text fields, blank = the default."""
-    release, turbo = sampling_defaults(False), sampling_defaults(True)
+    release, turbo = RELEASE_SAMPLING, TURBO_SAMPLING
     with gr.Row():
         f["steps"] = gr.Textbox(label="Steps", elem_id="lvs-steps",
                                 placeholder=f"the profile's (demo {DEMO_PRESET.steps}, turbo {turbo['steps']})")
@@ -104,7 +102,7 @@ def _numbers(gr, f: dict, page: WebPage) -> None:
         f["guidance_scale"] = gr.Textbox(label="Guidance scale", elem_id="lvs-guidance", placeholder=guidance)
         f["shift"] = gr.Textbox(label="Shift", elem_id="lvs-shift",
                                 placeholder=f"{release['shift']:g} (turbo {turbo['shift']:g})")
-    with gr.Accordion("Speed and cache", open=False):
+    with gr.Accordion("Speed and caches", open=False):
         f["attention"] = gr.Dropdown(list(ATTENTION), value="profile", label="Attention",
                                      info="profile: the profile's choice; flash and sage need their packages")
         f["matmul"] = gr.Dropdown(page.matmul_choices(page.default_profile), value="profile", label="Matmul",
@@ -112,9 +110,10 @@ def _numbers(gr, f: dict, page: WebPage) -> None:
                                   "int8/fp8 tensor cores where the card has them (slightly different video)")
         f["step_cache"] = gr.Textbox(label="Step cache threshold", elem_id="lvs-step-cache",
                                      placeholder="blank = off; e.g. 0.1: faster, slightly different video")
-        f["compile"] = gr.Checkbox(False, label="torch.compile the DiT blocks (the first step compiles)",
-                                   elem_id="lvs-compile")
-        f["cache"] = gr.Checkbox(True, label="Reuse cached text embeddings of the same prompt")
+        f["compile"] = gr.Checkbox(RUN_OPTIONS["compile"], elem_id="lvs-compile",
+                                   label="torch.compile the DiT blocks (the first step compiles)")
+        f["text_cache"] = gr.Checkbox(RUN_OPTIONS["text_cache"], label="Text cache: reuse the text embeddings of "
+                                      "the same prompt", elem_id="lvs-text-cache")
         f["resident_blocks"] = gr.Textbox(label="DiT blocks kept on the GPU", elem_id="lvs-resident",
                                           placeholder="the profile's, lowered by the memory plan to what fits")
         f["vae_tile"] = gr.Textbox(label="VAE tile (latent pixels, 0 = untiled)", placeholder="the profile's",
@@ -216,7 +215,7 @@ def serve(model_dir: Path | None, demo: bool, profile: str | None, port: int | N
     queue = JobQueue(results_dir=RESULTS, keep_jobs=True)   # a restarted page lists unfinished jobs again
     page = WebPage(catalog, queue, RESULTS, profile or "auto")
     app = build_app(page)
-    host, port = (EVERYWHERE if listen else LOCAL), port or DEFAULT_PORT
+    host, port = (EVERYWHERE if listen else LOCAL), port or WEB_PORT
     try:
         app.launch(server_name=host, server_port=port, quiet=True, prevent_thread_lock=True, ssr_mode=False,
                    allowed_paths=[str(RESULTS.resolve())], css=CSS, footer_links=["settings"])

@@ -9,7 +9,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..loading import demo
+from ..defaults import DEMO_PRESET, RUN_OPTIONS, SEED, SpeedOptions
 from ..run import preflight
 from . import web_view
 from ..errors import StepVideoError
@@ -17,7 +17,6 @@ from ..planning.fit import check_fit
 from .job_queue import JobQueue, JobSpec
 from ..profiles import Preset, Profile, detect_vram_bytes, list_profiles, load_profile
 from ..planning.budgets import auto_choice, auto_profile
-from ..engines.levers import SpeedOptions
 from .web_catalog import ModelChoice
 
 AUTO = "auto"
@@ -33,19 +32,19 @@ class Form:
     model: str
     prompt: str
     negative_prompt: str | None = None
-    seed: float | str | None = 0
+    seed: float | str | None = SEED
     profile: str = AUTO
     preset: str | None = None
     steps: str | None = None            # the number fields are text: blank means "the default"
     guidance_scale: str | None = None
     shift: str | None = None
     attention: str = "profile"
-    cache: bool = True
+    text_cache: bool = RUN_OPTIONS["text_cache"]    # read and write the text-embedding cache
     resident_blocks: str | None = None
     vae_tile: str | None = None
     matmul: str = "profile"
     step_cache: str | None = None       # first-block step cache threshold; blank (or 0) = off
-    compile: bool = False
+    compile: bool = RUN_OPTIONS["compile"]
 
 
 class WebPage:
@@ -94,7 +93,7 @@ class WebPage:
     def presets(self, model: str, profile: str) -> list[Preset]:
         """The ladder offered for this model and profile, largest first; the demo's tiny size leads for the demo."""
         ladder = list(self.resolve_profile(profile).presets)
-        return [demo.DEMO_PRESET] + ladder if self.choice(model).demo else ladder
+        return [DEMO_PRESET] + ladder if self.choice(model).demo else ladder
 
     def random_seed(self) -> int:
         return random.randrange(2**31)
@@ -110,7 +109,7 @@ class WebPage:
         if not form.preset:
             raise ValueError("choose a size from the preset list")
         size = Preset.parse(form.preset, steps=1)
-        options = {"cache": bool(form.cache)}
+        options = {"text_cache": bool(form.text_cache)}
         for key, value, choices in (("attention", form.attention, ATTENTION), ("matmul", form.matmul, MATMUL)):
             if value not in choices:
                 raise ValueError(f"unknown {key} {value!r}; choose one of {', '.join(choices)}")
@@ -127,7 +126,7 @@ class WebPage:
             if _number(value, what, int) is not None:
                 options[key] = _number(value, what, int)
         return JobSpec(prompt=form.prompt.strip(), negative_prompt=(form.negative_prompt or "").strip() or None,
-                       seed=_number(form.seed, "seed", int) or 0, frames=size.frames, height=size.height,
+                       seed=_number(form.seed, "seed", int) or SEED, frames=size.frames, height=size.height,
                        width=size.width, steps=_number(form.steps, "steps", int),
                        guidance_scale=_number(form.guidance_scale, "guidance scale", float),
                        shift=_number(form.shift, "shift", float), model_dir=choice.path, demo=choice.demo,

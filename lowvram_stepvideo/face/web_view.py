@@ -6,6 +6,7 @@ import html
 import json
 from pathlib import Path
 
+from ..defaults import RUN_OPTIONS, SEED
 from ..files.video import sidecar_path
 from .web_catalog import ModelChoice
 
@@ -105,11 +106,16 @@ def form_from_sidecar(meta: dict, catalog: list[ModelChoice]) -> dict:
     step_cache = asked.get("step_cache", ran.get("cache"))
     preset = meta.get("preset")
     return {"model": model, "prompt": meta.get("prompt") or "", "negative_prompt": meta.get("negative_prompt") or "",
-            "seed": meta.get("seed", 0), "profile": profile,
+            "seed": meta.get("seed", SEED), "profile": profile,
             "preset": preset.split("@")[0] if isinstance(preset, str) else None, "steps": meta.get("steps"),
             "guidance_scale": meta.get("guidance_scale", meta.get("cfg")), "shift": meta.get("shift"),
-            "attention": asked.get("attention") or "profile", "cache": asked.get("cache", True),
+            "attention": asked.get("attention") or "profile", "text_cache": _asked_text_cache(asked),
             "resident_blocks": asked.get("dit_resident_blocks"), "vae_tile": asked.get("vae_tile"),
             "matmul": asked.get("matmul") or "profile", "step_cache": step_cache or None,
             "compile": bool(asked.get("compile", ran.get("compile")))}
 
+
+def _asked_text_cache(asked: dict) -> bool:
+    """The text cache setting of a sidecar's arguments; a sidecar written before the option was renamed calls it
+    "cache"."""
+    return asked.get("text_cache", asked.get("cache", RUN_OPTIONS["text_cache"]))

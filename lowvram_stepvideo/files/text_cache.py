@@ -83,4 +83,4 @@ class EmbeddingCache:
             trim(self.folder, "*.safetensors", max_bytes=MAX_BYTES)   # it would grow with every prompt
         except OSError as e:
             log.warning(f"warning: text embeddings not cached ({e.strerror or e}: {self.folder}); "
-                        f"set {CACHE_ENV} to a writable folder or use --no-cache")
+                        f"set {CACHE_ENV} to a writable folder or use --no-text-cache")

@@ -28,7 +28,6 @@ from ..files.caches import CACHE_ENV, cache_home
 from .assign import build_on_meta
 from ..errors import StepVideoError
 from ..files.configs import ClipConfig, DiTConfig, StepLLMConfig, VAEConfig
-from ..profiles import Preset
 from ..models.clip import BertModel
 from ..models.dit import StepVideoModel
 from ..models.step_llm import Step1Model
@@ -45,8 +44,6 @@ DEMO_FILES = (  # the release layout (STEPVIDEO.md §1) with single-file weights
     "hunyuan_clip/tokenizer/vocab.txt", "hunyuan_clip/tokenizer/tokenizer_config.json",
     "hunyuan_clip/tokenizer/special_tokens_map.json", "vae/config.json", "vae/vae_v2.safetensors")
 SEED = 20240217
-# A size the whole pipeline runs on a CPU in seconds: 2 decoded chunks (exercises the chunk blend), 4x6 latents.
-DEMO_PRESET = Preset(frames=34, height=64, width=96, steps=4)
 
 MODEL_INDEX = {"_class_name": "StepVideoPipeline", "_diffusers_version": "0.31.0",
                "scheduler": ["stepvideo", "FlowMatchDiscreteScheduler"],

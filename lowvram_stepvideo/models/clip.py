@@ -1,6 +1,6 @@
 """hunyuan_clip: HunyuanDiT's bilingual CLIP text tower, a post-LayerNorm BERT (`transformers.BertModel` math).
 
-Attribute names are the BertModel state-dict keys. The runner uses `last_hidden_state` including padding
+Attribute names are the BertModel state-dict keys. A run uses `last_hidden_state` including padding
 positions; the pooler exists only when the checkpoint has it.
 """
 from __future__ import annotations
@@ -122,7 +122,7 @@ class BertModel(nn.Module):
         return x
 
     def pooled_output(self, last_hidden_state: torch.Tensor) -> torch.Tensor:
-        """tanh(dense(h[:, 0])) (B, hidden); unused by the runner, needs a checkpoint with pooler weights."""
+        """tanh(dense(h[:, 0])) (B, hidden); unused by a run, needs a checkpoint with pooler weights."""
         if self.pooler is None:
             raise ValueError("this CLIP checkpoint has no pooler weights; pooled_output is unavailable")
         return self.pooler(last_hidden_state)

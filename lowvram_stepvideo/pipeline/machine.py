@@ -1,31 +1,44 @@
 """What the pipeline's phases ask of the machine: load a network, place it on the compute device (whole, or its
-blocks streamed per a profile section), take it off again, choose its attention kernel, and mark phases (events
-to listeners, timings, freeing cached memory, a memory report).
+blocks streamed per a profile section), take it off again, attach the DiT's speed levers, decode latents in tiles,
+and mark phases (events to listeners, timings, freeing cached memory, a memory report). The phases reach the
+engines (engines/) only through this interface.
 
-Two implementations share this interface, so the planner and a real run are the same pipeline code:
-- `DeviceRuntime` (here) runs for real: memory-mapped checkpoints and the offload engines;
-- `plan.PlanningRuntime` runs on data-free tensors, with one block per stack, and counts bytes.
+Two implementations share it, so the planner and a real run are the same pipeline code:
+- `DeviceRuntime` (here) runs for real: memory-mapped checkpoints and the streaming engines;
+- `planning.planning_machine.PlanningRuntime` runs on data-free tensors, with one block per stack, and counts bytes.
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import gc
 import sys
 import time
-from typing import Callable
+from typing import Callable, ContextManager, Protocol
 
 import torch
 from torch import nn
 
+from ..defaults import SpeedOptions
 from ..loading.model_folder import ModelFolder
 from ..engines.cards import current_card
-from ..engines.levers import DiTLevers, SpeedOptions
+from ..engines.levers import DiTLevers
 from ..engines.parallel import Parallel
 from ..engines.placement import attach_streaming, device_memory_report, find_blocks, offload_component, to_device
 from ..engines.streaming import packed_budget_bytes
+from ..engines.tiling import decode_with_fallback, halving_tiles, tile_count
 from ..profiles import Profile
 
 PhaseListener = Callable[[str, str], None]     # (phase name, "start" | "end")
+TileSize = tuple[int, int]                     # (height, width) of a VAE decode tile, in latent pixels
+
+
+class Levers(Protocol):
+    """What the denoising loop calls on the speed levers `attach_levers` gives (engines.levers.DiTLevers)."""
+
+    def start_step(self, step: int, total_steps: int) -> None: ...
+
+    def branch(self, name: str) -> ContextManager: ...
 
 
 def streaming_settings(profile: Profile, section: str | None, blocks: int):
@@ -66,7 +79,7 @@ class Runtime:
         raise NotImplementedError
 
     def attach_levers(self, dit: nn.Module, options: SpeedOptions, said: bool = False) -> DiTLevers:
-        """The speed levers (levers.py: attention kernel, kept expansions, fast matmuls, step cache, compile, the
+        """The speed levers (engines/levers.py: attention kernel, kept expansions, fast matmuls, step cache, compile, the
         parallel splits) on the DiT for one denoising phase, as this runtime runs them; `said`: already logged
         once."""
         raise NotImplementedError
@@ -75,6 +88,32 @@ class Runtime:
         """Undo `attach_levers`; what the levers did (for the sidecar), None when nothing ran for real."""
         levers.detach()
         return None
+
+    def with_profile(self, profile: Profile) -> "Runtime":
+        """This runtime running `profile`, sharing this one's state (log, timings, phase listeners); this one is
+        left as it is. What a job uses to run a lowered profile; the planner traces each profile with a runtime of
+        its own and never calls it."""
+        other = copy.copy(self)
+        other.profile = profile
+        return other
+
+    def blocks(self, model: nn.Module) -> list[nn.Module]:
+        """The model's stack of blocks (the DiT's or step_llm's) as the streaming engine sees it."""
+        return list(find_blocks(model)[1])
+
+    def vae_tiles(self, latent_shape: tuple[int, ...], tile: int, overlap: int) -> tuple[list[TileSize], int]:
+        """The tile sizes a tiled decode of latents of this shape tries in turn (halving after an out-of-memory
+        error), and how many tiles the first size makes."""
+        tiles = halving_tiles(tile, overlap, tuple(latent_shape[-2:]))
+        return tiles, tile_count(latent_shape, tiles[0], overlap)
+
+    def decode_tiled(self, vae: nn.Module, latents: torch.Tensor, tiles: list[TileSize], overlap: int,
+                     on_oom: Callable[[TileSize, TileSize], None],
+                     progress: Callable[[int, int], None]) -> torch.Tensor:
+        """The video of `latents` (on the CPU), decoded tile by tile with the first size of `tiles`; after an
+        out-of-memory error, `on_oom(failed, next)` and the next size, the finished chunks kept."""
+        return decode_with_fallback(vae.decode_chunk, latents, tiles, overlap, on_oom=on_oom, out_device="cpu",
+                                    progress=progress)
 
     def free(self) -> None:
         """Give memory that is no longer referenced back (after a phase, after an out-of-memory error)."""
@@ -112,7 +151,7 @@ class Runtime:
 
 
 class DeviceRuntime(Runtime):
-    """The real thing: weights memory-mapped from the folder, placed whole or streamed by `offload`."""
+    """The real thing: weights memory-mapped from the folder, placed whole or streamed (engines/streaming.py)."""
 
     def load(self, component: str, dtype: torch.dtype) -> nn.Module:
         return self.folder.open(component).load(dtype, "cpu")   # the DiT's kernels come with attach_levers

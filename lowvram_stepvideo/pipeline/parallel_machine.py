@@ -33,6 +33,6 @@ class ParallelRuntime(DeviceRuntime):
     def attach_levers(self, dit: nn.Module, options: SpeedOptions, said: bool = False) -> DiTLevers:
         """The speed levers with this rank's parallel engines (see DeviceRuntime.attach_levers)."""
         if options.cache and self.par.layout.sequence > 1:
-            raise ParallelError("the step cache (--cache) does not go with sequence parallel yet (each rank would "
-                                "decide on its own tokens); use --parallel cfg or drop --cache")
+            raise ParallelError("the step cache (--step-cache) does not go with sequence parallel yet (each rank would "
+                                "decide on its own tokens); use --parallel cfg or drop --step-cache")
         return super().attach_levers(dit, options, said)

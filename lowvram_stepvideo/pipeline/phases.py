@@ -1,24 +1,26 @@
 """Text to video in phases that never share the device: text encoders -> free -> denoise -> free -> decode.
 
-Each phase asks its runtime (runtime.py) to load its network, place it per the profile (whole on the device, or
+Each phase asks its runtime (machine.py) to load its network, place it per the profile (whole on the device, or
 blocks streamed), runs it, and gives the device back before the next phase starts. The memory plan runs this same
-code over a planning runtime (plan.py).
+code over the planner's runtime (planning/planning_machine.py). This module imports no engine: block streaming,
+the speed levers and the tiled VAE decode are the runtime's to attach and run.
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 from typing import Callable
 
 import torch
 
 from . import progress as progress_bars
+from ..defaults import RELEASE_PRESET, SEED, SpeedOptions, sampling_defaults
 from ..files.caches import model_identity
 from ..files.text_cache import EmbeddingCache
 from ..loading.model_folder import ModelFolder, open_model_folder
 from ..models.dit import set_attention_head_chunk, set_token_chunk
-from ..engines.placement import find_blocks
 from ..profiles import Profile, load_profile
-from .machine import DeviceRuntime, Runtime
+from .machine import DeviceRuntime, Levers, Runtime
 from .sampling import (
     cfg_combine,
     dit_timestep,
@@ -26,10 +28,7 @@ from .sampling import (
     flow_sigmas,
     initial_noise,
     latent_shape,
-    sampling_defaults,
     sampling_problem)
-from ..engines.levers import DiTLevers, SpeedOptions
-from ..engines.tiling import decode_with_fallback, halving_tiles, tile_count
 from ..files.video import postprocess
 
 # Suffixes the reference appends to every prompt / uses as the negative prompt (its config.py defaults).
@@ -43,12 +42,13 @@ StepCallback = Callable[[int, torch.Tensor], None]         # (steps done, latent
 
 class PhasePipeline:
     """The phases (encode_prompt, denoise, decode) on one folder and profile, with no pre-flight, plan or
-    fallback: those are the runner's (runner.py), and the public `lowvram_stepvideo.StepVideoPipeline` goes through
+    fallback: those are the job's (run/job.py), and the public `lowvram_stepvideo.StepVideoPipeline` goes through
     it. `__call__` chains the phases for the memory planner and the reference tests. Phase timings land in
     `self.timings`.
 
     `runtime` does the loading, placing and phase bookkeeping (default: a DeviceRuntime for `profile` on `device`,
-    the profile's device when None); the profile in use is the runtime's (`pipe.profile`)."""
+    the profile's device when None); the profile in use is the runtime's (`pipe.profile`), fixed for the life of
+    the pipeline: `with_profile` gives one that runs another."""
 
     def __init__(self, folder: ModelFolder, profile: Profile, device=None, cache: EmbeddingCache | None = None,
                  log: Callable[[str], None] | None = None, progress: bool = True, runtime: Runtime | None = None,
@@ -64,9 +64,12 @@ class PhasePipeline:
     def profile(self) -> Profile:
         return self.runtime.profile
 
-    @profile.setter
-    def profile(self, profile: Profile) -> None:
-        self.runtime.profile = profile
+    def with_profile(self, profile: Profile) -> "PhasePipeline":
+        """This pipeline running `profile`: the same folder, speed options, embedding cache and runtime state (log,
+        timings, phase listeners); this one is left as it is."""
+        other = copy.copy(self)
+        other.runtime = self.runtime.with_profile(profile)
+        return other
 
     @property
     def device(self) -> torch.device:
@@ -90,9 +93,10 @@ class PhasePipeline:
         return sampling_defaults(self.folder.turbo)
 
     @torch.inference_mode()
-    def __call__(self, prompt: str | None = None, negative_prompt: str | None = None, num_frames: int = 204,
-                 height: int = 544, width: int = 992, num_inference_steps: int | None = None,
-                 guidance_scale: float | None = None, time_shift: float | None = None, seed: int = 0,
+    def __call__(self, prompt: str | None = None, negative_prompt: str | None = None,
+                 num_frames: int = RELEASE_PRESET.frames, height: int = RELEASE_PRESET.height,
+                 width: int = RELEASE_PRESET.width, num_inference_steps: int | None = None,
+                 guidance_scale: float | None = None, time_shift: float | None = None, seed: int = SEED,
                  output_type: str = "uint8", prompt_embeds: Embeds | None = None, latents: torch.Tensor | None = None,
                  pos_magic: str = POS_MAGIC, start_step: int = 0, step_callback: StepCallback | None = None):
         """output_type: "latent" (final latents, float32), "video" (decoded (B, T, 3, H, W)) or "uint8" (frames
@@ -167,7 +171,7 @@ class PhasePipeline:
     @contextlib.contextmanager
     def block_progress(self, model: torch.nn.Module, name: str, passes: int = 1):
         """A progress bar over a stack's blocks (step_llm streamed from disk takes a while on a small card)."""
-        blocks = find_blocks(model)[1]
+        blocks = self.runtime.blocks(model)
         with progress_bars.bar(name, len(blocks) * passes, unit="block", show=self.progress) as bar:
             hooks = [b.register_forward_hook(_ticker(bar)) for b in blocks]
             try:
@@ -219,7 +223,7 @@ class PhasePipeline:
             latents = latents.float().cpu()
         return latents
 
-    def _guided_velocity(self, dit, latents, t, embeds: Embeds, scale: float, levers: DiTLevers) -> torch.Tensor:
+    def _guided_velocity(self, dit, latents, t, embeds: Embeds, scale: float, levers: Levers) -> torch.Tensor:
         y, mask, clip = embeds
         x = latents.to(self.dtype)
         if self.profile.cfg_mode == "batch":
@@ -230,7 +234,7 @@ class PhasePipeline:
             v_cond, v_uncond = (self._branch(dit, levers, b, x, t, embeds, mask) for b in (0, 1))
         return cfg_combine(v_cond, v_uncond, scale)
 
-    def _branch(self, dit, levers: DiTLevers, b: int, x, t, embeds: Embeds, mask) -> torch.Tensor:
+    def _branch(self, dit, levers: Levers, b: int, x, t, embeds: Embeds, mask) -> torch.Tensor:
         """Sequential CFG: the DiT on prompt b (0 = cond, 1 = uncond) alone."""
         y, _, clip = embeds
         with levers.branch(("cond", "uncond")[b]):
@@ -248,12 +252,11 @@ class PhasePipeline:
             h, w = z.shape[-2:]
             tile = tile or self.profile.vae.tile or max(h, w)
             overlap = min(self.profile.vae.overlap, max(0, (min(tile, h, w) - 1) // 2))
-            tiles = halving_tiles(tile, overlap, (h, w))
-            total = tile_count(z.shape, tiles[0], overlap)
+            tiles, total = self.runtime.vae_tiles(z.shape, tile, overlap)
             with self.runtime.placed(vae), progress_bars.bar("decode", total, unit="tile",
                                                              show=self.progress) as bar:
-                return decode_with_fallback(vae.decode_chunk, z, tiles, overlap, on_oom=self._tile_oom,
-                                            out_device="cpu", progress=_tile_progress(bar))
+                return self.runtime.decode_tiled(vae, z, tiles, overlap, on_oom=self._tile_oom,
+                                                 progress=_tile_progress(bar))
 
     def _tile_oom(self, failed: tuple, nxt: tuple) -> None:
         self.runtime.free()

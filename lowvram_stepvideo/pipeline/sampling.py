@@ -10,24 +10,14 @@ from dataclasses import dataclass
 
 import torch
 
+from ..defaults import RELEASE_SAMPLING, TURBO_SAMPLING
+
 # Default seed of a fresh `torch.Generator()`; the reference pipeline draws its noise from such a generator.
 REFERENCE_NOISE_SEED = 67280421310721
 
 # Seeds are 0 .. 2**64-1: torch.Generator.manual_seed also takes negatives but maps them onto the same range
 # (-1 gives the video of 2**64-1), so one range is documented and checked.
 SEED_MIN, SEED_MAX = 0, 2**64 - 1
-
-# The one home of the sampling defaults (the release README's recommendations, docs/STEPVIDEO.md §4): every entry
-# point (generate.py, the Python API, batches, the web page) asks `sampling_defaults`. The profiles' presets carry
-# their own steps: 50, except 12gb/16gb at 30 (the release's low end: a step takes minutes on those cards); turbo
-# replaces the preset's steps with its 15.
-RELEASE_DEFAULTS = {"steps": 50, "guidance_scale": 9.0, "shift": 13.0}
-TURBO_DEFAULTS = {"steps": 15, "guidance_scale": 5.0, "shift": 17.0}
-
-
-def sampling_defaults(turbo: bool) -> dict:
-    """steps, guidance_scale and shift of the release, or of the turbo (step-distilled) checkpoint."""
-    return TURBO_DEFAULTS if turbo else RELEASE_DEFAULTS
 
 
 def flow_sigmas(num_steps: int, time_shift: float) -> torch.Tensor:
@@ -41,15 +31,21 @@ def flow_sigmas(num_steps: int, time_shift: float) -> torch.Tensor:
     return 1 - u
 
 
+def _release_and_turbo(key: str) -> str:
+    """"release 9, turbo 5": the two defaults of a sampling setting, for messages."""
+    return f"release {RELEASE_SAMPLING[key]:g}, turbo {TURBO_SAMPLING[key]:g}"
+
+
 def sampling_problem(guidance_scale: float | None, shift: float | None, seed: int | None) -> str | None:
     """Why these sampling settings would give a broken video (one line naming the flag), or None."""
     if guidance_scale is not None and not math.isfinite(guidance_scale):
-        return f"--cfg {guidance_scale}: the guidance scale must be a finite number (release 9, turbo 5)"
+        return (f"--cfg {guidance_scale}: the guidance scale must be a finite number "
+                f"({_release_and_turbo('guidance_scale')})")
     if guidance_scale is not None and guidance_scale < 0:
         return (f"--cfg {guidance_scale}: a negative guidance scale steers the video towards the negative prompt; "
-                "use 0 (no guidance) to 1 (prompt only) or more (release 9, turbo 5)")
+                f"use 0 (no guidance) to 1 (prompt only) or more ({_release_and_turbo('guidance_scale')})")
     if shift is not None and not (math.isfinite(shift) and shift > 0):
-        return f"--shift {shift}: must be a positive finite number (release 13, turbo 17)"
+        return f"--shift {shift}: must be a positive finite number ({_release_and_turbo('shift')})"
     if seed is not None and not SEED_MIN <= seed <= SEED_MAX:
         return f"--seed {seed}: seeds go from {SEED_MIN} to 2**64-1 = {SEED_MAX}"
     return None

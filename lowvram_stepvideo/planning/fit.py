@@ -80,7 +80,7 @@ def plan_fits(plan: Plan, budget: Budget) -> bool:
 
 def fit_layout(folder: ModelFolder, profile: Profile, preset: Preset, budget: Budget,
                options=None, layout=None) -> tuple[Profile, Plan]:
-    """`options`: the run's speed options (speed.SpeedOptions; planned too); `layout` (parallel.Layout): one rank
+    """`options`: the run's speed options (defaults.SpeedOptions; planned too); `layout` (parallel.Layout): one rank
     of a parallel run. `profile` with resident blocks and packed host copies lowered (upper bounds, never raised)
     until the plan of `preset` fits `budget`, and that plan; the plan may still exceed it when nothing is left."""
     profile, plan = fit_profile(folder, clamped(folder, profile), preset, budget.device_room(0), options=options,

@@ -116,7 +116,8 @@ def write_phase(after_decode: Stretch, preset: Preset, dtype: torch.dtype) -> Ph
 
 def footprint(shape: ModelShape, streaming, profile: Profile) -> tuple[int, int]:
     """(device bytes, host bytes) that placing a network of `shape` holds: all its weights on the device, or what
-    the block streamer reports for a streamed stack (offload.streaming_footprint: the engine's own accounting)."""
+    the block streamer reports for a streamed stack (engines.streaming.streaming_footprint: the engine's own
+    accounting)."""
     other = shape.held_other_bytes(profile.device)
     if streaming is None:
         return other + shape.blocks * shape.block_tensor_bytes, 0

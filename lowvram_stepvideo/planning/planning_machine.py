@@ -83,7 +83,7 @@ class PlanningRuntime(Runtime):
         self._placed.pop(id(model), None)
 
     def attach_levers(self, dit, options: SpeedOptions, said: bool = False) -> DiTLevers:
-        """The levers as the profile's target card would run them (see levers.py), on the DiT itself; with a
+        """The levers as the profile's target card would run them (see engines/levers.py), on the DiT itself; with a
         `layout`, rank 0's parallel engines around them."""
         return DiTLevers(getattr(dit, "model", dit), self.profile, options, self.device, target_card(self.profile),
                          planning=True, par=self.par).attach()

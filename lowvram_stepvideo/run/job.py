@@ -1,11 +1,13 @@
 """One generation request run to the end: pick a preset that fits, denoise with checkpoints, step down on OOM.
 
 `run_job(spec, events)` is the whole run behind generate.py, the Python API, batches and the job queue:
-pre-flight (preflight.py), the memory plan and preset ladder, the text phase (embedding cache), denoising with
+pre-flight (preflight.py), the memory plan and preset ladder, the text phase (text-embedding cache), denoising with
 checkpoints and OOM step-down, decode, mp4 + sidecar.
 
 - Before a GPU run, the memory plan picks the largest preset of the ladder that fits the card.
 - The prompt is encoded once; an out-of-memory error there retries with step_llm streamed block by block.
+- A lowered profile (the memory plan's, the text encoders' fallback) runs through `PhasePipeline.with_profile`: a
+  pipeline is never changed under whoever holds it.
 - An out-of-memory error while denoising frees everything and retries with the next smaller preset (same number of
   steps); decoding handles its own OOM with smaller tiles.
 - Every `checkpoint_every` steps, and after the last one, the latents are saved atomically next to the output (so a
@@ -35,7 +37,7 @@ from ..engines.parallel import LostRank, Parallel
 from ..pipeline.parallel_machine import ParallelRuntime
 from ..pipeline.phases import PhasePipeline
 from .preflight import JobSpec
-from ..profiles import Preset, TextEncoders, ladder_from
+from ..profiles import Preset, Profile, TextEncoders, ladder_from
 from .resume import (
     check_step_latents,
     checkpoint_path,
@@ -44,7 +46,8 @@ from .resume import (
     saved_request,
     weights_identity)
 from .resume import save_latents as save_latents_file
-from ..pipeline.sampling import flow_sigmas, initial_noise, latent_shape, sampling_defaults, sampling_problem
+from ..defaults import sampling_defaults
+from ..pipeline.sampling import flow_sigmas, initial_noise, latent_shape, sampling_problem
 from ..planning.fit import clamped, first_fit, profile_budget
 from ..files.video import postprocess
 
@@ -92,11 +95,13 @@ def resume_ladder(ladder: list[Preset], ckpt: Path) -> list[Preset]:
 
 
 def fit_to_card(pipe: PhasePipeline, ladder: list[Preset], vram_bytes: int | None = None,
-                log: Callable[[str], None] = print, ram_bytes: int | None = None, layout=None) -> list[Preset]:
-    """Drop the head of the ladder while the memory plan says it does not fit the budget (budgets.py: this
+                log: Callable[[str], None] = print, ram_bytes: int | None = None,
+                layout=None) -> tuple[list[Preset], Profile]:
+    """The ladder without its head presets the memory plan says do not fit the budget (planning/budgets.py: this
     machine's free VRAM and available RAM minus their reserves, or a card of `vram_bytes` in a machine with
-    `ram_bytes`); lower the profile's resident blocks and packed RAM to what fits (pipe.profile is updated).
-    `layout` (parallel.Layout): plan this rank's share of a parallel run."""
+    `ram_bytes`), and pipe's profile with its resident blocks and packed RAM lowered to what fits (`pipe` is left as
+    it is: run the result with `pipe.with_profile`). `layout` (engines.parallel.Layout): plan this rank's share of
+    a parallel run."""
     budget = profile_budget(pipe.profile, vram_bytes, ram_bytes)
     asked = clamped(pipe.folder, pipe.profile)      # a count above the stack's size is not a lowering
     tried: dict = {}
@@ -104,7 +109,7 @@ def fit_to_card(pipe: PhasePipeline, ladder: list[Preset], vram_bytes: int | Non
     if found is None:
         log(f"plan: even {ladder[-1]} is planned above the budget ({budget.vram_from}; {budget.host_from}); "
             "trying it anyway")
-        return ladder[-1:]
+        return ladder[-1:], pipe.profile
     profile, plan = tried[found]
     if found:
         log(f"plan: {ladder[0]} does not fit ({budget.vram_from}); using {ladder[found]}")
@@ -118,8 +123,7 @@ def fit_to_card(pipe: PhasePipeline, ladder: list[Preset], vram_bytes: int | Non
             f"GiB to fit ({budget.host_from}); the other blocks are read from disk")
     log(f"plan: {plan.peak_vram_bytes / GiB:.1f} GiB device and {plan.peak_host_bytes / GiB:.1f} GiB host peak, "
         f"{profile.dit.resident_blocks} DiT blocks resident")
-    pipe.profile = profile
-    return ladder[found:]
+    return ladder[found:], profile
 
 
 def check_resumable(pipe: PhasePipeline, request: Request, ladder: list[Preset], ckpt: Path) -> None:
@@ -130,10 +134,9 @@ def check_resumable(pipe: PhasePipeline, request: Request, ladder: list[Preset],
 
 
 def denoise_with_fallback(pipe: PhasePipeline, request: Request, ladder: list[Preset], ckpt: Path | None,
-                          resume: bool, every: int, embeds=None,
-                          should_stop: Callable[[], bool] | None = None,
+                          resume: bool, every: int, embeds, should_stop: Callable[[], bool] | None = None,
                           par: Parallel | None = None) -> tuple[torch.Tensor, Preset]:
-    """Final latents and the preset that produced them; the prompt is encoded here unless `embeds` are given.
+    """Final latents and the preset that produced them from the prompt's `embeds` (encode_with_fallback).
     With `par` (several processes): only rank 0 saves checkpoints, and an out-of-memory error steps every rank
     down together (a rank whose peers did not fail with it ends the run at the collective timeout instead)."""
     problem = sampling_problem(request.guidance_scale, request.shift, request.seed)
@@ -141,8 +144,6 @@ def denoise_with_fallback(pipe: PhasePipeline, request: Request, ladder: list[Pr
         raise ValueError(problem)
     if resume and ckpt is not None:
         check_resumable(pipe, request, ladder, ckpt)
-    if embeds is None:
-        embeds = encode_with_fallback(pipe, request)
     for i, preset in enumerate(ladder):
         req = dataclasses.replace(request, preset=preset)
         try:
@@ -214,17 +215,19 @@ def _save(pipe: PhasePipeline, ckpt: Path, latents: torch.Tensor, step: int, fin
         return False
 
 
-def encode_with_fallback(pipe: PhasePipeline, req: Request):
-    return encode_all_with_fallback(pipe, [(req.prompt, req.negative_prompt)])[0]
+def encode_with_fallback(pipe: PhasePipeline, req: Request) -> tuple[tuple, PhasePipeline]:
+    embeds, pipe = encode_all_with_fallback(pipe, [(req.prompt, req.negative_prompt)])
+    return embeds[0], pipe
 
 
-def encode_all_with_fallback(pipe: PhasePipeline, prompts: list[tuple[str, str | None]]) -> list:
+def encode_all_with_fallback(pipe: PhasePipeline, prompts: list[tuple[str, str | None]]) -> tuple[list, PhasePipeline]:
     """One text phase for all (prompt, negative prompt) pairs as the profile says; on OOM once more with step_llm
-    streamed block by block."""
+    streamed block by block. The embeddings, and the pipeline that made them (`pipe`, or one with the streamed
+    text encoders)."""
     for attempt in range(2):
         try:
             with torch.no_grad():
-                return pipe.encode_prompts(prompts)
+                return pipe.encode_prompts(prompts), pipe
         except _OOM:
             pass  # handled outside the except block, so the failed attempt's tensors can be freed
         _free(pipe)
@@ -234,7 +237,7 @@ def encode_all_with_fallback(pipe: PhasePipeline, prompts: list[tuple[str, str |
         pipe.log("out of memory in the text encoders; retrying with step_llm streamed block by block")
         streamed = TextEncoders(placement="stream", resident_blocks=0, prefetch=max(1, te.prefetch),
                                 source=te.source)
-        pipe.profile = dataclasses.replace(pipe.profile, text_encoders=streamed)
+        pipe = pipe.with_profile(dataclasses.replace(pipe.profile, text_encoders=streamed))
     raise OutOfMemory("out of memory in the text encoders even with step_llm streamed; free GPU memory")
 
 
@@ -419,39 +422,41 @@ def execute(job: PreparedJob, events: Events) -> JobResult:
 
 def denoise_job(job: PreparedJob, events: Events) -> tuple[torch.Tensor, Preset]:
     """Plan, text phase, denoising (with checkpoints, OOM step-down and stop requests): final latents and the
-    preset that made them."""
+    preset that made them. `job.pipe` becomes the pipeline that ran them (its profile lowered to what fits)."""
     pipe, options, ckpt, par = job.pipe, job.options, job.checkpoint, job.par
     writer = par is None or par.writer
     resume = ckpt is not None and wants_resume(options, ckpt)
-    if options["cache"] and writer:   # the other ranks take rank 0's embeddings
-        pipe.cache = pipe.embedding_cache(options["cache_dir"])
+    if options["text_cache"] and writer:   # the other ranks take rank 0's embeddings
+        pipe.cache = pipe.embedding_cache(options["text_cache_dir"])
     events.phase("plan")
-    ladder = plan_ladder(pipe, job.request.preset, ckpt if resume else None, events.log, par)
+    ladder, pipe = plan_ladder(pipe, job.request.preset, ckpt if resume else None, events.log, par)
     if resume:
         check_resumable(pipe, job.request, ladder, ckpt)
     events.phase("text")
-    embeds = encode_with_fallback(pipe, job.request) if writer else None
+    embeds, pipe = encode_with_fallback(pipe, job.request) if writer else (None, pipe)
     if par is not None:
         embeds = par.broadcast_from_writer(embeds)
     events.phase("denoise")
-    latents, used = denoise_with_fallback(pipe, job.request, ladder, ckpt, resume, options["checkpoint_every"],
-                                          embeds, events.should_stop, par)
-    return latents, used
+    job.pipe = pipe
+    return denoise_with_fallback(pipe, job.request, ladder, ckpt, resume, options["checkpoint_every"], embeds,
+                                 events.should_stop, par)
 
 
 def plan_ladder(pipe: PhasePipeline, preset: Preset, resume_from: Path | None, log,
-                par: Parallel | None = None) -> list[Preset]:
-    """The presets to try in order: the memory plan's fit on a GPU, or from the checkpoint's preset on resume.
-    Under torchrun each rank plans its share on its own card, and all run the preset that fits the smallest."""
+                par: Parallel | None = None) -> tuple[list[Preset], PhasePipeline]:
+    """The presets to try in order: the memory plan's fit on a GPU, or from the checkpoint's preset on resume; and
+    the pipeline to run them with (`pipe`, or `pipe` with the profile the plan lowered). Under torchrun each rank
+    plans its share on its own card, and all run the preset that fits the smallest."""
     ladder = ladder_from(pipe.profile.presets, preset)
     if resume_from is not None:
-        return resume_ladder(ladder, resume_from)
+        return resume_ladder(ladder, resume_from), pipe
     if pipe.device.type == "cuda":
         full = ladder
-        ladder = fit_to_card(pipe, ladder, None, log, layout=par and par.layout)   # free VRAM, available RAM
+        ladder, fitted = fit_to_card(pipe, ladder, None, log, layout=par and par.layout)   # free VRAM, available RAM
+        pipe = pipe.with_profile(fitted)
         if par is not None:
             ladder = full[par.agree_max(len(full) - len(ladder)):]
-    return ladder
+    return ladder, pipe
 
 
 def decode_frames(pipe: PhasePipeline, latents: torch.Tensor):

@@ -6,29 +6,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ..loading import demo
+from ..defaults import DEMO_PRESET, RELEASE_PRESET, RUN_OPTIONS, SEED, TURBO_SAMPLING, SpeedOptions
 from ..errors import UsageError
+from ..loading import demo
 from ..loading.model_folder import ModelFolder, open_model_folder
 from ..profiles import Preset, Profile, detect_vram_bytes, load_profile, with_overrides
 from ..planning.budgets import auto_choice
 from ..pipeline.sampling import latent_shape, sampling_problem
-from ..engines.levers import SpeedOptions
 from .outputs import RESULTS
 from ..files.video import output_path_error
 
 GiB = 2**30
-# Options of a job that are not profile overrides (those go to profiles.with_overrides by name).
-RUN_OPTIONS = {"resume": False,          # True: continue from the checkpoint; "auto": when there is one
-               "checkpoint_every": 5,    # save the latents every N steps (0 = never)
-               "save_latents": None,     # also keep the final latents in this file
-               "checkpoint": None,       # the resume checkpoint (default: next to the output)
-               "cache": True,            # use the text-embedding cache
-               "cache_dir": None,        # its folder (default: embed_cache.default_cache_dir())
-               "overwrite": False,       # replace existing outputs (and an earlier run's checkpoint)
-               "turbo": False,           # the turbo checkpoint's defaults whatever the folder
-               "step_cache": 0.0,        # first-block step cache threshold (speed.SpeedOptions.cache; 0 = off)
-               "compile": False,         # regional torch.compile of the DiT blocks
-               "parallel": None}         # under torchrun: "cfg" | "sequence" | "auto" (None: auto)
+RELEASE_SIZE = f"the release uses {RELEASE_PRESET.frames} frames of {RELEASE_PRESET.height}x{RELEASE_PRESET.width}"
+# Run options under their old names, still taken for one release (the API's options, a job file the web page's
+# queue wrote before): old name -> new name.
+OLD_OPTION_NAMES = {"cache": "text_cache", "cache_dir": "text_cache_dir"}
 
 
 @dataclass
@@ -36,7 +28,7 @@ class JobSpec:
     """One video to generate; None means the default (of the profile, the checkpoint or the release)."""
     prompt: str
     negative_prompt: str | None = None
-    seed: int = 0
+    seed: int = SEED
     frames: int | None = None
     height: int | None = None
     width: int | None = None
@@ -49,6 +41,15 @@ class JobSpec:
     output: Path | None = None
     options: dict = field(default_factory=dict)   # RUN_OPTIONS and profile overrides (attention, vae_tile, ...)
 
+    def __post_init__(self):
+        self.options = {OLD_OPTION_NAMES.get(k, k): v for k, v in self.options.items()}
+
+
+def old_option_names(options: dict) -> list[str]:
+    """One line per run option given under its old name (taken, see OLD_OPTION_NAMES), naming the new one."""
+    return [f"note: option {old!r} is now {new!r} (the old name is taken until the next release)"
+            for old, new in OLD_OPTION_NAMES.items() if old in options]
+
 
 def run_options(spec: JobSpec) -> dict:
     """RUN_OPTIONS with the spec's values."""
@@ -58,9 +59,9 @@ def run_options(spec: JobSpec) -> dict:
 def speed_options(spec: JobSpec) -> SpeedOptions:
     options = run_options(spec)
     try:
-        return SpeedOptions(cache=options["step_cache"] or 0.0, compile=bool(options["compile"]))
+        return SpeedOptions(cache=options["step_cache"] or SpeedOptions.cache, compile=bool(options["compile"]))
     except ValueError as e:
-        raise UsageError(f"--cache: {e}") from None
+        raise UsageError(f"--step-cache: {e}") from None
 
 
 def model_folder(spec: JobSpec) -> ModelFolder:
@@ -96,7 +97,8 @@ def check_numbers(spec: JobSpec) -> None:
     if not spec.prompt or not spec.prompt.strip():
         raise UsageError("--prompt is empty; describe the video to generate, e.g. --prompt \"a cat playing piano\"")
     if spec.steps is not None and spec.steps < 1:
-        raise UsageError(f"--steps {spec.steps}: needs at least 1 denoising step (release 30-50, turbo 15)")
+        raise UsageError(f"--steps {spec.steps}: needs at least 1 denoising step (release 30-{RELEASE_PRESET.steps}, "
+                         f"turbo {TURBO_SAMPLING['steps']})")
     if isinstance(spec.seed, bool) or not isinstance(spec.seed, int):
         raise UsageError(f"--seed {spec.seed!r}: must be an integer")
     problem = sampling_problem(spec.guidance_scale, spec.shift, spec.seed)
@@ -110,16 +112,16 @@ def check_numbers(spec: JobSpec) -> None:
 def preset_for(spec: JobSpec, profile: Profile, default_steps: int | None, log) -> Preset:
     """The size asked for (the profile's default preset where not given), rounded to what the model makes;
     steps: the spec's, else `default_steps` (turbo), else the preset's."""
-    base = demo.DEMO_PRESET if spec.demo else profile.default_preset
+    base = DEMO_PRESET if spec.demo else profile.default_preset
     given = {"frames": spec.frames, "height": spec.height, "width": spec.width}
     bad = [f"--{k} {v}" for k, v in given.items() if v is not None and v < 1]
     if bad:
         raise UsageError(f"{bad[0]}: must be positive (frames in multiples of 17, height and width in multiples "
-                         "of 16; the release uses 204 frames of 544x992)")
+                         f"of 16; {RELEASE_SIZE})")
     frames, height, width = (spec.frames or base.frames, spec.height or base.height, spec.width or base.width)
     if max(height, width) > 4096 or frames > 1024:
         raise UsageError(f"{frames} frames of {height}x{width} is beyond what the model was trained for "
-                         "(the release uses 204 frames of 544x992); choose a smaller size")
+                         f"({RELEASE_SIZE}); choose a smaller size")
     shape = latent_shape(frames, height, width)
     if shape.rounded:
         log(f"warning: {frames}x{height}x{width} rounded to {shape.num_frames}x{shape.height}x{shape.width} "

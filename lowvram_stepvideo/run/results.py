@@ -27,10 +27,14 @@ def job_metadata(job, request) -> dict:
 
 
 def spec_arguments(spec: preflight.JobSpec) -> dict:
+    """The request as asked: the spec's fields, every run option (its default where not given) and the profile
+    overrides. Renamed run options are written under their old names too until those go (preflight.OLD_OPTION_NAMES),
+    so readers of the sidecar written for the old names keep working."""
     plain = dataclasses.asdict(spec)
     options = plain.pop("options")
-    return {k: v if v is None or isinstance(v, (bool, int, float)) else str(v)
-            for k, v in {**plain, **preflight.run_options(spec), **options}.items()}
+    arguments = {**plain, **preflight.run_options(spec), **options}
+    arguments.update({old: arguments[new] for old, new in preflight.OLD_OPTION_NAMES.items()})
+    return {k: v if v is None or isinstance(v, (bool, int, float)) else str(v) for k, v in arguments.items()}
 
 
 def write_outputs(output: Path, frames, pipe, meta: dict, seconds: float, log) -> None:

@@ -2,8 +2,8 @@
 
 DST has the release layout and opens with the normal loaders. Each quantized component (and the CLIP, whose torch
 pickle is always converted) is written as `{stem}-0000i-of-0000n.safetensors` shards plus
-`{stem}.safetensors.index.json`; the scheme is in every shard's `__metadata__` (see `quant.py`). Everything else
-(configs, tokenizers, scheduler, model_index.json, VAE, other components) is hard-linked, or copied where links
+`{stem}.safetensors.index.json`; the scheme is in every shard's `__metadata__` (see `models/quant.py`). Everything
+else (configs, tokenizers, scheduler, model_index.json, VAE, other components) is hard-linked, or copied where links
 fail; a hard-linked file is the same file in both folders, so edit neither in place.
 
 Memory stays bounded: tensors are read a block of rows at a time with plain file reads (never through a memory
