@@ -1,6 +1,8 @@
 """The networks of a memory plan: each as a run would load it (dtypes, quantized layers), data-free on "meta",
 with one block per stack (identical blocks are the same size), and the shape of the whole network in the engines'
-terms (`ModelShape`)."""
+terms (`ModelShape`). Attention runs on a stand-in for the kernel the target card will use for the compute dtype
+(`planned_attention`): a fused kernel allocates only its output; where the card has none for the dtype (bf16 on
+Turing), PyTorch's SDPA runs its math kernel, which materialises the scores."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,6 +13,7 @@ from torch import nn
 from ..models import quant
 from ..loading.assign import run_dtype
 from ..loading.model_folder import ModelFolder
+from ..engines.cards import fused_attention
 from ..engines.host_store import BlockLayout, block_tensors
 
 STACKS = {"transformer": "transformer_blocks", "step_llm": "transformer.layers", "hunyuan_clip": "encoder.layer"}
@@ -43,11 +46,40 @@ def flash_style_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mas
     return torch.empty_like(q)
 
 
+def math_kernel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None) -> torch.Tensor:
+    """What SDPA runs where no fused kernel takes the inputs: its math kernel, step by step as
+    aten/src/ATen/native/transformers/attention.cpp writes it (the op itself reaches the planner whole under
+    inference mode): half inputs upcast to float32, q and k scaled, the (B, H, Sq, Sk) scores, the key mask added,
+    their softmax (both alive at once), P @ V, and the weights copied back to the input dtype (the kernel returns
+    them too). q (B, Sq, H, D), k/v (B, Sk, H, D), mask (B, Sk) bool -> (B, Sq, H, D)."""
+    dtype = q.dtype
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))                    # (B, H, S, D)
+    if dtype in (torch.float16, torch.bfloat16):
+        q, k, v = (t.float() for t in (q, k, v))
+    scale = q.shape[-1] ** -0.25
+    scores = torch.matmul(q * scale, k.transpose(-2, -1) * scale)       # (B, H, Sq, Sk)
+    if mask is not None:
+        bias = torch.zeros(mask.shape, dtype=scores.dtype, device=q.device).masked_fill(~mask, float("-inf"))
+        scores.add_(bias[:, None, None, :])
+    weights = torch.softmax(scores, dim=-1)
+    del scores
+    out, _ = torch.matmul(weights, v), weights.to(dtype)
+    return out.to(dtype).transpose(1, 2)
+
+
+def planned_attention(capability: tuple[int, int] | None, dtype: torch.dtype):
+    """The stand-in for the attention kernel a card of `capability` (None: unknown or the CPU, planned fused) runs
+    in `dtype`."""
+    fused = capability is None or fused_attention(capability, str(dtype).removeprefix("torch."))
+    return flash_style_attention if fused else math_kernel_attention
+
+
 def planned_model(folder: ModelFolder, component: str, dtype: torch.dtype,
-                  blocks: int = 1) -> tuple[nn.Module, ModelShape]:
+                  blocks: int = 1, attend=flash_style_attention) -> tuple[nn.Module, ModelShape]:
     """`component` with the tensors (dtypes, quantized layers) a run would load, data-free on "meta", `blocks`
-    blocks per stack, attention on `flash_style_attention`; and the shape of the whole network. An assumed-format
-    folder (assumed_format.py) plans as its quantized version: its weight index carries the scheme."""
+    blocks per stack, attention on `attend` (planned_attention); and the shape of the whole network. An
+    assumed-format folder (assumed_format.py) plans as its quantized version: its weight index carries the
+    scheme."""
     opened = folder.open(component, layers=blocks) if component in STACKS else folder.open(component)
     module = opened.module
     keep = _quantize_as_run(module, opened.source.metadata)
@@ -58,7 +90,7 @@ def planned_model(folder: ModelFolder, component: str, dtype: torch.dtype,
     module.eval().requires_grad_(False)
     for m in module.modules():
         if hasattr(m, "attend"):
-            m.attend = flash_style_attention
+            m.attend = attend
     source = opened.source
     uncast = {name for name in stored if name in source.keys() and source.ref(name).dtype == state[name].dtype}
     return module, _shape(module, component, opened.config, uncast)

@@ -18,7 +18,7 @@ from ..loading.model_folder import ModelFolder
 from ..pipeline.machine import Runtime
 from ..profiles import Profile
 from .byte_count import DEVICE, HOST, PlanningAccountant
-from .planned_models import ModelShape, planned_model
+from .planned_models import ModelShape, planned_attention, planned_model
 
 PLANNED_BLOCKS = 1                     # blocks built per stack for the plan
 CACHED_DIT_BLOCKS = 3                  # DiT blocks built under the step cache (see PlanningRuntime.load)
@@ -41,7 +41,7 @@ class PlanningRuntime(Runtime):
     """The runtime of a planned run: see the module docstring. `phases` holds what it traced."""
 
     def __init__(self, folder: ModelFolder, profile: Profile, options: SpeedOptions | None = None,
-                 layout: Layout | None = None):
+                 layout: Layout | None = None, capability: tuple[int, int] | None = None):
         # "meta" with an index, so that moves to the device reach the accountant (see PlanningAccountant)
         super().__init__(folder, profile, device=torch.device(DEVICE, 0), log=lambda msg: None)
         self.accountant = PlanningAccountant()
@@ -52,6 +52,7 @@ class PlanningRuntime(Runtime):
         self._placed: dict[int, tuple[ModelShape, str | None]] = {}
         self._stretches: list[Stretch] | None = None
         self.par = Parallel.planned(layout) if layout else None
+        self.capability = capability           # of the target card: which attention kernel it runs
 
     def load(self, component: str, dtype: torch.dtype):
         """Under the step cache (step_cache.py) the DiT's blocks do not all run with the same tensors alive: block
@@ -62,7 +63,8 @@ class PlanningRuntime(Runtime):
         if self.cached and component == "transformer":
             blocks = max(blocks, CACHED_DIT_BLOCKS)
         with self.accountant.untracked():     # weights are counted by their footprint when placed
-            model, shape = planned_model(self.folder, component, dtype, blocks)
+            model, shape = planned_model(self.folder, component, dtype, blocks,
+                                         attend=planned_attention(self.capability, dtype))
         if "head groups" in REPLAYED:
             for m in model.modules():
                 if hasattr(m, "head_group"):
