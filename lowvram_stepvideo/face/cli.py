@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from . import exit_codes
+from . import exit_codes, plan_for
 from ..engines import parallel
 from ..run import preflight, results, job as runner
 from ..planning.budgets import use_expandable_segments
@@ -45,6 +45,8 @@ examples:
       what a 12 GB card in a 32 GB machine would do with this folder once quantized to int8
   %(prog)s --model-dir ./stepvideo-t2v-int8 --prompt "a red fox in the snow" --output fox.mp4 --resume
       continue a run that was interrupted (Ctrl-C, crash), from the checkpoint saved next to fox.mp4
+  %(prog)s --model-dir stepfun-ai/stepvideo-t2v --card "RTX 3060" --ram-gib 32 --prompt "test" --dry-run
+      will the release run on a 12 GB RTX 3060 in a 32 GB machine, how, and how long (nothing downloaded)
   %(prog)s --list-profiles
       the memory tiers and their preset ladders
   %(prog)s --web --demo
@@ -144,6 +146,7 @@ def build_parser(prog: str = "generate.py") -> argparse.ArgumentParser:
     p.add_argument("--vae-tile", type=int,
                    help="VAE decode tile in latent pixels (x16 image pixels) instead of the profile's; 0 = untiled")
     p.add_argument("--list-profiles", action="store_true", help="list the profiles with their presets and exit")
+    plan_for.add_arguments(p)
     p.add_argument("--web", action="store_true",
                    help="serve the local web page instead of making one video (needs the web extra: pip install "
                         "-e \".[web]\"); its model list is --model-dir, --demo and the folders of "
@@ -189,6 +192,9 @@ def entry_point() -> None:
 def run(args) -> int:
     if args.list_profiles:
         return exit_codes.OK if _list_profiles() else exit_codes.BAD_INPUT
+    if args.list_cards:
+        plan_for.list_cards(args.json)
+        return exit_codes.OK
     if args.port is not None and not 0 < args.port < 65536:
         raise UsageError(f"--port {args.port}: must be 1-65535 (default 7860)")
     if args.web:
@@ -274,7 +280,7 @@ def _list_profiles() -> bool:
 
 
 def _check_dry_run_flags(args) -> None:
-    for flag in ("json", "vram_gib", "ram_gib", "assume_format"):
+    for flag in ("json", "vram_gib", "ram_gib", "assume_format", "card", "capability"):
         if getattr(args, flag) not in (None, False) and not args.dry_run:
             raise UsageError(f"--{flag.replace('_', '-')} only goes with --dry-run")
     for flag in ("vram_gib", "ram_gib"):
@@ -289,23 +295,25 @@ def _dry_run(args, spec: JobSpec) -> int:
     layout = _dry_run_layout(args)
     if layout is not None and layout.rank:
         return exit_codes.OK   # rank 0 prints the plan (of one rank's share: see README)
-    vram = None if args.vram_gib is None else int(args.vram_gib * GiB)
+    card = plan_for.target(args)
+    vram = int(args.vram_gib * GiB) if args.vram_gib is not None else card.vram_bytes
     ram = None if args.ram_gib is None else int(args.ram_gib * GiB)
-    folder = preflight.model_folder(spec)
+    folder = preflight.model_folder(spec, published=True)
     profile = _dry_run_profile(spec, vram, ram)
     if layout is not None:
         _say(f"parallel: the plan of rank 0's share of {layout.describe()}")
         if layout.cfg == 2:
             profile = with_overrides(profile, cfg_mode="batch")   # as ParallelRuntime runs it
-    if not args.assume_format:
+    assume_format = plan_for.release_format(folder, profile, args.assume_format, _say)
+    if not assume_format:
         runner.note_weight_format(folder, profile, _say)
     preflight.check_numbers(spec)
     turbo = args.turbo or folder.turbo
     preset = preflight.preset_for(spec, profile, sampling_defaults(True)["steps"] if turbo else None, _say)
     if vram is not None and profile.device == "cpu":
         _say(f"note: --vram-gib does not apply to profile {profile.name} (it computes in RAM; --ram-gib does)")
-    verdict = check_fit(folder, profile, preset, vram, ram, args.assume_format, preflight.speed_options(spec),
-                        layout)
+    verdict = check_fit(folder, profile, preset, vram, ram, assume_format, preflight.speed_options(spec),
+                        layout, card.card, card.capability)
     asked = args.resident_blocks
     if asked is not None and verdict.profile.dit.resident_blocks < asked:
         _say(f"note: --resident-blocks {asked} lowered to {verdict.profile.dit.resident_blocks}: "

@@ -108,8 +108,9 @@ def machine_budget(device: str, vram_bytes: int | None = None, ram_bytes: int | 
         vram = (vram[0], vram[1] + " (no CUDA device here: the profile's nominal card; --vram-gib N for another)")
     elif vram_bytes is None and card is None and capability is None:
         card, capability = this_card()
-    if card is not None:
-        vram = (vram[0], f"{card.name}: " + vram[1])
+    if card is not None:     # "24.0 GiB RTX 4090 - ..." for a card planned for, "RTX 4090: 23.1 GiB free ..." here
+        named = vram[1].replace(" card", f" {card.name}", 1)
+        vram = (vram[0], named if named != vram[1] else f"{card.name}: {vram[1]}")
     return Budget("cuda", vram[0], host, vram[1], host_from, capability, card)
 
 

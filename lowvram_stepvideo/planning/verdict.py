@@ -9,6 +9,7 @@ from ..profiles import Preset, Profile
 from .budgets import Budget
 from .byte_count import fmt_bytes
 from .plan import Plan
+from .planned_models import math_kernel_attention, planned_attention
 from .stacks import block_layout, clamped
 
 OVER = "*"
@@ -42,7 +43,8 @@ class Verdict:
                 "budget_host_from": self.budget.host_from, "weight_format": self.weight_format,
                 "assumed_format": self.assumed, "layout": where,
                 "dit_resident_blocks": where["dit"]["resident"], "suggested_profile": self.suggested_profile,
-                "suggested_preset": None if self.suggested_preset is None else str(self.suggested_preset)}
+                "suggested_preset": None if self.suggested_preset is None else str(self.suggested_preset),
+                **card_fields(self)}
 
     def report(self) -> str:
         return report(self)
@@ -58,6 +60,8 @@ def report(v: Verdict) -> str:
     lowered = _lowered(v)
     if lowered:
         lines.append("fitted: " + lowered)
+    if v.budget.device == "cuda":
+        lines.append(card_line(v))
     lines.append(verdict_line(v))
     return "\n".join(lines)
 
@@ -136,3 +140,29 @@ def where_blocks(v: Verdict) -> str:
         rest = f", {' and '.join(others)} each pass (prefetch {stack['prefetch']})" if others else ""
         parts.append(f"{label} {stack['resident']} of {stack['blocks']} blocks {held}{rest}")
     return "; ".join(parts)
+
+
+def card_fields(v: Verdict) -> dict:
+    b = v.budget
+    cap = None if b.capability is None else f"{b.capability[0]}.{b.capability[1]}"
+    return {"card": None if b.card is None else b.card.name, "capability": cap,
+            "attention_planned": "math" if _math_attention(v) else "fused"}
+
+
+def _math_attention(v: Verdict) -> bool:
+    return v.budget.device == "cuda" and planned_attention(v.budget.capability,
+                                                           v.profile.torch_dtype) is math_kernel_attention
+
+
+def card_line(v: Verdict) -> str:
+    """Which card was planned for and which attention kernel the plan counts."""
+    b = v.budget
+    card = b.card.name if b.card else "the card"
+    if b.capability is None:
+        return (f"card: {card} (compute capability not known: attention planned on a fused kernel; --card NAME or "
+                "--capability X.Y plans another)")
+    cap = f"compute capability {b.capability[0]}.{b.capability[1]}"
+    if _math_attention(v):
+        return (f"card: {card} ({cap}) has no fused attention kernel for {v.profile.compute_dtype}: the DiT's "
+                "attention is planned on SDPA's math kernel, which holds the float32 scores")
+    return f"card: {card} ({cap}): attention planned on a fused kernel"

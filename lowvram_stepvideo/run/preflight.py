@@ -63,12 +63,14 @@ def speed_options(spec: JobSpec) -> SpeedOptions:
         raise UsageError(f"--cache: {e}") from None
 
 
-def model_folder(spec: JobSpec) -> ModelFolder:
+def model_folder(spec: JobSpec, published: bool = False) -> ModelFolder:
+    """The spec's folder; with `published` (planning only), a release named by its hub name that is not on disk
+    opens from its packaged shapes."""
     if spec.demo:
         return open_model_folder(demo.build_demo_model())
     if spec.model_dir is None:
         raise UsageError("give --model-dir PATH (the downloaded stepvideo-t2v folder) or --demo")
-    return open_model_folder(spec.model_dir)
+    return open_model_folder(spec.model_dir, published)
 
 
 def profile_for(spec: JobSpec, need_device: bool = True, log: Callable[[str], None] | None = None) -> Profile:
