@@ -84,13 +84,6 @@ def test_release_not_on_disk_is_planned_from_its_shapes(capsys):
     assert "planned from the shapes this package ships" in err
 
 
-def test_turbo_release_plans_with_turbo_steps(capsys):
-    rc, got, err = dry_run_json(capsys, "--model-dir", "stepfun-ai/stepvideo-t2v-turbo", "--card", "RTX 4090",
-                                "--ram-gib", "64", *SMALL)
-    assert rc == 0, err
-    assert published_release("stepfun-ai/stepvideo-t2v-turbo").turbo
-
-
 def test_a_release_not_on_disk_does_not_run(capsys, tmp_path):
     rc, _, err = run_cli(capsys, "--model-dir", "stepfun-ai/stepvideo-t2v", "--prompt", PROMPT,
                          "--output", tmp_path / "x.mp4")

@@ -14,6 +14,7 @@ from dataclasses import replace
 
 from .assumed_format import assume_format as assume_format_of
 from .budgets import Budget, machine_budget
+from .estimate import estimate_run
 from ..loading.model_folder import ModelFolder
 from .plan import Plan, fit_profile
 from .stacks import clamped, packed_blocks, packed_bytes
@@ -41,7 +42,9 @@ def check_fit(folder: ModelFolder, profile: Profile, preset: Preset, vram_bytes:
                   assumed=folder.weight_format != own_format, folder=folder)
     if found is not None:
         fitted, plan = tried[found]
-        return Verdict(True, ladder[found], fitted, plan, requested_plan=tried[0][1] if found else None, **common)
+        estimate = None if layout else estimate_run(folder, fitted, ladder[found], budget.card, options)
+        return Verdict(True, ladder[found], fitted, plan, requested_plan=tried[0][1] if found else None,
+                       estimate=estimate, **common)
     fitted, plan = tried[0]
     name, suggested = suggest_profile(folder, profile, preset, budget)
     return Verdict(False, None, fitted, plan, suggested_profile=name, suggested_preset=suggested, **common)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from ..loading.model_folder import ModelFolder
 from ..profiles import Preset, Profile
 from .budgets import Budget
+from .estimate import Estimate, estimate_line
 from .byte_count import fmt_bytes
 from .plan import Plan
 from .planned_models import math_kernel_attention, planned_attention
@@ -30,6 +31,7 @@ class Verdict:
     suggested_preset: Preset | None = None
     requested_plan: Plan | None = None    # the requested preset's plan when a smaller one runs
     folder: ModelFolder | None = field(default=None, repr=False)   # the planned folder (for the layout)
+    estimate: Estimate | None = None      # how long `preset` takes on the budget's card (estimate.py)
 
     def to_dict(self) -> dict:
         where = block_layout(self.folder, self.profile)
@@ -44,7 +46,8 @@ class Verdict:
                 "assumed_format": self.assumed, "layout": where,
                 "dit_resident_blocks": where["dit"]["resident"], "suggested_profile": self.suggested_profile,
                 "suggested_preset": None if self.suggested_preset is None else str(self.suggested_preset),
-                **card_fields(self)}
+                **card_fields(self), "estimate_seconds": estimate_seconds(self.estimate),
+                "estimate": None if self.estimate is None else self.estimate.to_dict()}
 
     def report(self) -> str:
         return report(self)
@@ -63,6 +66,8 @@ def report(v: Verdict) -> str:
     if v.budget.device == "cuda":
         lines.append(card_line(v))
     lines.append(verdict_line(v))
+    if v.estimate is not None:
+        lines.append(estimate_line(v.estimate, v.preset))
     return "\n".join(lines)
 
 
@@ -166,3 +171,11 @@ def card_line(v: Verdict) -> str:
         return (f"card: {card} ({cap}) has no fused attention kernel for {v.profile.compute_dtype}: the DiT's "
                 "attention is planned on SDPA's math kernel, which holds the float32 scores")
     return f"card: {card} ({cap}): attention planned on a fused kernel"
+
+
+def estimate_seconds(est: Estimate | None) -> dict | None:
+    """Seconds per phase and "total" (None where not estimated), for --json."""
+    if est is None:
+        return None
+    seconds = est.to_dict()["seconds"]
+    return {**seconds, "total": est.to_dict()["total_seconds"]}
