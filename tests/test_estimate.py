@@ -1,7 +1,9 @@
 """How long: the work counted per phase, the estimate's arithmetic, calibration stored and used, the estimate in the
 dry-run and beside the measured timings in a run's sidecar."""
+import importlib.util
 import json
 from dataclasses import replace
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -214,3 +216,42 @@ def test_a_demo_run_records_timings_and_estimate(capsys, demo_env, tmp_path):
     assert rc == 0, err
     assert set(meta["timings_s"]) >= {"text", "denoise", "decode"}
     assert "estimate_s" in meta and meta["estimate_s"] is None      # the CPU: no card to estimate for
+
+
+def _speed_gpu():
+    """bench/speed_gpu.py as a module (it puts bench/ on sys.path itself, for its stream_gpu import)."""
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("bench_speed_gpu", root / "bench" / "speed_gpu.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_calibrate_stores_what_it_measured(tmp_path, monkeypatch, folder, fixed_work):
+    """bench/speed_gpu.py --calibrate, its measurements replaced (no GPU here): each kind's efficiency is the
+    estimate's seconds at peak over the seconds measured, stored for the card torch reports, used from then on."""
+    monkeypatch.setenv("LOWVRAM_STEPVIDEO_CACHE", str(tmp_path))
+    bench = _speed_gpu()
+    peak = RTX4090.tflops("bf16") * 1e12
+    monkeypatch.setattr(bench.torch.cuda, "get_device_properties",
+                        lambda device: SimpleNamespace(name="NVIDIA GeForce RTX 4090", total_memory=24 * 2**30))
+    monkeypatch.setattr(bench, "_matmul", lambda device, repeats: (peak, 2.0))            # 50% of peak
+    monkeypatch.setattr(bench, "_attention", lambda kernel, device, repeats: (peak, 4.0))  # 25%
+    monkeypatch.setattr(bench, "_vae", lambda device, repeats: (peak, 5.0))               # 20%
+    monkeypatch.setattr(bench, "_pinned_copy", lambda device, repeats: (RTX4090.host_link_gbs * 1e9, 1.25))
+    monkeypatch.setattr(bench, "_device_copy", lambda device, repeats: (RTX4090.memory_gbs * 1e9, 2.0))
+    found = bench.calibrate(bench.torch.device("cpu"), 1)
+    assert found["card"] == "RTX 4090" and found["attention_kernel"] == "sdpa"
+    assert found["efficiency"] == pytest.approx({"matmul": 0.5, "attention": 0.25, "conv": 0.2, "host_link": 0.8,
+                                                 "memory": 0.5})
+    est = estimate_run(folder, load_profile("24gb"), PRESET, RTX4090)
+    assert est.calibrated and est.efficiency["conv"] == pytest.approx(0.2)
+    assert est.seconds["decode"] == pytest.approx(3e14 / (0.2 * peak))
+
+
+def test_calibrate_refuses_without_cuda(capsys):
+    bench = _speed_gpu()
+    if bench.torch.cuda.is_available():
+        pytest.skip("a CUDA device is here")
+    assert bench.main(["--calibrate"]) == 2
+    assert "--calibrate measures a CUDA card" in capsys.readouterr().err

@@ -23,7 +23,7 @@ from ..engines import attention, fast_matmul
 from ..engines.cards import SAGE_ARCHS, Card, attention_order, capabilities
 from ..loading.model_folder import ModelFolder
 from ..profiles import Preset, Profile
-from .calibration import efficiencies
+from .calibration import ASSUMED, efficiencies, efficiency
 from .planned_models import ModelShape, math_kernel_attention, planned_attention, planned_model
 from .stacks import block_layout
 from .work import PROMPTS, Work, decode_work, dit_forward_work, text_work
@@ -93,7 +93,7 @@ class _Rates:
         fmt, _ = fast_matmul.choose(profile.matmul, folder.weight_format, "cuda", card.capability)
         self.matmul = f"{fmt} x {fmt}" if fmt else f"{profile.compute_dtype} (weight-only)"
         self.linear = card.tflops(fmt) * 1e12 if fmt else self.dense
-        self.kernel = _attention_kernel(profile, card)
+        self.kernel = attention_kernel(profile, card)
         self.math = planned_attention(card.capability, profile.torch_dtype) is math_kernel_attention
 
     def ops_seconds(self, ops: float, what: str, rate: float | None = None) -> float | None:
@@ -101,16 +101,7 @@ class _Rates:
         return ops / (rate * self.eff[what]) if rate else None
 
     def attention_seconds(self, work: Work) -> float | None:
-        a = work.attention
-        if self.math:   # float32 matmuls on CUDA cores and the scores through memory
-            scores = a / (4 * work.head_dim)
-            return (a / (self.card.tflops("fp32") * 1e12 * self.eff["matmul"])
-                    + scores * MATH_BYTES_PER_SCORE / (self.card.memory_gbs * 1e9 * self.eff["memory"]))
-        if self.kernel == "sage":   # int8 QK^T; P V in fp8 (8.9+) or fp16 with fp16 accumulate (Ampere)
-            pv = self.card.tflops("fp8") if self.card.capability >= (8, 9) else self.card.tflops_fp16_accumulate()
-            return (a / 2) / (self.card.tflops("int8") * 1e12 * self.eff["attention"]) + \
-                (a / 2) / (pv * 1e12 * self.eff["attention"])
-        return self.ops_seconds(a, "attention")
+        return attention_seconds(self.card, self.kernel, work, self.eff, self.dense)
 
     def link_seconds(self, nbytes: float) -> float:
         return nbytes / (self.card.host_link_gbs * 1e9 * self.eff["host_link"])
@@ -119,7 +110,23 @@ class _Rates:
         return nbytes / (min(DISK_GBS, self.card.host_link_gbs * self.eff["host_link"]) * 1e9)
 
 
-def _attention_kernel(profile: Profile, card: Card) -> str:
+def attention_seconds(card: Card, kernel: str, work: Work, eff: dict[str, float], dense: float) -> float | None:
+    """Seconds of the DiT's attention operations `work.attention` with `kernel` on `card` (see attention_kernel);
+    `dense`: the compute dtype's peak in FLOP/s (fused kernels run at it; 0: no tensor cores, not estimated)."""
+    a = work.attention
+    if kernel == "sdpa (math kernel)":   # float32 matmuls on CUDA cores and the scores through memory
+        scores = a / (4 * work.head_dim)
+        return (a / (card.tflops("fp32") * 1e12 * eff["matmul"])
+                + scores * MATH_BYTES_PER_SCORE / (card.memory_gbs * 1e9 * eff["memory"]))
+    if not dense:
+        return None
+    if kernel == "sage":   # int8 QK^T; P V in fp8 (8.9+) or fp16 with fp16 accumulate (Ampere)
+        pv = card.tflops("fp8") if card.capability >= (8, 9) else card.tflops_fp16_accumulate()
+        return (a / 2) / (card.tflops("int8") * 1e12 * eff["attention"]) + (a / 2) / (pv * 1e12 * eff["attention"])
+    return a / (dense * eff["attention"]) if dense else None
+
+
+def attention_kernel(profile: Profile, card: Card) -> str:
     """The kernel the DiT's attention runs on the card: SDPA's math kernel where nothing fused takes the dtype;
     for "auto", the first of the card's order that is installed here; an explicit one where the card has it."""
     if planned_attention(card.capability, profile.torch_dtype) is math_kernel_attention:
@@ -191,3 +198,16 @@ def estimate_line(est: Estimate, preset: Preset) -> str:
     notes = "".join(f"; {n}" for n in est.notes)
     return (f"estimate: {head} on {est.card} for {preset}@{preset.steps}: {phases} (attention {est.attention_kernel}, "
             f"matmul {est.matmul})\n  an estimate, from {source}{notes}")
+
+
+def calibrated(card: Card, kernel: str, measured: dict[str, tuple[float, float]]) -> dict[str, float]:
+    """Efficiencies from measurements on `card` (bench/speed_gpu.py --calibrate): per kind, (work, seconds) with
+    work = bf16 matmul operations ("matmul"), attention operations of head dim 128 run with `kernel`
+    ("attention"), VAE operations in bf16 ("conv"), bytes copied from pinned RAM ("host_link") and bytes read and
+    written on the card ("memory"). Each is the estimate's seconds at full peak over the seconds measured."""
+    full = {k: 1.0 for k in ASSUMED}
+    bf16 = card.tflops("bf16") * 1e12
+    at_peak = {"matmul": lambda w: w / bf16, "conv": lambda w: w / bf16,
+               "attention": lambda w: attention_seconds(card, kernel, Work(0.0, w, 128), full, bf16),
+               "host_link": lambda w: w / (card.host_link_gbs * 1e9), "memory": lambda w: w / (card.memory_gbs * 1e9)}
+    return {kind: efficiency(at_peak[kind](work), seconds) for kind, (work, seconds) in measured.items()}
