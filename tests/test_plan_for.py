@@ -125,3 +125,20 @@ def test_packaged_shapes_are_what_the_script_writes(tmp_path):
     shipped = sorted(f.relative_to(SHAPES_DIR) for f in SHAPES_DIR.rglob("*") if f.is_file())
     assert made == shipped
     assert all((tmp_path / "out" / f).read_bytes() == (SHAPES_DIR / f).read_bytes() for f in made)
+
+
+def test_auto_says_what_the_cards_capability_means():
+    from lowvram_stepvideo.planning.budgets import auto_choice
+    gib = 2**30
+    profile, why = auto_choice(16 * gib, 64 * gib, (7, 5))
+    assert profile.name == "16gb" and "compute capability 7.5 has no fused attention for bfloat16" in why
+    assert "math kernel" not in auto_choice(16 * gib, 64 * gib, (8, 6))[1]
+    assert auto_choice(16 * gib, 64 * gib, (8, 6))[0] == profile       # the tier is still chosen by memory
+
+
+@pytest.mark.slow
+def test_the_readme_cards_table_is_current():
+    """README.md's 'Will it run on my card?' table is what scripts/cards_readme.py writes from the card table."""
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "cards_readme.py"), "--check"],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr

@@ -21,7 +21,7 @@ from ..errors import StepVideoError, UsageError
 from ..run.outputs import RESULTS, plan_outputs
 from ..run.preflight import JobSpec
 from ..profiles import describe, detect_vram_bytes, list_profiles, load_profile, profiles_dir, with_overrides
-from ..planning.budgets import auto_choice
+from ..planning.budgets import auto_choice, this_card
 from ..run.resume import load_latents
 from ..run.job import Interrupted, PhasePipeline, say as _say
 from ..pipeline.sampling import RELEASE_DEFAULTS, TURBO_DEFAULTS, sampling_defaults
@@ -299,7 +299,7 @@ def _dry_run(args, spec: JobSpec) -> int:
     vram = int(args.vram_gib * GiB) if args.vram_gib is not None else card.vram_bytes
     ram = None if args.ram_gib is None else int(args.ram_gib * GiB)
     folder = preflight.model_folder(spec, published=True)
-    profile = _dry_run_profile(spec, vram, ram)
+    profile = _dry_run_profile(spec, vram, ram, card.capability)
     if layout is not None:
         _say(f"parallel: the plan of rank 0's share of {layout.describe()}")
         if layout.cfg == 2:
@@ -332,11 +332,13 @@ def _dry_run_layout(args):
     return parallel.layout_for(args.parallel or "auto", int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"]))
 
 
-def _dry_run_profile(spec: JobSpec, vram: int | None, ram: int | None):
-    """The spec's profile; 'auto' picks for --vram-gib / --ram-gib when given, and says why."""
+def _dry_run_profile(spec: JobSpec, vram: int | None, ram: int | None, capability=None):
+    """The spec's profile; 'auto' picks for --vram-gib / --ram-gib (and the card's capability) when given, and says
+    why."""
     if (spec.profile or ("cpu" if spec.demo else "auto")) != "auto":
         return preflight.profile_for(spec, need_device=False)
-    profile, reason = auto_choice(detect_vram_bytes() if vram is None else vram, ram)   # scaled to the RAM
+    capability = capability or (this_card()[1] if vram is None else None)
+    profile, reason = auto_choice(detect_vram_bytes() if vram is None else vram, ram, capability)   # RAM-scaled
     _say(reason)
     return with_overrides(profile, **{k: v for k, v in spec.options.items() if k not in preflight.RUN_OPTIONS})
 

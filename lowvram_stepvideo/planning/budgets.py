@@ -30,7 +30,7 @@ import os
 import sys
 from dataclasses import dataclass
 
-from ..engines.cards import Card, card_for_device
+from ..engines.cards import Card, card_for_device, fused_attention
 from ..engines.host_store import available_ram_bytes
 from ..errors import ConfigError
 from ..profiles import Profile, list_profiles, load_profile, profiles_dir, with_overrides
@@ -159,11 +159,21 @@ def auto_reason(vram_bytes: int | None, ram_bytes: int | None = None) -> str:
     return auto_choice(vram_bytes, ram_bytes)[1]
 
 
-def auto_choice(vram_bytes: int | None, ram_bytes: int | None = None) -> tuple[Profile, str]:
+def auto_choice(vram_bytes: int | None, ram_bytes: int | None = None,
+                capability: tuple[int, int] | None = None) -> tuple[Profile, str]:
     """By VRAM: the largest cuda tier whose min_vram_gib fits the card (the smallest for a card below all of
     them). By RAM: when the host-RAM budget (budgets.host_budget) is below the tier's host_ram_gb, its memory is
     scaled down to the budget (packed copies in the same proportion; blocks that no longer fit come from disk).
-    Without CUDA: the cpu tier with the largest host_ram_gb within the budget (the smallest when none is)."""
+    Without CUDA: the cpu tier with the largest host_ram_gb within the budget (the smallest when none is). The card's
+    `capability`, where known, is said with what it means for the tier's compute dtype (cards.py)."""
+    profile, why = _auto_choice(vram_bytes, ram_bytes)
+    if capability is not None and profile.device == "cuda" and not fused_attention(capability, profile.compute_dtype):
+        why += (f"; compute capability {capability[0]}.{capability[1]} has no fused attention for "
+                f"{profile.compute_dtype}: its attention runs on the math kernel, and the plan counts it")
+    return profile, why
+
+
+def _auto_choice(vram_bytes: int | None, ram_bytes: int | None) -> tuple[Profile, str]:
     ram, ram_from = host_budget(ram_bytes)
     profiles = list(map(load_profile, list_profiles()))
     if vram_bytes is None:

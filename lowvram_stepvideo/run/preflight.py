@@ -10,7 +10,7 @@ from ..loading import demo
 from ..errors import UsageError
 from ..loading.model_folder import ModelFolder, open_model_folder
 from ..profiles import Preset, Profile, detect_vram_bytes, load_profile, with_overrides
-from ..planning.budgets import auto_choice
+from ..planning.budgets import auto_choice, this_card
 from ..pipeline.sampling import latent_shape, sampling_problem
 from ..engines.levers import SpeedOptions
 from .outputs import RESULTS
@@ -79,7 +79,7 @@ def profile_for(spec: JobSpec, need_device: bool = True, log: Callable[[str], No
     name = spec.profile or ("cpu" if spec.demo else "auto")
     vram = detect_vram_bytes()
     if name == "auto":
-        profile, reason = auto_choice(vram)
+        profile, reason = auto_choice(vram, capability=this_card()[1])
         if log:
             log(reason)
     else:
