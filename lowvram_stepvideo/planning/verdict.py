@@ -68,6 +68,8 @@ def report(v: Verdict) -> str:
     lines.append(verdict_line(v))
     if v.estimate is not None:
         lines.append(estimate_line(v.estimate, v.preset))
+    elif v.fits and v.budget.device == "cuda":
+        lines.append("estimate: none (the time is estimated for a card of --list-cards, run by one process)")
     return "\n".join(lines)
 
 

@@ -27,12 +27,14 @@ def job_metadata(job, request) -> dict:
             "preset": str(preset), "steps": preset.steps, "guidance_scale": request.guidance_scale,
             "shift": request.shift, "turbo": job.turbo, "arguments": spec_arguments(spec),
             "request": job.request.fingerprint(job.pipe.folder.root, job.pipe.profile.compute_dtype),
-            "parallel": job.par.layout.describe() if job.par else None, **run_estimate(job.pipe, preset)}
+            "parallel": job.par.layout.describe() if job.par else None,
+            **(run_estimate(job.pipe, preset) if job.par is None else {"estimate_s": None, "estimate": None})}
 
 
 def run_estimate(pipe, preset) -> dict:
     """The time estimate of what ran, on this machine's card, for the sidecar beside the measured timings_s
-    (estimate_s: seconds per phase and total; estimate: what they assume). None on the CPU or an unknown card."""
+    (estimate_s: seconds per phase and total; estimate: what they assume). None on the CPU, an unknown card or
+    several processes (the estimate is of one card's run)."""
     try:
         est = estimate_run(pipe.folder, pipe.profile, preset, this_card()[0], pipe.options)
     except (StepVideoError, RuntimeError, ValueError, OSError) as e:   # never cost the video its sidecar
