@@ -126,8 +126,9 @@ def _pro(name, vram, cap, sms, mhz, gbs, pcie=(4, 16), names=()) -> Card:
 # specifications list them (reference boards, not factory-overclocked ones).
 CARDS: tuple[Card, ...] = (
     # Volta: Tesla V100 SXM2 datasheet (125 tensor TFLOPS, 900 GB/s)
-    _pro("V100 16GB", 16, (7, 0), 80, 1530, 900, (3, 16), ("tesla v100-sxm2-16gb", "tesla v100-pcie-16gb")),
-    _pro("V100 32GB", 32, (7, 0), 80, 1530, 900, (3, 16), ("tesla v100-sxm2-32gb", "tesla v100-pcie-32gb")),
+    # (SXM2 only: the PCIe card boosts to 1380 MHz and is not in the table)
+    _pro("V100 16GB", 16, (7, 0), 80, 1530, 900, (3, 16), ("tesla v100-sxm2-16gb",)),
+    _pro("V100 32GB", 32, (7, 0), 80, 1530, 900, (3, 16), ("tesla v100-sxm2-32gb",)),
     # Turing: GeForce RTX 20 series specifications, Turing whitepaper appendix; Tesla T4 datasheet (65 fp16 TFLOPS)
     _geforce("RTX 2060", 6, (7, 5), 30, 1680, 336, (3, 16)),
     _geforce("RTX 2060 12GB", 12, (7, 5), 34, 1650, 336, (3, 16)),
