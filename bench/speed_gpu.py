@@ -20,6 +20,13 @@ cuda profile (its default preset, steps, two DiT forwards per step, 48 blocks, V
 Without CUDA it runs the levers that exist on the CPU (SDPA; the three matmuls; compile) at a small size, for the
 code paths and the table's shape, not for GPU decisions. `--json` prints the rows as a JSON list of objects with
 lever, tokens, seconds, ratio (and component, device).
+
+    python bench/speed_gpu.py --calibrate         # on a GPU of the card table: measure and store its efficiencies
+
+--calibrate measures the fraction of the card's peak (lowvram_stepvideo/engines/cards.py) that a DiT-sized bf16
+matmul (16,384 x 6,144 x 24,576), the attention kernel the time estimate picks for this card (8 heads of 18,972
+tokens), a full-width VAE chunk decode, a 512 MiB pinned host-to-device copy and a 1 GiB device copy reach, and
+stores them (cache_home()/calibration.json); the dry-run's and the sidecars' estimates for this card use them.
 """
 from __future__ import annotations
 
@@ -31,6 +38,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
@@ -40,6 +48,8 @@ from stream_gpu import build_stack, make_inputs  # noqa: E402
 from lowvram_stepvideo.engines import attention, fast_matmul  # noqa: E402
 from lowvram_stepvideo.engines.attach import Attachments  # noqa: E402
 from lowvram_stepvideo.engines.compile import compile_blocks  # noqa: E402
+from lowvram_stepvideo.engines.cards import card_for_device  # noqa: E402
+from lowvram_stepvideo.planning import calibration, estimate  # noqa: E402
 from lowvram_stepvideo.files.configs import VAEConfig, VAEDecoderConfig  # noqa: E402
 from lowvram_stepvideo.models.dit import set_attention_head_chunk, set_token_chunk  # noqa: E402
 from lowvram_stepvideo.models.vae import AutoencoderKL  # noqa: E402
@@ -74,7 +84,7 @@ def _sync(device: torch.device) -> None:
 def levers(device: torch.device, skip: set[str]) -> list[dict]:
     """The rows to measure on this machine: name, attention kernel, weight format, matmul kernel, compile."""
     base = {"attention": "sdpa", "fmt": "int8", "kernel": None, "compile": False}
-    card = attention.current_card(device)
+    card = attention.current_target(device)
     rows = [dict(base, lever="baseline: sdpa + weight-only int8, eager")]
     if "attention" not in skip and device.type == "cuda":
         rows += [dict(base, lever=f"attention {k}", attention=k) for k in ("flash3", "flash2", "sage")
@@ -177,6 +187,57 @@ def estimates(rows: list[dict], grids) -> list[dict]:
     return out
 
 
+def calibrate(device: torch.device, repeats: int) -> dict:
+    """Measure this card's efficiencies (see the module docstring) and store them; what was stored."""
+    props = torch.cuda.get_device_properties(device)
+    card = card_for_device(props.name, props.total_memory)
+    if card is None or not card.tflops("bf16"):
+        why = "is not in the card table (generate.py --list-cards)" if card is None else "has no bf16 tensor cores"
+        raise ValueError(f"{props.name} {why}: the time estimate does not cover it")
+    kernel = estimate.attention_kernel(load_profile("24gb"), card)
+    measured = {"matmul": _matmul(device, repeats), "attention": _attention(kernel, device, repeats),
+                "conv": _vae(device, repeats), "host_link": _pinned_copy(device, repeats),
+                "memory": _device_copy(device, repeats)}
+    found = estimate.calibrated(card, kernel, measured)
+    path = calibration.store(card, found, props.name)
+    return {"card": card.name, "device": props.name, "attention_kernel": kernel, "efficiency": found,
+            "file": str(path)}
+
+
+def _matmul(device, repeats: int) -> tuple[float, float]:
+    m, k, n = 16384, 6144, 24576
+    a = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+    b = torch.randn(k, n, device=device, dtype=torch.bfloat16)
+    return 2.0 * m * k * n, timed(lambda: a @ b, repeats, device)
+
+
+def _attention(kernel: str, device, repeats: int) -> tuple[float, float]:
+    s, h, d = 9 * 34 * 62, 8, 128
+    q, k, v = (torch.randn(1, s, h, d, device=device, dtype=torch.bfloat16) for _ in range(3))
+    return 4.0 * s * s * h * d, timed(lambda: attention.attention(q, k, v, backend=kernel), repeats, device)
+
+
+def _vae(device, repeats: int) -> tuple[float, float]:
+    torch.manual_seed(0)
+    vae = AutoencoderKL(FULL["vae"], with_encoder=False).to(device, torch.bfloat16).eval()
+    z = torch.randn(1, 3, FULL["vae"].z_channels, *FULL["vae_grid"], device=device, dtype=torch.bfloat16)
+    with torch.inference_mode(), FlopCounterMode(display=False) as flops:
+        vae.decode_chunk(z)
+    return float(flops.get_total_flops()), timed(lambda: vae.decode_chunk(z), repeats, device)
+
+
+def _pinned_copy(device, repeats: int) -> tuple[float, float]:
+    src = torch.empty(2**29, dtype=torch.uint8).pin_memory()
+    dst = torch.empty(2**29, dtype=torch.uint8, device=device)
+    return float(src.numel()), timed(lambda: dst.copy_(src, non_blocking=True), repeats, device)
+
+
+def _device_copy(device, repeats: int) -> tuple[float, float]:
+    src = torch.empty(2**30, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    return 2.0 * src.numel(), timed(lambda: dst.copy_(src), repeats, device)   # read and written
+
+
 def markdown(rows: list[dict], device_name: str) -> str:
     lines = [f"speed levers on {device_name} (ratio = baseline seconds / row seconds)", "",
              "| component | lever | tokens | seconds | ratio |", "|---|---|---:|---:|---:|"]
@@ -191,8 +252,21 @@ def main(argv=None) -> int:
     p.add_argument("--json", action="store_true", help="print the rows as a JSON list")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--skip", default="", help="comma list of lever groups to leave out: attention,matmul,compile")
+    p.add_argument("--calibrate", action="store_true",
+                   help="measure this card's efficiencies for the time estimate and store them")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.calibrate:
+        if device.type != "cuda":
+            print("error: --calibrate measures a CUDA card; none was found", file=sys.stderr)
+            return 2
+        try:
+            found = calibrate(device, args.repeats)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(json.dumps(found, indent=1))
+        return 0
     size = FULL if device.type == "cuda" else SMALL
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (small size, no GPU)"
     rows = measure(device, size, set(filter(None, args.skip.split(","))), args.repeats)

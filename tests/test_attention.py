@@ -95,12 +95,12 @@ def test_unknown_backend_and_cpu_float32_kernel_are_errors(monkeypatch):
 def test_use_attention_backend_sets_every_attention_module(monkeypatch):
     monkeypatch.setattr(A, "_kernel", lambda n: (lambda *a, **kw: None))
     model = _TwoAttn()
-    handle = A.use_attention_backend(model, "flash", card=A.Card(None))
+    handle = A.use_attention_backend(model, "flash", card=A.Target(None))
     assert handle.value == "flash2"                                   # flash-attn 3 is Hopper-only
     assert model.a.attend.keywords == {"backend": "flash2"} and model.b.attend.keywords == {"backend": "flash2"}
     handle.detach()
     assert model.a.attend is None and model.b.attend is None          # each module's own value back
-    assert A.use_attention_backend(model, "flash", card=A.Card((9, 0), "NVIDIA H100")).value == "flash3"
+    assert A.use_attention_backend(model, "flash", card=A.Target((9, 0), "NVIDIA H100")).value == "flash3"
     with pytest.raises(ValueError, match="no attention modules"):
         A.use_attention_backend(nn.Linear(2, 2), "sdpa")
 
@@ -112,11 +112,11 @@ class _TwoAttn(nn.Module):
         self.a.attend = self.b.attend = None
 
 
-RTX_4090 = A.Card((8, 9), "NVIDIA GeForce RTX 4090")
-RTX_3090 = A.Card((8, 6), "NVIDIA GeForce RTX 3090")
-A100 = A.Card((8, 0), "NVIDIA A100-SXM4-80GB")
-H100 = A.Card((9, 0), "NVIDIA H100 80GB HBM3")
-L40 = A.Card((8, 9), "NVIDIA L40S")
+RTX_4090 = A.Target((8, 9), "NVIDIA GeForce RTX 4090")
+RTX_3090 = A.Target((8, 6), "NVIDIA GeForce RTX 3090")
+A100 = A.Target((8, 0), "NVIDIA A100-SXM4-80GB")
+H100 = A.Target((9, 0), "NVIDIA H100 80GB HBM3")
+L40 = A.Target((8, 9), "NVIDIA L40S")
 
 
 @pytest.mark.parametrize("card, importable, expected", [
@@ -128,7 +128,7 @@ L40 = A.Card((8, 9), "NVIDIA L40S")
     (H100, {"flash2", "flash3", "sage"}, "flash3"),        # Hopper: flash-attn 3
     (H100, {"flash2", "sage"}, "sage"),
     (H100, {"flash2"}, "flash2"),
-    (A.Card(None, "cpu"), {"flash2", "flash3", "sage"}, "sdpa"),
+    (A.Target(None, "cpu"), {"flash2", "flash3", "sage"}, "sdpa"),
 ])
 def test_auto_picks_per_card(card, importable, expected):
     kernel, why = A.choose_auto(card, lambda k: k in importable)
@@ -142,7 +142,7 @@ def test_auto_uses_the_injected_card_and_packages(monkeypatch):
     assert handle.value == "sage" and model.a.attend.keywords == {"backend": "sage"}
     handle.detach()
     assert A.use_attention_backend(model, "auto", card=A100).value == "flash2"
-    assert A.choose_backend("auto", A.Card(None), fallback=True)[0] == "sdpa"
+    assert A.choose_backend("auto", A.Target(None), fallback=True)[0] == "sdpa"
 
 
 def test_masked_sage_call_runs_exact_sdpa(monkeypatch):

@@ -39,7 +39,7 @@ def synthetic_plan(profile, preset) -> Plan:
                                             "decode": PhasePlan(act, act // 4)})
 
 
-def synthetic_fit_profile(folder, profile, preset, budget_bytes, options=None, layout=None):
+def synthetic_fit_profile(folder, profile, preset, budget_bytes, options=None, layout=None, capability=None):
     """plan.fit_profile's contract: resident blocks lowered until the denoise peak fits, never raised."""
     for r in range(profile.dit.resident_blocks, -1, -1):
         fitted = replace(profile, dit=replace(profile.dit, resident_blocks=r))

@@ -7,7 +7,7 @@ import torch
 from test_attach import _plain_compile, _quantized_dit, _run, assert_same_module, module_state
 from lowvram_stepvideo.engines import attention, compile as regional_compile, fast_matmul, parallel
 from lowvram_stepvideo.engines.attach import attached
-from lowvram_stepvideo.engines.cards import PROFILE_CUDA_CARD, Card, current_card, target_card
+from lowvram_stepvideo.engines.target import PROFILE_CUDA_TARGET as PROFILE_CUDA_CARD, Target as Card, current_target as current_card, planned_target as target_card
 from lowvram_stepvideo.engines.levers import DiTLevers, SpeedOptions
 from lowvram_stepvideo.engines.streaming import GiB, packed_budget_bytes
 from lowvram_stepvideo.loading.model_folder import open_model_folder

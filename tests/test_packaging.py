@@ -58,6 +58,11 @@ def test_installed_package_finds_its_profiles_from_any_folder(tmp_path):
     proc = _run(site, elsewhere, str(site / "bin" / "lowvram-stepvideo"), "--help")
     assert proc.returncode == 0 and proc.stdout.startswith("usage: lowvram-stepvideo"), proc.stderr
 
+    shapes = sorted(f.relative_to(ROOT) for f in (ROOT / "lowvram_stepvideo" / "release_shapes").rglob("*")
+                    if f.is_file())
+    assert shapes and all((site / f).read_bytes() == (ROOT / f).read_bytes() for f in shapes), \
+        "setup.cfg [options.package_data] must install every file of lowvram_stepvideo/release_shapes"
+
     packages = {p.parent.relative_to(ROOT) for p in (ROOT / "lowvram_stepvideo").rglob("__init__.py")}
     missing = [str(p) for p in packages if not (site / p / "__init__.py").is_file()]
     assert not missing, f"add these packages to setup.cfg [options] packages: {missing}"

@@ -11,14 +11,11 @@ flash takes no mask: a masked call runs it per batch element over the selected k
 to sage (the DiT's cross-attention over a few hundred text tokens: little of the cost) runs SDPA, so the masked
 cross-attention stays exact.
 
-"auto" picks per card from `AUTO_RULES` (first matching row; its backends in order, the first importable one):
-- Hopper (9.x): flash-attn 3, then SageAttention, flash-attn 2, SDPA.
-- GeForce cards of compute capability 8.x (RTX 30xx/40xx): SageAttention, then flash-attn 2, SDPA. Consumer cards
-  run bf16 matmuls with float32 accumulation at half rate; SageAttention's int8 QK^T avoids that (about 2x over
-  flash-attn 2 as published for these cards; to be confirmed by bench/speed_gpu.py on each card).
-- any other CUDA card: flash-attn 2, then SageAttention, SDPA. No CUDA: SDPA.
-A GPU measurement that disagrees changes a row of the table, not code. The memory planner attaches the chosen
-kernel's data-free stand-in (`planned_kernel`).
+"auto" takes the first importable kernel of the card table's order for the card (cards.attention_order: only the
+kernels that exist for its architecture; flash-attn 3 first on Hopper, SageAttention first on GeForce cards, RTX
+50xx included, flash-attn 2 first elsewhere, SDPA last; no CUDA: SDPA). A GPU measurement that disagrees changes
+the table, not code. The memory planner attaches the chosen kernel's data-free stand-in (`planned_kernel`): output
+only for a fused kernel, the math kernel's scores where the card has no fused kernel for the dtype (bf16 on Turing).
 """
 from __future__ import annotations
 
@@ -33,7 +30,8 @@ from torch import nn
 from ..models.layers import sdpa
 from ..profiles import Profile
 from .attach import Handle, attaching
-from .cards import Card, current_card
+from .cards import attention_order, fused_attention
+from .target import Target, current_target
 
 log = logging.getLogger(__name__)
 
@@ -45,24 +43,15 @@ _MODULES = {"flash3": [("flash_attn_interface", "flash_attn_func")], "flash2": [
 _MODULES["flash"] = _MODULES["flash3"] + _MODULES["flash2"]
 
 
-# (which cards, backends in order of preference, why)
-AUTO_RULES: list[tuple[Callable[[Card], bool], tuple[str, ...], str]] = [
-    (lambda c: c.capability is None, ("sdpa",), "no CUDA device"),
-    (lambda c: c.hopper, ("flash3", "sage", "flash2", "sdpa"), "Hopper: flash-attn 3 first"),
-    (lambda c: c.consumer_8x, ("sage", "flash2", "sdpa"),
-     "GeForce 8.x: half-rate float32 accumulation, int8 QK (SageAttention) first"),
-    (lambda c: True, ("flash2", "sage", "sdpa"), "flash-attn 2 first"),
-]
-
-
-def choose_auto(card: Card, importable: Callable[[str], bool]) -> tuple[str, str]:
+def choose_auto(card: Target, importable: Callable[[str], bool]) -> tuple[str, str]:
     """(kernel, reason) for "auto" on `card`; `importable(kernel)` says whether a kernel's package imports."""
-    for applies, order, why in AUTO_RULES:
-        if applies(card):
-            kernel = next(k for k in order if k == "sdpa" or importable(k))
-            return kernel, f"{why} ({card.name or 'cpu'}" + (
-                f", compute capability {card.capability[0]}.{card.capability[1]})" if card.capability else ")")
-    raise AssertionError("the last AUTO_RULES row matches every card")
+    if card.capability is None:
+        return "sdpa", f"no CUDA device ({card.name or 'cpu'})"
+    order = attention_order(card.capability, card.geforce)
+    kernel = next(k for k in order if k == "sdpa" or importable(k))
+    why = ("Hopper: flash-attn 3 first" if card.capability[0] == 9 else
+           "GeForce: int8 QK (SageAttention) first" if card.geforce else "flash-attn 2 first")
+    return kernel, f"{why} ({card.name}, compute capability {card.capability[0]}.{card.capability[1]})"
 
 
 @functools.cache
@@ -122,7 +111,7 @@ def check_backend(name: str) -> None:
                          f"({INSTALL_HINT[_family(name)]}) or use 'sdpa'")
 
 
-def choose_backend(name: str, card: Card, fallback: bool = False) -> tuple[str, str]:
+def choose_backend(name: str, card: Target, fallback: bool = False) -> tuple[str, str]:
     """(kernel of KERNELS, why) for a profile's `attention` value on `card`. An explicit backend that is not
     importable is an error, or with `fallback` becomes 'sdpa' (see `fell_back`)."""
     if name == "auto":
@@ -131,7 +120,7 @@ def choose_backend(name: str, card: Card, fallback: bool = False) -> tuple[str, 
         check_backend(name)
     kernel = name
     if name == "flash":   # flash-attn 3 runs on Hopper only
-        kernel = "flash3" if card.hopper and is_available("flash3") else "flash2"
+        kernel = "flash3" if card.capability and card.capability[0] == 9 and is_available("flash3") else "flash2"
     if fallback and not is_available(kernel):
         return "sdpa", f"{name!r} not importable"
     if not is_available(kernel):
@@ -140,7 +129,7 @@ def choose_backend(name: str, card: Card, fallback: bool = False) -> tuple[str, 
     return kernel, "as configured"
 
 
-def choose_attention(profile: Profile, card: Card) -> tuple[str, str]:
+def choose_attention(profile: Profile, card: Target) -> tuple[str, str]:
     """The attention kernel a run of `profile` uses on `card`, and why: the one choice of a real run (its device's
     card) and of the memory plan (the profile's target card). A backend that is not importable falls back to
     'sdpa'."""
@@ -161,13 +150,41 @@ def kernel_function(kernel: str) -> Callable:
     return sdpa if kernel == "sdpa" else functools.partial(attention, backend=kernel)
 
 
-def planned_kernel(kernel: str) -> Callable:
-    """What `kernel` allocates, without data, for the memory planner. Every kernel of KERNELS plans as its output
-    alone: flash-attn, SageAttention and SDPA's fused paths keep no (Sq, Sk) scores in memory. A kernel measured
-    to hold more gets its own stand-in here."""
+def math_attention(capability: tuple[int, int] | None, dtype: torch.dtype) -> bool:
+    """Whether SDPA falls to its math kernel on a card of `capability` computing in `dtype` (no fused kernel takes
+    it: bf16 on Turing and Volta). None: the CPU or an unknown card, planned fused."""
+    return capability is not None and not fused_attention(capability, str(dtype).removeprefix("torch."))
+
+
+def planned_kernel(kernel: str, capability: tuple[int, int] | None = None,
+                   dtype: torch.dtype = torch.bfloat16) -> Callable:
+    """What `kernel` allocates on a card of `capability` in `dtype`, without data, for the memory planner.
+    flash-attn, SageAttention and SDPA's fused paths keep no (Sq, Sk) scores in memory: their output alone. SDPA
+    where no fused kernel takes the dtype runs its math kernel (`math_kernel_stand_in`)."""
     if kernel not in KERNELS:
         raise ValueError(f"unknown attention kernel {kernel!r}; one of {', '.join(KERNELS)}")
-    return output_only
+    return math_kernel_stand_in if kernel == "sdpa" and math_attention(capability, dtype) else output_only
+
+
+def math_kernel_stand_in(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None) -> torch.Tensor:
+    """What SDPA runs where no fused kernel takes the inputs: its math kernel, step by step as
+    aten/src/ATen/native/transformers/attention.cpp writes it (the op itself reaches the planner whole under
+    inference mode): half inputs upcast to float32, q and k scaled, the (B, H, Sq, Sk) scores, the key mask added,
+    their softmax (both alive at once), P @ V, and the weights copied back to the input dtype (the kernel returns
+    them too). q (B, Sq, H, D), k/v (B, Sk, H, D), mask (B, Sk) bool -> (B, Sq, H, D)."""
+    dtype = q.dtype
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))                    # (B, H, S, D)
+    if dtype in (torch.float16, torch.bfloat16):
+        q, k, v = (t.float() for t in (q, k, v))
+    scale = q.shape[-1] ** -0.25
+    scores = torch.matmul(q * scale, k.transpose(-2, -1) * scale)       # (B, H, Sq, Sk)
+    if mask is not None:
+        bias = torch.zeros(mask.shape, dtype=scores.dtype, device=q.device).masked_fill(~mask, float("-inf"))
+        scores.add_(bias[:, None, None, :])
+    weights = torch.softmax(scores, dim=-1)
+    del scores
+    out, _ = torch.matmul(weights, v), weights.to(dtype)
+    return out.to(dtype).transpose(1, 2)
 
 
 def output_only(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None) -> torch.Tensor:
@@ -187,10 +204,10 @@ def attach_attention(model: nn.Module, attend: Callable) -> Handle:
     return handle
 
 
-def use_attention_backend(model: nn.Module, name: str, fallback: bool = False, card: Card | None = None) -> Handle:
+def use_attention_backend(model: nn.Module, name: str, fallback: bool = False, card: Target | None = None) -> Handle:
     """Attach backend `name` (a profile's value, "auto" included) on `card` (default: this machine's first
     device) to `model`'s attention modules; the handle's `value` is the kernel used (one of KERNELS)."""
-    kernel, _ = choose_backend(name, card or current_card(), fallback)
+    kernel, _ = choose_backend(name, card or current_target(), fallback)
     if fell_back(name, kernel):
         warn_fallback(name)
     handle = attach_attention(model, kernel_function(kernel))

@@ -24,7 +24,7 @@ from torch import nn
 from ..models.quant import QuantLinear
 from ..profiles import Profile
 from .attach import Handle, attaching
-from .cards import Card
+from .target import Target
 
 MODES = ("weight-only", "fast")
 # weight format -> (lowest compute capability with tensor cores for it, kernel description)
@@ -119,7 +119,7 @@ def choose(mode: str, fmt: str | None, device_type: str, capability: tuple[int, 
     return fmt, f"{what} (compute capability {capability[0]}.{capability[1]})"
 
 
-def choose_matmul(profile: Profile, fmt: str | None, card: Card) -> tuple[str | None, str]:
+def choose_matmul(profile: Profile, fmt: str | None, card: Target) -> tuple[str | None, str]:
     """The matmul a run of `profile` on a folder of weight format `fmt` uses on `card` (see `choose`): the one
     choice of a real run (its device's card; the run then probes the kernel) and of the memory plan (the
     profile's target card)."""

@@ -5,7 +5,7 @@ rank of a parallel run, the CFG and sequence splits. Each is a handle of the att
 takes them all off, last first.
 
 A real run and the memory planner choose with the same functions (attention.choose_attention,
-fast_matmul.choose_matmul) for a `Card`: the device's in a run, the profile's target card in a plan. Under the
+fast_matmul.choose_matmul) for a `Target`: the device's in a run, the profile's target card in a plan. Under the
 planner (fake tensors) the levers are attached as they would run on that card, so the plan counts what they
 allocate (kept expansions, the step cache's residuals, the fast matmul's temporaries), with the chosen attention
 kernel's data-free stand-in (attention.planned_kernel); compile changes no allocation the plan models and is left
@@ -22,7 +22,7 @@ from torch import nn
 from . import fast_matmul, parallel
 from .attach import Attachments, Handle, attaching
 from .attention import attach_attention, choose_attention, fell_back, kernel_function, planned_kernel, warn_fallback
-from .cards import Card
+from .target import Target
 from .compile import compile_blocks
 from ..defaults import SpeedOptions
 from ..models.dit import TOKEN_RUN_SCOPES
@@ -48,7 +48,7 @@ class DiTLevers:
     """Attach with `attach()`, undo with `detach()`; `report()` says what ran (for the sidecar). `card`: the card
     the levers choose for (see the module docstring); `par`: this rank's place in a parallel run, or None."""
 
-    def __init__(self, dit: nn.Module, profile, options: SpeedOptions, device: torch.device, card: Card,
+    def __init__(self, dit: nn.Module, profile, options: SpeedOptions, device: torch.device, card: Target,
                  planning: bool = False, par=None):
         self.dit, self.profile, self.options, self.planning = dit, profile, options, planning
         self.device, self.card, self.par = torch.device(device), card, par
@@ -77,7 +77,7 @@ class DiTLevers:
     def _attach_attention(self) -> None:
         kernel, why = choose_attention(self.profile, self.card)
         if self.planning:
-            attend = planned_kernel(kernel)
+            attend = planned_kernel(kernel, self.card.capability, self.profile.torch_dtype)
         else:
             if fell_back(self.profile.attention, kernel):
                 warn_fallback(self.profile.attention)

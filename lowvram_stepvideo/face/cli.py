@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from . import exit_codes
+from . import exit_codes, plan_for
 from ..engines import parallel
 from ..run import preflight, results
 from ..planning.budgets import use_expandable_segments
@@ -21,7 +21,7 @@ from ..errors import StepVideoError, UsageError
 from ..run.outputs import RESULTS, plan_outputs
 from ..run.preflight import JobSpec
 from ..profiles import describe, detect_vram_bytes, list_profiles, load_profile, profiles_dir, with_overrides
-from ..planning.budgets import auto_choice
+from ..planning.budgets import auto_choice, this_card
 from ..run.resume import load_latents
 from ..run.job import Interrupted, PhasePipeline, decode_frames, note_weight_format, run_job, say as _say
 from ..defaults import CHECKPOINT_EVERY, RELEASE_PRESET, RELEASE_SAMPLING, SEED, TURBO_SAMPLING, WEB_PORT
@@ -45,6 +45,8 @@ examples:
       what a 12 GB card in a 32 GB machine would do with this folder once quantized to int8
   %(prog)s --model-dir ./stepvideo-t2v-int8 --prompt "a red fox in the snow" --output fox.mp4 --resume
       continue a run that was interrupted (Ctrl-C, crash), from the checkpoint saved next to fox.mp4
+  %(prog)s --model-dir stepfun-ai/stepvideo-t2v --card "RTX 3060" --ram-gib 32 --prompt "test" --dry-run
+      will the release run on a 12 GB RTX 3060 in a 32 GB machine, how, and how long (nothing downloaded)
   %(prog)s --list-profiles
       the memory tiers and their preset ladders
   %(prog)s --web --demo
@@ -147,6 +149,7 @@ def build_parser(prog: str = "generate.py") -> argparse.ArgumentParser:
     p.add_argument("--vae-tile", type=int,
                    help="VAE decode tile in latent pixels (x16 image pixels) instead of the profile's; 0 = untiled")
     p.add_argument("--list-profiles", action="store_true", help="list the profiles with their presets and exit")
+    plan_for.add_arguments(p)
     p.add_argument("--web", action="store_true",
                    help="serve the local web page instead of making one video (needs the web extra: pip install "
                         "-e \".[web]\"); its model list is --model-dir, --demo and the folders of "
@@ -210,6 +213,9 @@ def entry_point() -> None:
 def run(args) -> int:
     if args.list_profiles:
         return exit_codes.OK if _list_profiles() else exit_codes.BAD_INPUT
+    if args.list_cards:
+        plan_for.list_cards(args.json)
+        return exit_codes.OK
     if args.port is not None and not 0 < args.port < 65536:
         raise UsageError(f"--port {args.port}: must be 1-65535 (default {WEB_PORT})")
     if args.web:
@@ -295,7 +301,7 @@ def _list_profiles() -> bool:
 
 
 def _check_dry_run_flags(args) -> None:
-    for flag in ("json", "vram_gib", "ram_gib", "assume_format"):
+    for flag in ("json", "vram_gib", "ram_gib", "assume_format", "card", "capability"):
         if getattr(args, flag) not in (None, False) and not args.dry_run:
             raise UsageError(f"--{flag.replace('_', '-')} only goes with --dry-run")
     for flag in ("vram_gib", "ram_gib"):
@@ -310,23 +316,25 @@ def _dry_run(args, spec: JobSpec) -> int:
     layout = _dry_run_layout(args)
     if layout is not None and layout.rank:
         return exit_codes.OK   # rank 0 prints the plan (of one rank's share: see README)
-    vram = None if args.vram_gib is None else int(args.vram_gib * GiB)
+    card = plan_for.target(args)
+    vram = int(args.vram_gib * GiB) if args.vram_gib is not None else card.vram_bytes
     ram = None if args.ram_gib is None else int(args.ram_gib * GiB)
-    folder = preflight.model_folder(spec)
-    profile = _dry_run_profile(spec, vram, ram)
+    folder = preflight.model_folder(spec, published=True)
+    profile = _dry_run_profile(spec, vram, ram, card.capability)
     if layout is not None:
         _say(f"parallel: the plan of rank 0's share of {layout.describe()}")
         if layout.cfg == 2:
             profile = with_overrides(profile, cfg_mode="batch")   # as ParallelRuntime runs it
-    if not args.assume_format:
+    assume_format = plan_for.release_format(folder, profile, args.assume_format, _say)
+    if not assume_format:
         note_weight_format(folder, profile, _say)
     preflight.check_numbers(spec)
     turbo = args.turbo or folder.turbo
     preset = preflight.preset_for(spec, profile, TURBO_SAMPLING["steps"] if turbo else None, _say)
     if vram is not None and profile.device == "cpu":
         _say(f"note: --vram-gib does not apply to profile {profile.name} (it computes in RAM; --ram-gib does)")
-    verdict = check_fit(folder, profile, preset, vram, ram, args.assume_format, preflight.speed_options(spec),
-                        layout)
+    verdict = check_fit(folder, profile, preset, vram, ram, assume_format, preflight.speed_options(spec),
+                        layout, card.card, card.capability)
     asked = args.resident_blocks
     if asked is not None and verdict.profile.dit.resident_blocks < asked:
         _say(f"note: --resident-blocks {asked} lowered to {verdict.profile.dit.resident_blocks}: "
@@ -345,11 +353,13 @@ def _dry_run_layout(args):
     return parallel.layout_for(args.parallel or "auto", int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"]))
 
 
-def _dry_run_profile(spec: JobSpec, vram: int | None, ram: int | None):
-    """The spec's profile; 'auto' picks for --vram-gib / --ram-gib when given, and says why."""
+def _dry_run_profile(spec: JobSpec, vram: int | None, ram: int | None, capability=None):
+    """The spec's profile; 'auto' picks for --vram-gib / --ram-gib (and the card's capability) when given, and says
+    why."""
     if (spec.profile or ("cpu" if spec.demo else "auto")) != "auto":
         return preflight.profile_for(spec, need_device=False)
-    profile, reason = auto_choice(detect_vram_bytes() if vram is None else vram, ram)   # scaled to the RAM
+    capability = capability or (this_card()[1] if vram is None else None)
+    profile, reason = auto_choice(detect_vram_bytes() if vram is None else vram, ram, capability)   # RAM-scaled
     _say(reason)
     return with_overrides(profile, **{k: v for k, v in spec.options.items() if k not in preflight.RUN_OPTIONS})
 

@@ -1,6 +1,6 @@
 """Reading and writing files with no knowledge of the networks: safetensors weights (weights), the
-release's configs (configs), tokenizers, caches and the text-embedding cache, atomic file helpers (fsutil) and the
-video writer (video).
+release's configs (configs), tokenizers, caches and the text-embedding cache, atomic file helpers (fsutil), the
+video writer (video) and the published releases' shapes that ship with the package (releases).
 
 May import only the root modules (errors, profiles, defaults).
 """

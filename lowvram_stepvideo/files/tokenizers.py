@@ -159,3 +159,18 @@ def _bert_tokenizer(vocab: dict[str, int], options: dict, vocab_path: Path) -> T
     tk.post_processor = processors.BertProcessing(("[SEP]", vocab["[SEP]"]), ("[CLS]", vocab["[CLS]"]))
     tk.add_special_tokens(list(BERT_SPECIAL_TOKENS))
     return tk
+
+
+def length_only_tokenizer(max_length: int, pad_id: int = 0) -> Tokenize:
+    """A stand-in with the tokenizers' interface for planning a release that is not on disk (no tokenizer files):
+    every prompt padded to `max_length`, as both real tokenizers pad, so the planned tensors have the run's shapes.
+    It counts no tokens (`count` is 0: nothing is truncated)."""
+    def tokenize(prompts: Sequence[str] | str) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = max(1, len(_as_list(prompts)))
+        mask = torch.zeros(rows, max_length, dtype=torch.int64)
+        mask[:, :2] = 1                                       # a start and an end token
+        return torch.full((rows, max_length), pad_id, dtype=torch.int64), mask
+
+    tokenize.count = lambda text: 0
+    tokenize.room = max_length - 2
+    return tokenize

@@ -54,27 +54,28 @@ def _layers(config, layers: int | None):
     return config if layers is None else replace(config, num_layers=min(layers, config.num_layers))
 
 
-def open_dit(folder: Path, layers: int | None = None) -> Component:
+def open_dit(folder: Path, layers: int | None = None, source: WeightSource | None = None) -> Component:
+    """`source`: the weights' index when they are not the folder's files (a release planned from its shapes)."""
     folder = Path(folder)
     config = _read_config(lambda f: DiTConfig.from_file(f / "config.json"), folder, "transformer/")
-    source = open_weights(folder, ("diffusion_pytorch_model", "model"))
+    source = source if source is not None else open_weights(folder, ("diffusion_pytorch_model", "model"))
     return Component(build_on_meta(lambda: StepVideoModel(_layers(config, layers))), source, config=config)
 
 
-def open_step_llm(folder: Path, layers: int | None = None) -> Component:
+def open_step_llm(folder: Path, layers: int | None = None, source: WeightSource | None = None) -> Component:
     folder = Path(folder)
     config = _read_config(lambda f: StepLLMConfig.from_file(f / "config.json"), folder, "step_llm/")
-    source = open_weights(folder, ("model",))
+    source = source if source is not None else open_weights(folder, ("model",))
     return Component(build_on_meta(lambda: Step1Model(_layers(config, layers))), source, config=config)
 
 
-def open_clip(folder: Path, layers: int | None = None) -> Component:
+def open_clip(folder: Path, layers: int | None = None, source: WeightSource | None = None) -> Component:
     """`folder` is the release's `hunyuan_clip` (holding `clip_text_encoder/`) or `clip_text_encoder` itself."""
     folder = Path(folder)
     if (folder / "clip_text_encoder").is_dir():
         folder = folder / "clip_text_encoder"
     config = _read_config(lambda f: ClipConfig.from_file(f / "config.json"), folder, "hunyuan_clip/")
-    source = open_weights(folder, ("model", "pytorch_model"))
+    source = source if source is not None else open_weights(folder, ("model", "pytorch_model"))
     with_pooler = any((_strip_bert(k) or "").startswith("pooler.") for k in source.keys())
     module = build_on_meta(lambda: BertModel(_layers(config, layers), with_pooler=with_pooler))
     return Component(module, source, _strip_bert, config)
@@ -85,12 +86,12 @@ def _strip_bert(key: str) -> str | None:
     return None if key.endswith("position_ids") else key  # old transformers saved this buffer
 
 
-def open_vae(folder: Path, with_encoder: bool = True) -> Component:
+def open_vae(folder: Path, with_encoder: bool = True, source: WeightSource | None = None) -> Component:
     """The decoder is required; the encoder is built only when asked, the config says so and its weights exist
     (generation only decodes: it opens the VAE without the encoder, whose 110 M parameters never load)."""
     folder = Path(folder)
     config = _read_config(VAEConfig.from_folder, folder, "vae/")
-    source = open_weights(folder, ("vae_v2", "vae", "model"))
+    source = source if source is not None else open_weights(folder, ("vae_v2", "vae", "model"))
     with_encoder = with_encoder and config.encoder.present and any(k.startswith("encoder.") for k in source.keys())
     rename = _vae_rename if with_encoder else _vae_rename_decoder_only
     return Component(build_on_meta(lambda: AutoencoderKL(config, with_encoder=with_encoder)), source, rename, config)

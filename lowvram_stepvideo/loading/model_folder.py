@@ -2,6 +2,10 @@
 
 Opening a folder reads every config, every safetensors header and both tokenizers, and checks each component's
 tensor names and shapes against its config, so a broken download fails in seconds with a one-line error.
+
+A published release that is not on disk ("stepfun-ai/stepvideo-t2v") opens for planning only (`open_model_folder(
+name, published=True)`): its configs and tensor shapes ship with the package (files/releases.py), its tokenizers
+are length-only stand-ins, and reading a weight says to download it.
 """
 from __future__ import annotations
 
@@ -9,10 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..files.weights import CheckpointError
-from ..files.configs import ClipConfig, ConfigError, read_json
+from ..files.configs import ClipConfig, ConfigError, StepLLMConfig, read_json
 from ..errors import StepVideoError
 from .loaders import Component, open_clip, open_dit, open_step_llm, open_vae
-from ..files.tokenizers import load_clip_tokenizer, load_step_llm_tokenizer, truncation_warnings
+from ..files.releases import published_release, shapes_source
+from ..files.tokenizers import (length_only_tokenizer, load_clip_tokenizer, load_step_llm_tokenizer,
+                                truncation_warnings)
 
 DOWNLOAD_HINT = ("download it with: hf download stepfun-ai/stepvideo-t2v --local-dir {path} "
                  "(pip install huggingface_hub), or: modelscope download stepfun-ai/stepvideo-t2v --local-dir {path} "
@@ -30,33 +36,50 @@ class ModelFolder:
     root: Path
     weight_format: str          # "bf16" (release) or the quantized format of the DiT ("int8", "fp8")
     turbo: bool                 # the step-distilled checkpoint (see is_turbo)
+    published: str | None = None   # a release not on disk, by hub name: `root` holds its packaged shapes
 
     def open(self, component: str, layers: int | None = None) -> Component:
         """A fresh Component (meta module + weight index) as a generation runs it (the VAE without its encoder:
         nothing here encodes); loading it assigns memory-mapped tensors. `layers` (block stacks only:
         transformer, step_llm, hunyuan_clip) builds that many blocks, for the memory plan."""
+        source = {"source": shapes_source(published_release(self.published), component)} if self.published else {}
         if component == "vae":
-            return open_vae(self.root / component, with_encoder=False)
+            return open_vae(self.root / component, with_encoder=False, **source)
         if layers is None:
-            return OPENERS[component](self.root / component)
-        return OPENERS[component](self.root / component, layers=layers)
+            return OPENERS[component](self.root / component, **source)
+        return OPENERS[component](self.root / component, layers=layers, **source)
 
     def step_llm_tokenizer(self):
+        if self.published:
+            return length_only_tokenizer(StepLLMConfig.max_length)
         return load_step_llm_tokenizer(self.root / "step_llm")
 
     def clip_tokenizer(self):
         """At the release's 77 tokens whatever the tokenizer config says, like the reference (the DiT takes 77)."""
+        if self.published:
+            return length_only_tokenizer(ClipConfig.max_length)
         return load_clip_tokenizer(self.root / "hunyuan_clip", ClipConfig.max_length)
 
     def prompt_warnings(self, prompt: str, negative_prompt: str | None) -> list[str]:
         """Warnings for user texts longer than what the text encoders read (the tokens past it are dropped)."""
+        if self.published:
+            return []
         texts = {"prompt": prompt, **({"negative prompt": negative_prompt} if negative_prompt else {})}
         return truncation_warnings({"step_llm": self.step_llm_tokenizer(), "clip": self.clip_tokenizer()}, texts)
 
     def files(self, component: str) -> list[Path]:
         return [f.path for f in self.open(component).source.files]
 
-def open_model_folder(root: Path) -> ModelFolder:
+def open_model_folder(root: Path, published: bool = False) -> ModelFolder:
+    """The folder at `root`, validated; with `published`, a release's hub name that is not a folder here opens
+    from its packaged shapes (for planning: see the module docstring)."""
+    release = published_release(str(root)) if not Path(root).expanduser().is_dir() else None
+    if release is not None:
+        if not published:
+            raise ModelFolderError(f"{release.repo} is not downloaded: hf download {release.repo} --local-dir DIR "
+                                   "and pass --model-dir DIR; --dry-run plans it as it is, from the shapes this "
+                                   "package ships")
+        return open_published(release)
     root = Path(root).expanduser()
     if not root.is_dir():
         raise ModelFolderError(f"model folder {root} not found; " + DOWNLOAD_HINT.format(path=root))
@@ -90,3 +113,16 @@ def is_turbo(root: Path, dit_header: dict | None = None) -> bool:
     index = root / "model_index.json"
     name = read_json(index).get("_name_or_path", "") if index.is_file() else ""
     return "turbo" in str(name).lower() or "turbo" in root.name.lower()
+
+
+def open_published(release) -> ModelFolder:
+    """A published release (files/releases.Release) from its packaged shapes, checked like a downloaded folder: a
+    release whose tensors this version's networks do not match is refused here rather than planned wrong."""
+    folder = ModelFolder(release.root, "bf16", release.turbo, release.repo)
+    try:
+        for name in OPENERS:
+            folder.open(name).check()
+    except (CheckpointError, ConfigError) as e:
+        raise ModelFolderError(f"{release.repo}: this version's networks do not match its tensors yet "
+                               f"({str(e).split(';')[0]})") from None
+    return folder

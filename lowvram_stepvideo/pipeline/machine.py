@@ -21,7 +21,7 @@ from torch import nn
 
 from ..defaults import SpeedOptions
 from ..loading.model_folder import ModelFolder
-from ..engines.cards import current_card
+from ..engines.target import current_target
 from ..engines.levers import DiTLevers
 from ..engines.parallel import Parallel
 from ..engines.placement import attach_streaming, device_memory_report, find_blocks, offload_component, to_device
@@ -172,7 +172,7 @@ class DeviceRuntime(Runtime):
         offload_component(model, discard=True)   # each phase loads its model and throws it away after
 
     def attach_levers(self, dit: nn.Module, options: SpeedOptions, said: bool = False) -> DiTLevers:
-        card = current_card(self.device)    # of the device this runs on, not of the machine's first one
+        card = current_target(self.device)    # of the device this runs on, not of the machine's first one
         levers = DiTLevers(dit, self.profile, options, self.device, card, par=self.par).attach()
         if not said:                        # once per pipeline (OOM retries attach again)
             self.log(levers.summary())

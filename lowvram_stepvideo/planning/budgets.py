@@ -18,6 +18,10 @@ process itself.
 
 On a CPU profile the compute "device" is RAM too: device and host bytes of a phase are added and checked against
 the host budget.
+
+The card. A budget also names the card it is for (engines/cards.py): this machine's, read from CUDA, or the one
+planned for (`--card NAME`, or `--capability X.Y` with `--vram-gib`). Its compute capability decides which attention
+kernel the plan counts; the table's throughput figures give the time estimate.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ import os
 import sys
 from dataclasses import dataclass
 
+from ..engines.cards import Card, card_for_device, fused_attention
 from ..engines.host_store import available_ram_bytes
 from ..errors import ConfigError
 from ..profiles import Profile, list_profiles, load_profile, profiles_dir, with_overrides
@@ -46,6 +51,8 @@ class Budget:
     host_bytes: int
     vram_from: str            # e.g. "8.0 GiB card (--vram-gib) - 0.8 GiB reserve"
     host_from: str
+    capability: tuple[int, int] | None = None   # of the card (None: the CPU, or not known)
+    card: Card | None = None                    # the card table's entry, where known
 
     def phase_fits(self, vram: int, host: int) -> bool:
         if self.device == "cpu":
@@ -85,18 +92,36 @@ def host_budget(ram_bytes: int | None = None) -> tuple[int, str]:
 
 
 def machine_budget(device: str, vram_bytes: int | None = None, ram_bytes: int | None = None,
-                   nominal_vram_bytes: int | None = None) -> Budget:
+                   nominal_vram_bytes: int | None = None, card: Card | None = None,
+                   capability: tuple[int, int] | None = None) -> Budget:
     """The budget of this machine, or of one with a card of `vram_bytes` and `ram_bytes` of RAM. A cuda profile
-    planned on a machine without CUDA (and no `vram_bytes`) gets a card of `nominal_vram_bytes`."""
+    planned on a machine without CUDA (and no `vram_bytes`) gets a card of `nominal_vram_bytes`. `card` (or only its
+    `capability`): the card planned for; none given, this machine's card when the budget is read from it."""
     host, host_from = host_budget(ram_bytes)
     if device == "cpu":
         return Budget("cpu", host, host, host_from, host_from)
+    capability = card.capability if card else capability
     vram = vram_budget(vram_bytes)
     if vram is None:
-        card = nominal_vram_bytes or 0
-        vram = vram_budget(card)
+        nominal = nominal_vram_bytes or 0
+        vram = vram_budget(nominal)
         vram = (vram[0], vram[1] + " (no CUDA device here: the profile's nominal card; --vram-gib N for another)")
-    return Budget("cuda", vram[0], host, vram[1], host_from)
+    elif vram_bytes is None and card is None and capability is None:
+        card, capability = this_card()
+    if card is not None:     # "24.0 GiB RTX 4090 - ..." for a card planned for, "RTX 4090: 23.1 GiB free ..." here
+        named = vram[1].replace(" card", f" {card.name}", 1)
+        vram = (vram[0], named if named != vram[1] else f"{card.name}: {vram[1]}")
+    return Budget("cuda", vram[0], host, vram[1], host_from, capability, card)
+
+
+def this_card() -> tuple[Card | None, tuple[int, int] | None]:
+    """(the card table's entry, compute capability) of the current CUDA device; (None, None) without CUDA."""
+    import torch
+    if not torch.cuda.is_available():
+        return None, None
+    index = torch.cuda.current_device()
+    props = torch.cuda.get_device_properties(index)
+    return card_for_device(props.name, props.total_memory), (props.major, props.minor)
 
 
 def cuda_free_and_total() -> tuple[int, int] | None:
@@ -134,11 +159,21 @@ def auto_reason(vram_bytes: int | None, ram_bytes: int | None = None) -> str:
     return auto_choice(vram_bytes, ram_bytes)[1]
 
 
-def auto_choice(vram_bytes: int | None, ram_bytes: int | None = None) -> tuple[Profile, str]:
+def auto_choice(vram_bytes: int | None, ram_bytes: int | None = None,
+                capability: tuple[int, int] | None = None) -> tuple[Profile, str]:
     """By VRAM: the largest cuda tier whose min_vram_gib fits the card (the smallest for a card below all of
     them). By RAM: when the host-RAM budget (budgets.host_budget) is below the tier's host_ram_gb, its memory is
     scaled down to the budget (packed copies in the same proportion; blocks that no longer fit come from disk).
-    Without CUDA: the cpu tier with the largest host_ram_gb within the budget (the smallest when none is)."""
+    Without CUDA: the cpu tier with the largest host_ram_gb within the budget (the smallest when none is). The card's
+    `capability`, where known, is said with what it means for the tier's compute dtype (cards.py)."""
+    profile, why = _auto_choice(vram_bytes, ram_bytes)
+    if capability is not None and profile.device == "cuda" and not fused_attention(capability, profile.compute_dtype):
+        why += (f"; compute capability {capability[0]}.{capability[1]} has no fused attention for "
+                f"{profile.compute_dtype}: its attention runs on the math kernel, and the plan counts it")
+    return profile, why
+
+
+def _auto_choice(vram_bytes: int | None, ram_bytes: int | None) -> tuple[Profile, str]:
     ram, ram_from = host_budget(ram_bytes)
     profiles = list(map(load_profile, list_profiles()))
     if vram_bytes is None:

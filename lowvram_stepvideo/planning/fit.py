@@ -14,6 +14,7 @@ from dataclasses import replace
 
 from .assumed_format import assume_format as assume_format_of
 from .budgets import Budget, machine_budget
+from .estimate import estimate_run
 from ..loading.model_folder import ModelFolder
 from .plan import Plan, fit_profile
 from .stacks import clamped, packed_blocks, packed_bytes
@@ -27,12 +28,13 @@ ADJUSTABLE = ("text", "denoise")   # phases whose layout fitting changes (step_l
 
 def check_fit(folder: ModelFolder, profile: Profile, preset: Preset, vram_bytes: int | None = None,
               ram_bytes: int | None = None, assume_format: str | None = None, options=None,
-              layout=None) -> Verdict:
+              layout=None, card=None, capability: tuple[int, int] | None = None) -> Verdict:
     """The verdict for `preset` (and the ladder below it) on a machine with a card of `vram_bytes` and
-    `ram_bytes` of RAM (None: read this machine); `layout` (parallel.Layout): for one rank of a parallel run."""
+    `ram_bytes` of RAM (None: read this machine); `layout` (parallel.Layout): for one rank of a parallel run;
+    `card` (cards.Card) or only its `capability`: the card planned for (budgets.machine_budget)."""
     own_format = folder.weight_format
     folder = assume_format_of(folder, assume_format)
-    budget = profile_budget(profile, vram_bytes, ram_bytes)
+    budget = profile_budget(profile, vram_bytes, ram_bytes, card, capability)
     ladder = ladder_from(profile.presets, preset)
     tried: dict[int, tuple[Profile, Plan]] = {}
     found = first_fit(folder, profile, ladder, budget, tried, options, layout)
@@ -40,14 +42,18 @@ def check_fit(folder: ModelFolder, profile: Profile, preset: Preset, vram_bytes:
                   assumed=folder.weight_format != own_format, folder=folder)
     if found is not None:
         fitted, plan = tried[found]
-        return Verdict(True, ladder[found], fitted, plan, requested_plan=tried[0][1] if found else None, **common)
+        estimate = None if layout else estimate_run(folder, fitted, ladder[found], budget.card, options)
+        return Verdict(True, ladder[found], fitted, plan, requested_plan=tried[0][1] if found else None,
+                       estimate=estimate, **common)
     fitted, plan = tried[0]
     name, suggested = suggest_profile(folder, profile, preset, budget)
     return Verdict(False, None, fitted, plan, suggested_profile=name, suggested_preset=suggested, **common)
 
 
-def profile_budget(profile: Profile, vram_bytes: int | None, ram_bytes: int | None) -> Budget:
-    return machine_budget(profile.device, vram_bytes, ram_bytes, nominal_vram_bytes=int(profile.min_vram_gib * GiB))
+def profile_budget(profile: Profile, vram_bytes: int | None, ram_bytes: int | None, card=None,
+                   capability: tuple[int, int] | None = None) -> Budget:
+    return machine_budget(profile.device, vram_bytes, ram_bytes, nominal_vram_bytes=int(profile.min_vram_gib * GiB),
+                          card=card, capability=capability)
 
 
 def first_fit(folder: ModelFolder, profile: Profile, ladder: list[Preset], budget: Budget,
@@ -84,7 +90,7 @@ def fit_layout(folder: ModelFolder, profile: Profile, preset: Preset, budget: Bu
     of a parallel run. `profile` with resident blocks and packed host copies lowered (upper bounds, never raised)
     until the plan of `preset` fits `budget`, and that plan; the plan may still exceed it when nothing is left."""
     profile, plan = fit_profile(folder, clamped(folder, profile), preset, budget.device_room(0), options=options,
-                                layout=layout)
+                                layout=layout, capability=budget.capability)
     for _ in range(HOST_PASSES):
         if plan_fits(plan, budget) or not _only_adjustable_over(plan, budget):
             break
@@ -95,7 +101,8 @@ def fit_layout(folder: ModelFolder, profile: Profile, preset: Preset, budget: Bu
             lowered = profile                  # on the cpu, resident blocks give way first (they are RAM too)
         elif excess <= 0 or (lowered := less_packed(folder, profile, excess)) is None:
             break                              # the device is short, or there is no packed RAM left to give
-        profile, plan = fit_profile(folder, lowered, preset, room, options=options, layout=layout)
+        profile, plan = fit_profile(folder, lowered, preset, room, options=options, layout=layout,
+                                    capability=budget.capability)
     return profile, plan
 
 
@@ -107,7 +114,7 @@ def untiled_if_it_fits(folder: ModelFolder, profile: Profile, plan: Plan, preset
         return profile, plan
     untiled = replace(profile, vae=replace(profile.vae, tile=0, overlap=0))
     untiled, untiled_plan = fit_profile(folder, untiled, preset, budget.device_room(0), options=options,
-                                        layout=layout)
+                                        layout=layout, capability=budget.capability)
     return (untiled, untiled_plan) if plan_fits(untiled_plan, budget) else (profile, plan)
 
 

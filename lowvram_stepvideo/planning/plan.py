@@ -3,7 +3,8 @@
 `PlanningRuntime` (planning_machine.py) stands in for the device runtime (pipeline/machine.py) under the same
 pipeline code. It loads each network on "meta" with one block per stack (identical blocks allocate identically),
 attention on a flash-style kernel that allocates only its output (what flash-attn and SDPA's efficient kernels do
-on a GPU), and a VAE whose repeated chunk decodes replay the first one's allocations;
+on a GPU; where the target card has no fused kernel for the compute dtype, SDPA's math kernel and its scores:
+engines/attention.planned_kernel), and a VAE whose repeated chunk decodes replay the first one's allocations;
 `byte_count.PlanningAccountant` counts every tensor the run makes.
 
 Weights are not counted as tensors: every place/unplace cuts a phase into stretches, and each stretch records which
@@ -31,6 +32,7 @@ from ..loading.model_folder import ModelFolder
 from ..engines.streaming import packed_budget_bytes, streaming_footprint
 from ..pipeline.phases import PhasePipeline
 from .plan_cache import PlanCache, folder_identity
+from ..engines.attention import math_attention
 from .planned_models import ModelShape
 from .planning_machine import PlanningRuntime, Stretch, Trace
 from ..profiles import Preset, Profile
@@ -80,12 +82,12 @@ class Plan:
 # ---------------------------------------------------------------- plans
 
 def plan_memory(folder: ModelFolder, profile: Profile, preset: Preset, assume_format: str | None = None,
-                options: SpeedOptions | None = None, layout=None) -> Plan:
+                options: SpeedOptions | None = None, layout=None, capability: tuple[int, int] | None = None) -> Plan:
     """Peak device and host bytes per phase of `profile` at `preset`. `assume_format` ("int8" | "fp8") plans the
     folder's unquantized DiT and step_llm as quantize.py would write them (a quantized folder plans as it is);
     `options`: the run's speed options (the step cache's saved residuals are planned); `layout` (parallel.Layout):
-    rank 0 of a parallel run."""
-    return evaluate(trace(folder, profile, preset, assume_format, options, layout), profile, preset)
+    rank 0 of a parallel run; `capability`: the target card's (None: a fused attention kernel is assumed)."""
+    return evaluate(trace(folder, profile, preset, assume_format, options, layout, capability), profile, preset)
 
 
 def evaluate(phases: Trace, profile: Profile, preset: Preset) -> Plan:
@@ -129,12 +131,12 @@ def footprint(shape: ModelShape, streaming, profile: Profile) -> tuple[int, int]
 
 def fit_profile(folder: ModelFolder, profile: Profile, preset: Preset, budget_bytes: int,
                 assume_format: str | None = None, options: SpeedOptions | None = None,
-                layout=None) -> tuple[Profile, Plan]:
+                layout=None, capability: tuple[int, int] | None = None) -> tuple[Profile, Plan]:
     """Stream step_llm if it does not fit whole, and lower the profile's resident DiT / step_llm blocks (upper
     bounds) to the most that fit `budget_bytes` of device memory. Returns the adjusted profile and its plan, which
     may still exceed the budget when even zero resident blocks do not fit (the caller then steps down the ladder).
-    `layout` (parallel.Layout): plan one rank of a parallel run."""
-    phases = trace(folder, profile, preset, assume_format, options, layout)
+    `layout` (parallel.Layout): plan one rank of a parallel run; `capability`: the target card's."""
+    phases = trace(folder, profile, preset, assume_format, options, layout, capability)
     plan = evaluate(phases, profile, preset)
     te = profile.text_encoders
     if te.placement == "device" and plan.phases["text"].peak_vram_bytes > budget_bytes:
@@ -163,7 +165,7 @@ def disk_cache() -> PlanCache | None:
 
 
 def trace(folder: ModelFolder, profile: Profile, preset: Preset, assume_format: str | None = None,
-          options: SpeedOptions | None = None, layout=None) -> Trace:
+          options: SpeedOptions | None = None, layout=None, capability: tuple[int, int] | None = None) -> Trace:
     """The stretches of one planned run: with a `layout`, of rank 0 of that parallel run. Text and denoise are
     cached per folder, preset, `_shaping(profile)` without the VAE's settings, speed options and parallel layout;
     decode with them (trying an untiled decode traces the decode only). From this process's cache or the disk's."""
@@ -171,12 +173,15 @@ def trace(folder: ModelFolder, profile: Profile, preset: Preset, assume_format: 
     options = options or SpeedOptions()
     layout = layout and replace(layout, rank=0)
     base = (folder.weight_format, assume_format, (preset.frames, preset.height, preset.width), options, layout)
+    if profile.device == "cuda" and math_attention(capability, profile.torch_dtype):
+        base += ("math attention",)     # the card has no fused kernel for the compute dtype
     shaping, identity = _shaping(profile), folder_identity(folder.root)
     keys = {("text", "denoise"): base + (replace(shaping, vae=None),), ("decode",): base + (shaping,)}
     memos = {names: (identity, repr(key)) for names, key in keys.items()}
     parts = {names: _cached(memo) for names, memo in memos.items()}
     if None in parts.values():
-        traced = _traced(folder, profile, preset, options, layout, denoise=parts[("text", "denoise")] is None)
+        traced = _traced(folder, profile, preset, options, layout, capability,
+                         denoise=parts[("text", "denoise")] is None)
         for names, memo in memos.items():
             if parts[names] is None:
                 parts[names] = _store(memo, {name: traced[name] for name in names})
@@ -204,10 +209,10 @@ def _store(memo: tuple[str, str], phases: Trace) -> Trace:
 
 
 def _traced(folder: ModelFolder, profile: Profile, preset: Preset, options: SpeedOptions, layout,
-            denoise: bool = True) -> Trace:
+            capability: tuple[int, int] | None = None, denoise: bool = True) -> Trace:
     """The planned run. Without `denoise`, the decode is traced after a denoise of no steps (the text phase
     makes the embeddings that stay alive meanwhile; the latents are handed over as the denoise hands them)."""
-    runtime = PlanningRuntime(folder, profile, options, layout)
+    runtime = PlanningRuntime(folder, profile, options, layout, capability)
     pipe = PhasePipeline(folder, profile, progress=False, runtime=runtime, options=options)
     steps = CACHED_STEPS if options.cache else 1
     with runtime.accountant:

@@ -1,6 +1,8 @@
 """The networks of a memory plan: each as a run would load it (dtypes, quantized layers), data-free on "meta",
 with one block per stack (identical blocks are the same size), and the shape of the whole network in the engines'
-terms (`ModelShape`)."""
+terms (`ModelShape`). Attention runs on a stand-in for the kernel the target card will use for the compute dtype
+(engines/attention.planned_kernel): a fused kernel allocates only its output; where the card has none for the dtype
+(bf16 on Turing), PyTorch's SDPA runs its math kernel, which materialises the scores."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,6 +13,7 @@ from torch import nn
 from ..models import quant
 from ..loading.assign import run_dtype
 from ..loading.model_folder import ModelFolder
+from ..engines.attention import output_only
 from ..engines.host_store import BlockLayout, block_tensors
 from ..engines.placement import BLOCK_STACKS
 
@@ -37,11 +40,11 @@ class ModelShape:
 
 
 def planned_model(folder: ModelFolder, component: str, dtype: torch.dtype,
-                  blocks: int = 1) -> tuple[nn.Module, ModelShape]:
+                  blocks: int = 1, attend=output_only) -> tuple[nn.Module, ModelShape]:
     """`component` with the tensors (dtypes, quantized layers) a run would load, data-free on "meta", `blocks`
-    blocks per stack, and the shape of the whole network. The DiT's attention kernel is attached with its levers,
-    as in a run. An assumed-format folder (assumed_format.py) plans as its quantized version: its weight index
-    carries the scheme."""
+    blocks per stack, attention on `attend` (the DiT's kernel is attached over it with its levers, as in a run),
+    and the shape of the whole network. An assumed-format folder (assumed_format.py) plans as its quantized
+    version: its weight index carries the scheme."""
     opened = folder.open(component, layers=blocks) if component in BLOCK_STACKS else folder.open(component)
     module = opened.module
     keep = _quantize_as_run(module, opened.source.metadata)
@@ -50,6 +53,9 @@ def planned_model(folder: ModelFolder, component: str, dtype: torch.dtype,
              for name, t in stored.items()}
     module.load_state_dict(state, strict=True, assign=True)
     module.eval().requires_grad_(False)
+    for m in module.modules():
+        if hasattr(m, "attend"):
+            m.attend = attend
     source = opened.source
     uncast = {name for name in stored if name in source.keys() and source.ref(name).dtype == state[name].dtype}
     return module, _shape(module, component, opened.config, uncast)

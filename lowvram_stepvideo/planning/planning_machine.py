@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..engines.cards import target_card
+from ..engines.attention import planned_kernel
+from ..engines.target import planned_target
 from ..engines.levers import DiTLevers, SpeedOptions
 from ..engines.parallel import Layout, Parallel
 from ..loading.model_folder import ModelFolder
@@ -43,7 +44,7 @@ class PlanningRuntime(Runtime):
     """The runtime of a planned run: see the module docstring. `phases` holds what it traced."""
 
     def __init__(self, folder: ModelFolder, profile: Profile, options: SpeedOptions | None = None,
-                 layout: Layout | None = None):
+                 layout: Layout | None = None, capability: tuple[int, int] | None = None):
         # "meta" with an index, so that moves to the device reach the accountant (see PlanningAccountant)
         super().__init__(folder, profile, device=torch.device(DEVICE, 0), log=lambda msg: None)
         self.accountant = PlanningAccountant()
@@ -54,6 +55,7 @@ class PlanningRuntime(Runtime):
         self._placed: dict[int, tuple[ModelShape, str | None]] = {}
         self._stretches: list[Stretch] | None = None
         self.par = Parallel.planned(layout) if layout else None
+        self.capability = capability           # of the target card: which attention kernel it runs
 
     def load(self, component: str, dtype: torch.dtype):
         """Under the step cache (step_cache.py) the DiT's blocks do not all run with the same tensors alive: block
@@ -64,7 +66,8 @@ class PlanningRuntime(Runtime):
         if self.cached and component == "transformer":
             blocks = max(blocks, CACHED_DIT_BLOCKS)
         with self.accountant.untracked():     # weights are counted by their footprint when placed
-            model, shape = planned_model(self.folder, component, dtype, blocks)
+            model, shape = planned_model(self.folder, component, dtype, blocks,
+                                         attend=planned_kernel("sdpa", self.capability, dtype))
         if "head groups" in REPLAYED:
             for m in model.modules():
                 if hasattr(m, "head_group"):
@@ -85,7 +88,8 @@ class PlanningRuntime(Runtime):
     def attach_levers(self, dit, options: SpeedOptions, said: bool = False) -> DiTLevers:
         """The levers as the profile's target card would run them (see engines/levers.py), on the DiT itself; with a
         `layout`, rank 0's parallel engines around them."""
-        return DiTLevers(getattr(dit, "model", dit), self.profile, options, self.device, target_card(self.profile),
+        target = planned_target(self.profile, self.capability)
+        return DiTLevers(getattr(dit, "model", dit), self.profile, options, self.device, target,
                          planning=True, par=self.par).attach()
 
     def free(self) -> None:

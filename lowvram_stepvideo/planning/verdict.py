@@ -7,8 +7,10 @@ from dataclasses import dataclass, field
 from ..loading.model_folder import ModelFolder
 from ..profiles import Preset, Profile
 from .budgets import Budget
+from .estimate import Estimate, estimate_line
 from .byte_count import fmt_bytes
 from .plan import Plan
+from ..engines.attention import math_attention
 from .stacks import block_layout, clamped
 
 OVER = "*"
@@ -29,6 +31,7 @@ class Verdict:
     suggested_preset: Preset | None = None
     requested_plan: Plan | None = None    # the requested preset's plan when a smaller one runs
     folder: ModelFolder | None = field(default=None, repr=False)   # the planned folder (for the layout)
+    estimate: Estimate | None = None      # how long `preset` takes on the budget's card (estimate.py)
 
     def to_dict(self) -> dict:
         where = block_layout(self.folder, self.profile)
@@ -42,7 +45,9 @@ class Verdict:
                 "budget_host_from": self.budget.host_from, "weight_format": self.weight_format,
                 "assumed_format": self.assumed, "layout": where,
                 "dit_resident_blocks": where["dit"]["resident"], "suggested_profile": self.suggested_profile,
-                "suggested_preset": None if self.suggested_preset is None else str(self.suggested_preset)}
+                "suggested_preset": None if self.suggested_preset is None else str(self.suggested_preset),
+                **card_fields(self), "estimate_seconds": estimate_seconds(self.estimate),
+                "estimate": None if self.estimate is None else self.estimate.to_dict()}
 
     def report(self) -> str:
         return report(self)
@@ -58,7 +63,13 @@ def report(v: Verdict) -> str:
     lowered = _lowered(v)
     if lowered:
         lines.append("fitted: " + lowered)
+    if v.budget.device == "cuda":
+        lines.append(card_line(v))
     lines.append(verdict_line(v))
+    if v.estimate is not None:
+        lines.append(estimate_line(v.estimate, v.preset))
+    elif v.fits and v.budget.device == "cuda":
+        lines.append("estimate: none (the time is estimated for a card of --list-cards, run by one process)")
     return "\n".join(lines)
 
 
@@ -136,3 +147,36 @@ def where_blocks(v: Verdict) -> str:
         rest = f", {' and '.join(others)} each pass (prefetch {stack['prefetch']})" if others else ""
         parts.append(f"{label} {stack['resident']} of {stack['blocks']} blocks {held}{rest}")
     return "; ".join(parts)
+
+
+def card_fields(v: Verdict) -> dict:
+    b = v.budget
+    cap = None if b.capability is None else f"{b.capability[0]}.{b.capability[1]}"
+    return {"card": None if b.card is None else b.card.name, "capability": cap,
+            "attention_planned": "math" if _math_attention(v) else "fused"}
+
+
+def _math_attention(v: Verdict) -> bool:
+    return v.budget.device == "cuda" and math_attention(v.budget.capability, v.profile.torch_dtype)
+
+
+def card_line(v: Verdict) -> str:
+    """Which card was planned for and which attention kernel the plan counts."""
+    b = v.budget
+    card = b.card.name if b.card else "the card"
+    if b.capability is None:
+        return (f"card: {card} (compute capability not known: attention planned on a fused kernel; --card NAME or "
+                "--capability X.Y plans another)")
+    cap = f"compute capability {b.capability[0]}.{b.capability[1]}"
+    if _math_attention(v):
+        return (f"card: {card} ({cap}) has no fused attention kernel for {v.profile.compute_dtype}: the DiT's "
+                "attention is planned on SDPA's math kernel, which holds the float32 scores")
+    return f"card: {card} ({cap}): attention planned on a fused kernel"
+
+
+def estimate_seconds(est: Estimate | None) -> dict | None:
+    """Seconds per phase and "total" (None where not estimated), for --json."""
+    if est is None:
+        return None
+    seconds = est.to_dict()["seconds"]
+    return {**seconds, "total": est.to_dict()["total_seconds"]}

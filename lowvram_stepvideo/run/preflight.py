@@ -11,7 +11,7 @@ from ..errors import UsageError
 from ..loading import demo
 from ..loading.model_folder import ModelFolder, open_model_folder
 from ..profiles import Preset, Profile, detect_vram_bytes, load_profile, with_overrides
-from ..planning.budgets import auto_choice
+from ..planning.budgets import auto_choice, this_card
 from ..pipeline.sampling import latent_shape, sampling_problem
 from .outputs import RESULTS
 from ..files.video import output_path_error
@@ -64,12 +64,14 @@ def speed_options(spec: JobSpec) -> SpeedOptions:
         raise UsageError(f"--step-cache: {e}") from None
 
 
-def model_folder(spec: JobSpec) -> ModelFolder:
+def model_folder(spec: JobSpec, published: bool = False) -> ModelFolder:
+    """The spec's folder; with `published` (planning only), a release named by its hub name that is not on disk
+    opens from its packaged shapes."""
     if spec.demo:
         return open_model_folder(demo.build_demo_model())
     if spec.model_dir is None:
         raise UsageError("give --model-dir PATH (the downloaded stepvideo-t2v folder) or --demo")
-    return open_model_folder(spec.model_dir)
+    return open_model_folder(spec.model_dir, published)
 
 
 def profile_for(spec: JobSpec, need_device: bool = True, log: Callable[[str], None] | None = None) -> Profile:
@@ -78,7 +80,7 @@ def profile_for(spec: JobSpec, need_device: bool = True, log: Callable[[str], No
     name = spec.profile or ("cpu" if spec.demo else "auto")
     vram = detect_vram_bytes()
     if name == "auto":
-        profile, reason = auto_choice(vram)
+        profile, reason = auto_choice(vram, capability=this_card()[1])
         if log:
             log(reason)
     else:

@@ -10,6 +10,10 @@ from pathlib import Path
 import torch
 
 from . import preflight
+from ..errors import StepVideoError
+from ..planning.budgets import this_card
+from ..planning.estimate import estimate_run
+from ..planning.verdict import estimate_seconds
 from ..profiles import describe
 from ..files.video import sidecar_path
 from ..files.video import write_mp4, write_sidecar
@@ -23,7 +27,19 @@ def job_metadata(job, request) -> dict:
             "preset": str(preset), "steps": preset.steps, "guidance_scale": request.guidance_scale,
             "shift": request.shift, "turbo": job.turbo, "arguments": spec_arguments(spec),
             "request": job.request.fingerprint(job.pipe.folder.root, job.pipe.profile.compute_dtype),
-            "parallel": job.par.layout.describe() if job.par else None}
+            "parallel": job.par.layout.describe() if job.par else None,
+            **(run_estimate(job.pipe, preset) if job.par is None else {"estimate_s": None, "estimate": None})}
+
+
+def run_estimate(pipe, preset) -> dict:
+    """The time estimate of what ran, on this machine's card, for the sidecar beside the measured timings_s
+    (estimate_s: seconds per phase and total; estimate: what they assume). None on the CPU, an unknown card or
+    several processes (the estimate is of one card's run)."""
+    try:
+        est = estimate_run(pipe.folder, pipe.profile, preset, this_card()[0], pipe.options)
+    except (StepVideoError, RuntimeError, ValueError, OSError) as e:   # never cost the video its sidecar
+        return {"estimate_s": None, "estimate": {"error": str(e).strip().splitlines()[0]}}
+    return {"estimate_s": estimate_seconds(est), "estimate": None if est is None else est.to_dict()}
 
 
 def spec_arguments(spec: preflight.JobSpec) -> dict:

@@ -1,0 +1,87 @@
+"""The memory plan counts the attention kernel the target card runs: SDPA's math kernel and its scores where the card
+has no fused kernel for the compute dtype (bf16 on Turing), a fused kernel elsewhere."""
+import pytest
+import torch
+
+from lowvram_stepvideo.loading import demo
+from lowvram_stepvideo.loading.model_folder import open_model_folder
+from lowvram_stepvideo.models.layers import sdpa
+from lowvram_stepvideo.planning import fit
+from lowvram_stepvideo.planning.byte_count import DEVICE, PlanningAccountant
+from lowvram_stepvideo.planning.plan import plan_memory
+from lowvram_stepvideo.engines.attention import math_kernel_stand_in as math_kernel_attention
+from lowvram_stepvideo.engines.attention import output_only as flash_style_attention
+from lowvram_stepvideo.engines.attention import planned_kernel
+
+
+def planned_attention(capability, dtype):
+    return planned_kernel("sdpa", capability, dtype)
+from lowvram_stepvideo.profiles import Preset, load_profile, with_overrides
+
+GiB = 2**30
+PRESET = Preset(17, 272, 496, 1)          # 3 latent frames of 17 x 31: 1581 DiT tokens
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return open_model_folder(demo.build_demo_model(tmp_path_factory.mktemp("demo") / "demo"))
+
+
+def test_the_math_stand_in_computes_attention():
+    """The stand-in is SDPA's math kernel step by step: on real tensors it gives SDPA's result, masked or not."""
+    q, k, v = (torch.randn(2, 40, 3, 16) for _ in range(3))
+    mask = torch.rand(2, 40) > 0.3
+    mask[:, 0] = True
+    torch.testing.assert_close(math_kernel_attention(q, k, v, mask), sdpa(q, k, v, mask))
+    torch.testing.assert_close(math_kernel_attention(q, k, v), sdpa(q, k, v))
+
+
+@pytest.mark.parametrize("inference", [True, False])
+def test_the_math_stand_in_holds_float32_scores_and_softmax(inference):
+    """bf16 inputs: the scores and their softmax, both float32, alive at once (8 bytes a score), under inference
+    mode too (where SDPA's math op reaches a dispatch mode whole, hiding its temporaries)."""
+    acc = PlanningAccountant()
+    b, s, h, d = 1, 1000, 2, 64
+    with torch.inference_mode(inference), acc:
+        q = torch.empty(b, s, h, d, dtype=torch.bfloat16, device=torch.device("meta", 0))
+        acc.reset_peak()
+        before = acc.total(DEVICE)
+        math_kernel_attention(q, q, q)
+    extra = acc.peak[DEVICE] - before
+    assert 8 * b * h * s * s <= extra <= 9.5 * b * h * s * s
+
+
+def test_which_stand_in_a_card_gets():
+    assert planned_attention((7, 5), torch.bfloat16) is math_kernel_attention
+    assert planned_attention((7, 5), torch.float16) is flash_style_attention
+    assert planned_attention((7, 5), torch.float32) is flash_style_attention
+    assert planned_attention((8, 6), torch.bfloat16) is flash_style_attention
+    assert planned_attention(None, torch.bfloat16) is flash_style_attention
+
+
+def test_turing_plans_the_scores_of_bf16_attention(folder):
+    """sm75 in bf16: the denoise peak grows by at least one head group's float32 scores and softmax; sm86, fp16 on
+    sm75 and an unknown card plan the fused kernel."""
+    profile = load_profile("8gb")
+    fused = plan_memory(folder, profile, PRESET).phases["denoise"].peak_vram_bytes
+    turing = plan_memory(folder, profile, PRESET, capability=(7, 5)).phases["denoise"].peak_vram_bytes
+    tokens, heads = PRESET.tokens, min(profile.attention_head_chunk, 2)   # the demo DiT has 2 heads
+    assert turing - fused >= 8 * heads * tokens * tokens
+    assert plan_memory(folder, profile, PRESET, capability=(8, 6)).phases["denoise"].peak_vram_bytes == fused
+    fp16 = with_overrides(profile, compute_dtype="float16")
+    assert (plan_memory(folder, fp16, PRESET, capability=(7, 5)).phases["denoise"].peak_vram_bytes
+            == plan_memory(folder, fp16, PRESET).phases["denoise"].peak_vram_bytes)
+
+
+def test_the_verdict_plans_for_the_budgets_card(folder, monkeypatch):
+    """check_fit hands the card's capability to every plan it makes (first fit, layout, untiled decode)."""
+    seen = []
+    original = fit.fit_profile
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("capability"))
+        return original(*args, **kwargs)
+    monkeypatch.setattr(fit, "fit_profile", spy)
+    profile = load_profile("8gb")
+    verdict = fit.check_fit(folder, profile, PRESET, 8 * GiB, 32 * GiB, capability=(7, 5))
+    assert verdict.budget.capability == (7, 5) and seen and set(seen) == {(7, 5)}
