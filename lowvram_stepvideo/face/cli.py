@@ -14,11 +14,11 @@ import torch
 
 from . import exit_codes
 from ..engines import parallel
-from ..run import preflight, results, job as runner
+from ..run import outputs, preflight, job as runner
 from ..planning.budgets import use_expandable_segments
 from ..files.configs import ConfigError
 from ..errors import StepVideoError, UsageError
-from ..run.outputs import RESULTS, plan_outputs
+from ..run.outputs import RESULTS
 from ..run.preflight import JobSpec
 from ..profiles import describe, detect_vram_bytes, list_profiles, load_profile, profiles_dir, with_overrides
 from ..planning.budgets import auto_choice
@@ -159,10 +159,11 @@ def build_parser(prog: str = "generate.py") -> argparse.ArgumentParser:
 
 
 def main(argv: list[str], prog: str = "generate.py") -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    use_expandable_segments()   # before anything initialises CUDA
-    args = build_parser(prog).parse_args(argv)
+    """The command line; Ctrl-C at any moment of it (parsing included) is one line and exit 130."""
     try:
+        logging.basicConfig(level=logging.WARNING, format="%(message)s")
+        use_expandable_segments()   # before anything initialises CUDA
+        args = build_parser(prog).parse_args(argv)
         return run(args)
     except Interrupted as e:
         _say(str(e))
@@ -179,11 +180,6 @@ def main(argv: list[str], prog: str = "generate.py") -> int:
         return exit_codes.BAD_INPUT
     finally:
         parallel.close()
-
-
-def entry_point() -> None:
-    """The `lowvram-stepvideo` command a pip install creates."""
-    sys.exit(main(sys.argv[1:], prog="lowvram-stepvideo"))
 
 
 def run(args) -> int:
@@ -228,7 +224,7 @@ def _batch(args, spec: JobSpec) -> int:
     seeds = batch.parse_seeds(args.seeds) if args.seeds is not None else None
     items = batch.read_prompts_file(args.prompts_file, seeds, args.seed)
     out_dir = args.output_dir or RESULTS / args.prompts_file.stem
-    report = batch.run_batch(items, spec, out_dir, _say)
+    report = batch.run_batch(items, spec, out_dir, _say, inputs=(args.prompts_file,))
     return exit_codes.OK if report.ok else exit_codes.BATCH_INCOMPLETE
 
 
@@ -336,15 +332,18 @@ def _dry_run_profile(spec: JobSpec, vram: int | None, ram: int | None):
 def _decode_only(args, spec: JobSpec) -> int:
     folder = preflight.model_folder(spec)
     profile = preflight.profile_for(spec)
-    outputs = plan_outputs(args.output, prompt=args.prompt, inputs=[profile.path], model_root=folder.root,
-                           overwrite=args.overwrite, decode_from=args.decode_latents)
-    pipe = PhasePipeline(folder, profile, log=_say)
-    latents = load_latents(args.decode_latents, folder.root, pipe.latent_channels())
-    start = time.perf_counter()
-    frames = runner.decode_frames(pipe, latents)
-    meta = {"prompt": args.prompt, "decoded_from": str(args.decode_latents),
-            "arguments": results.spec_arguments(spec)}
-    results.write_outputs(outputs.output, frames, pipe, meta, time.perf_counter() - start, _say)
+    planned = outputs.plan_outputs(args.output, prompt=args.prompt, inputs=[profile.path], model_root=folder.root,
+                                   overwrite=args.overwrite, decode_from=args.decode_latents)
+    try:
+        pipe = PhasePipeline(folder, profile, log=_say)
+        latents = load_latents(args.decode_latents, folder.root, pipe.latent_channels())
+        start = time.perf_counter()
+        frames = runner.decode_frames(pipe, latents)
+        meta = {"prompt": args.prompt, "decoded_from": str(args.decode_latents),
+                "arguments": outputs.spec_arguments(spec)}
+        outputs.write_outputs(planned, frames, pipe, meta, time.perf_counter() - start, _say)
+    finally:
+        planned.release()
     return exit_codes.OK
 
 

@@ -26,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from . import outputs, preflight, results
+from . import outputs, preflight
 from ..engines import parallel
 from ..pipeline import progress
 from ..errors import StepVideoError, UsageError
@@ -36,14 +36,7 @@ from ..pipeline.parallel_machine import ParallelRuntime
 from ..pipeline.phases import PhasePipeline
 from .preflight import JobSpec
 from ..profiles import Preset, TextEncoders, ladder_from
-from .resume import (
-    check_step_latents,
-    checkpoint_path,
-    load_checkpoint,
-    save_checkpoint,
-    saved_request,
-    weights_identity)
-from .resume import save_latents as save_latents_file
+from .resume import check_step_latents, checkpoint_path, load_checkpoint, saved_request, weights_identity
 from ..pipeline.sampling import flow_sigmas, initial_noise, latent_shape, sampling_defaults, sampling_problem
 from ..planning.fit import clamped, first_fit, profile_budget
 from ..files.video import postprocess
@@ -53,10 +46,13 @@ GiB = 2**30
 
 
 class Interrupted(StepVideoError):
-    """Ctrl-C (or a stop request) during denoising; the latents were saved to `path`."""
+    """Ctrl-C (or a stop request) during denoising, the latents saved to `path`; or during the decode, the
+    denoised latents kept in `path` (step None)."""
 
-    def __init__(self, path: Path, step: int):
-        super().__init__(f"interrupted after step {step}; saved to {path} (continue with --resume)")
+    def __init__(self, path: Path, step: int | None):
+        super().__init__(f"interrupted after step {step}; saved to {path} (continue with --resume)" if step is not None
+                         else f"interrupted while decoding; the denoised latents are kept in {path}: run the same "
+                              "command with --resume to only decode")
         self.path, self.step = path, step
 
 
@@ -204,14 +200,7 @@ def _shape(pipe: PhasePipeline, preset: Preset) -> tuple[int, ...]:
 
 
 def _save(pipe: PhasePipeline, ckpt: Path, latents: torch.Tensor, step: int, fingerprint: dict) -> bool:
-    """Save a checkpoint; a failed write (disk full) keeps the previous one and the run goes on."""
-    try:
-        save_checkpoint(ckpt, latents, step, fingerprint)
-        return True
-    except OSError as e:
-        kept = f"the previous checkpoint in {ckpt} is kept" if ckpt.is_file() else "no checkpoint is kept"
-        pipe.log(f"warning: could not save the checkpoint after step {step} ({e.strerror or e}); {kept}")
-        return False
+    return outputs.save_checkpoint_or_warn(ckpt, latents, step, fingerprint, pipe.log)
 
 
 def encode_with_fallback(pipe: PhasePipeline, req: Request):
@@ -299,20 +288,31 @@ class PreparedJob:
     options: dict                  # preflight.RUN_OPTIONS with the spec's values
     turbo: bool
     par: Parallel | None = None    # this process's place in a torchrun launch (None: it runs alone)
+    outputs: outputs.RunOutputs | None = None   # what it writes, claimed for the run (see release)
+
+    def release(self) -> None:
+        """The run ended (or was only checked): its output names are free for other runs."""
+        if self.outputs is not None:
+            self.outputs.release()
 
 
 def run_job(spec: JobSpec, events: Events | None = None) -> JobResult:
     """One video from `spec` to mp4 + sidecar; raises StepVideoError subclasses (Interrupted when stopped)."""
     events = events or Events()
     with progress.listen(events.progress):
-        return execute(prepare_job(spec, events.log), events)
+        job = prepare_job(spec, events.log)
+        try:
+            return execute(job, events)
+        finally:
+            job.release()
 
 
 def prepare_job(spec: JobSpec, log: Callable[[str], None], folder: ModelFolder | None = None,
-                writes_video: bool = True) -> PreparedJob:
-    """Pre-flight: the request (see prepare_request), then the files it writes, planned by outputs.py (an existing
-    file is kept unless overwrite; a checkpoint left by an earlier run needs resume or overwrite). Without
-    writes_video only the checkpoint option is a file. Nothing heavy is loaded."""
+                writes_video: bool = True, inputs: tuple[Path, ...] = ()) -> PreparedJob:
+    """Pre-flight: the request (see prepare_request), then the files it writes, planned and claimed by outputs.py
+    (an existing file is kept unless overwrite; a checkpoint left by an earlier run needs resume or overwrite;
+    nothing may overwrite the profile, a model file or `inputs`). Without writes_video only the checkpoint option
+    is a file. Nothing heavy is loaded; call `release()` on the result when the run is over."""
     job = prepare_request(spec, log, folder)
     options, par = job.options, job.par
     if not writes_video:
@@ -321,19 +321,23 @@ def prepare_job(spec: JobSpec, log: Callable[[str], None], folder: ModelFolder |
             preflight.check_writable(job.checkpoint)
         return job
     earlier = checkpoint_path(spec.output) if spec.output else None
+    resume = wants_resume(options, earlier)
+    asked = (job.request.fingerprint(job.pipe.folder.root, job.pipe.profile.compute_dtype)
+             if resume and options["save_latents"] else None)
     planned = problem = None
     if par is None or par.writer:   # only rank 0 writes; a default name has its time stamp
         try:
             planned = outputs.plan_outputs(spec.output, prompt=spec.prompt, save_latents=options["save_latents"],
-                                           inputs=[job.pipe.profile.path], model_root=job.pipe.folder.root,
-                                           overwrite=options["overwrite"], resume=wants_resume(options, earlier))
+                                           inputs=[job.pipe.profile.path, *inputs], model_root=job.pipe.folder.root,
+                                           overwrite=options["overwrite"], resume=resume, request=asked)
         except StepVideoError as e:
             problem = e
     if par is not None:
-        planned, problem = par.broadcast_from_writer((planned, problem and str(problem)))
+        sent = par.broadcast_from_writer((planned and planned.unclaimed(), problem and str(problem)))
+        planned, problem = (planned, problem) if par.writer else sent
     if problem:
         raise problem if isinstance(problem, StepVideoError) else UsageError(problem)
-    job.output, job.checkpoint = planned.output, planned.checkpoint
+    job.output, job.checkpoint, job.outputs = planned.output, planned.checkpoint, planned
     return job
 
 
@@ -399,13 +403,18 @@ def execute(job: PreparedJob, events: Events) -> JobResult:
         return JobResult(None, used, dict(job.pipe.timings), time.perf_counter() - start)
     request = dataclasses.replace(job.request, preset=used)
     try:
-        if job.options["save_latents"]:
-            save_latents(Path(job.options["save_latents"]), latents, request, job.pipe)
+        if job.outputs.save_latents:
+            outputs.save_final_latents(job.outputs, latents,
+                                       request.fingerprint(job.pipe.folder.root, job.pipe.profile.compute_dtype))
         events.phase("decode")
         frames = decode_frames(job.pipe, latents)
         events.phase("write")
-        results.write_outputs(job.output, frames, job.pipe, results.job_metadata(job, request),
-                              time.perf_counter() - start, events.log)
+        output = outputs.write_outputs(job.outputs, frames, job.pipe, outputs.job_metadata(job, request),
+                                       time.perf_counter() - start, events.log)
+    except KeyboardInterrupt:
+        if job.checkpoint and job.checkpoint.is_file():
+            raise Interrupted(job.checkpoint, None) from None
+        raise
     except BaseException:
         if job.checkpoint and job.checkpoint.is_file():
             flags = "--resume --overwrite" if job.output and job.output.exists() else "--resume"   # mp4 written?
@@ -414,7 +423,7 @@ def execute(job: PreparedJob, events: Events) -> JobResult:
         raise
     if job.checkpoint:
         job.checkpoint.unlink(missing_ok=True)
-    return JobResult(job.output, used, dict(job.pipe.timings), time.perf_counter() - start)
+    return JobResult(output, used, dict(job.pipe.timings), time.perf_counter() - start)
 
 
 def denoise_job(job: PreparedJob, events: Events) -> tuple[torch.Tensor, Preset]:
@@ -430,7 +439,9 @@ def denoise_job(job: PreparedJob, events: Events) -> tuple[torch.Tensor, Preset]
     if resume:
         check_resumable(pipe, job.request, ladder, ckpt)
     events.phase("text")
+    text_start = time.perf_counter()
     embeds = encode_with_fallback(pipe, job.request) if writer else None
+    pipe.timings.setdefault("text", time.perf_counter() - text_start)   # a cache hit: the lookup's time
     if par is not None:
         embeds = par.broadcast_from_writer(embeds)
     events.phase("denoise")
@@ -457,11 +468,3 @@ def plan_ladder(pipe: PhasePipeline, preset: Preset, resume_from: Path | None, l
 def decode_frames(pipe: PhasePipeline, latents: torch.Tensor):
     with torch.no_grad():
         return postprocess(pipe.decode(latents))
-
-
-def save_latents(path: Path, latents: torch.Tensor, request: Request, pipe: PhasePipeline) -> None:
-    """--save-latents: the final latents with the request and weights they came from (for --decode-latents)."""
-    try:
-        save_latents_file(path, latents, request.fingerprint(pipe.folder.root, pipe.profile.compute_dtype))
-    except OSError as e:
-        raise UsageError(f"could not write --save-latents {path} ({e.strerror or e})") from None
