@@ -87,12 +87,13 @@ def test_embedding_cache_skips_the_text_encoders(tmp_path, capsys, monkeypatch):
         rc, _, err = run_cli(capsys, "--demo", "--prompt", prompt, *TINY, "--output", tmp_path / "b.mp4",
                              "--overwrite", *extra)
         assert rc == 0, err
-        metas.append((list(loaded), "text: embeddings taken from the cache" in err,
-                      "text" in read_sidecar(tmp_path / "b.mp4")["timings_s"]))
+        meta = read_sidecar(tmp_path / "b.mp4")
+        metas.append((list(loaded), "text: embeddings taken from the cache" in err, meta["text_from_cache"],
+                      meta["timings_s"]["text"] > 0))
     encoders = ["step_llm", "hunyuan_clip", "transformer", "vae"]
-    assert metas[0] == (encoders, False, True)                  # a prompt not seen before: computed, stored
-    assert metas[1] == (["transformer", "vae"], True, True)     # same prompt: from the cache (its time recorded)
-    assert metas[2] == (encoders, False, True)                  # --no-cache: computed again
+    assert metas[0] == (encoders, False, False, True)           # a prompt not seen before: computed, stored
+    assert metas[1] == (["transformer", "vae"], True, True, False)   # same prompt: from the cache, no text phase
+    assert metas[2] == (encoders, False, False, True)           # --no-cache: computed again
 
 
 def test_cache_entries_are_keyed_by_model_and_prompts_and_a_write_failure_is_only_a_warning(tmp_path, caplog):

@@ -289,6 +289,7 @@ class PreparedJob:
     turbo: bool
     par: Parallel | None = None    # this process's place in a torchrun launch (None: it runs alone)
     outputs: outputs.RunOutputs | None = None   # what it writes, claimed for the run (see release)
+    text_cached: bool = False      # the prompt's embeddings came from the cache (no text phase ran)
 
     def release(self) -> None:
         """The run ended (or was only checked): its output names are free for other runs."""
@@ -439,9 +440,8 @@ def denoise_job(job: PreparedJob, events: Events) -> tuple[torch.Tensor, Preset]
     if resume:
         check_resumable(pipe, job.request, ladder, ckpt)
     events.phase("text")
-    text_start = time.perf_counter()
     embeds = encode_with_fallback(pipe, job.request) if writer else None
-    pipe.timings.setdefault("text", time.perf_counter() - text_start)   # a cache hit: the lookup's time
+    job.text_cached = "text" not in pipe.timings   # the text phase did not run: embeddings from the cache
     if par is not None:
         embeds = par.broadcast_from_writer(embeds)
     events.phase("denoise")

@@ -240,7 +240,8 @@ def job_metadata(job, request) -> dict:
     spec, preset = job.spec, request.preset
     return {"prompt": spec.prompt, "negative_prompt": spec.negative_prompt, "seed": spec.seed,
             "preset": str(preset), "steps": preset.steps, "guidance_scale": request.guidance_scale,
-            "shift": request.shift, "turbo": job.turbo, "arguments": spec_arguments(spec),
+            "shift": request.shift, "turbo": job.turbo, "text_from_cache": job.text_cached,
+            "arguments": spec_arguments(spec),
             "request": job.request.fingerprint(job.pipe.folder.root, job.pipe.profile.compute_dtype),
             "parallel": job.par.layout.describe() if job.par else None}
 
@@ -269,7 +270,7 @@ def write_outputs(outs: RunOutputs, frames, pipe, meta: dict, seconds: float, lo
             "fps": info["fps"], "width": info["width"], "height": info["height"],   # of the mp4 as written
             "duration_s": round(info["frames"] / info["fps"], 3),
             "profile": describe(pipe.profile), "speed": pipe.speed,
-            "timings_s": {k: round(v, 2) for k, v in pipe.timings.items()},
+            "timings_s": {k: round(v, 2) for k, v in {"text": 0.0, **pipe.timings}.items()},   # text 0: cached
             "total_s": round(seconds, 2), "peak_vram_bytes": _peak_vram(pipe.device),
             "peak_host_bytes": _peak_host(), "torch": torch.__version__}
     try:
