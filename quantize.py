@@ -9,8 +9,11 @@ same command is given again. See lowvram_stepvideo/quantize_folder.py (folder co
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
+
+INTERRUPTED = 130   # lowvram_stepvideo.face.exit_codes.INTERRUPTED (not imported before the guard)
 
 
 EPILOG = """\
@@ -41,6 +44,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    try:   # Ctrl-C at any moment, the imports of torch included: one line, exit 130
+        return quantize(args)
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)   # a second Ctrl-C while saying so changes nothing
+        print(f"interrupted; run the same command again to resume from {args.out}.partial", file=sys.stderr)
+        return INTERRUPTED
+
+
+def quantize(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from lowvram_stepvideo.face import exit_codes
@@ -56,9 +68,6 @@ def main(argv=None) -> int:
     except (CheckpointError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return exit_codes.BAD_INPUT
-    except KeyboardInterrupt:
-        print(f"interrupted; run the same command again to resume from {args.out}.partial", file=sys.stderr)
-        return exit_codes.INTERRUPTED
     rate = result.source_bytes / max(result.seconds, 1e-9) / 1e6
     print(f"wrote {args.out}: {len(result.written)} shards written, {len(result.reused)} reused, "
           f"{result.source_bytes / 1e9:.2f} GB converted in {result.seconds:.1f} s ({rate:.0f} MB/s)")
@@ -68,4 +77,9 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        status = main()
+    except KeyboardInterrupt:   # while argparse ran
+        print("interrupted", file=sys.stderr)
+        status = INTERRUPTED
+    sys.exit(status)

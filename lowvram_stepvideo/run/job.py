@@ -36,7 +36,8 @@ from ..pipeline.parallel_machine import ParallelRuntime
 from ..pipeline.phases import PhasePipeline
 from .preflight import JobSpec
 from ..profiles import Preset, TextEncoders, ladder_from
-from .resume import check_step_latents, checkpoint_path, load_checkpoint, saved_request, weights_identity
+from .resume import (check_step_latents, checkpoint_path, load_checkpoint, load_latents, saved_request,
+                     weights_identity)
 from ..pipeline.sampling import flow_sigmas, initial_noise, latent_shape, sampling_defaults, sampling_problem
 from ..planning.fit import clamped, first_fit, profile_budget
 from ..files.video import postprocess
@@ -433,6 +434,10 @@ def denoise_job(job: PreparedJob, events: Events) -> tuple[torch.Tensor, Preset]
     pipe, options, ckpt, par = job.pipe, job.options, job.checkpoint, job.par
     writer = par is None or par.writer
     resume = ckpt is not None and wants_resume(options, ckpt)
+    if resume and par is None and not ckpt.is_file():
+        kept = saved_final_latents(job)
+        if kept is not None:
+            return kept
     if options["cache"] and writer:   # the other ranks take rank 0's embeddings
         pipe.cache = pipe.embedding_cache(options["cache_dir"])
     events.phase("plan")
@@ -448,6 +453,22 @@ def denoise_job(job: PreparedJob, events: Events) -> tuple[torch.Tensor, Preset]
     latents, used = denoise_with_fallback(pipe, job.request, ladder, ckpt, resume, options["checkpoint_every"],
                                           embeds, events.should_stop, par)
     return latents, used
+
+
+def saved_final_latents(job: PreparedJob) -> tuple[torch.Tensor, Preset] | None:
+    """--resume with no checkpoint left (--checkpoint-every 0) but the --save-latents file an interrupted run wrote
+    for this request (outputs.py then lets it be written again): its latents and preset, to decode again."""
+    path = job.outputs.save_latents if job.outputs else None
+    if path is None or job.options["overwrite"] or path not in job.outputs.replaceable:
+        return None
+    saved = saved_request(path) or {}
+    ladder = ladder_from(job.pipe.profile.presets, job.request.preset)
+    preset = next((p for p in ladder if str(p) == saved.get("preset")), None)
+    latents = load_latents(path, job.pipe.folder.root, job.pipe.latent_channels())
+    if preset is None or tuple(latents.shape) != _shape(job.pipe, preset):
+        return None
+    job.pipe.log(f"resuming: the denoising had finished; decoding the latents saved in {path} again")
+    return latents, preset
 
 
 def plan_ladder(pipe: PhasePipeline, preset: Preset, resume_from: Path | None, log,
