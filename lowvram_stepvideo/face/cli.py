@@ -331,6 +331,7 @@ def _dry_run_profile(spec: JobSpec, vram: int | None, ram: int | None):
 
 def _decode_only(args, spec: JobSpec) -> int:
     folder = preflight.model_folder(spec)
+    folder.check_weights(("vae",))
     profile = preflight.profile_for(spec)
     planned = outputs.plan_outputs(args.output, prompt=args.prompt, inputs=[profile.path], model_root=folder.root,
                                    overwrite=args.overwrite, decode_from=args.decode_latents)

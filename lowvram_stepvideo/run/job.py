@@ -346,6 +346,7 @@ def prepare_job(spec: JobSpec, log: Callable[[str], None], folder: ModelFolder |
 def prepare_request(spec: JobSpec, log: Callable[[str], None], folder: ModelFolder | None = None) -> PreparedJob:
     """Folder (unless already opened), profile and device, sizes and numbers; no output paths yet."""
     folder = folder or preflight.model_folder(spec)
+    folder.check_weights()
     profile = preflight.profile_for(spec, log=log)
     note_weight_format(folder, profile, log)
     preflight.check_numbers(spec)
