@@ -22,6 +22,11 @@ examples:
   python quantize.py --model-dir ./stepvideo-t2v --out ./stepvideo-t2v-fp8 --format fp8 --verify
   an interrupted run continues when the same command is given again (work is kept in OUT.partial/)
 
+what is not quantized (configs, tokenizers, the scheduler, the VAE, a CLIP left out) is hard-linked from
+--model-dir into --out (no extra disk; copied where the two folders are on different file systems): a
+hard-linked file is ONE file in both folders, so editing it in place changes both. Replace such a file (write
+a new one, then rename it over the old) or copy it first (cp --remove-destination).
+
 exit status:
   0 done; 2 bad input (a one-line "error: ..." says what to change); 130 interrupted; 1 unexpected error
 """
@@ -71,6 +76,10 @@ def quantize(args: argparse.Namespace) -> int:
     rate = result.source_bytes / max(result.seconds, 1e-9) / 1e6
     print(f"wrote {args.out}: {len(result.written)} shards written, {len(result.reused)} reused, "
           f"{result.source_bytes / 1e9:.2f} GB converted in {result.seconds:.1f} s ({rate:.0f} MB/s)")
+    linked, copied = result.carried
+    if linked:
+        print(f"{linked} files (configs, tokenizers, VAE, ...) are hard links to the same files in {args.model_dir} "
+              f"({copied} copied): edit neither in place (see --help)")
     if result.verify_rows:
         print(format_verify_table(result.verify_rows))
     return exit_codes.OK

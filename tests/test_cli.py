@@ -192,6 +192,11 @@ ERRORS = {  # name: (arguments, words the one error line must hold)
     "missing folder": (["--model-dir", "{tmp}/nowhere"],
                        ["not found", "hf download stepfun-ai/stepvideo-t2v --local-dir",
                         "modelscope download stepfun-ai/stepvideo-t2v --local-dir"]),
+    "missing quantized folder": (["--model-dir", "{tmp}/stepvideo-t2v-int8"],
+                                 ["stepvideo-t2v-int8 not found", "made by quantize.py from the release",
+                                  "hf download stepfun-ai/stepvideo-t2v --local-dir {tmp}/stepvideo-t2v ",
+                                  "python quantize.py --model-dir {tmp}/stepvideo-t2v --out {tmp}/stepvideo-t2v-int8 "
+                                  "--format int8"]),
     "not a model folder": (["--model-dir", "{tmp}"], ["not a Step-Video model folder", "--model-dir"]),
     "incomplete folder": (["--model-dir", "{incomplete}"], ["vae", "no weights found"]),
     "no folder at all": ([], ["--model-dir", "--demo"]),
@@ -234,7 +239,7 @@ def test_errors_are_one_line_and_write_nothing(case, demo_dir, tmp_path, capsys)
     assert rc == 2 and out == ""
     assert len(err.splitlines()) == 1 and err.startswith("error: "), err
     for word in words:
-        assert word in err, (word, err)
+        assert word.format(**fill) in err, (word, err)
     assert list(work.iterdir()) == []
 
 

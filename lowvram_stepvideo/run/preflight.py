@@ -128,11 +128,12 @@ def preset_for(spec: JobSpec, profile: Profile, default_steps: int | None, log) 
     bad = [f"--{k} {v}" for k, v in given.items() if v is not None and v < 1]
     if bad:
         raise UsageError(f"{bad[0]}: must be positive (frames in multiples of 17, height and width in multiples "
-                         "of 16; the release uses 204 frames of 544x992)")
+                         "of 16; the release makes 204x544x992, frames x height x width)")
     frames, height, width = (spec.frames or base.frames, spec.height or base.height, spec.width or base.width)
     if max(height, width) > MAX_SIDE or frames > MAX_FRAMES:
-        raise UsageError(f"{frames} frames of {height}x{width} is beyond what the model was trained for "
-                         "(the release uses 204 frames of 544x992); choose a smaller size")
+        raise UsageError(f"{frames}x{height}x{width} (frames x height x width) is beyond what the model was trained "
+                         f"for (the release makes 204x544x992; at most {MAX_FRAMES} frames and {MAX_SIDE} pixels a "
+                         "side here); choose a smaller size")
     shape = latent_shape(frames, height, width)
     if shape.rounded:
         log(f"warning: {frames}x{height}x{width} rounded to {shape.num_frames}x{shape.height}x{shape.width} "
