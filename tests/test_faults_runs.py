@@ -156,7 +156,8 @@ def test_a_batch_never_writes_over_its_prompts_file_or_a_file_that_is_not_its_su
     prompts.write_text("a lantern floats on a lake\n", encoding="utf-8")
     err = run_error(capsys, "--demo", "--prompts-file", prompts, "--output-dir", folder, *TINY)
     assert f"the batch summary {prompts} would overwrite {prompts}" in err and "--output-dir" in err
-    assert prompts.read_text(encoding="utf-8") == "a lantern floats on a lake\n" and files_in(folder) == ["summary.json"]
+    assert prompts.read_text(encoding="utf-8") == "a lantern floats on a lake\n"
+    assert files_in(folder) == ["summary.json"]
 
     notes = tmp_path / "notes"   # a summary.json of the user's in the output folder
     notes.mkdir()
@@ -185,6 +186,16 @@ def test_huge_counts_are_refused_in_one_line(argv, words, tmp_path, capsys, monk
     loaded = loads_of(monkeypatch)
     err = run_error(capsys, "--demo", "--prompt", PROMPT, *argv, "--output", tmp_path / "h.mp4")
     assert words in err and loaded == [] and files_in(tmp_path) == [], err
+
+
+def test_a_size_beyond_the_machines_memory_is_one_line(tmp_path, capsys, monkeypatch):
+    def huge(self, embeds, latents, *args):   # what the CPU allocator raises for a size far beyond the RAM
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+                           "memory: you tried to allocate 35184372088832 bytes. Error code 12")
+    monkeypatch.setattr(PhasePipeline, "denoise", huge)
+    err = run_error(capsys, "--demo", "--prompt", PROMPT, *TINY, "--output", tmp_path / "m.mp4")
+    assert err == ("error: out of host memory (32768.0 GiB at once); choose a smaller size or fewer frames, or close "
+                   "other programs"), err
 
 
 @pytest.mark.parametrize("error", [OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)),
@@ -319,7 +330,7 @@ def test_prompt_derived_names_keep_the_letters_of_every_script_and_only_safe_cha
     assert outputs.name_words("Ünïcode: café / naïve") == "Ünïcode_café_naïve"
     assert outputs.name_words("../../etc/passwd\x00\u202e") == "etc_passwd"
     assert outputs.name_words("--rm -rf *") == "rm_-rf"
-    assert outputs.name_words("हिन्दी") == "हिन्दी"                    # combining vowel signs kept
+    assert outputs.name_words("हिन्दी") == "हिन्दी"   # combining vowel signs kept
     long = outputs.name_words("猫" * 200, limit=200)
     assert len(long.encode()) <= outputs.NAME_BYTES and set(long) == {"猫"}
     when = datetime.datetime(2031, 5, 6, 7, 8, 9)

@@ -20,6 +20,7 @@ import torch
 from . import batch
 from ..run import preflight, job as runner
 from ..errors import UsageError
+from ..run.oom import one_line_oom
 from ..run.preflight import JobSpec
 from ..profiles import Preset
 from ..files.video import postprocess
@@ -62,7 +63,7 @@ class StepVideoPipeline:
             raise UsageError("resume=True needs checkpoint=PATH (the file an earlier call saved its latents to)")
         spec = self._spec(prompt, negative_prompt, seed, num_frames, height, width, num_inference_steps,
                           guidance_scale, time_shift, options={"checkpoint": checkpoint, "resume": resume})
-        with runner.one_line_oom():
+        with one_line_oom():
             job = runner.prepare_job(spec, self.events.log, folder=self.folder, writes_video=False)
             latents, self.last_preset = runner.denoise_job(job, self.events)
             if output_type != "latent":
@@ -80,7 +81,7 @@ class StepVideoPipeline:
         kwargs: JobSpec fields (seed, frames, height, width, steps, guidance_scale, shift, negative_prompt) and
         options={...}."""
         spec = self._spec(prompt, output=output, **kwargs)
-        with runner.one_line_oom():
+        with one_line_oom():
             return runner.run_job(spec, self.events)
 
     def generate_many(self, prompts: list[str] | Path, output_dir: Path, seeds: list[int] | None = None,

@@ -26,6 +26,7 @@ from ..errors import StepVideoError, UsageError
 from ..files.fsutil import atomic_path
 from .job_queue import JobQueue
 from ..loading.model_folder import ModelFolder
+from ..run.oom import one_line_oom
 from ..run.preflight import JobSpec
 
 SEED_SUFFIX = re.compile(r"\s--seed\s+(-?\d+)\s*$")
@@ -237,7 +238,7 @@ def _shared_text_phase(specs: list[JobSpec], folder: ModelFolder, log) -> float:
     pipe.cache = pipe.embedding_cache(options["cache_dir"])
     log(f"text: {len(specs)} prompt{'s' * (len(specs) > 1)} in one text phase")
     try:
-        with runner.one_line_oom():
+        with one_line_oom():
             runner.encode_all_with_fallback(pipe, [(s.prompt, s.negative_prompt) for s in specs])
     except StepVideoError as e:   # each video then tries its own text phase and records what happens
         log(f"text: the shared text phase failed ({e}); each video encodes its own prompt")
@@ -285,8 +286,9 @@ def summary_table(report: BatchReport) -> str:
     lines = [f"batch: text phase {report.text_seconds:.1f} s for all prompts", head]
     for r in report.rows:
         what = r.error if r.error and r.state != "done" else Path(r.output).name
-        lines.append(f"{r.line:>4} {r.seed:>6}  {column(r.prompt, 32)} {r.state:<9} {r.seconds.get('denoise', 0):>9.1f} "
-                     f"{r.seconds.get('decode', 0):>8.1f}  {r.preset or '-':<14} {what}")
+        seconds = f"{r.seconds.get('denoise', 0):>9.1f} {r.seconds.get('decode', 0):>8.1f}"
+        lines.append(f"{r.line:>4} {r.seed:>6}  {column(r.prompt, 32)} {r.state:<9} {seconds}  {r.preset or '-':<14} "
+                     f"{what}")
     done = sum(r.state in ("done", "skipped") for r in report.rows)
     where = f"summary in {report.summary}" if report.summary else "no summary file"
     lines.append(f"batch: {done} of {len(report.rows)} videos finished; {where}")

@@ -18,6 +18,7 @@ from ..run import outputs, preflight, job as runner
 from ..planning.budgets import use_expandable_segments
 from ..files.configs import ConfigError
 from ..errors import StepVideoError, UsageError
+from ..run.oom import out_of_memory_line
 from ..run.outputs import RESULTS
 from ..run.preflight import JobSpec
 from ..profiles import describe, detect_vram_bytes, list_profiles, load_profile, profiles_dir, with_overrides
@@ -104,8 +105,9 @@ def build_parser(prog: str = "generate.py") -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the initial noise (default 0): the same seed, prompt and settings give the same "
                         "video, another seed another video; an integer from 0 to 2**64-1")
-    p.add_argument("--output", type=Path, help="mp4 path (default: results/<prompt>-<time>.mp4, made unique); the "
-                                               "metadata goes next to it as <output>.json")
+    p.add_argument("--output", type=Path, help="mp4 path (default: results/<prompt>-<time>.mp4, made unique; "
+                                               "missing folders are created); the metadata goes next to it as "
+                                               "<output>.json")
     p.add_argument("--overwrite", action="store_true",
                    help="replace existing outputs (and start again over an earlier run's resume checkpoint)")
     p.add_argument("--dry-run", action="store_true",
@@ -119,7 +121,9 @@ def build_parser(prog: str = "generate.py") -> argparse.ArgumentParser:
                    help="with --dry-run: plan for a machine with N GiB of RAM instead of this one (e.g. 32)")
     p.add_argument("--assume-format", choices=["int8", "fp8"],
                    help="with --dry-run: plan a release (bf16) folder as quantize.py's output in this format")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from its checkpoint (interrupted while decoding: decode again, "
+                        "--save-latents included, no --overwrite needed)")
     p.add_argument("--checkpoint-every", type=int, default=5,
                    help="save the latents every N steps for --resume (default %(default)s; 0 = never)")
     p.add_argument("--save-latents", type=Path, help="also keep the final latents in this .safetensors file")
@@ -174,9 +178,11 @@ def main(argv: list[str], prog: str = "generate.py") -> int:
     except (StepVideoError, ValueError) as e:
         _say(f"error: {e}")
         return exit_codes.BAD_INPUT
-    except torch.OutOfMemoryError as e:   # one not handled by a fallback (e.g. placing the VAE)
-        what = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        _say(f"error: out of memory: {what}; use a smaller --profile or free GPU memory")
+    except (torch.OutOfMemoryError, RuntimeError) as e:   # one no fallback handled (e.g. placing the VAE)
+        line = out_of_memory_line(e)
+        if line is None:
+            raise
+        _say(f"error: {line}")
         return exit_codes.BAD_INPUT
     finally:
         parallel.close()

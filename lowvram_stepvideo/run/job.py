@@ -16,7 +16,6 @@ where inference mode is off, and such a thread may not write into tensors made u
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import sys
 import time
@@ -34,6 +33,7 @@ from ..loading.model_folder import ModelFolder
 from ..engines.parallel import LostRank, Parallel
 from ..pipeline.parallel_machine import ParallelRuntime
 from ..pipeline.phases import PhasePipeline
+from .oom import OutOfMemory
 from .preflight import JobSpec
 from ..profiles import Preset, TextEncoders, ladder_from
 from .resume import (check_step_latents, checkpoint_path, load_checkpoint, load_latents, saved_request,
@@ -55,10 +55,6 @@ class Interrupted(StepVideoError):
                          else f"interrupted while decoding; the denoised latents are kept in {path}: run the same "
                               "command with --resume to only decode")
         self.path, self.step = path, step
-
-
-class OutOfMemory(StepVideoError):
-    """Out of memory at every preset of the ladder (or in the text encoders even streamed)."""
 
 
 class _StopRequested(Exception):
@@ -259,16 +255,6 @@ class Events:
 
     def should_stop(self) -> bool:
         return False
-
-
-@contextlib.contextmanager
-def one_line_oom():
-    """An out-of-memory error no fallback handled (e.g. placing the VAE) as OutOfMemory with a one-line message."""
-    try:
-        yield
-    except torch.OutOfMemoryError as e:
-        what = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise OutOfMemory(f"out of memory: {what}; use a smaller --profile or free GPU memory") from None
 
 
 @dataclass

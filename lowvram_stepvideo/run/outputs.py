@@ -258,7 +258,8 @@ def write_outputs(outs: RunOutputs, frames, pipe, meta: dict, seconds: float, lo
     path (another than planned only for a default name taken meanwhile)."""
     replace = outs.output in outs.replaceable
     try:
-        info = write_mp4(frames, outs.output, replace=replace, next_name=_next_free(outs, log) if outs.default else None)
+        info = write_mp4(frames, outs.output, replace=replace,
+                         next_name=_next_free(outs, log) if outs.default else None)
     except FileExistsError:
         raise OutputError(f"{outs.output} was created by another program while this run worked; it is kept and "
                           "this video was not written") from None
