@@ -78,8 +78,8 @@ def quantize(args: argparse.Namespace) -> int:
           f"{result.source_bytes / 1e9:.2f} GB converted in {result.seconds:.1f} s ({rate:.0f} MB/s)")
     linked, copied = result.carried
     if linked:
-        print(f"{linked} files (configs, tokenizers, VAE, ...) are hard links to the same files in {args.model_dir} "
-              f"({copied} copied): edit neither in place (see --help)")
+        print(f"note: {linked} files (configs, tokenizers, VAE, ...) are hard links to the same files in "
+              f"{args.model_dir} ({copied} copied): edit neither in place (see --help)", file=sys.stderr)
     if result.verify_rows:
         print(format_verify_table(result.verify_rows))
     return exit_codes.OK
