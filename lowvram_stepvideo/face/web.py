@@ -39,7 +39,6 @@ CSS = """
 .lvs-queue th, .lvs-queue td:first-child, .lvs-queue td:nth-child(n+5) { white-space: nowrap; }
 .lvs-queue td:nth-child(2) { overflow-wrap: anywhere; }
 .lvs-queue progress { width: 5em; vertical-align: middle; }
-#lvs-actions { min-width: 120px; }
 .lvs-detail { color: var(--body-text-color-subdued); font-size: 0.85em; }
 .lvs-failed td:nth-child(3) { color: var(--error-text-color, #c00); }
 #lvs-fit textarea { font-family: monospace; }
@@ -81,7 +80,7 @@ def _settings(gr, page: WebPage):
     with gr.Row(equal_height=True):
         f["prompt"] = gr.Textbox(label="Prompt", lines=3, elem_id="lvs-prompt", scale=4,
                                  placeholder="An astronaut discovers a monolith on the moon")
-        with gr.Column(scale=1, elem_id="lvs-actions"):
+        with gr.Column(scale=1, min_width=130, elem_id="lvs-actions"):
             go = gr.Button("Generate", variant="primary", elem_id="lvs-generate")
             fit = gr.Button("Check fit", elem_id="lvs-check-fit")
     message = gr.Markdown(elem_id="lvs-message")
