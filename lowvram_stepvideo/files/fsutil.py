@@ -129,6 +129,11 @@ class Claim:
     def __init__(self, path: Path, fd: int | None):
         self.path, self._fd = Path(path), fd
 
+    @property
+    def locked(self) -> bool:
+        """False where locks are not available (see the module docstring)."""
+        return self._fd is not None
+
     def release(self) -> None:
         if self._fd is None:
             return
@@ -215,7 +220,7 @@ def clean_orphans(folder: Path) -> list[Path]:
         lock = _LOCK.match(entry.name)
         if lock and fcntl is not None:
             held = claim(Path(folder) / lock["name"])
-            if held is not None and held._fd is not None:   # nobody held it: left by a killed run
+            if held is not None and held.locked:   # nobody held it: left by a killed run
                 held.release()
                 removed.append(Path(entry.path))
     return removed
