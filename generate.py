@@ -9,5 +9,9 @@ Run with --help for every option.
 import sys
 
 if __name__ == "__main__":
-    from lowvram_stepvideo.face.cli import main
-    sys.exit(main(sys.argv[1:]))
+    try:   # Ctrl-C while the package and torch load (the first second or two): one line, exit 130
+        from lowvram_stepvideo.__main__ import run
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(run("generate.py"))

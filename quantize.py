@@ -10,8 +10,11 @@ lowvram_stepvideo/models/quant.py (scheme).
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
+
+INTERRUPTED = 130   # lowvram_stepvideo.face.exit_codes.INTERRUPTED (not imported before the guard)
 
 
 EPILOG = """\
@@ -19,6 +22,11 @@ examples:
   python quantize.py --model-dir ./stepvideo-t2v --out ./stepvideo-t2v-int8 --format int8
   python quantize.py --model-dir ./stepvideo-t2v --out ./stepvideo-t2v-fp8 --format fp8 --verify
   an interrupted run continues when the same command is given again (work is kept in OUT.partial/)
+
+what is not quantized (configs, tokenizers, the scheduler, the VAE, a CLIP left out) is hard-linked from
+--model-dir into --out (no extra disk; copied where the two folders are on different file systems): a
+hard-linked file is ONE file in both folders, so editing it in place changes both. Replace such a file (write
+a new one, then rename it over the old) or copy it first (cp --remove-destination).
 
 exit status:
   0 done; 2 bad input (a one-line "error: ..." says what to change); 130 interrupted; 1 unexpected error
@@ -42,6 +50,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    try:   # Ctrl-C at any moment, the imports of torch included: one line, exit 130
+        return quantize(args)
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)   # a second Ctrl-C while saying so changes nothing
+        print(f"interrupted; run the same command again to resume from {args.out}.partial", file=sys.stderr)
+        return INTERRUPTED
+
+
+def quantize(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from lowvram_stepvideo.face import exit_codes
@@ -57,16 +74,22 @@ def main(argv=None) -> int:
     except (CheckpointError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return exit_codes.BAD_INPUT
-    except KeyboardInterrupt:
-        print(f"interrupted; run the same command again to resume from {args.out}.partial", file=sys.stderr)
-        return exit_codes.INTERRUPTED
     rate = result.source_bytes / max(result.seconds, 1e-9) / 1e6
     print(f"wrote {args.out}: {len(result.written)} shards written, {len(result.reused)} reused, "
           f"{result.source_bytes / 1e9:.2f} GB converted in {result.seconds:.1f} s ({rate:.0f} MB/s)")
+    linked, copied = result.carried
+    if linked:
+        print(f"note: {linked} files (configs, tokenizers, VAE, ...) are hard links to the same files in "
+              f"{args.model_dir} ({copied} copied): edit neither in place (see --help)", file=sys.stderr)
     if result.verify_rows:
         print(format_verify_table(result.verify_rows))
     return exit_codes.OK
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        status = main()
+    except KeyboardInterrupt:   # while argparse ran
+        print("interrupted", file=sys.stderr)
+        status = INTERRUPTED
+    sys.exit(status)

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("demo_env", "one_torch_thread")
 TINY = ["--frames", "17", "--height", "16", "--width", "16", "--steps", "3"]
 PROMPTS = "# a night's queue\na lantern floats on a lake\n\nsnow falls on a quiet village --seed 4\n一只猫在弹钢琴\n"
 NAMES = ["0002-a_lantern_floats_on_a_lake-seed0.mp4", "0004-snow_falls_on_a_quiet_village-seed4.mp4",
-         "0005-prompt-seed0.mp4"]   # file names keep ASCII letters only (outputs.name_words)
+         "0005-一只猫在弹钢琴-seed0.mp4"]   # file names keep the letters of every script (outputs.name_words)
 
 
 def prompts_file(folder, text=PROMPTS):

@@ -19,6 +19,7 @@ from conftest import ROOT
 from lowvram_stepvideo.face import cli
 from lowvram_stepvideo.defaults import DEMO_PRESET
 from lowvram_stepvideo.files.text_cache import EmbeddingCache
+from lowvram_stepvideo.run import resume
 
 PROMPT = "a red fox runs through fresh snow"
 TINY = ["--frames", "17", "--height", "16", "--width", "16", "--steps", "1"]   # 3 latents of 1x1: fastest run
@@ -41,7 +42,8 @@ def test_demo_run_writes_a_playable_mp4_and_a_sidecar(reference, demo_dir):
     out, proc = reference
     assert proc.returncode == 0, proc.stderr
     video, sidecar = (out / "fox.mp4").resolve(), (out / "fox.mp4.json").resolve()
-    assert proc.stderr.splitlines()[-1] == f"wrote {video} (34 frames, 96x64, 25 fps) and {sidecar}"
+    assert proc.stderr.splitlines()[-1] == (f"wrote {video} (34x64x96 frames x height x width, 25 fps) and "
+                                            f"{sidecar}")
     # stderr is not a terminal: plain progress lines, no carriage returns, the decode total known from the start
     assert "\r" not in proc.stderr and "denoise: 4/4 steps (100%)" in proc.stderr
     decode = [ln for ln in proc.stderr.splitlines() if ln.startswith("decode: ")]
@@ -85,12 +87,13 @@ def test_embedding_cache_skips_the_text_encoders(tmp_path, capsys, monkeypatch):
         rc, _, err = run_cli(capsys, "--demo", "--prompt", prompt, *TINY, "--output", tmp_path / "b.mp4",
                              "--overwrite", *extra)
         assert rc == 0, err
-        metas.append((list(loaded), "text: embeddings taken from the cache" in err,
-                      "text" in read_sidecar(tmp_path / "b.mp4")["timings_s"]))
+        meta = read_sidecar(tmp_path / "b.mp4")
+        metas.append((list(loaded), "text: embeddings taken from the cache" in err, meta["text_from_cache"],
+                      meta["timings_s"]["text"] > 0))
     encoders = ["step_llm", "hunyuan_clip", "transformer", "vae"]
-    assert metas[0] == (encoders, False, True)                  # a prompt not seen before: computed, stored
-    assert metas[1] == (["transformer", "vae"], True, False)    # same prompt: from the cache
-    assert metas[2] == (encoders, False, True)                  # --no-text-cache: computed again
+    assert metas[0] == (encoders, False, False, True)           # a prompt not seen before: computed, stored
+    assert metas[1] == (["transformer", "vae"], True, True, False)   # same prompt: from the cache, no text phase
+    assert metas[2] == (encoders, False, False, True)           # --no-text-cache: computed again
 
 
 def test_cache_entries_are_keyed_by_model_and_prompts_and_a_write_failure_is_only_a_warning(tmp_path, caplog):
@@ -189,6 +192,11 @@ ERRORS = {  # name: (arguments, words the one error line must hold)
     "missing folder": (["--model-dir", "{tmp}/nowhere"],
                        ["not found", "hf download stepfun-ai/stepvideo-t2v --local-dir",
                         "modelscope download stepfun-ai/stepvideo-t2v --local-dir"]),
+    "missing quantized folder": (["--model-dir", "{tmp}/stepvideo-t2v-int8"],
+                                 ["stepvideo-t2v-int8 not found", "made by quantize.py from the release",
+                                  "hf download stepfun-ai/stepvideo-t2v --local-dir {tmp}/stepvideo-t2v ",
+                                  "python quantize.py --model-dir {tmp}/stepvideo-t2v --out {tmp}/stepvideo-t2v-int8 "
+                                  "--format int8"]),
     "not a model folder": (["--model-dir", "{tmp}"], ["not a Step-Video model folder", "--model-dir"]),
     "incomplete folder": (["--model-dir", "{incomplete}"], ["vae", "no weights found"]),
     "no folder at all": ([], ["--model-dir", "--demo"]),
@@ -201,9 +209,11 @@ ERRORS = {  # name: (arguments, words the one error line must hold)
     "zero shift": (["--demo", "--shift", "0"], ["--shift 0", "positive"]),
     "seed out of range": (["--demo", "--seed", str(2**64)], ["--seed 18446744073709551616", "2**64-1"]),
     "empty prompt": (["--demo", "--prompt", "  "], ["--prompt is empty"]),
-    "output folder missing": (["--demo", "--output", "{tmp}/missing/out.mp4"], ["does not exist"]),
+    "output under a file": (["--demo", "--output", "{demo}/model_index.json/out.mp4"], ["is a file, not a folder"]),
+    "not an mp4": (["--demo", "--output", "{tmp}/out.avi"], ["--output", "only MP4", "out.mp4"]),
     "output is a folder": (["--demo", "--output", "{tmp}"], ["it is a folder"]),
-    "latents folder missing": (["--demo", "--save-latents", "{tmp}/missing/z.safetensors"], ["does not exist"]),
+    "latents under a file": (["--demo", "--save-latents", "{demo}/model_index.json/z.safetensors"],
+                             ["is a file, not a folder"]),
     "json without dry run": (["--demo", "--json"], ["--json", "--dry-run"]),
     "not a latents file": (["--demo", "--decode-latents", "{demo}/vae/config.json"], ["not a latents file"]),
     "latents of another model": (["--demo", "--decode-latents", "{other}"], ["(1, 3, 16, 2, 3)", "(1, T, 4, h, w)"]),
@@ -218,7 +228,8 @@ def test_errors_are_one_line_and_write_nothing(case, demo_dir, tmp_path, capsys)
     work.mkdir()
     fill = {"tmp": work, "demo": demo_dir, "incomplete": _incomplete(demo_dir, tmp_path) if "incomplete" in case
             else None, "other": tmp_path / "z16.safetensors"}
-    save_file({"latents": torch.zeros(1, 3, 16, 2, 3)}, str(fill["other"]))   # 16 latent channels, demo has 4
+    other = torch.zeros(1, 3, 16, 2, 3)   # 16 latent channels, demo has 4
+    save_file({"latents": other}, str(fill["other"]), metadata=resume.signed(other, {"kind": "latents"}))
     argv = [a.format(**fill) for a in args]
     if "--prompt" not in argv:
         argv += ["--prompt", PROMPT]
@@ -228,7 +239,7 @@ def test_errors_are_one_line_and_write_nothing(case, demo_dir, tmp_path, capsys)
     assert rc == 2 and out == ""
     assert len(err.splitlines()) == 1 and err.startswith("error: "), err
     for word in words:
-        assert word in err, (word, err)
+        assert word.format(**fill) in err, (word, err)
     assert list(work.iterdir()) == []
 
 
@@ -238,7 +249,7 @@ def test_ctrl_c_in_a_real_process_saves_and_exits_130(tmp_path, demo_cache):
     out = tmp_path / "long.mp4"
     ckpt = out.with_name(out.name + ".resume.safetensors")
     proc = subprocess.Popen([sys.executable, str(ROOT / "generate.py"), "--demo", "--prompt", PROMPT, *TINY[:-2],
-                             "--steps", "100000", "--checkpoint-every", "1", "--output", str(out)],
+                             "--steps", "1000", "--checkpoint-every", "1", "--output", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
                             env=subprocess_env(demo_cache))
     try:

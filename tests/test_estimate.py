@@ -17,7 +17,7 @@ from lowvram_stepvideo.planning import calibration, estimate, work
 from lowvram_stepvideo.planning.estimate import estimate_run
 from lowvram_stepvideo.planning.work import Work
 from lowvram_stepvideo.profiles import Preset, load_profile, with_overrides
-from lowvram_stepvideo.run import results
+from lowvram_stepvideo.run import outputs
 
 PRESET = Preset(17, 272, 496, 10)
 TEXT_TOKENS = 77 + 320
@@ -201,11 +201,11 @@ def test_the_turbo_release_is_estimated_at_its_steps(capsys, demo_env):
 
 def test_the_sidecar_has_the_estimate_beside_the_timings(folder, monkeypatch):
     pipe = SimpleNamespace(folder=folder, profile=load_profile("24gb"), options=None)
-    monkeypatch.setattr(results, "this_card", lambda: (RTX4090, (8, 9)))
-    got = results.run_estimate(pipe, PRESET)
+    monkeypatch.setattr(outputs, "this_card", lambda: (RTX4090, (8, 9)))
+    got = outputs.run_estimate(pipe, PRESET)
     assert set(got["estimate_s"]) == {"text", "denoise", "decode", "total"} and got["estimate"]["card"] == "RTX 4090"
-    monkeypatch.setattr(results, "this_card", lambda: (None, None))     # the CPU, or a card not in the table
-    assert results.run_estimate(pipe, PRESET) == {"estimate_s": None, "estimate": None}
+    monkeypatch.setattr(outputs, "this_card", lambda: (None, None))     # the CPU, or a card not in the table
+    assert outputs.run_estimate(pipe, PRESET) == {"estimate_s": None, "estimate": None}
 
 
 @pytest.mark.slow

@@ -128,6 +128,36 @@ def test_nan_scales_in_a_quantized_folder_are_refused_naming_the_tensor(demo_dir
     assert f"tensor {name} holds NaN or inf" in err and not (tmp_path / "o.mp4").exists(), err
 
 
+def _zeroed(path, keep=lambda key: False):
+    tensors, meta = read_all(path)
+    replace_file(path, {k: v if keep(k) else torch.zeros_like(v) for k, v in tensors.items()}, meta)
+
+
+@pytest.mark.parametrize("case", ["vae weights all zero", "int8 scales all zero", "decoding with a zero vae"])
+def test_a_network_of_zeros_is_refused_before_any_work(case, demo_dir, tmp_path, capsys, monkeypatch):
+    """All-zero VAE weights gave a grey video, all-zero scales an empty one, both with exit 0."""
+    if case == "int8 scales all zero":
+        model = tmp_path / "q"
+        quantize_folder(demo_dir, model, "int8", components=("transformer",), log=lambda m: None)
+        for shard in (model / "transformer").glob("*.safetensors"):
+            _zeroed(shard, keep=lambda key: not key.endswith(".scale"))
+        words = "transformer: its scales are all zero (sampled"
+    else:
+        model = model_copy(demo_dir, tmp_path / "m")
+        _zeroed(model / "vae" / "vae_v2.safetensors")
+        words = "vae: its weights are all zero (sampled"
+    loaded = loads_of(monkeypatch)
+    if case == "decoding with a zero vae":
+        z = tmp_path / "z.safetensors"
+        run_ok(capsys, "--demo", "--prompt", PROMPT, *TINY, "--output", tmp_path / "v.mp4", "--save-latents", z)
+        loaded.clear()
+        argv = ["--model-dir", model, "--decode-latents", z]
+    else:
+        argv = ["--model-dir", model, "--prompt", PROMPT, *TINY]
+    err = run_error(capsys, *argv, "--output", tmp_path / "o.mp4")
+    assert words in err and loaded == [] and not (tmp_path / "o.mp4").exists(), err
+
+
 def test_quantize_of_a_nan_source_fails_in_one_line_and_leaves_no_partial_folder(demo_dir, tmp_path, capsys):
     model = model_copy(demo_dir, tmp_path / "m")
     tensors, meta = read_all(model / DIT)

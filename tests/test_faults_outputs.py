@@ -181,10 +181,12 @@ def test_resume_on_other_weights_is_refused_naming_them(change, demo_dir, tmp_pa
     assert checkpoint_path(out).read_bytes() == saved and not out.exists()
 
 
-def _tamper(src, dst, change):
+def _tamper(src, dst, change, sign=True):
+    """A copy of `src` changed by `change`; signed: with its checksum made again (as a buggy writer would leave it),
+    so that the checks beneath the checksum are what is tested."""
     tensors, meta = read_all(src)
     change(tensors, meta)
-    replace_file(dst, tensors, meta)
+    replace_file(dst, tensors, resume.signed(tensors["latents"], meta) if sign else meta)
 
 
 TAMPERED = {  # name: (change to a valid checkpoint, words of the error)
@@ -206,6 +208,44 @@ def test_tampered_checkpoint_is_refused(case, made, tmp_path, capsys, monkeypatc
     loaded = loads_of(monkeypatch)
     err = run_error(capsys, "--demo", "--prompt", PROMPT, "--seed", "3", *TINY, "--output", out, "--resume")
     assert words in err and loaded == [] and not out.exists(), err
+
+
+EDITED = {  # by hand after it was written, checksum left alone: (change to a checkpoint of next step 1, words)
+    "a flipped latent bit": (lambda t, m: t["latents"].view(torch.int32).view(-1)[0].bitwise_xor_(1),
+                             "checksum mismatch"),
+    "next step set forward": (lambda t, m: m.update(next_step="2"), "checksum mismatch"),
+    "next step set back": (lambda t, m: m.update(next_step="0"), "checksum mismatch"),
+    "seed edited in the request": (lambda t, m: m.update(request=m["request"].replace('"seed": 3', '"seed": 4')),
+                                   "checksum mismatch"),
+    "checksum removed": (lambda t, m: m.pop("checksum"), "no checksum"),
+}
+
+
+@pytest.mark.parametrize("case", list(EDITED))
+def test_a_checkpoint_edited_by_hand_is_refused_naming_it(case, made, tmp_path, capsys, monkeypatch):
+    change, words = EDITED[case]
+    out = tmp_path / "k.mp4"
+    ckpt = checkpoint_path(out)
+    _tamper(checkpoint_path(made / "k.mp4"), ckpt, lambda t, m: m.update(next_step="1"))   # a run stopped at 1
+    _tamper(ckpt, ckpt, change, sign=False)
+    before = ckpt.read_bytes()
+    loaded = loads_of(monkeypatch)
+    seed = "4" if "seed" in case else "3"
+    err = run_error(capsys, "--demo", "--prompt", PROMPT, "--seed", seed, *TINY, "--output", out, "--resume")
+    assert words in err and str(ckpt) in err and loaded == [] and not out.exists(), err
+    assert ckpt.read_bytes() == before
+
+
+def test_the_checksum_covers_the_latents_and_every_metadata_entry(made):
+    tensors, meta = read_all(checkpoint_path(made / "k.mp4"))
+    latents = tensors["latents"]
+    assert meta["checksum"] == resume.checksum(latents, meta)
+    for key in meta:
+        if key != "checksum":
+            assert resume.checksum(latents, {**meta, key: meta[key] + " "}) != meta["checksum"], key
+    assert resume.checksum(latents, {**meta, "extra": "1"}) != meta["checksum"]
+    assert resume.checksum(latents.flatten(), meta) != meta["checksum"]          # the shape counts
+    assert resume.checksum(latents.double(), meta) != meta["checksum"]           # and the dtype
 
 
 BAD_LATENTS = {
@@ -293,17 +333,17 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one_and_the_run_goes_on(tm
 
 
 def test_a_failed_sidecar_write_is_one_line(tmp_path, capsys, monkeypatch):
-    original = video.atomic_path
+    original = video.new_file
 
     @contextlib.contextmanager
-    def full_for_json(path, suffix=""):
+    def full_for_json(path, suffix="", *args):
         if suffix == ".json":
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        with original(path, suffix) as tmp:
-            yield tmp
+        with original(path, suffix, *args) as out:
+            yield out
     argv = ["--demo", "--prompt", PROMPT, *TINY, "--output", tmp_path / "s.mp4"]
     with monkeypatch.context() as m:
-        m.setattr(video, "atomic_path", full_for_json)
+        m.setattr(video, "new_file", full_for_json)
         rc, _, err = run_cli(capsys, *argv)
     assert rc == 2 and err.splitlines()[-2:] == [
         f"note: the denoised latents are kept in {checkpoint_path(tmp_path / 's.mp4')}; run the same command with "
@@ -343,8 +383,8 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, capsys, demo_cache):
             "--steps", "6", "--checkpoint-every", "1", "--no-text-cache"]
     run_ok(capsys, *argv, "--output", tmp_path / "ref.mp4", "--save-latents", tmp_path / "ref.safetensors")
     out = tmp_path / "k.mp4"
-    slow = ("import sys, time; from lowvram_stepvideo.face import cli; from lowvram_stepvideo.run import job; "
-            "save = job.save_checkpoint; job.save_checkpoint = lambda *a: (save(*a), time.sleep(0.5)); "
+    slow = ("import sys, time; from lowvram_stepvideo.face import cli; from lowvram_stepvideo.run import outputs; "
+            "save = outputs.save_checkpoint; outputs.save_checkpoint = lambda *a: (save(*a), time.sleep(0.5)); "
             "sys.exit(cli.main(sys.argv[1:]))")
     proc = subprocess.Popen([sys.executable, "-c", slow, *argv, "--output", str(out)], cwd=ROOT,
                             env={**subprocess_env(demo_cache), "PYTHONPATH": str(ROOT)},

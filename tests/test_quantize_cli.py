@@ -143,7 +143,11 @@ def _release_like(model_dir: Path) -> Path:
 def test_release_layout_is_carried_and_clip_pickle_becomes_safetensors(model_dir, tmp_path, capsys):
     src = _release_like(model_dir)
     dst = tmp_path / "q"
-    quantize(capsys, src, dst, "int8", "--components", "transformer")
+    _, err = quantize(capsys, src, dst, "int8", "--components", "transformer")
+    linked = sum(1 for p in dst.rglob("*") if p.is_file() and p.stat().st_nlink > 1)
+    assert f"note: {linked} files (configs, tokenizers, VAE, ...) are hard links to the same files in {src} (0 " \
+           "copied): edit neither in place" in err, err   # said where it happens, and in --help
+    assert "hard-linked" in CLI.parse_args.__globals__["EPILOG"]
     for rel in ("model_index.json", "scheduler/scheduler_config.json", "transformer/config.json",
                 "step_llm/config.json", "step_llm/step1_chat_tokenizer.model", "step_llm/model.safetensors",
                 "hunyuan_clip/tokenizer/vocab.txt", "hunyuan_clip/tokenizer/tokenizer_config.json",
@@ -166,7 +170,8 @@ def test_files_are_copied_where_hard_links_fail(model_dir, tmp_path, capsys, mon
         raise OSError(18, "Invalid cross-device link")
     monkeypatch.setattr(qf.os, "link", no_links)
     dst = tmp_path / "q"
-    quantize(capsys, model_dir, dst, "int8", "--components", "transformer")
+    _, err = quantize(capsys, model_dir, dst, "int8", "--components", "transformer")
+    assert "hard links" not in err   # copies: nothing shared to warn about
     for rel in ("model_index.json", "step_llm/model.safetensors", "vae/vae_v2.safetensors"):
         assert (dst / rel).read_bytes() == (model_dir / rel).read_bytes()
         assert (dst / rel).stat().st_ino != (model_dir / rel).stat().st_ino

@@ -17,6 +17,7 @@ from lowvram_stepvideo.planning.byte_count import ByteAccountant
 from lowvram_stepvideo.pipeline.phases import PhasePipeline
 from lowvram_stepvideo.pipeline.machine import DeviceRuntime
 from lowvram_stepvideo.profiles import Preset, ladder_from
+from lowvram_stepvideo.run import outputs
 from lowvram_stepvideo.run.resume import checkpoint_path, save_checkpoint
 from cli_support import loads_of, read_frames, read_sidecar, run_cli
 
@@ -175,7 +176,7 @@ def test_interrupt_then_resume_is_bit_identical(tmp_path, capsys, monkeypatch):
 
     dit = interrupt_dit(monkeypatch, after_forwards=6)   # cfg sequential (cpu profile): two forwards per step
     saves = []
-    monkeypatch.setattr(job, "save_checkpoint", lambda path, latents, step, request: (
+    monkeypatch.setattr(outputs, "save_checkpoint", lambda path, latents, step, request: (
         saves.append(step), save_checkpoint(path, latents, step, request)))
     out = ["--output", work / "v.mp4", "--save-latents", work / "z.safetensors"]
     rc, _, err = run_cli(capsys, *size, *out)

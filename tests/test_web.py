@@ -163,6 +163,9 @@ def test_page_runs_cancels_resumes_and_replays_the_demo(browser, server):
         page.goto(url, wait_until="load")
         page.locator("#lvs-prompt textarea").wait_for(timeout=60_000)
         assert page.locator("#lvs-profile-note").inner_text().startswith("auto: ")   # which profile, and why
+        go, prompt = page.locator("#lvs-generate").bounding_box(), page.locator("#lvs-prompt").bounding_box()
+        assert go["y"] + go["height"] <= 1000 and go["x"] > prompt["x"] + prompt["width"] / 2, (go, prompt)
+        assert prompt["y"] <= go["y"] + go["height"] / 2 <= prompt["y"] + prompt["height"]   # beside the prompt
         page.evaluate(RECORD_ROWS)
 
         page.locator("#lvs-prompt textarea").fill("a red fox running through snow")

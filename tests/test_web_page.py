@@ -234,18 +234,56 @@ def test_a_blank_or_zero_step_cache_is_off(page):
                                          ({"preset": "big"}, "expected FRAMESxHEIGHTxWIDTH"),
                                          ({"steps": "1.5"}, "steps 1.5: must be a whole number"),
                                          ({"shift": "abc"}, "shift 'abc': not a number"),
-                                         ({"shift": "-1"}, "--shift -1.0: must be a positive"),
+                                         ({"shift": "-1"}, "Shift -1.0: must be a positive"),
+                                         ({"steps": "1000000000000"}, "Steps 1000000000000: needs at least 1 "
+                                                                      "denoising step and at most 1000"),
                                          ({"step_cache": "fast"}, "step cache threshold 'fast': not a number"),
                                          ({"step_cache": "1.5"}, "cache threshold 1.5 must be a number in [0, 1)"),
                                          ({"step_cache": "-0.1"}, "cache threshold -0.1 must be a number in [0, 1)"),
                                          ({"matmul": "int4"}, "unknown matmul 'int4'; choose one of profile, "),
-                                         ({"profile": "24gb"}, "needs a CUDA GPU")])
-def test_form_errors_are_one_line_messages(page, kw, message):
+                                         ({"profile": "24gb"}, "needs a CUDA GPU and none was found; choose the cpu "
+                                                               "profile (slow), or press Check fit to see")])
+def test_form_errors_are_one_line_messages_in_the_pages_words(page, kw, message):
     if kw.get("profile") == "24gb" and torch.cuda.is_available():
         pytest.skip("this machine has the GPU that the 24gb profile needs")
     reply = page.submit(form(**kw))
     assert reply.startswith("**error:**") and message in reply and "\n" not in reply
+    assert " --" not in reply, reply   # no command-line flag: the page's controls have other names
     assert page.queue.jobs() == []
+
+
+def test_command_line_flags_become_the_names_of_the_pages_controls():
+    from lowvram_stepvideo.face.web_view import in_page_words
+    assert in_page_words("interrupted after step 3; saved to x (continue with --resume)") == \
+        "interrupted after step 3; saved to x (continue with Resume)"
+    assert in_page_words("profile 12gb would, at 68x544x992 (--profile 12gb)") == \
+        "profile 12gb would, at 68x544x992 (the 12gb profile)"
+    assert in_page_words("--vae-tile 0, --cache-dir, --no-cache") == "VAE tile 0, --cache-dir, the cached text embeddings box"
+
+
+def test_the_demo_runs_with_the_cpu_profile_in_the_page_as_on_the_command_line(page):
+    from_page = preflight.profile_for(page.spec(form(profile="auto")), need_device=False)
+    from_cli = preflight.profile_for(cli.job_spec(cli.build_parser().parse_args(["--demo", "--prompt", "x"])))
+    assert from_page.name == from_cli.name == "cpu"
+    assert page.profile_note("auto", "demo").startswith("auto: cpu: the demo's tiny model")
+    assert page.presets("demo", "auto") == page.presets("demo", "cpu")
+
+
+def test_check_fit_plans_for_another_card_and_ram_size(page):
+    report = page.check_fit(form(model="0", vram_gib="12", ram_gib="32"))
+    assert "profile 12gb" in report and "12.0 GiB card" in report and "32.0 GiB RAM" in report, report
+    assert "verdict: fits" in report and " --" not in report
+    assert page.check_fit(form(model="0", profile="cpu", vram_gib="12")).startswith("VRAM does not apply")
+    assert page.check_fit(form(model="0", vram_gib="lots")) == "error: VRAM (GiB) 'lots': not a number"
+    assert page.check_fit(form(model="0", ram_gib="-4")).startswith("error: RAM (GiB) -4: give the memory in GiB")
+
+
+def test_a_message_about_a_job_is_replaced_once_the_job_has_ended(page):
+    assert page.submit(form()) == "queued job-1"
+    assert page.queue.wait("job-1", 30).state == "done"
+    assert page.status_line("queued job-1").startswith("job-1 is done")
+    assert page.status_line("cancelling job-1: a running job stops after its current step").startswith("job-1 is done")
+    assert page.status_line("settings of a.mp4 loaded") is None and page.status_line(None) is None
 
 
 def test_cancel_and_resume_replies(page):
@@ -257,7 +295,7 @@ def test_cancel_and_resume_replies(page):
 def test_presets_and_profile_note(page):
     assert page.presets("demo", "cpu")[0] == DEMO_PRESET
     assert page.presets("0", "cpu") == list(load_profile("cpu").presets)
-    assert page.profile_note("auto").startswith("auto: ")
+    assert page.profile_note("auto", "0").startswith("auto: ")
     assert page.profile_note("cpu") == load_profile("cpu").description
     assert page.matmul_choices("cpu") == [(f"profile ({load_profile('cpu').matmul})", "profile"),
                                           ("weight-only", "weight-only"), ("fast", "fast")]

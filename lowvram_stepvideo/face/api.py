@@ -20,8 +20,9 @@ import torch
 from . import batch
 from ..defaults import SEED
 from ..run import preflight
-from ..run.job import Events, JobResult, denoise_job, one_line_oom, prepare_job, run_job
+from ..run.job import Events, JobResult, denoise_job, prepare_job, run_job
 from ..errors import UsageError
+from ..run.oom import one_line_oom
 from ..run.preflight import JobSpec
 from ..profiles import Preset
 from ..files.video import postprocess

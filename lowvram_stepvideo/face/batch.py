@@ -16,17 +16,19 @@ import json
 import re
 import tempfile
 import time
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from ..defaults import SEED
-from ..run import outputs, preflight, results
-from ..run.job import encode_all_with_fallback, one_line_oom, prepare_job, prepare_request
+from ..run import outputs, preflight
+from ..run.job import encode_all_with_fallback, prepare_job, prepare_request
 from ..errors import StepVideoError, UsageError
 from ..files.fsutil import atomic_path
 from .job_queue import JobQueue
 from ..loading.model_folder import ModelFolder
+from ..run.oom import one_line_oom
 from ..run.preflight import JobSpec
 
 SEED_SUFFIX = re.compile(r"\s--seed\s+(-?\d+)\s*$")
@@ -110,6 +112,7 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def item_output(out_dir: Path, item: BatchItem) -> Path:
+    """`<line>-<prompt start>-seed<N>.mp4`: the prompt's letters of any script (outputs.name_words)."""
     name = outputs.name_words(item.prompt, 40) or "prompt"
     return Path(out_dir) / f"{item.line:04d}-{name}-seed{item.seed}.mp4"
 
@@ -117,17 +120,21 @@ def item_output(out_dir: Path, item: BatchItem) -> Path:
 # ---- running -----------------------------------------------------------------------------------------------------
 
 def run_batch(items: list[BatchItem], base: JobSpec, out_dir: Path, log: Callable[[str], None],
-              folder: ModelFolder | None = None, queue: JobQueue | None = None) -> BatchReport:
+              folder: ModelFolder | None = None, queue: JobQueue | None = None,
+              inputs: tuple[Path, ...] = ()) -> BatchReport:
     """Every item through the job queue after one shared text phase; Ctrl-C stops the running video after its
-    step (checkpoint saved) and leaves the rest pending. The summary is printed and written to out_dir."""
+    step (checkpoint saved) and leaves the rest pending. The summary is printed and written to out_dir. No output
+    of the batch (videos, sidecars, checkpoints, the summary) may overwrite one of `inputs` (the prompts file), the
+    profile or a model file: the summary's is refused before any work, a video's fails that video."""
     out_dir = Path(out_dir)
     _make_dir(out_dir)
     folder = folder or preflight.model_folder(base)
     rows = [Row(it.line, it.prompt, it.seed, str(item_output(out_dir, it))) for it in items]
     report = BatchReport(rows, 0.0, out_dir / SUMMARY_NAME)
+    _check_summary(report.summary, [*inputs, preflight.profile_for(base, need_device=False).path], folder.root)
     with _embedding_cache(base) as base:
         specs = [_spec(base, it, out_dir) for it in items]
-        todo = _check_all(specs, rows, folder, log)
+        todo = _check_all(specs, rows, folder, log, tuple(inputs))
         report.text_seconds = _shared_text_phase([specs[i] for i in todo], folder, log)
         try:
             _run_all([specs[i] for i in todo], [rows[i] for i in todo], queue, log)
@@ -148,9 +155,42 @@ def _make_dir(out_dir: Path) -> None:
     preflight.check_writable(out_dir / SUMMARY_NAME)
 
 
+def _check_summary(summary: Path, inputs: list[Path], model_root: Path) -> None:
+    """The summary replaces only an earlier batch's summary: never an input, a model file or another file."""
+    for path in [*inputs, *outputs.model_files(model_root)]:
+        if path is not None and outputs.same_file(summary, path):
+            raise UsageError(f"the batch summary {summary} would overwrite {path}; choose another --output-dir")
+    if summary.exists() and not _is_summary(summary):
+        raise UsageError(f"{summary} exists and is not a batch summary; the batch would replace it with its "
+                         "summary: move it or choose another --output-dir")
+
+
+def _is_summary(path: Path) -> bool:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and isinstance(data.get("videos"), list) and "text_seconds" in data
+
+
 def _finish(report: BatchReport, log) -> None:
-    write_summary(report)
+    """Write the summary, then print its table; a failed write (disk full: any error of the writer) is a warning
+    under the table, and the batch's exit status stays that of its videos."""
+    failed = None
+    try:
+        write_summary(report)
+    except Exception as e:
+        failed = f"warning: could not write {report.summary} ({_reason(e)}); the table above is all of the summary"
+        report.summary = None
     log(summary_table(report))
+    if failed:
+        log(failed)
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 @contextlib.contextmanager
@@ -171,19 +211,21 @@ def _spec(base: JobSpec, item: BatchItem, out_dir: Path) -> JobSpec:
                                options={**base.options, "resume": resume, "save_latents": None})
 
 
-def _check_all(specs: list[JobSpec], rows: list[Row], folder: ModelFolder, log) -> list[int]:
+def _check_all(specs: list[JobSpec], rows: list[Row], folder: ModelFolder, log,
+               inputs: tuple[Path, ...]) -> list[int]:
     """Pre-flight of every video; finished ones are marked skipped, bad ones failed (an existing file that is not
-    this request's video is kept: outputs.py refuses it). The indexes left to run."""
+    this request's video is kept, an input is never written over: outputs.py refuses them). The indexes left to
+    run."""
     todo = []
     for i, (spec, row) in enumerate(zip(specs, rows)):
         try:
             job = prepare_request(spec, log, folder=folder)
             fingerprint = job.request.fingerprint(folder.root, job.pipe.profile.compute_dtype)
-            finished = results.finished_sidecar(spec.output, fingerprint)
+            finished = outputs.finished_sidecar(spec.output, fingerprint)
             if finished and not job.options["overwrite"]:
                 row.state, row.preset, row.seconds = "skipped", finished.get("preset"), finished.get("timings_s", {})
                 continue
-            prepare_job(spec, log, folder=folder)
+            prepare_job(spec, log, folder=folder, inputs=inputs).release()   # claimed again when it runs
             todo.append(i)
         except StepVideoError as e:
             row.state, row.error = "failed", str(e)
@@ -195,7 +237,7 @@ def _shared_text_phase(specs: list[JobSpec], folder: ModelFolder, log) -> float:
     if not specs:
         return 0.0
     start = time.perf_counter()
-    job = prepare_job(specs[0], log, folder=folder)
+    job = prepare_request(specs[0], log, folder=folder)
     pipe, options = job.pipe, job.options
     pipe.cache = pipe.embedding_cache(options["text_cache_dir"])
     log(f"text: {len(specs)} prompt{'s' * (len(specs) > 1)} in one text phase")
@@ -248,9 +290,30 @@ def summary_table(report: BatchReport) -> str:
     lines = [f"batch: text phase {report.text_seconds:.1f} s for all prompts", head]
     for r in report.rows:
         what = r.error if r.error and r.state != "done" else Path(r.output).name
-        prompt = r.prompt if len(r.prompt) <= 32 else r.prompt[:31] + "~"
-        lines.append(f"{r.line:>4} {r.seed:>6}  {prompt:<32} {r.state:<9} {r.seconds.get('denoise', 0):>9.1f} "
-                     f"{r.seconds.get('decode', 0):>8.1f}  {r.preset or '-':<14} {what}")
+        seconds = f"{r.seconds.get('denoise', 0):>9.1f} {r.seconds.get('decode', 0):>8.1f}"
+        lines.append(f"{r.line:>4} {r.seed:>6}  {column(r.prompt, 32)} {r.state:<9} {seconds}  {r.preset or '-':<14} "
+                     f"{what}")
     done = sum(r.state in ("done", "skipped") for r in report.rows)
-    lines.append(f"batch: {done} of {len(report.rows)} videos finished; summary in {report.summary}")
+    where = f"summary in {report.summary}" if report.summary else "no summary file"
+    lines.append(f"batch: {done} of {len(report.rows)} videos finished; {where}")
     return "\n".join(lines)
+
+
+def column(text: str, width: int) -> str:
+    """`text` on one line, cut (ending in '~') or padded to `width` terminal columns: Chinese, Japanese and Korean
+    characters (and other wide ones) take two columns, combining marks none."""
+    text = " ".join(text.split())
+    if sum(map(_cells, text)) > width:
+        out, used = "", 1   # the '~'
+        for c in text:
+            if used + _cells(c) > width:
+                break
+            out, used = out + c, used + _cells(c)
+        text = out + "~"
+    return text + " " * (width - sum(map(_cells, text)))
+
+
+def _cells(c: str) -> int:
+    if unicodedata.combining(c):
+        return 0
+    return 2 if unicodedata.east_asian_width(c) in ("W", "F") else 1

@@ -14,11 +14,12 @@ import torch
 
 from . import exit_codes, plan_for
 from ..engines import parallel
-from ..run import preflight, results
+from ..run import outputs, preflight
 from ..planning.budgets import use_expandable_segments
 from ..files.configs import ConfigError
 from ..errors import StepVideoError, UsageError
-from ..run.outputs import RESULTS, plan_outputs
+from ..run.oom import out_of_memory_line
+from ..run.outputs import RESULTS
 from ..run.preflight import JobSpec
 from ..profiles import describe, detect_vram_bytes, list_profiles, load_profile, profiles_dir, with_overrides
 from ..planning.budgets import auto_choice, this_card
@@ -105,10 +106,11 @@ def build_parser(prog: str = "generate.py") -> argparse.ArgumentParser:
                         f"{turbo['guidance_scale']:g}, shift {turbo['shift']:g}); automatic for a turbo folder "
                         "(quantize.py records it; else model_index.json or a folder name with 'turbo')")
     p.add_argument("--seed", type=int, default=SEED,
-                   help="seed of the initial noise (default %(default)s): the same seed, prompt and settings give the "
-                        "same video, another seed another video; an integer from 0 to 2**64-1")
-    p.add_argument("--output", type=Path, help="mp4 path (default: results/<prompt>-<time>.mp4, made unique); the "
-                                               "metadata goes next to it as <output>.json")
+                   help="seed of the initial noise (default %(default)s): the same seed, prompt and settings give the same "
+                        "video, another seed another video; an integer from 0 to 2**64-1")
+    p.add_argument("--output", type=Path, help="mp4 path (default: results/<prompt>-<time>.mp4, made unique; "
+                                               "missing folders are created); the metadata goes next to it as "
+                                               "<output>.json")
     p.add_argument("--overwrite", action="store_true",
                    help="replace existing outputs (and start again over an earlier run's resume checkpoint)")
     p.add_argument("--dry-run", action="store_true",
@@ -122,7 +124,9 @@ def build_parser(prog: str = "generate.py") -> argparse.ArgumentParser:
                    help="with --dry-run: plan for a machine with N GiB of RAM instead of this one (e.g. 32)")
     p.add_argument("--assume-format", choices=["int8", "fp8"],
                    help="with --dry-run: plan a release (bf16) folder as quantize.py's output in this format")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from its checkpoint (interrupted while decoding: decode again, "
+                        "--save-latents included, no --overwrite needed)")
     p.add_argument("--checkpoint-every", type=int, default=CHECKPOINT_EVERY,
                    help="save the latents every N steps for --resume (default %(default)s; 0 = never)")
     p.add_argument("--save-latents", type=Path, help="also keep the final latents in this .safetensors file")
@@ -183,10 +187,11 @@ def _old_name(p: argparse.ArgumentParser, old: str, new: str, **kwargs) -> None:
 
 
 def main(argv: list[str], prog: str = "generate.py") -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    use_expandable_segments()   # before anything initialises CUDA
-    args = build_parser(prog).parse_args(argv)
+    """The command line; Ctrl-C at any moment of it (parsing included) is one line and exit 130."""
     try:
+        logging.basicConfig(level=logging.WARNING, format="%(message)s")
+        use_expandable_segments()   # before anything initialises CUDA
+        args = build_parser(prog).parse_args(argv)
         return run(args)
     except Interrupted as e:
         _say(str(e))
@@ -197,17 +202,14 @@ def main(argv: list[str], prog: str = "generate.py") -> int:
     except (StepVideoError, ValueError) as e:
         _say(f"error: {e}")
         return exit_codes.BAD_INPUT
-    except torch.OutOfMemoryError as e:   # one not handled by a fallback (e.g. placing the VAE)
-        what = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        _say(f"error: out of memory: {what}; use a smaller --profile or free GPU memory")
+    except (torch.OutOfMemoryError, RuntimeError) as e:   # one no fallback handled (e.g. placing the VAE)
+        line = out_of_memory_line(e)
+        if line is None:
+            raise
+        _say(f"error: {line}")
         return exit_codes.BAD_INPUT
     finally:
         parallel.close()
-
-
-def entry_point() -> None:
-    """The `lowvram-stepvideo` command a pip install creates."""
-    sys.exit(main(sys.argv[1:], prog="lowvram-stepvideo"))
 
 
 def run(args) -> int:
@@ -255,7 +257,7 @@ def _batch(args, spec: JobSpec) -> int:
     seeds = batch.parse_seeds(args.seeds) if args.seeds is not None else None
     items = batch.read_prompts_file(args.prompts_file, seeds, args.seed)
     out_dir = args.output_dir or RESULTS / args.prompts_file.stem
-    report = batch.run_batch(items, spec, out_dir, _say)
+    report = batch.run_batch(items, spec, out_dir, _say, inputs=(args.prompts_file,))
     return exit_codes.OK if report.ok else exit_codes.BATCH_INCOMPLETE
 
 
@@ -366,16 +368,20 @@ def _dry_run_profile(spec: JobSpec, vram: int | None, ram: int | None, capabilit
 
 def _decode_only(args, spec: JobSpec) -> int:
     folder = preflight.model_folder(spec)
+    folder.check_weights(("vae",))
     profile = preflight.profile_for(spec)
-    outputs = plan_outputs(args.output, prompt=args.prompt, inputs=[profile.path], model_root=folder.root,
-                           overwrite=args.overwrite, decode_from=args.decode_latents)
-    pipe = PhasePipeline(folder, profile, log=_say)
-    latents = load_latents(args.decode_latents, folder.root, pipe.latent_channels())
-    start = time.perf_counter()
-    frames = decode_frames(pipe, latents)
-    meta = {"prompt": args.prompt, "decoded_from": str(args.decode_latents),
-            "arguments": results.spec_arguments(spec)}
-    results.write_outputs(outputs.output, frames, pipe, meta, time.perf_counter() - start, _say)
+    planned = outputs.plan_outputs(args.output, prompt=args.prompt, inputs=[profile.path], model_root=folder.root,
+                                   overwrite=args.overwrite, decode_from=args.decode_latents)
+    try:
+        pipe = PhasePipeline(folder, profile, log=_say)
+        latents = load_latents(args.decode_latents, folder.root, pipe.latent_channels())
+        start = time.perf_counter()
+        frames = decode_frames(pipe, latents)
+        meta = {"prompt": args.prompt, "decoded_from": str(args.decode_latents),
+                "arguments": outputs.spec_arguments(spec)}
+        outputs.write_outputs(planned, frames, pipe, meta, time.perf_counter() - start, _say)
+    finally:
+        planned.release()
     return exit_codes.OK
 
 

@@ -25,6 +25,7 @@ from ..files.fsutil import atomic_path
 from ..run.outputs import RESULTS, default_name
 from ..run.preflight import JobSpec
 from ..run.job import Events, Interrupted, JobResult, run_job
+from ..run.oom import out_of_memory_line
 from ..run.job import say
 
 __all__ = ["JobQueue", "JobSpec", "JobStatus", "JobResult"]
@@ -202,7 +203,6 @@ class JobQueue:
                 self._wake.notify_all()
 
     def _run(self, spec: JobSpec, events: _JobEvents) -> tuple[str, str | None, JobResult | None]:
-        import torch
         try:
             return "done", None, self.worker(spec, events)
         except Interrupted as e:
@@ -211,10 +211,10 @@ class JobQueue:
             return "cancelled", "stopped; its checkpoint could not be saved (see the log)", None
         except StepVideoError as e:
             return "failed", str(e), None
-        except torch.OutOfMemoryError as e:
-            what = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            return "failed", f"out of memory: {what}", None
-        except Exception as e:   # a bug: recorded with its traceback in the log, the queue goes on
+        except Exception as e:
+            if out_of_memory_line(e):
+                return "failed", out_of_memory_line(e), None
+            # a bug: recorded with its traceback in the log, the queue goes on
             log.exception("job failed")
             return "failed", f"{type(e).__name__}: {e}", None
 

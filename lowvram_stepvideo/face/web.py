@@ -1,9 +1,11 @@
 """`generate.py --web`: the local web page (Gradio, the optional `web` extra).
 
-Left: the settings of a video and the buttons "Check fit" and "Generate". Right: the queue (jobs run one at a
-time, each with its phase, progress, elapsed time and ETA; cancel and resume), then the finished videos of the
-results folder, playable, with their sidecar settings and "Reuse these settings". The page polls the queue once
-a second. What each control does is in web_page.py; this file only lays out and wires the components.
+Left: the prompt with "Generate" and "Check fit" beside it (in view without scrolling), then the other settings of a
+video, and the card and RAM sizes that "Check fit" can plan for instead of this machine's. Right: the queue (jobs
+run one at a time, each with its phase, progress, elapsed time and ETA; cancel and resume), then the finished
+videos of the results folder, playable, with their sidecar settings and "Reuse these settings". The page polls the
+queue once a second (a message about a job is replaced by what became of it). What each control does is in
+web_page.py; this file only lays out and wires the components.
 """
 from __future__ import annotations
 
@@ -22,16 +24,19 @@ from .web_catalog import load_catalog
 
 LOCAL, EVERYWHERE = "127.0.0.1", "0.0.0.0"
 REFRESH_S = 1.0
+FPS = 25   # of the videos written (video.write_mp4)
 # Form fields that "Reuse these settings" fills in (the preset list is rebuilt for the model and profile).
 REUSED = ("model", "prompt", "negative_prompt", "seed", "profile", "steps", "guidance_scale", "shift", "attention",
           "text_cache", "resident_blocks", "vae_tile", "matmul", "step_cache", "compile")
 TEXT_FIELDS = ("steps", "guidance_scale", "shift", "resident_blocks", "vae_tile", "step_cache")
 CSS = """
+.lvs-queue-wrap { width: 100%; overflow-x: auto; }
 .lvs-queue { width: 100%; border-collapse: collapse; font-size: 0.9em; }
 .lvs-queue th, .lvs-queue td { padding: 4px 6px; border-bottom: 1px solid var(--border-color-primary);
                                text-align: left; }
-.lvs-queue td:first-child { white-space: nowrap; }
-.lvs-queue progress { width: 7em; vertical-align: middle; }
+.lvs-queue th, .lvs-queue td:first-child, .lvs-queue td:nth-child(n+5) { white-space: nowrap; }
+.lvs-queue td:nth-child(2) { overflow-wrap: anywhere; }
+.lvs-queue progress { width: 5em; vertical-align: middle; }
 .lvs-detail { color: var(--body-text-color-subdued); font-size: 0.85em; }
 .lvs-failed td:nth-child(3) { color: var(--error-text-color, #c00); }
 #lvs-fit textarea { font-family: monospace; }
@@ -69,26 +74,33 @@ def build_app(page: WebPage):
 def _settings(gr, page: WebPage):
     first = page.catalog[0].key
     f = {"model": gr.Dropdown([(c.label, c.key) for c in page.catalog], value=first, label="Model folder",
-                              elem_id="lvs-model"),
-         "prompt": gr.Textbox(label="Prompt", lines=3, elem_id="lvs-prompt",
-                              placeholder="An astronaut discovers a monolith on the moon"),
-         "negative_prompt": gr.Textbox(label="Negative prompt", elem_id="lvs-negative",
-                                       placeholder="blank: the release's negative prompt")}
+                              elem_id="lvs-model")}
+    with gr.Row(equal_height=True):
+        f["prompt"] = gr.Textbox(label="Prompt", lines=3, elem_id="lvs-prompt", scale=4,
+                                 placeholder="An astronaut discovers a monolith on the moon")
+        with gr.Column(scale=1, min_width=130, elem_id="lvs-actions"):
+            go = gr.Button("Generate", variant="primary", elem_id="lvs-generate")
+            fit = gr.Button("Check fit", elem_id="lvs-check-fit")
+    message = gr.Markdown(elem_id="lvs-message")
+    fit_out = gr.Textbox(label="Memory plan", lines=8, max_lines=30, interactive=False, elem_id="lvs-fit",
+                         visible=False)
+    f["negative_prompt"] = gr.Textbox(label="Negative prompt", elem_id="lvs-negative",
+                                      placeholder="blank: the release's negative prompt")
     with gr.Row():
         f["seed"] = gr.Number(SEED, label="Seed", precision=0, elem_id="lvs-seed", scale=3)
         dice = gr.Button("Random seed", elem_id="lvs-random-seed", scale=1)
     f["profile"] = gr.Dropdown(page.profiles, value=page.default_profile, label="Profile", elem_id="lvs-profile")
-    note = gr.Markdown(page.profile_note(page.default_profile), elem_id="lvs-profile-note")
+    note = gr.Markdown(page.profile_note(page.default_profile, first), elem_id="lvs-profile-note")
     sizes = preset_choices(page, first, page.default_profile)
     f["preset"] = gr.Dropdown(sizes, value=sizes[0][1] if sizes else None, elem_id="lvs-preset",
                               label="Size: frames x height x width (on out-of-memory the run steps down this list)")
     _numbers(gr, f, page)
-    with gr.Row():
-        fit = gr.Button("Check fit", elem_id="lvs-check-fit")
-        go = gr.Button("Generate", variant="primary", elem_id="lvs-generate")
-    message = gr.Markdown(elem_id="lvs-message")
-    fit_out = gr.Textbox(label="Memory plan", lines=8, max_lines=30, interactive=False, elem_id="lvs-fit",
-                         visible=False)
+    with gr.Accordion("Check fit for another machine", open=False):
+        with gr.Row():
+            f["vram_gib"] = gr.Textbox(label="Graphics card memory, GiB", elem_id="lvs-vram",
+                                       placeholder="blank: this machine's card")
+            f["ram_gib"] = gr.Textbox(label="Memory (RAM), GiB", elem_id="lvs-ram",
+                                      placeholder="blank: this machine's")
     return f, {"dice": dice, "note": note, "fit": fit, "go": go, "message": message, "fit_out": fit_out}
 
 
@@ -158,8 +170,9 @@ def _wire(gr, page: WebPage, f: dict, b: dict, q: dict, g: dict) -> None:
         video, meta = page.show(name)
         return video, web_view.speed_line(meta or {}), meta
 
-    def tick(seen: dict, job: str | None):
+    def tick(seen: dict, job: str | None, message: str | None):
         table, jobs = page.queue_view()
+        status = page.status_line(message)
         videos = page.video_choices()
         ids = [v for _, v in jobs]
         job_update = gr.skip()
@@ -170,7 +183,8 @@ def _wire(gr, page: WebPage, f: dict, b: dict, q: dict, g: dict) -> None:
         else:   # something finished: list it and show the newest
             newest = videos[0][1] if videos else None
             video_updates = [gr.update(choices=videos, value=newest), *show(newest)]
-        return table, job_update, *video_updates, {"jobs": jobs, "videos": videos}
+        return (table, job_update, *video_updates, {"jobs": jobs, "videos": videos},
+                gr.skip() if status is None else status)
 
     def reuse(name, current_model):
         try:
@@ -182,11 +196,13 @@ def _wire(gr, page: WebPage, f: dict, b: dict, q: dict, g: dict) -> None:
         texts = {k: "" if values[k] is None else str(values[k]) for k in TEXT_FIELDS}
         texts["matmul"] = gr.update(choices=page.matmul_choices(values["profile"]), value=values["matmul"])
         return (*[texts.get(k, values[k]) for k in REUSED], presets(values["model"], values["profile"],
-                values["preset"]), page.profile_note(values["profile"]), f"settings of {name} loaded{missing}")
+                values["preset"]), page.profile_note(values["profile"], values["model"]),
+                f"settings of {name} loaded{missing}")
 
     gr.on([f["model"].input, f["profile"].input], lambda m, p, cur: presets(m, p, cur),
           [f["model"], f["profile"], f["preset"]], f["preset"])
-    f["profile"].input(page.profile_note, f["profile"], b["note"])
+    gr.on([f["model"].input, f["profile"].input], lambda p, m: page.profile_note(p, m), [f["profile"], f["model"]],
+          b["note"])
     f["profile"].input(lambda p, m: gr.update(choices=page.matmul_choices(p), value=m), [f["profile"], f["matmul"]],
                        f["matmul"])
     b["dice"].click(page.random_seed, None, f["seed"])
@@ -194,15 +210,15 @@ def _wire(gr, page: WebPage, f: dict, b: dict, q: dict, g: dict) -> None:
     b["fit"].click(lambda *v: gr.update(value=page.check_fit(form(*v)), visible=True), fields, b["fit_out"])
     q["cancel"].click(page.cancel, q["job"], b["message"])
     q["resume"].click(page.resume, q["job"], b["message"])
-    q["timer"].tick(tick, [g["seen"], q["job"]],
-                    [q["table"], q["job"], g["pick"], g["player"], g["speed"], g["settings"], g["seen"]])
+    q["timer"].tick(tick, [g["seen"], q["job"], b["message"]],
+                    [q["table"], q["job"], g["pick"], g["player"], g["speed"], g["settings"], g["seen"], b["message"]])
     g["pick"].input(show, g["pick"], [g["player"], g["speed"], g["settings"]])
     g["reuse"].click(reuse, [g["pick"], f["model"]], [*(f[k] for k in REUSED), f["preset"], b["note"], b["message"]])
 
 
 def preset_choices(page: WebPage, model: str, profile: str) -> list[tuple[str, str]]:
     try:
-        return [(f"{p.frames} frames, {p.height}x{p.width}", str(p)) for p in page.presets(model, profile)]
+        return [(f"{p} ({p.frames / FPS:.1f} s of video)", str(p)) for p in page.presets(model, profile)]
     except EXPECTED:   # an unreadable profile: the profile note says why
         return []
 

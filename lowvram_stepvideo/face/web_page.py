@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,9 +16,13 @@ from . import web_view
 from ..errors import StepVideoError
 from ..planning.fit import check_fit
 from .job_queue import JobQueue, JobSpec
-from ..profiles import Preset, Profile, detect_vram_bytes, list_profiles, load_profile
-from ..planning.budgets import auto_choice, auto_profile
+from ..profiles import Preset, Profile, detect_vram_bytes, list_profiles, load_profile, with_overrides
+from ..engines.host_store import available_ram_bytes
+from ..planning.budgets import auto_choice
 from .web_catalog import ModelChoice
+from .web_view import in_page_words
+
+GiB = 2**30
 
 AUTO = "auto"
 ATTENTION = ("profile", "auto", "sdpa", "flash", "sage")   # "profile": keep the profile's choice
@@ -45,6 +50,8 @@ class Form:
     matmul: str = "profile"
     step_cache: str | None = None       # first-block step cache threshold; blank (or 0) = off
     compile: bool = RUN_OPTIONS["compile"]
+    vram_gib: str | None = None         # Check fit for another machine: its card and RAM (blank: this one)
+    ram_gib: str | None = None
 
 
 class WebPage:
@@ -65,34 +72,45 @@ class WebPage:
                 return c
         raise ValueError(f"unknown model choice {key!r}; reload the page")
 
-    def resolve_profile(self, name: str) -> Profile:
-        if name == AUTO:
-            return auto_profile(detect_vram_bytes())
+    def resolve_profile(self, name: str, model: str | None = None) -> Profile:
+        """The profile a job of `model` runs with: the name's, or for auto the one generate.py picks (the demo:
+        cpu; else by this machine's card and RAM)."""
         if name not in self.profiles:
             raise ValueError(f"unknown profile {name!r}; choose one of {', '.join(self.profiles)}")
-        return load_profile(name)
+        demo_model = model is not None and self.choice(model).demo
+        return preflight.profile_for(JobSpec("", demo=demo_model, profile=name), need_device=False)
 
-    def profile_note(self, name: str) -> str:
-        """What a profile means here; for 'auto', which profile it picks on this machine and why."""
+    def profile_note(self, name: str, model: str | None = None) -> str:
+        """What a profile means here; for auto, which profile it picks on this machine and why, in plain words."""
         try:
-            profile = self.resolve_profile(name)
+            profile = self.resolve_profile(name, model)
         except EXPECTED as e:
-            return f"**error:** {e}"
+            return f"**error:** {in_page_words(str(e))}"
         if name != AUTO:
             return profile.description
-        return f"{auto_choice(detect_vram_bytes())[1]}. {profile.description}"
+        if model is not None and self.choice(model).demo:
+            why = "the demo's tiny model always runs on the CPU, with the cpu profile"
+        elif detect_vram_bytes() is None:
+            why = (f"no NVIDIA graphics card was found, so the video is made on the CPU, with the profile for this "
+                   f"machine's {available_ram_bytes() / GiB:.0f} GiB of free memory (slow)")
+        else:
+            vram = detect_vram_bytes() / GiB
+            why = f"the profile made for a {vram:.0f} GiB graphics card like this one"
+            if profile.memory.host_ram_gb < load_profile(profile.name).memory.host_ram_gb:
+                why += ", with less of the model held in this machine's memory (the rest is read from disk)"
+        return f"auto: {profile.name}: {why}. {profile.description}"
 
     def matmul_choices(self, profile: str) -> list[tuple[str, str]]:
         """(label, value) of the matmul list: the first keeps the profile's choice and names it."""
         try:
-            mine = f"profile ({self.resolve_profile(profile).matmul})"
+            mine = f"profile ({self.resolve_profile(profile, None).matmul})"
         except EXPECTED:   # an unreadable profile: the profile note says why
             mine = "profile"
         return [(mine, "profile")] + [(m, m) for m in MATMUL[1:]]
 
     def presets(self, model: str, profile: str) -> list[Preset]:
         """The ladder offered for this model and profile, largest first; the demo's tiny size leads for the demo."""
-        ladder = list(self.resolve_profile(profile).presets)
+        ladder = list(self.resolve_profile(profile, model).presets)
         return [DEMO_PRESET] + ladder if self.choice(model).demo else ladder
 
     def random_seed(self) -> int:
@@ -105,7 +123,7 @@ class WebPage:
         choice = self.choice(form.model)
         if not (form.prompt or "").strip():
             raise ValueError("the prompt is empty: describe the video to generate")
-        self.resolve_profile(form.profile)
+        self.resolve_profile(form.profile, form.model)
         if not form.preset:
             raise ValueError("choose a size from the preset list")
         size = Preset.parse(form.preset, steps=1)
@@ -141,7 +159,7 @@ class WebPage:
             preflight.profile_for(spec)
             job_id = self.queue.submit(spec)
         except EXPECTED as e:
-            return f"**error:** {e}"
+            return f"**error:** {in_page_words(str(e))}"
         return f"queued {job_id}"
 
     def cancel(self, job_id: str | None) -> str:
@@ -159,22 +177,41 @@ class WebPage:
         try:
             new_id = self.queue.resume(job_id)
         except EXPECTED as e:
-            return f"**error:** {e}"
+            return f"**error:** {in_page_words(str(e))}"
         return f"resuming {job_id} as {new_id} (from its checkpoint when it has one)"
 
     def _state(self, job_id: str) -> str | None:
         return next((s.state for s in self.queue.jobs() if s.id == job_id), None)
 
     def check_fit(self, form: Form) -> str:
-        """The memory plan's verdict on this machine for the form's model, profile, size and speed options, resolved
-        as a job would resolve them (the prompt plays no part)."""
+        """The memory plan's verdict for the form's model, profile, size and speed options, resolved as a job would
+        resolve them (the prompt plays no part), on this machine or on one with the form's VRAM and RAM sizes."""
         try:
+            vram, ram = _gib(form.vram_gib, "VRAM"), _gib(form.ram_gib, "RAM")
             spec = self.spec(dataclasses.replace(form, prompt=form.prompt or "check fit"))
-            profile = preflight.profile_for(spec, need_device=False)
+            if preflight.profile_name(spec) == AUTO and (vram or ram):   # picked for that machine
+                profile, _ = auto_choice(vram if vram is not None else detect_vram_bytes(), ram)
+                profile = with_overrides(profile, **{k: v for k, v in spec.options.items()
+                                                     if k not in preflight.RUN_OPTIONS})
+            else:
+                profile = preflight.profile_for(spec, need_device=False)
             preset = preflight.preset_for(spec, profile, None, lambda msg: None)
-            return check_fit(preflight.model_folder(spec), profile, preset).report()
+            note = ("VRAM does not apply to the CPU profiles (they compute in RAM)\n"
+                    if vram is not None and profile.device == "cpu" else "")
+            return note + in_page_words(check_fit(preflight.model_folder(spec), profile, preset, vram, ram).report())
         except EXPECTED as e:
-            return f"error: {e}"
+            return f"error: {in_page_words(str(e))}"
+
+    def status_line(self, message: str | None) -> str | None:
+        """The message line once the job it names ('queued job-1', 'cancelling job-1: ...', 'resuming job-1 as
+        job-2') has ended, saying how; None while it still holds."""
+        m = re.fullmatch(r"(?:queued|cancelling|resuming \S+ as) (job-\d+)\b.*", message or "")
+        status = next((s for s in self.queue.jobs() if s.id == m[1]), None) if m else None
+        if status is None or status.state in ("queued", "running"):
+            return None
+        if status.state == "done":
+            return f"{status.id} is done: {Path(status.output).name}" if status.output else f"{status.id} is done"
+        return f"{status.id} {status.state}: {in_page_words(status.error or '')}"
 
     # ---- what the page polls -------------------------------------------------------------------------------------
 
@@ -224,6 +261,16 @@ class WebPage:
         if values["profile"] not in self.profiles:
             values["profile"] = AUTO
         return values
+
+
+def _gib(value, what: str) -> int | None:
+    """A memory size field in GiB as bytes; None when blank."""
+    number = _number(value, f"{what} (GiB)", float)
+    if number is None:
+        return None
+    if not 0 < number < 2**20:
+        raise ValueError(f"{what} (GiB) {number:g}: give the memory in GiB, e.g. 12 or 31.5")
+    return int(number * GiB)
 
 
 def _number(value, what: str, kind: type) -> int | float | None:

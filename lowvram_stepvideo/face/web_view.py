@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 from pathlib import Path
 
 from ..defaults import RUN_OPTIONS, SEED
@@ -13,6 +14,33 @@ from .web_catalog import ModelChoice
 ACTIVE = ("queued", "running")
 FORM_FIELDS = ("model", "prompt", "negative_prompt", "seed", "profile", "preset", "steps", "guidance_scale",
                "shift")
+
+
+# The command line's words in the page's own (the errors come from code shared with generate.py): the flag, and what
+# the page calls the control that sets it. The first that matches wins, so longer phrases come first.
+PAGE_WORDS = [
+    (r"use --profile cpu \(slow\) or --dry-run to see its memory plan",
+     "choose the cpu profile (slow), or press Check fit to see its memory plan"),
+    (r"--profile ([\w.-]+)", r"the \1 profile"),
+    (r"--card NAME or --capability X\.Y plans another", "the command line's dry run plans another card by name"),
+    (r"a card of --list-cards", "a card of the command line's card list"), (r" \(assumed: --assume-format\)", ""),
+    (r"--vram-gib N for another", "fill in VRAM under Check fit for another card"),
+    (r"--dry-run", "Check fit"), (r"--vram-gib", "VRAM (GiB)"), (r"--ram-gib", "RAM (GiB)"),
+    (r"--steps", "Steps"), (r"--cfg", "Guidance scale"), (r"--shift", "Shift"), (r"--seed", "Seed"),
+    (r"--negative-prompt", "the negative prompt"), (r"--prompt", "the prompt"), (r"--model-dir", "the model folder"),
+    (r"--resident-blocks", "DiT blocks kept on the GPU"), (r"--vae-tile", "VAE tile"), (r"--attention", "Attention"),
+    (r"--matmul", "Matmul"), (r"--step-cache", "Step cache threshold"), (r"--cache", "Step cache threshold"),
+    (r"--no-text-cache", "the cached text embeddings box"), (r"--no-cache", "the cached text embeddings box"),
+    (r"--compile", "torch.compile"), (r"--resume", "Resume"), (r"--profile", "the profile"),
+    (r"--frames|--height|--width", "the size"),
+]
+
+
+def in_page_words(text: str) -> str:
+    """A message of the shared code with its command-line flags named as the page's controls."""
+    for pattern, words in PAGE_WORDS:
+        text = re.sub(rf"{pattern}(?![\w-])", words, text)
+    return text
 
 
 def duration(seconds: float | None) -> str:
@@ -31,14 +59,16 @@ def queue_html(statuses) -> str:
         return '<p class="lvs-empty">No jobs yet. Fill in a prompt and press Generate.</p>'
     rows = "".join(_row(s) for s in reversed(statuses))
     head = "".join(f"<th>{h}</th>" for h in ("job", "prompt", "state", "phase", "progress", "elapsed", "ETA"))
-    return f'<table class="lvs-queue"><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>'
+    return (f'<div class="lvs-queue-wrap"><table class="lvs-queue"><thead><tr>{head}</tr></thead><tbody>{rows}'
+            "</tbody></table></div>")
 
 
 def _row(s) -> str:
     total = s.total or 0
     bar = (f'<progress value="{s.done or 0}" max="{total}"></progress> {s.done or 0}/{total}' if total
            else '<progress></progress>' if s.state == "running" else "")
-    detail = html.escape(str(s.error)) if s.error else html.escape(Path(s.output).name) if s.output else ""
+    detail = (html.escape(in_page_words(str(s.error))) if s.error else
+              html.escape(Path(s.output).name) if s.output else "")
     prompt = html.escape(_short(s.spec.prompt, 60))
     phase = html.escape(s.phase or "") if s.state != "done" else ""   # where a cancelled or failed job stopped
     return (f'<tr class="lvs-job lvs-{s.state}" data-job="{html.escape(str(s.id))}" data-state="{s.state}" '

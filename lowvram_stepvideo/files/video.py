@@ -11,7 +11,7 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 try:
     import imageio_ffmpeg
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..errors import StepVideoError
-from .fsutil import atomic_path, temp_prefix, writable_dir_error
+from .fsutil import new_file, temp_prefix, writable_dir_error
 
 # The reference writer's extra ffmpeg filter (it replaces imageio's own `-vf scale=...`, see §5.7).
 REFERENCE_DENOISE = "atadenoise=0a=0.1:0b=0.1:1a=0.1:1b=0.1"
@@ -141,13 +141,15 @@ def _encode(tmp: Path, frames: Iterable, first: np.ndarray, fps: float, params: 
 
 
 def write_mp4(frames: np.ndarray | Iterable, path: Path, fps: float = 25, crf: int = 25,
-              denoise: bool = True) -> dict:
+              denoise: bool = True, replace: bool = True, next_name: Callable[[Path], Path] | None = None) -> dict:
     """Write uint8 frames (T, H, W, 3), or an iterable of (H, W, 3) frames, as an H.264 yuv420p mp4, atomically.
 
     Like the reference writer: libx264, crf 25, 25 fps, and (denoise=True) its atadenoise filter. Odd heights or
     widths are padded by one repeated row/column (yuv420p needs even sides). The file is fast-start (index
-    first). Returns what was written: {"path", "frames", "width", "height", "fps", "padded"}. Encoding errors raise VideoError; nothing is left at `path`
-    (an existing file there stays untouched)."""
+    first). Returns what was written: {"path", "frames", "width", "height", "fps", "padded"}. Encoding errors raise
+    VideoError; nothing is left at `path` (an existing file there stays untouched). replace=False: a file at `path`
+    is never replaced, even one another process puts there while this one encodes: the video goes to
+    `next_name(path)` when given (see fsutil.new_file), else FileExistsError."""
     path = Path(path)
     if not (isinstance(crf, int) and 0 <= crf <= 51) or not fps > 0:
         raise ValueError(f"mp4 settings out of range: crf {crf!r} (0-51), fps {fps!r} (> 0)")
@@ -158,16 +160,18 @@ def write_mp4(frames: np.ndarray | Iterable, path: Path, fps: float = 25, crf: i
     first = _check_frame(first, None)
     params = ["-crf", str(crf), *FAST_START] + (["-vf", REFERENCE_DENOISE] if denoise else []) + ["-f", "mp4"]
     try:
-        with atomic_path(path, ".mp4") as tmp:
-            count = _encode(tmp, frames, first, fps, params)
-            written, _ = imageio_ffmpeg.count_frames_and_secs(str(tmp))  # ffmpeg's exit status is not reported
+        with new_file(path, ".mp4", replace, next_name) as out:
+            count = _encode(out.tmp, frames, first, fps, params)
+            written, _ = imageio_ffmpeg.count_frames_and_secs(str(out.tmp))  # ffmpeg's exit status is not reported
             if written != count:
                 raise VideoError(f"ffmpeg wrote {written} of {count} frames")
+    except FileExistsError:
+        raise
     except (OSError, RuntimeError) as e:
         msg = str(e).strip().splitlines()[0].rstrip(": ") if str(e).strip() else type(e).__name__
         raise VideoError(f"could not write {path}: {msg} (ffmpeg prints the cause above)") from e
     h, w = first.shape[:2]
-    return {"path": str(path), "frames": count, "width": w + w % 2, "height": h + h % 2, "fps": fps,
+    return {"path": str(out.path), "frames": count, "width": w + w % 2, "height": h + h % 2, "fps": fps,
             "padded": bool(h % 2 or w % 2)}
 
 
@@ -177,10 +181,10 @@ def sidecar_path(video_path: Path) -> Path:
     return video_path.with_name(video_path.name + ".json")
 
 
-def write_sidecar(path: Path, data: dict) -> Path:
+def write_sidecar(path: Path, data: dict, replace: bool = True) -> Path:
     """Write `data` as strict UTF-8 JSON atomically (paths and other objects as strings). A NaN or infinity is
     refused before anything is written (strict JSON readers reject them); a failed write is a VideoError and
-    leaves any earlier file at `path` as it was."""
+    leaves any earlier file at `path` as it was. replace=False: FileExistsError rather than replace a file."""
     try:
         text = json.dumps(data, indent=2, ensure_ascii=False, default=str, allow_nan=False) + "\n"
     except ValueError as e:
@@ -190,8 +194,10 @@ def write_sidecar(path: Path, data: dict) -> Path:
         raise VideoError(f"not writing {path}: {bad} is not a finite number (strict JSON has no NaN or "
                          "infinity)") from None
     try:
-        with atomic_path(Path(path), ".json") as tmp:
-            tmp.write_text(text, encoding="utf-8")
+        with new_file(Path(path), ".json", replace) as out:
+            out.tmp.write_text(text, encoding="utf-8")
+    except FileExistsError:
+        raise
     except OSError as e:
         raise VideoError(f"could not write {path}: {e.strerror or e}") from None
     return Path(path)

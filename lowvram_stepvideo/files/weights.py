@@ -23,6 +23,10 @@ SAFETENSORS_DTYPES = {
 MAX_HEADER_BYTES = 100 * 2**20
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 SMALL_TENSOR_ELEMS = 2**20   # tensors up to this size (norms, biases, scales, tables) are checked for NaN/inf at load
+# What open_model_folder reads to catch a network whose weights are all zero (a zero-filled download, a broken
+# conversion): the first bytes of a few tensors spread over the network, not the whole (a DiT is 29-59 GB).
+ZERO_SAMPLES = 8
+ZERO_SAMPLE_BYTES = 64 * 2**10
 
 
 class CheckpointError(StepVideoError):
@@ -66,6 +70,13 @@ class SafetensorsFile:
             if f.readinto(memoryview(buf.numpy())) != ref.nbytes:
                 raise CheckpointError(f"{self.path}: truncated at tensor {name}; re-download this file")
         return buf.view(ref.dtype).view(ref.shape)
+
+    def head(self, name: str, nbytes: int) -> bytes:
+        """The first `nbytes` bytes of a tensor's data (plain file reads)."""
+        ref = self.refs[name]
+        with open(self.path, "rb") as f:
+            f.seek(ref.start)
+            return f.read(min(nbytes, ref.nbytes))
 
 
 def _read_header(path: Path) -> tuple[dict[str, TensorRef], dict[str, str]]:
@@ -131,6 +142,10 @@ class PickleFile:
 
     read = tensor  # torch.load has already mapped the file
 
+    def head(self, name: str, nbytes: int) -> bytes:
+        t = self._sd[name].reshape(-1)
+        return t[:max(1, nbytes // max(1, t.element_size()))].contiguous().view(torch.uint8).numpy().tobytes()
+
 
 class WeightSource:
     """All tensors of one component folder: a single file, or shards listed by an index json."""
@@ -161,6 +176,18 @@ class WeightSource:
 
     def read(self, name: str) -> torch.Tensor:
         return self.where[name].read(name)
+
+    def zero_sample(self, names: list[str]) -> list[str] | None:
+        """Read the first ZERO_SAMPLE_BYTES of up to ZERO_SAMPLES of `names`, spread evenly over them: the names
+        read when every byte read is zero (a network that is all zero), else None. No names: None."""
+        if not names:
+            return None
+        step = max(1, len(names) // ZERO_SAMPLES)
+        picked = sorted(names)[::step][:ZERO_SAMPLES]
+        for name in picked:
+            if any(self.where[name].head(name, ZERO_SAMPLE_BYTES)):
+                return None
+        return picked
 
 
 def open_weights(folder: Path, stems: tuple[str, ...]) -> WeightSource:

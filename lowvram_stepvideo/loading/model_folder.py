@@ -6,6 +6,13 @@ tensor names and shapes against its config, so a broken download fails in second
 A published release that is not on disk ("stepfun-ai/stepvideo-t2v") opens for planning only (`open_model_folder(
 name, published=True)`): its configs and tensor shapes ship with the package (files/releases.py), its tokenizers
 are length-only stand-ins, and reading a weight says to download it.
+
+Before a generation (`check_weights`, called by the run's pre-flight, not by opening, so that --dry-run can plan the
+zero-weight sparse releases of the benchmarks), a network whose weights are all zero, or a quantized one whose
+scales are all zero, is refused: either gives a grey or empty video. It is a sample: the first 64 KiB of 8 weight
+tensors (and of 8 scale tensors) spread over each network, milliseconds where reading a 29 GB DiT whole would take
+minutes. A network zeroed as a whole (a zero-filled download or copy, a broken conversion) is always caught; one
+zeroed only in part is not.
 """
 from __future__ import annotations
 
@@ -23,6 +30,12 @@ from ..files.tokenizers import (length_only_tokenizer, load_clip_tokenizer, load
 DOWNLOAD_HINT = ("download it with: hf download stepfun-ai/stepvideo-t2v --local-dir {path} "
                  "(pip install huggingface_hub), or: modelscope download stepfun-ai/stepvideo-t2v --local-dir {path} "
                  "(pip install modelscope)")
+# A missing folder named like quantize.py's output: the release is downloaded elsewhere, then quantized into it.
+QUANTIZED_HINT = ("it is made by quantize.py from the release: download the release with hf download "
+                  "stepfun-ai/stepvideo-t2v --local-dir {release} (pip install huggingface_hub; or modelscope "
+                  "download ... with pip install modelscope), then: python quantize.py --model-dir {release} --out "
+                  "{path} --format {fmt}")
+SCALE_SUFFIX = ".scale"   # models/quant.py's name for the per-row scales of a quantized weight
 TURBO_KEY = "lowvram_turbo"   # "true" | "false" in a quantized DiT's safetensors header
 OPENERS = {"transformer": open_dit, "step_llm": open_step_llm, "hunyuan_clip": open_clip, "vae": open_vae}
 
@@ -67,6 +80,15 @@ class ModelFolder:
         texts = {"prompt": prompt, **({"negative prompt": negative_prompt} if negative_prompt else {})}
         return truncation_warnings({"step_llm": self.step_llm_tokenizer(), "clip": self.clip_tokenizer()}, texts)
 
+    def check_weights(self, components: tuple[str, ...] = tuple(OPENERS)) -> None:
+        """Refuse (ModelFolderError, one line) a network whose weights or scales are all zero; see the module
+        docstring."""
+        try:
+            for name in components:
+                check_not_zero(name, self.open(name, layers=None if name == "vae" else 0).source)
+        except (CheckpointError, OSError) as e:
+            raise ModelFolderError(f"{e}") from None
+
     def files(self, component: str) -> list[Path]:
         return [f.path for f in self.open(component).source.files]
 
@@ -82,7 +104,7 @@ def open_model_folder(root: Path, published: bool = False) -> ModelFolder:
         return open_published(release)
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise ModelFolderError(f"model folder {root} not found; " + DOWNLOAD_HINT.format(path=root))
+        raise ModelFolderError(f"model folder {root} not found; " + missing_folder_hint(root))
     missing = [c for c in OPENERS if not (root / c).is_dir()]
     if missing:
         raise ModelFolderError(f"{root} is not a Step-Video model folder (no {', '.join(missing)}/); "
@@ -100,6 +122,29 @@ def open_model_folder(root: Path, published: bool = False) -> ModelFolder:
     except (CheckpointError, ConfigError) as e:
         raise ModelFolderError(f"{e}") from None
     return ModelFolder(root, formats["transformer"], turbo)
+
+
+def missing_folder_hint(root: Path) -> str:
+    """How to get the folder: download it, or, for a name like quantize.py's output (-int8, -fp8), download the
+    release next to it and quantize it into this name."""
+    fmt = next((f for f in ("int8", "fp8") if root.name.lower().endswith(f)), None)
+    if fmt is None:
+        return DOWNLOAD_HINT.format(path=root)
+    stem = root.name[:-len(fmt)].rstrip("-_") or "stepvideo-t2v"
+    return QUANTIZED_HINT.format(release=root.with_name(stem), path=root, fmt=fmt)
+
+
+def check_not_zero(name: str, source) -> None:
+    """Refuse a network whose sampled weights (or, quantized, scales) are all zero; see the module docstring."""
+    keys = list(source.keys())
+    scales = [k for k in keys if k.endswith(SCALE_SUFFIX)]
+    weights = [k for k in keys if k not in scales and len(source.ref(k).shape) >= 2]
+    for what, names in (("weights", weights), ("scales", scales)):
+        zero = source.zero_sample(names)
+        if zero:
+            raise ModelFolderError(f"{name}: its {what} are all zero (sampled {len(zero)} tensors, e.g. {zero[0]}); "
+                                   "the file is damaged or the conversion failed: re-download it"
+                                   + (" or run quantize.py again" if what == "scales" else ""))
 
 
 def is_turbo(root: Path, dit_header: dict | None = None) -> bool:

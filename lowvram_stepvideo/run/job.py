@@ -18,7 +18,6 @@ where inference mode is off, and such a thread may not write into tensors made u
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import sys
 import time
@@ -28,7 +27,7 @@ from typing import Callable
 
 import torch
 
-from . import outputs, preflight, results
+from . import outputs, preflight
 from ..engines import parallel
 from ..pipeline import progress
 from ..errors import StepVideoError, UsageError
@@ -36,16 +35,11 @@ from ..loading.model_folder import ModelFolder
 from ..engines.parallel import LostRank, Parallel
 from ..pipeline.parallel_machine import ParallelRuntime
 from ..pipeline.phases import PhasePipeline
+from .oom import OutOfMemory
 from .preflight import JobSpec
 from ..profiles import Preset, Profile, TextEncoders, ladder_from
-from .resume import (
-    check_step_latents,
-    checkpoint_path,
-    load_checkpoint,
-    save_checkpoint,
-    saved_request,
-    weights_identity)
-from .resume import save_latents as save_latents_file
+from .resume import (check_step_latents, checkpoint_path, load_checkpoint, load_latents, saved_request,
+                     weights_identity)
 from ..defaults import sampling_defaults
 from ..pipeline.sampling import flow_sigmas, initial_noise, latent_shape, sampling_problem
 from ..planning.fit import clamped, first_fit, profile_budget
@@ -56,15 +50,14 @@ GiB = 2**30
 
 
 class Interrupted(StepVideoError):
-    """Ctrl-C (or a stop request) during denoising; the latents were saved to `path`."""
+    """Ctrl-C (or a stop request) during denoising, the latents saved to `path`; or during the decode, the
+    denoised latents kept in `path` (step None)."""
 
-    def __init__(self, path: Path, step: int):
-        super().__init__(f"interrupted after step {step}; saved to {path} (continue with --resume)")
+    def __init__(self, path: Path, step: int | None):
+        super().__init__(f"interrupted after step {step}; saved to {path} (continue with --resume)" if step is not None
+                         else f"interrupted while decoding; the denoised latents are kept in {path}: run the same "
+                              "command with --resume to only decode")
         self.path, self.step = path, step
-
-
-class OutOfMemory(StepVideoError):
-    """Out of memory at every preset of the ladder (or in the text encoders even streamed)."""
 
 
 class _StopRequested(Exception):
@@ -205,14 +198,7 @@ def _shape(pipe: PhasePipeline, preset: Preset) -> tuple[int, ...]:
 
 
 def _save(pipe: PhasePipeline, ckpt: Path, latents: torch.Tensor, step: int, fingerprint: dict) -> bool:
-    """Save a checkpoint; a failed write (disk full) keeps the previous one and the run goes on."""
-    try:
-        save_checkpoint(ckpt, latents, step, fingerprint)
-        return True
-    except OSError as e:
-        kept = f"the previous checkpoint in {ckpt} is kept" if ckpt.is_file() else "no checkpoint is kept"
-        pipe.log(f"warning: could not save the checkpoint after step {step} ({e.strerror or e}); {kept}")
-        return False
+    return outputs.save_checkpoint_or_warn(ckpt, latents, step, fingerprint, pipe.log)
 
 
 def encode_with_fallback(pipe: PhasePipeline, req: Request) -> tuple[tuple, PhasePipeline]:
@@ -274,16 +260,6 @@ class Events:
         return False
 
 
-@contextlib.contextmanager
-def one_line_oom():
-    """An out-of-memory error no fallback handled (e.g. placing the VAE) as OutOfMemory with a one-line message."""
-    try:
-        yield
-    except torch.OutOfMemoryError as e:
-        what = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise OutOfMemory(f"out of memory: {what}; use a smaller --profile or free GPU memory") from None
-
-
 @dataclass
 class JobResult:
     output: Path | None            # None on the ranks but 0 of a parallel run (rank 0 writes)
@@ -302,20 +278,32 @@ class PreparedJob:
     options: dict                  # preflight.RUN_OPTIONS with the spec's values
     turbo: bool
     par: Parallel | None = None    # this process's place in a torchrun launch (None: it runs alone)
+    outputs: outputs.RunOutputs | None = None   # what it writes, claimed for the run (see release)
+    text_cached: bool = False      # the prompt's embeddings came from the cache (no text phase ran)
+
+    def release(self) -> None:
+        """The run ended (or was only checked): its output names are free for other runs."""
+        if self.outputs is not None:
+            self.outputs.release()
 
 
 def run_job(spec: JobSpec, events: Events | None = None) -> JobResult:
     """One video from `spec` to mp4 + sidecar; raises StepVideoError subclasses (Interrupted when stopped)."""
     events = events or Events()
     with progress.listen(events.progress):
-        return execute(prepare_job(spec, events.log), events)
+        job = prepare_job(spec, events.log)
+        try:
+            return execute(job, events)
+        finally:
+            job.release()
 
 
 def prepare_job(spec: JobSpec, log: Callable[[str], None], folder: ModelFolder | None = None,
-                writes_video: bool = True) -> PreparedJob:
-    """Pre-flight: the request (see prepare_request), then the files it writes, planned by outputs.py (an existing
-    file is kept unless overwrite; a checkpoint left by an earlier run needs resume or overwrite). Without
-    writes_video only the checkpoint option is a file. Nothing heavy is loaded."""
+                writes_video: bool = True, inputs: tuple[Path, ...] = ()) -> PreparedJob:
+    """Pre-flight: the request (see prepare_request), then the files it writes, planned and claimed by outputs.py
+    (an existing file is kept unless overwrite; a checkpoint left by an earlier run needs resume or overwrite;
+    nothing may overwrite the profile, a model file or `inputs`). Without writes_video only the checkpoint option
+    is a file. Nothing heavy is loaded; call `release()` on the result when the run is over."""
     job = prepare_request(spec, log, folder)
     options, par = job.options, job.par
     if not writes_video:
@@ -324,25 +312,30 @@ def prepare_job(spec: JobSpec, log: Callable[[str], None], folder: ModelFolder |
             preflight.check_writable(job.checkpoint)
         return job
     earlier = checkpoint_path(spec.output) if spec.output else None
+    resume = wants_resume(options, earlier)
+    asked = (job.request.fingerprint(job.pipe.folder.root, job.pipe.profile.compute_dtype)
+             if resume and options["save_latents"] else None)
     planned = problem = None
     if par is None or par.writer:   # only rank 0 writes; a default name has its time stamp
         try:
             planned = outputs.plan_outputs(spec.output, prompt=spec.prompt, save_latents=options["save_latents"],
-                                           inputs=[job.pipe.profile.path], model_root=job.pipe.folder.root,
-                                           overwrite=options["overwrite"], resume=wants_resume(options, earlier))
+                                           inputs=[job.pipe.profile.path, *inputs], model_root=job.pipe.folder.root,
+                                           overwrite=options["overwrite"], resume=resume, request=asked)
         except StepVideoError as e:
             problem = e
     if par is not None:
-        planned, problem = par.broadcast_from_writer((planned, problem and str(problem)))
+        sent = par.broadcast_from_writer((planned and planned.unclaimed(), problem and str(problem)))
+        planned, problem = (planned, problem) if par.writer else sent
     if problem:
         raise problem if isinstance(problem, StepVideoError) else UsageError(problem)
-    job.output, job.checkpoint = planned.output, planned.checkpoint
+    job.output, job.checkpoint, job.outputs = planned.output, planned.checkpoint, planned
     return job
 
 
 def prepare_request(spec: JobSpec, log: Callable[[str], None], folder: ModelFolder | None = None) -> PreparedJob:
     """Folder (unless already opened), profile and device, sizes and numbers; no output paths yet."""
     folder = folder or preflight.model_folder(spec)
+    folder.check_weights()
     profile = preflight.profile_for(spec, log=log)
     note_weight_format(folder, profile, log)
     preflight.check_numbers(spec)
@@ -402,13 +395,18 @@ def execute(job: PreparedJob, events: Events) -> JobResult:
         return JobResult(None, used, dict(job.pipe.timings), time.perf_counter() - start)
     request = dataclasses.replace(job.request, preset=used)
     try:
-        if job.options["save_latents"]:
-            save_latents(Path(job.options["save_latents"]), latents, request, job.pipe)
+        if job.outputs.save_latents:
+            outputs.save_final_latents(job.outputs, latents,
+                                       request.fingerprint(job.pipe.folder.root, job.pipe.profile.compute_dtype))
         events.phase("decode")
         frames = decode_frames(job.pipe, latents)
         events.phase("write")
-        results.write_outputs(job.output, frames, job.pipe, results.job_metadata(job, request),
-                              time.perf_counter() - start, events.log)
+        output = outputs.write_outputs(job.outputs, frames, job.pipe, outputs.job_metadata(job, request),
+                                       time.perf_counter() - start, events.log)
+    except KeyboardInterrupt:
+        if job.checkpoint and job.checkpoint.is_file():
+            raise Interrupted(job.checkpoint, None) from None
+        raise
     except BaseException:
         if job.checkpoint and job.checkpoint.is_file():
             flags = "--resume --overwrite" if job.output and job.output.exists() else "--resume"   # mp4 written?
@@ -417,7 +415,7 @@ def execute(job: PreparedJob, events: Events) -> JobResult:
         raise
     if job.checkpoint:
         job.checkpoint.unlink(missing_ok=True)
-    return JobResult(job.output, used, dict(job.pipe.timings), time.perf_counter() - start)
+    return JobResult(output, used, dict(job.pipe.timings), time.perf_counter() - start)
 
 
 def denoise_job(job: PreparedJob, events: Events) -> tuple[torch.Tensor, Preset]:
@@ -426,6 +424,10 @@ def denoise_job(job: PreparedJob, events: Events) -> tuple[torch.Tensor, Preset]
     pipe, options, ckpt, par = job.pipe, job.options, job.checkpoint, job.par
     writer = par is None or par.writer
     resume = ckpt is not None and wants_resume(options, ckpt)
+    if resume and par is None and not ckpt.is_file():
+        kept = saved_final_latents(job)
+        if kept is not None:
+            return kept
     if options["text_cache"] and writer:   # the other ranks take rank 0's embeddings
         pipe.cache = pipe.embedding_cache(options["text_cache_dir"])
     events.phase("plan")
@@ -434,12 +436,29 @@ def denoise_job(job: PreparedJob, events: Events) -> tuple[torch.Tensor, Preset]
         check_resumable(pipe, job.request, ladder, ckpt)
     events.phase("text")
     embeds, pipe = encode_with_fallback(pipe, job.request) if writer else (None, pipe)
+    job.text_cached = "text" not in pipe.timings   # the text phase did not run: embeddings from the cache
     if par is not None:
         embeds = par.broadcast_from_writer(embeds)
     events.phase("denoise")
     job.pipe = pipe
     return denoise_with_fallback(pipe, job.request, ladder, ckpt, resume, options["checkpoint_every"], embeds,
                                  events.should_stop, par)
+
+
+def saved_final_latents(job: PreparedJob) -> tuple[torch.Tensor, Preset] | None:
+    """--resume with no checkpoint left (--checkpoint-every 0) but the --save-latents file an interrupted run wrote
+    for this request (outputs.py then lets it be written again): its latents and preset, to decode again."""
+    path = job.outputs.save_latents if job.outputs else None
+    if path is None or job.options["overwrite"] or path not in job.outputs.replaceable:
+        return None
+    saved = saved_request(path) or {}
+    ladder = ladder_from(job.pipe.profile.presets, job.request.preset)
+    preset = next((p for p in ladder if str(p) == saved.get("preset")), None)
+    latents = load_latents(path, job.pipe.folder.root, job.pipe.latent_channels())
+    if preset is None or tuple(latents.shape) != _shape(job.pipe, preset):
+        return None
+    job.pipe.log(f"resuming: the denoising had finished; decoding the latents saved in {path} again")
+    return latents, preset
 
 
 def plan_ladder(pipe: PhasePipeline, preset: Preset, resume_from: Path | None, log,
@@ -462,11 +481,3 @@ def plan_ladder(pipe: PhasePipeline, preset: Preset, resume_from: Path | None, l
 def decode_frames(pipe: PhasePipeline, latents: torch.Tensor):
     with torch.no_grad():
         return postprocess(pipe.decode(latents))
-
-
-def save_latents(path: Path, latents: torch.Tensor, request: Request, pipe: PhasePipeline) -> None:
-    """--save-latents: the final latents with the request and weights they came from (for --decode-latents)."""
-    try:
-        save_latents_file(path, latents, request.fingerprint(pipe.folder.root, pipe.profile.compute_dtype))
-    except OSError as e:
-        raise UsageError(f"could not write --save-latents {path} ({e.strerror or e})") from None

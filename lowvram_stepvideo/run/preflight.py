@@ -13,11 +13,16 @@ from ..loading.model_folder import ModelFolder, open_model_folder
 from ..profiles import Preset, Profile, detect_vram_bytes, load_profile, with_overrides
 from ..planning.budgets import auto_choice, this_card
 from ..pipeline.sampling import latent_shape, sampling_problem
-from .outputs import RESULTS
 from ..files.video import output_path_error
 
 GiB = 2**30
-RELEASE_SIZE = f"the release uses {RELEASE_PRESET.frames} frames of {RELEASE_PRESET.height}x{RELEASE_PRESET.width}"
+# Bounds of the request's counts: far above what the model was trained for (the release: 204 frames of 544x992 in
+# 30-50 steps), low enough that nothing is allocated or looped over beyond reason before the memory plan runs.
+MAX_STEPS = 1000
+MAX_FRAMES = 1024
+MAX_SIDE = 4096
+RELEASE_SIZE = (f"the release makes {RELEASE_PRESET.frames}x{RELEASE_PRESET.height}x{RELEASE_PRESET.width}, "
+                "frames x height x width")
 # Run options under their old names, still taken for one release (the API's options, a job file the web page's
 # queue wrote before): old name -> new name.
 OLD_OPTION_NAMES = {"cache": "text_cache", "cache_dir": "text_cache_dir"}
@@ -74,10 +79,18 @@ def model_folder(spec: JobSpec, published: bool = False) -> ModelFolder:
     return open_model_folder(spec.model_dir, published)
 
 
+def profile_name(spec: JobSpec) -> str:
+    """The profile a spec runs with: the one given, else cpu for the demo (its tiny model needs no tier), else
+    auto. generate.py and the web page both go by this."""
+    if spec.profile and spec.profile != "auto":
+        return spec.profile
+    return "cpu" if spec.demo else "auto"
+
+
 def profile_for(spec: JobSpec, need_device: bool = True, log: Callable[[str], None] | None = None) -> Profile:
-    """The spec's profile ('auto': by the card and the RAM, said to `log`) with its overrides; with need_device, a
-    CUDA profile on a machine without a GPU is refused here, before anything is allocated."""
-    name = spec.profile or ("cpu" if spec.demo else "auto")
+    """The spec's profile (profile_name; 'auto': by the card and the RAM, said to `log`) with its overrides; with
+    need_device, a CUDA profile on a machine without a GPU is refused here, before anything is allocated."""
+    name = profile_name(spec)
     vram = detect_vram_bytes()
     if name == "auto":
         profile, reason = auto_choice(vram, capability=this_card()[1])
@@ -98,9 +111,9 @@ def profile_for(spec: JobSpec, need_device: bool = True, log: Callable[[str], No
 def check_numbers(spec: JobSpec) -> None:
     if not spec.prompt or not spec.prompt.strip():
         raise UsageError("--prompt is empty; describe the video to generate, e.g. --prompt \"a cat playing piano\"")
-    if spec.steps is not None and spec.steps < 1:
-        raise UsageError(f"--steps {spec.steps}: needs at least 1 denoising step (release 30-{RELEASE_PRESET.steps}, "
-                         f"turbo {TURBO_SAMPLING['steps']})")
+    if spec.steps is not None and not 1 <= spec.steps <= MAX_STEPS:
+        raise UsageError(f"--steps {spec.steps}: needs at least 1 denoising step and at most {MAX_STEPS} (release "
+                         f"30-{RELEASE_PRESET.steps}, turbo {TURBO_SAMPLING['steps']})")
     if isinstance(spec.seed, bool) or not isinstance(spec.seed, int):
         raise UsageError(f"--seed {spec.seed!r}: must be an integer")
     problem = sampling_problem(spec.guidance_scale, spec.shift, spec.seed)
@@ -121,17 +134,21 @@ def preset_for(spec: JobSpec, profile: Profile, default_steps: int | None, log) 
         raise UsageError(f"{bad[0]}: must be positive (frames in multiples of 17, height and width in multiples "
                          f"of 16; {RELEASE_SIZE})")
     frames, height, width = (spec.frames or base.frames, spec.height or base.height, spec.width or base.width)
-    if max(height, width) > 4096 or frames > 1024:
-        raise UsageError(f"{frames} frames of {height}x{width} is beyond what the model was trained for "
-                         f"({RELEASE_SIZE}); choose a smaller size")
+    if max(height, width) > MAX_SIDE or frames > MAX_FRAMES:
+        raise UsageError(f"{frames}x{height}x{width} (frames x height x width) is beyond what the model was trained "
+                         f"for ({RELEASE_SIZE}; at most {MAX_FRAMES} frames and {MAX_SIDE} pixels a side here); "
+                         "choose a smaller size")
     shape = latent_shape(frames, height, width)
     if shape.rounded:
         log(f"warning: {frames}x{height}x{width} rounded to {shape.num_frames}x{shape.height}x{shape.width} "
             "(frames come in 17-frame chunks, sizes in multiples of 16)")
-    return Preset(shape.num_frames, shape.height, shape.width, spec.steps or default_steps or base.steps)
+    steps = spec.steps or default_steps or base.steps
+    if not 1 <= steps <= MAX_STEPS:   # a profile file's preset
+        raise UsageError(f"{steps} denoising steps (profile {profile.name}): give --steps 1 to {MAX_STEPS}")
+    return Preset(shape.num_frames, shape.height, shape.width, steps)
 
 
 def check_writable(path: Path) -> None:
-    problem = output_path_error(path, create_dirs=path.parent == RESULTS)
+    problem = output_path_error(path, create_dirs=True)
     if problem:
         raise UsageError(problem)

@@ -6,9 +6,15 @@ request and the identity of the weights it came from (per component: file names,
 the result would silently be neither video. Everything read back (step index, latent shape, dtype, finiteness)
 is checked against the request. Saved latents (--save-latents) record the same, so --decode-latents can refuse a
 resume checkpoint, damaged latents or latents of another VAE.
+
+Both carry a checksum (SHA-256 over the latents' dtype, shape and bytes and over every metadata entry): a file
+edited by hand (flipped latent bits, a next step moved forward or back) or damaged on disk is refused, naming it,
+instead of silently giving a video that is neither run's. A file without one (written before checksums, or with
+it removed) is refused the same way.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -21,6 +27,7 @@ from ..errors import StepVideoError
 from ..files.fsutil import atomic_path
 
 LATENT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+CHECKSUM_KEY = "checksum"
 
 
 class ResumeError(StepVideoError, ValueError):
@@ -47,17 +54,35 @@ def checkpoint_path(output: Path) -> Path:
     return output.with_name(output.name + ".resume.safetensors")
 
 
+def checksum(latents: torch.Tensor, meta: dict[str, str]) -> str:
+    """SHA-256 over the latents (dtype, shape, bytes) and every metadata entry but the checksum itself."""
+    h = hashlib.sha256()
+    entries = {k: v for k, v in meta.items() if k != CHECKSUM_KEY}
+    h.update(json.dumps([str(latents.dtype), list(latents.shape), entries], sort_keys=True).encode())
+    h.update(latents.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def signed(latents: torch.Tensor, meta: dict[str, str]) -> dict[str, str]:
+    """`meta` with the checksum of the latents and itself."""
+    return {**meta, CHECKSUM_KEY: checksum(latents, meta)}
+
+
+def _write(path: Path, latents: torch.Tensor, meta: dict[str, str], replace: bool) -> None:
+    latents = latents.detach().float().cpu().contiguous()
+    with atomic_path(path, ".safetensors", replace) as tmp:
+        save_file({"latents": latents}, str(tmp), metadata=signed(latents, meta))
+
+
 def save_checkpoint(path: Path, latents: torch.Tensor, next_step: int, request: dict) -> None:
-    meta = {"kind": "resume", "next_step": str(next_step), "request": json.dumps(request, sort_keys=True)}
-    with atomic_path(path, ".safetensors") as tmp:
-        save_file({"latents": latents.detach().float().cpu().contiguous()}, str(tmp), metadata=meta)
+    _write(path, latents, {"kind": "resume", "next_step": str(next_step),
+                           "request": json.dumps(request, sort_keys=True)}, replace=True)
 
 
-def save_latents(path: Path, latents: torch.Tensor, request: dict) -> None:
-    """Final latents for --decode-latents, with the request and weights they came from."""
-    meta = {"kind": "latents", "request": json.dumps(request, sort_keys=True)}
-    with atomic_path(path, ".safetensors") as tmp:
-        save_file({"latents": latents.detach().float().cpu().contiguous()}, str(tmp), metadata=meta)
+def save_latents(path: Path, latents: torch.Tensor, request: dict, replace: bool = True) -> None:
+    """Final latents for --decode-latents, with the request and weights they came from; replace=False:
+    FileExistsError rather than replace a file at `path`."""
+    _write(path, latents, {"kind": "latents", "request": json.dumps(request, sort_keys=True)}, replace)
 
 
 def saved_request(path: Path) -> dict | None:
@@ -78,6 +103,11 @@ def _read(path: Path, what: str, fix: str) -> tuple[torch.Tensor, dict[str, str]
     except (SafetensorError, OSError, KeyError, ValueError, RuntimeError) as e:
         raise ResumeError(f"{path}: not a {what} ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
                           f"{fix}") from None
+    if CHECKSUM_KEY not in meta:
+        raise ResumeError(f"{path}: no checksum (written by an older version, or edited); it cannot be trusted, {fix}")
+    if meta[CHECKSUM_KEY] != checksum(latents, meta):
+        raise ResumeError(f"{path}: checksum mismatch, the file was changed after it was written (edited by hand or "
+                          f"damaged on disk); {fix}")
     return latents, meta
 
 

@@ -492,6 +492,7 @@ class Result:
     seconds: float
     source_bytes: int            # bytes read and converted in this run
     verify_rows: list = field(default_factory=list)
+    carried: tuple[int, int] = (0, 0)   # files of the source put in DST as they are: (hard-linked, copied)
 
 
 def quantize_folder(src: Path, dst: Path, fmt_name: str, components=DEFAULT_COMPONENTS, force: bool = False,
@@ -520,13 +521,13 @@ def quantize_folder(src: Path, dst: Path, fmt_name: str, components=DEFAULT_COMP
         _remove(partial)
         raise CheckpointError(f"{e} (removed {partial})") from None
     _write_indexes(partial, jobs)
-    carry(src, partial, files)
+    carried = carry(src, partial, files)
     (partial / STATE_FILE).unlink()
     if dst.exists() or dst.is_symlink():
         _remove(dst)
     os.rename(partial, dst)
     result = Result(jobs, [s.relpath for _, s in todo], reused, time.perf_counter() - start,
-                    sum(s.source_bytes for _, s in todo))
+                    sum(s.source_bytes for _, s in todo), carried=carried)
     if verify:
         result.verify_rows = verify_folder(dst, jobs)
     return result
