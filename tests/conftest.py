@@ -13,6 +13,13 @@ RELEASE = SHARED / "release"
 RELEASE_MODEL = RELEASE / "stepvideo-t2v"
 
 
+def ti2v_fixture() -> Path:
+    """The Step-Video-TI2V reference fixtures (fixtures/README.md, ti2v-public): the repository's copy when it has
+    one, else the shared folder."""
+    in_repo = ROOT / "tests" / "data" / "fixtures" / "ti2v-public"
+    return in_repo if in_repo.is_dir() else SHARED / "fixtures" / "ti2v-public"
+
+
 def fixture_dirs() -> list[Path]:
     raw = os.environ.get("LOWVRAM_STEPVIDEO_FIXTURES", str(SHARED / "fixtures" / "tiny-public"))
     return [Path(p) for p in raw.split(os.pathsep) if p]

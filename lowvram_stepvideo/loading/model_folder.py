@@ -30,13 +30,16 @@ class ModelFolder:
     root: Path
     weight_format: str          # "bf16" (release) or the quantized format of the DiT ("int8", "fp8")
     turbo: bool                 # the step-distilled checkpoint (see is_turbo)
+    kind: str = "t2v"           # "t2v" (prompt to video) or "ti2v" (first image + prompt; see DiTConfig.kind)
 
     def open(self, component: str, layers: int | None = None) -> Component:
-        """A fresh Component (meta module + weight index) as a generation runs it (the VAE without its encoder:
-        nothing here encodes); loading it assigns memory-mapped tensors. `layers` (block stacks only:
-        transformer, step_llm, hunyuan_clip) builds that many blocks, for the memory plan."""
+        """A fresh Component (meta module + weight index) as a generation runs it: "vae" is the decoder alone,
+        "vae_encoder" the encoder alone (TI2V's first image); loading it assigns memory-mapped tensors. `layers`
+        (block stacks only: transformer, step_llm, hunyuan_clip) builds that many blocks, for the memory plan."""
         if component == "vae":
             return open_vae(self.root / component, with_encoder=False)
+        if component == "vae_encoder":
+            return open_vae(self.root / "vae", with_decoder=False)
         if layers is None:
             return OPENERS[component](self.root / component)
         return OPENERS[component](self.root / component, layers=layers)
@@ -74,9 +77,12 @@ def open_model_folder(root: Path) -> ModelFolder:
         load_step_llm_tokenizer(root / "step_llm")
         load_clip_tokenizer(root / "hunyuan_clip")
         turbo = is_turbo(root, headers["transformer"])
+        kind = open_dit(root / "transformer", layers=0).config.kind
+        if kind == "ti2v":
+            open_vae(root / "vae", with_decoder=False).check()   # the first image is encoded: the encoder must load
     except (CheckpointError, ConfigError) as e:
         raise ModelFolderError(f"{e}") from None
-    return ModelFolder(root, formats["transformer"], turbo)
+    return ModelFolder(root, formats["transformer"], turbo, kind)
 
 
 def is_turbo(root: Path, dit_header: dict | None = None) -> bool:

@@ -23,11 +23,31 @@ SEED_MIN, SEED_MAX = 0, 2**64 - 1
 # replaces the preset's steps with its 15.
 RELEASE_DEFAULTS = {"steps": 50, "guidance_scale": 9.0, "shift": 13.0}
 TURBO_DEFAULTS = {"steps": 15, "guidance_scale": 5.0, "shift": 17.0}
+# Step-Video-TI2V's own (its reference pipeline, docs/STEPVIDEO.md §3.5): the T2V sampling values, a motion score,
+# and videos of at most 102 frames (the ladders of the profiles are capped there unless a user asks for more).
+TI2V_DEFAULTS = {**RELEASE_DEFAULTS, "motion_score": 5.0, "max_frames": 102}
+MOTION_SCORE_MAX = 100.0   # the reference suggests 2 (steady) to 10-20 (lively); far beyond is a typo
 
 
-def sampling_defaults(turbo: bool) -> dict:
-    """steps, guidance_scale and shift of the release, or of the turbo (step-distilled) checkpoint."""
-    return TURBO_DEFAULTS if turbo else RELEASE_DEFAULTS
+def sampling_defaults(turbo: bool, kind: str = "t2v") -> dict:
+    """steps, guidance_scale and shift of the release, or of the turbo (step-distilled) checkpoint; for a TI2V
+    model (`kind` "ti2v") also its motion_score and max_frames (turbo then replaces the sampling values only)."""
+    base = TURBO_DEFAULTS if turbo else RELEASE_DEFAULTS
+    if kind == "ti2v":
+        return {**TI2V_DEFAULTS, **base}
+    return base
+
+
+def motion_score_problem(score: float | None) -> str | None:
+    """Why a motion score cannot be used (one line naming the flag), or None."""
+    if score is None:
+        return None
+    if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
+        return f"--motion-score {score}: must be a finite number (2 steady, 5 default, 10-20 lively)"
+    if not 0 <= score <= MOTION_SCORE_MAX:
+        return (f"--motion-score {score:g}: must be from 0 to {MOTION_SCORE_MAX:g} (2 steady, 5 default, "
+                "10-20 lively)")
+    return None
 
 
 def flow_sigmas(num_steps: int, time_shift: float) -> torch.Tensor:
