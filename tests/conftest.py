@@ -121,6 +121,13 @@ def demo_env(monkeypatch, demo_cache):
     monkeypatch.setenv(demo.CACHE_ENV, str(demo_cache))
 
 
+@pytest.fixture(scope="session")
+def ti2v_demo_dir(demo_cache):
+    """The tiny TI2V demo model (generate.py --demo --image), built once in the session's cache folder."""
+    from lowvram_stepvideo.loading import demo
+    return demo.build_demo_model(demo_cache / f"demo-ti2v-v{demo.DEMO_VERSION}", kind="ti2v")
+
+
 @pytest.fixture
 def demo_dir(demo_cache):
     from lowvram_stepvideo.loading import demo

@@ -24,7 +24,7 @@ from ..profiles import describe, detect_vram_bytes, list_profiles, load_profile,
 from ..planning.budgets import auto_choice
 from ..run.resume import load_latents
 from ..run.job import Interrupted, PhasePipeline, say as _say
-from ..pipeline.sampling import RELEASE_DEFAULTS, TURBO_DEFAULTS, sampling_defaults
+from ..pipeline.sampling import MOTION_SCORE_MAX, RELEASE_DEFAULTS, TI2V_DEFAULTS, TURBO_DEFAULTS
 from . import batch
 from ..planning.fit import check_fit
 from .web import serve
@@ -85,6 +85,12 @@ def build_parser(prog: str = "generate.py") -> argparse.ArgumentParser:
     p.add_argument("--output-dir", type=Path,
                    help="with --prompts-file: where the videos and summary.json go (default results/<file name>/)")
     p.add_argument("--negative-prompt", help="what to avoid (default: the reference's negative prompt)")
+    p.add_argument("--image", type=Path,
+                   help="image to video (a stepvideo-ti2v folder; with --demo the tiny TI2V model): the first frame, "
+                        "PNG, JPEG or WebP, scaled to cover the video and centre cropped")
+    p.add_argument("--motion-score", type=float, metavar="X",
+                   help=f"with --image: how much moves, 0-{MOTION_SCORE_MAX:g} (default "
+                        f"{TI2V_DEFAULTS['motion_score']:g}; 2 steady, 10-20 lively)")
     p.add_argument("--frames", type=int,
                    help="number of frames, a multiple of 17 (default: the profile's first preset; release 204)")
     p.add_argument("--height", type=int, help="height in pixels, a multiple of 16 (release 544)")
@@ -252,7 +258,7 @@ def job_spec(args) -> JobSpec:
                "parallel": args.parallel}
     return JobSpec(args.prompt, args.negative_prompt, args.seed, args.frames, args.height, args.width, args.steps,
                    args.cfg, args.shift, args.model_dir, args.demo, args.profile, args.output,
-                   {k: v for k, v in options.items() if v is not None})
+                   {k: v for k, v in options.items() if v is not None}, args.image, args.motion_score)
 
 
 def _list_profiles() -> bool:
@@ -299,9 +305,7 @@ def _dry_run(args, spec: JobSpec) -> int:
             profile = with_overrides(profile, cfg_mode="batch")   # as ParallelRuntime runs it
     if not args.assume_format:
         runner.note_weight_format(folder, profile, _say)
-    preflight.check_numbers(spec)
-    turbo = args.turbo or folder.turbo
-    preset = preflight.preset_for(spec, profile, sampling_defaults(True)["steps"] if turbo else None, _say)
+    preset = preflight.dry_run_preset(spec, folder, profile, args.turbo or folder.turbo, _say)
     if vram is not None and profile.device == "cpu":
         _say(f"note: --vram-gib does not apply to profile {profile.name} (it computes in RAM; --ram-gib does)")
     verdict = check_fit(folder, profile, preset, vram, ram, args.assume_format, preflight.speed_options(spec),

@@ -2,6 +2,7 @@
 run, a preset, the sampling settings and writable outputs, or a one-line `StepVideoError` naming the fix."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -11,9 +12,10 @@ from ..errors import UsageError
 from ..loading.model_folder import ModelFolder, open_model_folder
 from ..profiles import Preset, Profile, detect_vram_bytes, load_profile, with_overrides
 from ..planning.budgets import auto_choice
-from ..pipeline.sampling import latent_shape, sampling_problem
+from ..pipeline.sampling import latent_shape, motion_score_problem, sampling_defaults, sampling_problem
 from ..engines.levers import SpeedOptions
 from .outputs import RESULTS
+from .request import first_image
 from ..files.video import output_path_error
 
 GiB = 2**30
@@ -28,7 +30,10 @@ RUN_OPTIONS = {"resume": False,          # True: continue from the checkpoint; "
                "turbo": False,           # the turbo checkpoint's defaults whatever the folder
                "step_cache": 0.0,        # first-block step cache threshold (speed.SpeedOptions.cache; 0 = off)
                "compile": False,         # regional torch.compile of the DiT blocks
-               "parallel": None}         # under torchrun: "cfg" | "sequence" | "auto" (None: auto)
+               "parallel": None,         # under torchrun: "cfg" | "sequence" | "auto" (None: auto)
+               "prompt_embeds": None,    # API: (y, y_mask, clip) in place of the text phase
+               "latents": None,          # API: the initial noise in place of the seed's
+               "image_latents": None}    # API, TI2V: the first image's sampled latent in place of the image
 
 
 @dataclass
@@ -48,6 +53,8 @@ class JobSpec:
     profile: str | None = None
     output: Path | None = None
     options: dict = field(default_factory=dict)   # RUN_OPTIONS and profile overrides (attention, vae_tile, ...)
+    image: object = None                # TI2V: the first image (a path; the API also takes a PIL image, array, tensor)
+    motion_score: float | None = None   # TI2V: how much moves (2 steady, 5 default, 10-20 lively)
 
 
 def run_options(spec: JobSpec) -> dict:
@@ -64,11 +71,29 @@ def speed_options(spec: JobSpec) -> SpeedOptions:
 
 
 def model_folder(spec: JobSpec) -> ModelFolder:
+    """The spec's folder; the demo is the TI2V one when the spec has a first image (or `demo` is "ti2v")."""
     if spec.demo:
-        return open_model_folder(demo.build_demo_model())
+        kind = "ti2v" if spec.demo == "ti2v" or spec.image is not None else "t2v"
+        return open_model_folder(demo.build_demo_model(kind=kind))
     if spec.model_dir is None:
-        raise UsageError("give --model-dir PATH (the downloaded stepvideo-t2v folder) or --demo")
+        raise UsageError("give --model-dir PATH (the downloaded stepvideo-t2v or stepvideo-ti2v folder) or --demo")
     return open_model_folder(spec.model_dir)
+
+
+def check_kind_inputs(spec: JobSpec, folder: ModelFolder) -> None:
+    """A first image and a motion score go with a TI2V folder, which needs the image (one-line errors)."""
+    if folder.kind == "t2v":
+        given = "--image" if spec.image is not None else "--motion-score" if spec.motion_score is not None else None
+        if given:
+            raise UsageError(f"{given}: {folder.root} is a Step-Video-T2V folder (text to video); image to video "
+                             "needs a stepvideo-ti2v folder (or drop the flag)")
+        return
+    if spec.image is None and spec.options.get("image_latents") is None:
+        raise UsageError(f"{folder.root} is a Step-Video-TI2V folder (image to video): give the first image with "
+                         "--image PATH (PNG, JPEG or WebP)")
+    problem = motion_score_problem(spec.motion_score)
+    if problem:
+        raise UsageError(problem)
 
 
 def profile_for(spec: JobSpec, need_device: bool = True, log: Callable[[str], None] | None = None) -> Profile:
@@ -93,7 +118,7 @@ def profile_for(spec: JobSpec, need_device: bool = True, log: Callable[[str], No
 
 
 def check_numbers(spec: JobSpec) -> None:
-    if not spec.prompt or not spec.prompt.strip():
+    if (not spec.prompt or not spec.prompt.strip()) and spec.options.get("prompt_embeds") is None:
         raise UsageError("--prompt is empty; describe the video to generate, e.g. --prompt \"a cat playing piano\"")
     if spec.steps is not None and spec.steps < 1:
         raise UsageError(f"--steps {spec.steps}: needs at least 1 denoising step (release 30-50, turbo 15)")
@@ -107,10 +132,17 @@ def check_numbers(spec: JobSpec) -> None:
         raise UsageError(f"--checkpoint-every {every}: must be >= 0 (0 = never)")
 
 
-def preset_for(spec: JobSpec, profile: Profile, default_steps: int | None, log) -> Preset:
+def preset_for(spec: JobSpec, profile: Profile, default_steps: int | None, log,
+               max_frames: int | None = None) -> Preset:
     """The size asked for (the profile's default preset where not given), rounded to what the model makes;
-    steps: the spec's, else `default_steps` (turbo), else the preset's."""
+    steps: the spec's, else `default_steps` (turbo), else the preset's. `max_frames` (TI2V's 102): the default
+    preset's frames are capped there; asking for more is allowed, with a warning."""
     base = demo.DEMO_PRESET if spec.demo else profile.default_preset
+    if max_frames and base.frames > max_frames:
+        base = dataclasses.replace(base, frames=max_frames)
+    if max_frames and spec.frames and spec.frames > max_frames:
+        log(f"warning: --frames {spec.frames}: Step-Video-TI2V makes videos of at most {max_frames} frames (its "
+            "reference's length); longer ones are beyond what it was trained for")
     given = {"frames": spec.frames, "height": spec.height, "width": spec.width}
     bad = [f"--{k} {v}" for k, v in given.items() if v is not None and v < 1]
     if bad:
@@ -125,6 +157,22 @@ def preset_for(spec: JobSpec, profile: Profile, default_steps: int | None, log) 
         log(f"warning: {frames}x{height}x{width} rounded to {shape.num_frames}x{shape.height}x{shape.width} "
             "(frames come in 17-frame chunks, sizes in multiples of 16)")
     return Preset(shape.num_frames, shape.height, shape.width, spec.steps or default_steps or base.steps)
+
+
+def dry_run_preset(spec: JobSpec, folder: ModelFolder, profile: Profile, turbo: bool, log) -> Preset:
+    """The preset --dry-run plans, after the same checks as a run; a TI2V plan needs no first image (it does not
+    depend on it), but one given is checked."""
+    check_numbers(spec)
+    if folder.kind == "t2v" or spec.image is not None:
+        check_kind_inputs(spec, folder)
+    problem = motion_score_problem(spec.motion_score)
+    if problem:
+        raise UsageError(problem)
+    defaults = sampling_defaults(turbo, folder.kind)
+    preset = preset_for(spec, profile, defaults["steps"] if turbo else None, log, defaults.get("max_frames"))
+    if spec.image is not None:
+        first_image(spec.image, (preset.height, preset.width))
+    return preset
 
 
 def check_writable(path: Path) -> None:

@@ -23,14 +23,25 @@ def job_metadata(job, request) -> dict:
             "preset": str(preset), "steps": preset.steps, "guidance_scale": request.guidance_scale,
             "shift": request.shift, "turbo": job.turbo, "arguments": spec_arguments(spec),
             "request": job.request.fingerprint(job.pipe.folder.root, job.pipe.profile.compute_dtype),
-            "parallel": job.par.layout.describe() if job.par else None}
+            "parallel": job.par.layout.describe() if job.par else None, "kind": job.pipe.kind,
+            **request.describe_image()}
 
 
 def spec_arguments(spec: preflight.JobSpec) -> dict:
-    plain = dataclasses.asdict(spec)
+    plain = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)}   # (asdict would copy an image)
     options = plain.pop("options")
-    return {k: v if v is None or isinstance(v, (bool, int, float)) else str(v)
-            for k, v in {**plain, **preflight.run_options(spec), **options}.items()}
+    return {k: _plain(v) for k, v in {**plain, **preflight.run_options(spec), **options}.items()}
+
+
+def _plain(value):
+    """A JSON value for the sidecar: numbers as they are, an in-memory image or tensors (the API's) as their type,
+    anything else as text."""
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    tensors = value if isinstance(value, (tuple, list)) else [value]
+    if any(hasattr(v, "shape") or hasattr(v, "mode") for v in tensors):
+        return f"<{type(value).__name__}>"
+    return str(value)
 
 
 def write_outputs(output: Path, frames, pipe, meta: dict, seconds: float, log) -> None:
