@@ -105,13 +105,14 @@ def test_timeout_from_environment(monkeypatch):
 # ---------------------------------------------------------------- real process groups (gloo)
 
 @pytest.mark.slow
-def test_two_processes_cfg_and_sequence_equal_one_process(tmp_path, demo_dir):
-    check_run(2, [fixture_dirs()[0] / "model_dir", demo_dir], tmp_path)
+def test_two_processes_cfg_and_sequence_equal_one_process(tmp_path, demo_dir, ti2v_demo_dir):
+    """TI2V too: its condition latents and motion score split with the latents (CFG) and the tokens (sequence)."""
+    check_run(2, [fixture_dirs()[0] / "model_dir", demo_dir, ti2v_demo_dir], tmp_path)
 
 
 @pytest.mark.slow
-def test_four_processes_cfg_x_sequence_and_sequence_equal_one_process(tmp_path, demo_dir):
-    check_run(4, [fixture_dirs()[0] / "model_dir", demo_dir], tmp_path)
+def test_four_processes_cfg_x_sequence_and_sequence_equal_one_process(tmp_path, demo_dir, ti2v_demo_dir):
+    check_run(4, [fixture_dirs()[0] / "model_dir", demo_dir, ti2v_demo_dir], tmp_path)
 
 
 @pytest.mark.slow

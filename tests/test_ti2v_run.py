@@ -190,3 +190,54 @@ def test_api_refuses_what_does_not_fit(ti2v_api, demo_dir):
     t2v = api.StepVideoPipeline.from_pretrained(demo_dir, profile="cpu", log=lambda m: None)
     with pytest.raises(StepVideoError, match="Step-Video-T2V folder"):
         t2v("a fox", image=FIRST, **CALL)
+
+
+# ---- speed levers ----------------------------------------------------------------------------------------------
+
+def test_step_cache_on_a_quantized_ti2v_folder(ti2v_demo_dir, tmp_path, capsys):
+    from lowvram_stepvideo.tools.quantize_folder import quantize_folder
+    quantize_folder(ti2v_demo_dir, tmp_path / "int8", "int8", log=lambda m: None)
+    out = tmp_path / "q.mp4"
+    rc, _, err = run_cli(capsys, "--model-dir", tmp_path / "int8", "--profile", "cpu", "--image", FIRST, "--prompt",
+                         "a fox", "--frames", "17", "--height", "16", "--width", "32", "--steps", "5", "--cache", "0.9",
+                         "--output", out)
+    assert rc == 0, err
+    meta = read_sidecar(out)
+    assert meta["weight_format"] == "int8" and meta["kind"] == "ti2v"
+    counts = meta["speed"]["step_cache"]
+    assert counts["full"] + counts["cached"] == 2 * 5 and counts["cached"] > 0
+
+
+@pytest.mark.slow
+def test_fast_int8_matmul_and_compiled_blocks_on_the_ti2v_dit(ti2v_demo_dir, one_torch_thread):
+    """The TI2V DiT (condition latents, motion score) with int8 weights, the fast int8 x int8 matmul (forced on
+    the CPU) and its blocks compiled (aot_eager): one graph for every block and step, the same velocities."""
+    from torch._dynamo.utils import counters
+
+    from lowvram_stepvideo.engines import fast_matmul
+    from lowvram_stepvideo.engines.compile import compile_blocks, uncompile_blocks
+    from lowvram_stepvideo.loading.loaders import load_dit
+    from lowvram_stepvideo.models import quant
+    model = load_dit(ti2v_demo_dir / "transformer", dtype=torch.float32)
+    names = [n for n, _ in model.named_parameters()]
+    quant.quantize_model(model, quant.FORMATS["int8"], quant.plan_quantization("transformer", names))
+    calls = fast_matmul.use_matmul(model, "int8", cuda=False)
+    g = torch.Generator().manual_seed(0)
+    x, cond = torch.randn(1, 3, 4, 2, 3, generator=g), torch.zeros(1, 3, 4, 2, 3)
+    cond[:, :1] = torch.randn(1, 1, 4, 2, 3, generator=g)
+    text = (torch.randn(1, 5, 96, generator=g), torch.randn(1, 4, 32, generator=g), torch.ones(1, 9))
+
+    def steps():
+        with torch.no_grad():
+            return [model(x, torch.tensor([t]), *text, cond, torch.tensor([5.0])) for t in (0.9, 0.5, 0.2)]
+    eager = steps()
+    torch._dynamo.reset()
+    counters.clear()
+    compile_blocks(model.transformer_blocks, backend="aot_eager")
+    try:
+        compiled = steps()
+    finally:
+        uncompile_blocks(model.transformer_blocks)
+    assert calls[0] > 0 and counters["stats"]["unique_graphs"] == 1 and not counters["recompiles"]
+    for got, want in zip(compiled, eager):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
