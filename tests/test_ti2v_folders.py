@@ -3,10 +3,12 @@ quantized with T2V's guarantees (the condition path included)."""
 import json
 import math
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
-from conftest import RELEASE, complete_model_dir, fixture_dirs, manifest_shapes, read_io, ti2v_fixture
+from conftest import RELEASE, SHARED, complete_model_dir, fixture_dirs, manifest_shapes, read_io, ti2v_fixture
 
 from lowvram_stepvideo.loading.loaders import load_dit
 from lowvram_stepvideo.loading.model_folder import ModelFolderError, open_model_folder
@@ -93,3 +95,53 @@ def test_full_size_ti2v_dit_quantized_is_within_one_percent_of_half():
     out = sum(math.prod(s) + 4 * s[0] if k in plan else 2 * math.prod(s) for k, s in shapes.items())
     half = sum(2 * math.prod(s) for s in shapes.values()) / 2
     assert abs(out / half - 1) <= 0.01
+
+
+# ---- the full-size release, as zero-weight sparse files ----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def sparse_ti2v(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sparse-ti2v") / "stepvideo-ti2v"
+    subprocess.run([sys.executable, str(SHARED / "tools" / "make_sparse_release.py"), str(out), "--variant", "ti2v"],
+                   check=True, capture_output=True)
+    return out
+
+
+def test_full_size_ti2v_release_loads_strictly(sparse_ti2v):
+    folder = open_model_folder(sparse_ti2v)
+    assert (folder.kind, folder.weight_format) == ("ti2v", "bf16")
+    dit = folder.open("transformer").load(torch.bfloat16)
+    assert dit.pos_embed.proj.weight.shape == (6144, 128, 1, 1) and len(dit.transformer_blocks) == 48
+    assert dit.adaln_single.emb.motion_score_embedder.linear_2.weight.shape == (6144, 6144)
+    encoder = folder.open("vae_encoder").load(torch.bfloat16)
+    assert encoder.decoder is None and sum(p.numel() for p in encoder.parameters()) == 109_885_696
+
+
+@pytest.mark.slow
+def test_full_size_ti2v_release_quantizes(tmp_path):
+    """(2 of the 48 blocks: converting 60 GB of zeros would take minutes and prove nothing more.)"""
+    src = tmp_path / "stepvideo-ti2v"
+    subprocess.run([sys.executable, str(SHARED / "tools" / "make_sparse_release.py"), str(src), "--variant", "ti2v",
+                    "--layers", "2"], check=True, capture_output=True)
+    quantize_folder(src, tmp_path / "int8", "int8", components=("transformer",), log=lambda m: None)
+    folder = open_model_folder(tmp_path / "int8")
+    assert (folder.kind, folder.weight_format) == ("ti2v", "int8")
+    dit = folder.open("transformer").load(torch.bfloat16)
+    assert isinstance(dit.adaln_single.emb.motion_score_embedder.linear_2, quant.QuantLinear)
+
+
+CARDS = {"cpu": None, "cpu-lowram": None, "8gb": 8, "12gb": 12, "16gb": 16, "24gb": 24, "48gb": 48, "80gb": 80}
+
+
+@pytest.mark.parametrize("profile", [pytest.param(p, marks=[] if p == "8gb" else pytest.mark.slow) for p in CARDS])
+def test_full_size_dry_run_plans_102_frames_on_every_profiles_card(sparse_ti2v, profile, capsys):
+    from cli_support import run_cli
+    from lowvram_stepvideo.profiles import load_profile
+    args = ["--model-dir", sparse_ti2v, "--profile", profile, "--prompt", "x", "--dry-run", "--ram-gib", "64"]
+    if CARDS[profile]:
+        args += ["--vram-gib", str(CARDS[profile])]
+    if load_profile(profile).weight_format != "bf16":
+        args += ["--assume-format", load_profile(profile).weight_format]
+    rc, out, err = run_cli(capsys, *args)
+    assert rc == 0, err
+    assert "102x544x992" in out and "\nimage " in out and "verdict: fits" in out, out
