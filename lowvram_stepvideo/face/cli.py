@@ -45,6 +45,8 @@ examples:
       what a 12 GB card in a 32 GB machine would do with this folder once quantized to int8
   %(prog)s --model-dir ./stepvideo-t2v-int8 --prompt "a red fox in the snow" --output fox.mp4 --resume
       continue a run that was interrupted (Ctrl-C, crash), from the checkpoint saved next to fox.mp4
+  %(prog)s --model-dir ./stepvideo-ti2v-int8 --image fox.jpg --prompt "the fox turns its head" --output fox.mp4
+      image to video (Step-Video-TI2V): the image is the first frame; --motion-score 2 steady .. 10-20 lively
   %(prog)s --list-profiles
       the memory tiers and their preset ladders
   %(prog)s --web --demo
@@ -62,8 +64,9 @@ exit status:
 
 batches:
   --prompts-file FILE: one prompt per line (UTF-8; blank lines and lines starting with # are skipped; a line may
-  end with " --seed N"). The text encoders run once for all prompts, then each video is made in turn, named
-  <line>-<prompt start>-seed<N>.mp4 in --output-dir (default results/<file name>/), with summary.json. Run the
+  end with " --seed N"; with a TI2V folder it may start with "image=PATH ", relative to the file). The text
+  encoders run once for all prompts, then each video is made in turn, named <line>-<prompt start>-seed<N>.mp4
+  in --output-dir (default results/<file name>/), with summary.json. Run the
   same command again after an interruption: finished videos are skipped, the interrupted one resumes.
 """
 
