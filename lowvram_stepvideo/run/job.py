@@ -91,6 +91,8 @@ def denoise_with_fallback(pipe: PhasePipeline, request: Request, ladder: list[Pr
     for i, preset in enumerate(ladder):
         req = dataclasses.replace(request, preset=preset)
         try:
+            if par is not None:
+                req.image_latents = shared_image_latents(pipe, req, par)
             return denoise(pipe, req, embeds, ckpt, resume and i == 0, every, should_stop,
                            par is None or par.writer), preset
         except _OOM:
@@ -153,6 +155,17 @@ def condition_for(pipe: PhasePipeline, req: Request, shape: tuple[int, ...]) -> 
         return None
     image = req.image.tensor(req.preset.height, req.preset.width) if req.image_latents is None else None
     return pipe.condition(shape, image, req.image_latents, req.seed)
+
+
+def shared_image_latents(pipe: PhasePipeline, req: Request, par: Parallel) -> torch.Tensor | None:
+    """Under torchrun, TI2V's first image is encoded once, by rank 0, and every rank takes its latent (so that
+    all condition on the same bits)."""
+    if pipe.kind != "ti2v" or req.image_latents is not None:
+        return req.image_latents
+    with torch.no_grad():
+        latent = pipe.encode_image(req.image.tensor(req.preset.height, req.preset.width), req.seed) \
+            if par.writer else None
+    return par.broadcast_from_writer(latent)
 
 
 def _shape(pipe: PhasePipeline, preset: Preset) -> tuple[int, ...]:
