@@ -241,3 +241,24 @@ def test_fast_int8_matmul_and_compiled_blocks_on_the_ti2v_dit(ti2v_demo_dir, one
     assert calls[0] > 0 and counters["stats"]["unique_graphs"] == 1 and not counters["recompiles"]
     for got, want in zip(compiled, eager):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_out_of_memory_steps_down_and_encodes_the_image_again_at_the_smaller_size(ti2v_demo_dir, monkeypatch):
+    from lowvram_stepvideo.pipeline.phases import PhasePipeline
+    from lowvram_stepvideo.profiles import Preset
+    big, small = Preset(34, 32, 48, 2), Preset(17, 16, 32, 2)
+    encoded, original = [], PhasePipeline.denoise
+
+    def denoise(self, embeds, latents, *args, **kwargs):
+        encoded.append(tuple(args[4].shape))   # the condition latents it was handed
+        if latents.shape[1] > 3:
+            raise torch.OutOfMemoryError("injected")
+        return original(self, embeds, latents, *args, **kwargs)
+    monkeypatch.setattr(PhasePipeline, "denoise", denoise)
+    said = []
+    pipe = api.StepVideoPipeline.from_pretrained(ti2v_demo_dir, profile="cpu", presets=[big, small], log=said.append)
+    latents = pipe("a fox turns", image=FIRST, num_frames=34, height=32, width=48, num_inference_steps=2,
+                   output_type="latent")
+    assert pipe.last_preset == small and latents.shape == (1, 3, 4, 1, 2)
+    assert encoded == [(1, 6, 4, 2, 3), (1, 3, 4, 1, 2)]
+    assert f"denoise: out of memory at {big}; memory freed, retrying at {small}" in said
