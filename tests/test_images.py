@@ -164,6 +164,8 @@ def test_banded_resize_equals_the_direct_one():
 
 
 def test_api_inputs_give_the_same_first_image(tmp_path):
+    import lowvram_stepvideo
+    assert lowvram_stepvideo.prepare_first_image is prepare_first_image   # the public name
     rgb = _gradient(48, 80)
     path = _save(Image.fromarray(rgb), tmp_path / "x.png")
     want = prepare_first_image(path, 32, 48)

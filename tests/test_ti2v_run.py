@@ -262,3 +262,16 @@ def test_out_of_memory_steps_down_and_encodes_the_image_again_at_the_smaller_siz
     assert pipe.last_preset == small and latents.shape == (1, 3, 4, 1, 2)
     assert encoded == [(1, 6, 4, 2, 3), (1, 3, 4, 1, 2)]
     assert f"denoise: out of memory at {big}; memory freed, retrying at {small}" in said
+
+
+def test_the_text_phase_uses_ti2v_magic_prompts_and_the_embedding_cache(ti2v_demo_dir, tmp_path, monkeypatch):
+    from lowvram_stepvideo.pipeline.conditioning import MAGIC
+    from lowvram_stepvideo.pipeline.phases import PhasePipeline
+    pipe = PhasePipeline.open(ti2v_demo_dir, profile="cpu", progress=False, log=lambda m: None)
+    pipe.cache = pipe.embedding_cache(tmp_path / "embeddings")
+    seen, original = [], PhasePipeline._run_step_llm
+    monkeypatch.setattr(PhasePipeline, "_run_step_llm", lambda self, texts: seen.append(texts) or original(self, texts))
+    first = pipe.encode_prompt("a fox turns")
+    assert seen == [[["a fox turns" + MAGIC["ti2v"][0], MAGIC["ti2v"][1]]]]
+    again = pipe.encode_prompt("a fox turns")
+    assert len(seen) == 1 and all(torch.equal(a, b) for a, b in zip(first, again))   # from the cache
