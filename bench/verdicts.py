@@ -3,6 +3,8 @@
 
     python bench/verdicts.py --model-dir ./stepvideo-t2v [--ram-gib 16 32 64] [--profiles 8gb 24gb] [--json]
 
+A Step-Video-TI2V folder is planned at each profile's first preset capped at TI2V's 102 frames, as a run plans it.
+
 The folder may be the release (bf16) or the zero-weight one from tests/sparse_release.py: profiles sized for int8
 are planned with --assume-format int8. Each cuda profile gets the card it is named for (8gb: 8 GiB, ...); cpu
 profiles have RAM only. Prints two markdown tables: the plan of each profile at its first preset as written (no
@@ -12,6 +14,7 @@ Plans are memoized within this script (the verdicts for several RAM sizes re-pla
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import sys
@@ -24,6 +27,7 @@ from lowvram_stepvideo.planning import plan  # noqa: E402
 from lowvram_stepvideo.planning.fit import check_fit  # noqa: E402
 from lowvram_stepvideo.planning.stacks import block_layout  # noqa: E402
 from lowvram_stepvideo.loading.model_folder import open_model_folder  # noqa: E402
+from lowvram_stepvideo.pipeline.sampling import sampling_defaults  # noqa: E402
 from lowvram_stepvideo.profiles import list_profiles, load_profile  # noqa: E402
 
 GiB = 2**30
@@ -46,10 +50,18 @@ def memoize_plans() -> None:
     plan.plan_memory = memo
 
 
+def first_preset(folder, profile):
+    """The profile's first preset as a run of this folder takes it (TI2V: at most 102 frames)."""
+    cap = sampling_defaults(False, folder.kind).get("max_frames")
+    preset = profile.default_preset
+    return dataclasses.replace(preset, frames=min(preset.frames, cap)) if cap else preset
+
+
 def plan_row(folder, profile, fmt) -> dict:
     start = time.perf_counter()
-    p = plan.plan_memory(folder, profile, profile.default_preset, assume_format=fmt)
-    return {"profile": profile.name, "weights": fmt or folder.weight_format, "preset": str(profile.default_preset),
+    p = plan.plan_memory(folder, profile, first_preset(folder, profile), assume_format=fmt)
+    return {"profile": profile.name, "weights": fmt or folder.weight_format,
+            "preset": str(first_preset(folder, profile)),
             "phases": {n: [q.peak_vram_bytes, q.peak_host_bytes] for n, q in p.phases.items()},
             "seconds": round(time.perf_counter() - start, 1)}
 
@@ -57,7 +69,7 @@ def plan_row(folder, profile, fmt) -> dict:
 def verdict_cell(folder, profile, fmt, ram_gib: float) -> dict:
     card = card_gib(profile.name)
     start = time.perf_counter()
-    v = check_fit(folder, profile, profile.default_preset, None if card is None else int(card * GiB),
+    v = check_fit(folder, profile, first_preset(folder, profile), None if card is None else int(card * GiB),
                   int(ram_gib * GiB), assume_format=fmt)
     d = v.to_dict()
     dit = block_layout(v.folder, v.profile)["dit"]

@@ -28,9 +28,17 @@ TURBO_SAMPLING = {"steps": 15, "guidance_scale": 5.0, "shift": 17.0}   # the ste
 DEMO_PRESET = Preset(frames=34, height=64, width=96, steps=4)
 
 
-def sampling_defaults(turbo: bool) -> dict:
-    """steps, guidance_scale and shift of the release, or of the turbo (step-distilled) checkpoint."""
-    return TURBO_SAMPLING if turbo else RELEASE_SAMPLING
+# Step-Video-TI2V's own (its reference pipeline, docs/STEPVIDEO.md §3.5): the T2V sampling values, a motion score,
+# and videos of at most 102 frames (the ladders of the profiles are capped there unless a user asks for more).
+TI2V_SAMPLING = {**RELEASE_SAMPLING, "motion_score": 5.0, "max_frames": 102}
+MOTION_SCORE_MAX = 100.0   # the reference suggests 2 (steady) to 10-20 (lively); far beyond is a typo
+
+
+def sampling_defaults(turbo: bool, kind: str = "t2v") -> dict:
+    """steps, guidance_scale and shift of the release, or of the turbo (step-distilled) checkpoint; for a TI2V
+    model (`kind` "ti2v") also its motion_score and max_frames (turbo then replaces the sampling values only)."""
+    base = TURBO_SAMPLING if turbo else RELEASE_SAMPLING
+    return {**TI2V_SAMPLING, **base} if kind == "ti2v" else base
 
 
 @dataclass(frozen=True)
@@ -60,4 +68,7 @@ RUN_OPTIONS = {"resume": False,                       # True: continue from the 
                "turbo": False,                        # the turbo checkpoint's defaults whatever the folder
                "step_cache": SpeedOptions.cache,      # SpeedOptions.cache
                "compile": SpeedOptions.compile,       # SpeedOptions.compile
-               "parallel": None}                      # under torchrun: "cfg" | "sequence" | "auto" (None: auto)
+               "parallel": None,                      # under torchrun: "cfg" | "sequence" | "auto" (None: auto)
+               "prompt_embeds": None,                 # API: (y, y_mask, clip) in place of the text phase
+               "latents": None,                       # API: the initial noise in place of the seed's
+               "image_latents": None}                 # API, TI2V: the first image's sampled latent

@@ -17,6 +17,11 @@ RELEASE_MODEL = RELEASE / "stepvideo-t2v"
 FIXTURES_ENV = "LOWVRAM_STEPVIDEO_FIXTURES"
 
 
+def ti2v_fixture() -> Path:
+    """The Step-Video-TI2V reference fixtures (fixtures/README.md, ti2v-public)."""
+    return FIXTURES / "ti2v-public"
+
+
 def fixture_dirs() -> list[Path]:
     """The in-repo tiny-public fixture, then the folders LOWVRAM_STEPVIDEO_FIXTURES adds (each once)."""
     dirs = [FIXTURES / "tiny-public"]
@@ -120,6 +125,13 @@ def demo_env(monkeypatch, demo_cache):
     """generate.py --demo and the embedding cache use the session's cache folder."""
     from lowvram_stepvideo.loading import demo
     monkeypatch.setenv(demo.CACHE_ENV, str(demo_cache))
+
+
+@pytest.fixture(scope="session")
+def ti2v_demo_dir(demo_cache):
+    """The tiny TI2V demo model (generate.py --demo --image), built once in the session's cache folder."""
+    from lowvram_stepvideo.loading import demo
+    return demo.build_demo_model(demo_cache / f"demo-ti2v-v{demo.DEMO_VERSION}", kind="ti2v")
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
 """One rank of the parallel tests (test_parallel.py starts WORLD_SIZE of these with torchrun's environment).
 
-argv: out_dir model_dir... ; for each model folder and each mode that fits the world size, denoises the fixture's
-embeddings for a few steps through ParallelRuntime and saves this rank's final latents to
+argv: out_dir model_dir... ; for each model folder (T2V or TI2V) and each mode that fits the world size, denoises
+random embeddings (and TI2V condition latents) for a few steps through ParallelRuntime and saves this rank's final latents to
 out_dir/<folder index>-<mode>-rank<r>.pt. `--hang-after-steps N`: rank 1 stops answering after N steps.
 """
 import os
@@ -31,14 +31,20 @@ def inputs(seed: int = 0, channels: int = 4, latent=(1, 5, 3, 5), text=(12, 96),
 
 
 def denoise(folder: Path, runtime_for, steps: int = 2, step_callback=None) -> torch.Tensor:
-    mf = ModelFolder(folder, "bf16", False)
-    channels = mf.open("transformer", layers=0).config.in_channels
-    text = mf.open("transformer", layers=0).config.caption_channels
-    embeds, latents = inputs(channels=channels, text=(12, text[0]), clip=(6, text[1]))
+    """A TI2V folder also gets condition latents (a random first latent frame, zeros after) and a motion score."""
+    config = ModelFolder(folder, "bf16", False).open("transformer", layers=0).config
+    mf = ModelFolder(folder, "bf16", False, config.kind)
+    text = config.caption_channels
+    embeds, latents = inputs(channels=config.in_channels, text=(12, text[0]), clip=(6, text[1]))
+    condition = None
+    if config.kind == "ti2v":
+        condition = torch.zeros_like(latents)
+        condition[:, :1] = torch.randn(latents[:, :1].shape, generator=torch.Generator().manual_seed(1))
     pipe = PhasePipeline(mf, load_profile("cpu"), progress=False, log=lambda m: None,
                              runtime=runtime_for(mf))
     with torch.no_grad():
-        return pipe.denoise(embeds, latents, flow_sigmas(steps, 13.0), 9.0, step_callback=step_callback)
+        return pipe.denoise(embeds, latents, flow_sigmas(steps, 13.0), 9.0, step_callback=step_callback,
+                            condition=condition, motion_score=7.0 if condition is not None else None)
 
 
 def main(argv: list[str]) -> int:

@@ -117,7 +117,7 @@ def test_bert_vocab_layout_matches_release(demo_dir):
 
 def test_second_call_reuses_the_cache(demo_dir, monkeypatch):
     before = {p: p.stat().st_mtime_ns for p in demo_dir.rglob("*")}
-    monkeypatch.setattr(demo, "write_demo_model", lambda root: pytest.fail("rebuilt a complete folder"))
+    monkeypatch.setattr(demo, "write_demo_model", lambda root, kind="t2v": pytest.fail("rebuilt a complete folder"))
     assert demo.build_demo_model(demo_dir) == demo_dir
     assert {p: p.stat().st_mtime_ns for p in demo_dir.rglob("*")} == before
 

@@ -361,10 +361,10 @@ def test_demo_with_a_read_only_cache_falls_back_or_says_where_it_must_write(demo
     monkeypatch.setattr(demo.tempfile, "tempdir", str(fallback_root))
     original = demo._build
 
-    def build(final):
+    def build(final, *kind):
         if cache in final.parents or (fallback_root in final.parents and state["tmp_ro"]):
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
-        return original(final)
+        return original(final, *kind)
     state = {"tmp_ro": False}
     monkeypatch.setattr(demo, "_build", build)
     fallback = fallback_root / f"lowvram-stepvideo-{os.getuid()}" / demo_dir.name

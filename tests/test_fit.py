@@ -178,7 +178,7 @@ def test_on_the_cpu_device_and_host_share_the_ram(synthetic):
 
 
 def test_a_real_run_says_what_fitting_lowered(synthetic):
-    from lowvram_stepvideo.run.job import fit_to_card
+    from lowvram_stepvideo.run.ladder import fit_to_card
     profile = profile_24gb()
     card, ram = _machine(peak(with_overrides(profile, dit_resident_blocks=3), LADDER[0]), host=2 * BLOCK)
     pipe, said = SimpleNamespace(folder=synthetic, profile=profile, options=None), []

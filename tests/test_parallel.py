@@ -106,13 +106,14 @@ def test_timeout_from_environment(monkeypatch):
 # ---------------------------------------------------------------- real process groups (gloo)
 
 @pytest.mark.slow
-def test_two_processes_cfg_and_sequence_equal_one_process(tmp_path, demo_dir):
-    check_run(2, [fixture_dirs()[0] / "model_dir", demo_dir], tmp_path)
+def test_two_processes_cfg_and_sequence_equal_one_process(tmp_path, demo_dir, ti2v_demo_dir):
+    """TI2V too: its condition latents and motion score split with the latents (CFG) and the tokens (sequence)."""
+    check_run(2, [fixture_dirs()[0] / "model_dir", demo_dir, ti2v_demo_dir], tmp_path)
 
 
 @pytest.mark.slow
-def test_four_processes_cfg_x_sequence_and_sequence_equal_one_process(tmp_path, demo_dir):
-    check_run(4, [fixture_dirs()[0] / "model_dir", demo_dir], tmp_path)
+def test_four_processes_cfg_x_sequence_and_sequence_equal_one_process(tmp_path, demo_dir, ti2v_demo_dir):
+    check_run(4, [fixture_dirs()[0] / "model_dir", demo_dir, ti2v_demo_dir], tmp_path)
 
 
 @pytest.mark.slow
@@ -174,6 +175,26 @@ def test_generate_under_torchrun_only_rank0_writes(tmp_path, demo_env, demo_dir,
     assert "wrote" in results[0][1] and "wrote" not in results[1][1]
     assert '"parallel": "2 processes: sequence x2"' in (out / "video.mp4.json").read_text()
     assert relative_error(saved_latents(out / "latents.safetensors"), api_latents(demo_dir, 2)) <= TOLERANCE
+
+
+@pytest.mark.slow
+def test_generate_image_to_video_under_torchrun_cfg(tmp_path, demo_env, ti2v_demo_dir, one_torch_thread):
+    """TI2V under torchrun (CFG: each rank one branch): rank 0 encodes the first image and every rank conditions on
+    its latent; the latents equal a single process's."""
+    from conftest import ti2v_fixture
+    from lowvram_stepvideo import StepVideoPipeline
+    from lowvram_stepvideo.loading.demo import DEMO_PRESET
+    image, out = ti2v_fixture() / "first_image.png", tmp_path / "out"
+    out.mkdir()
+    args = demo_args(out, 2, "--image", str(image), "--parallel", "cfg", "--save-latents",
+                     str(out / "latents.safetensors"))
+    results = finish(start_ranks(2, args, script=ROOT / "generate.py"), timeout_s=300)
+    assert [code for code, _ in results] == [0, 0], [err[-1500:] for _, err in results]
+    pipe = StepVideoPipeline.from_pretrained(ti2v_demo_dir, "cpu", log=lambda m: None)
+    with torch.no_grad():
+        ref = pipe(prompt=PROMPT, image=image, num_frames=DEMO_PRESET.frames, height=DEMO_PRESET.height,
+                   width=DEMO_PRESET.width, num_inference_steps=2, seed=0, output_type="latent")
+    assert relative_error(saved_latents(out / "latents.safetensors"), ref) <= TOLERANCE
 
 
 @pytest.mark.slow

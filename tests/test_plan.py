@@ -114,7 +114,7 @@ def test_fit_to_card_starts_the_ladder_at_the_largest_preset_that_fits(tmp_path,
     from lowvram_stepvideo.planning.plan import plan_memory
     from lowvram_stepvideo.profiles import Preset, load_profile
     from lowvram_stepvideo.planning.budgets import HOST_MARGIN_MIN
-    from lowvram_stepvideo.run.job import fit_to_card
+    from lowvram_stepvideo.run.ladder import fit_to_card
     monkeypatch.setenv("LOWVRAM_STEPVIDEO_CACHE", str(tmp_path))
     folder, profile = open_model_folder(build_demo_model()), load_profile("cpu")
     ladder = [Preset(68, 128, 192, 1), Preset(34, 64, 96, 1), Preset(17, 32, 48, 1)]

@@ -13,6 +13,7 @@ from conftest import ROOT
 from lowvram_stepvideo.face import cli
 from lowvram_stepvideo.run import job
 from lowvram_stepvideo.pipeline import machine
+from lowvram_stepvideo.run import ladder as ladders
 from lowvram_stepvideo.planning.byte_count import ByteAccountant
 from lowvram_stepvideo.pipeline.phases import PhasePipeline
 from lowvram_stepvideo.pipeline.machine import DeviceRuntime
@@ -138,9 +139,9 @@ def test_text_oom_retries_streamed_then_fails_in_one_line(tmp_path, capsys):
 def test_resume_ladder_starts_at_the_checkpoints_preset(tmp_path):
     ladder = [Preset(34, 64, 96, 4), Preset(17, 32, 48, 4), Preset(17, 16, 16, 4)]
     ckpt = tmp_path / "x.mp4.resume.safetensors"
-    assert job.resume_ladder(ladder, ckpt) == ladder                    # no checkpoint: unchanged
+    assert ladders.resume_ladder(ladder, ckpt) == ladder                    # no checkpoint: unchanged
     save_checkpoint(ckpt, torch.zeros(1), 2, {"preset": "17x32x48"})
-    assert job.resume_ladder(ladder, ckpt) == ladder[1:]                # an earlier run stepped down
+    assert ladders.resume_ladder(ladder, ckpt) == ladder[1:]                # an earlier run stepped down
     assert ladder_from((Preset(34, 64, 96, 30), Preset(17, 16, 16, 30)), Preset(34, 64, 96, 4)) == \
         [Preset(34, 64, 96, 4), Preset(17, 16, 16, 4)]                      # fallbacks keep the steps asked for
 

@@ -2,7 +2,8 @@
 system's Chromium (Debian's `chromium` package; Playwright's own browser download is never used).
 
 One session as a user would have it: submit a job and watch its progress, see the finished video load in the page
-and report its duration, cancel a second job mid-denoise and resume it to the end, reuse a video's settings. A
+and report its duration, cancel a second job mid-denoise and resume it to the end, reuse a video's settings; and
+one image to video (upload, motion slider, the first image beside the video, reused with its settings). A
 screenshot of the page is saved under the folder printed at the end (LOWVRAM_STEPVIDEO_ARTIFACTS, else
 test-artifacts/ at the repository root).
 
@@ -214,3 +215,42 @@ def test_page_runs_cancels_resumes_and_replays_the_demo(browser, server):
         print(f"\nscreenshot of the page: {shot}")
         page.close()
     assert not outside, f"the page fetched from outside this machine: {outside}"
+
+
+def test_page_makes_a_video_from_an_uploaded_image_and_reuses_it(browser, server):
+    """Image to video: the TI2V demo shows the image upload and the motion slider; the finished video is shown
+    beside its first image; "Reuse these settings" puts the image back into the form."""
+    from conftest import ti2v_fixture
+    url, cwd, _ = server
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    try:
+        page.goto(url, wait_until="load")
+        page.locator("#lvs-prompt textarea").wait_for(timeout=60_000)
+        page.evaluate(RECORD_ROWS)
+        assert not page.locator("#lvs-image").is_visible()            # the first model is text to video
+        _pick(page, "lvs-model", "image to video")
+        page.locator("#lvs-image").wait_for(state="visible", timeout=30_000)
+        assert page.locator("#lvs-motion").is_visible()
+        page.locator("#lvs-image input[type=file]").set_input_files(str(ti2v_fixture() / "first_image.png"))
+        page.locator("#lvs-image img").first.wait_for(timeout=30_000)
+        page.locator("#lvs-prompt textarea").fill("the fox turns its head")
+        page.locator("#lvs-steps input, #lvs-steps textarea").first.fill("2")
+        job = _submit(page, "job-1")
+        _watch(page, job, lambda r: r["state"] == "done")
+        assert _video_duration(page) > 0
+        page.locator("#lvs-first-image img").first.wait_for(timeout=30_000)
+        assert '"ti2v"' in page.locator("#lvs-settings").inner_text()
+        (kept,) = (cwd / "results" / "first-images").iterdir()
+        assert kept.read_bytes() == (ti2v_fixture() / "first_image.png").read_bytes()
+
+        _pick(page, "lvs-model", "tiny random model (CPU, colourful")   # back to text to video: no image field
+        page.locator("#lvs-image").wait_for(state="hidden", timeout=30_000)
+        page.locator("#lvs-reuse").click()
+        page.locator("#lvs-message").filter(has_text="settings of").wait_for(timeout=30_000)
+        page.locator("#lvs-image img").first.wait_for(timeout=30_000)   # the image is back, with its model
+        assert page.locator("#lvs-prompt textarea").input_value() == "the fox turns its head"
+    finally:
+        shot = _artifacts() / "web-page-ti2v.png"
+        page.screenshot(path=str(shot), full_page=True)
+        print(f"\nscreenshot of the page: {shot}")
+        page.close()

@@ -40,13 +40,14 @@ def test_catalog_lists_command_line_then_config_then_demo(monkeypatch, tmp_path,
     write_config(monkeypatch, tmp_path / "web.toml", 'model_dirs = ["models/second", "/no/such/folder"]\n')
     warnings = []
     catalog = web_catalog.load_catalog(demo_dir, demo=True, warn=warnings.append)
-    assert [c.path for c in catalog] == [demo_dir.resolve(), other.resolve(), None]
-    assert [c.key for c in catalog] == ["0", "1", web_catalog.DEMO_KEY] and catalog[-1].demo
+    assert [c.path for c in catalog] == [demo_dir.resolve(), other.resolve(), None, None]
+    assert [c.key for c in catalog] == ["0", "1", web_catalog.DEMO_KEY, web_catalog.TI2V_DEMO_KEY]
+    assert [c.demo for c in catalog] == [False, False, True, "ti2v"] and [c.kind for c in catalog][-1] == "ti2v"
     assert len(warnings) == 1 and "/no/such/folder" in warnings[0] and "left out" in warnings[0]
 
 
 def test_catalog_default_config_file_is_optional_and_read(no_config, tmp_path, demo_dir):
-    assert [c.demo for c in web_catalog.load_catalog(None, demo=True, warn=print)] == [True]
+    assert [c.demo for c in web_catalog.load_catalog(None, demo=True, warn=print)] == [True, "ti2v"]
     config = tmp_path / "xdg" / "lowvram-stepvideo" / "web.toml"
     config.parent.mkdir(parents=True)
     config.write_text(f'model_dirs = ["{demo_dir}"]\n')
@@ -127,7 +128,7 @@ def test_form_from_sidecar_maps_the_model_to_a_choice(tmp_path):
     assert form == {"model": "0", "prompt": "p", "negative_prompt": "", "seed": 7, "profile": "auto",
                     "preset": "34x64x96", "steps": 4, "guidance_scale": 5.0, "shift": 3.0, "attention": "sdpa",
                     "text_cache": False, "resident_blocks": None, "vae_tile": 2, "matmul": "profile",
-                    "step_cache": None, "compile": False}
+                    "step_cache": None, "compile": False, "motion_score": None}
     assert web_view.form_from_sidecar({**meta, "model_dir": "/elsewhere"}, catalog)["model"] is None
     assert web_view.form_from_sidecar({**meta, "arguments": {"demo": True}}, catalog)["model"] == "demo"
     assert web_view.form_from_sidecar({**meta, "arguments": {}}, catalog)["profile"] == "cpu"
@@ -351,3 +352,69 @@ def test_a_finished_job_is_neither_cancelled_nor_resumed(page):
     assert page.queue.wait("job-1", 30).state == "done"   # the fixture's worker does nothing
     assert "job-1 is done; only a queued or running job can be cancelled" in page.cancel("job-1")
     assert "only a cancelled or failed job can be resumed" in page.resume("job-1")
+
+
+# ---- image to video ------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def ti2v_page(tmp_path, ti2v_demo_dir):
+    from lowvram_stepvideo.face.job_queue import JobQueue
+    from lowvram_stepvideo.face.web_page import WebPage
+    catalog = [web_catalog.ModelChoice("0", "ti2v folder", ti2v_demo_dir, "ti2v"),
+               web_catalog.ModelChoice("demo", "demo", None), web_catalog.ModelChoice("demo-ti2v", "d", None, "ti2v")]
+    queue = JobQueue(worker=lambda spec, events: None, results_dir=tmp_path / "results")
+    yield WebPage(catalog, queue, tmp_path / "results")
+    queue.close()
+
+
+def test_an_image_to_video_form_keeps_its_upload_and_motion_score(ti2v_page, tmp_path):
+    from conftest import ti2v_fixture
+    from lowvram_stepvideo.face.web_page import FIRST_IMAGES
+    upload = tmp_path / "gradio-tmp" / "photo.PNG"
+    upload.parent.mkdir()
+    upload.write_bytes((ti2v_fixture() / "first_image.png").read_bytes())
+    spec = ti2v_page.spec(form(model="0", image=str(upload), motion_score=8.5))
+    kept = tmp_path / "results" / FIRST_IMAGES
+    assert spec.image.parent == kept and spec.image.suffix == ".png" and spec.motion_score == 8.5
+    assert spec.image.read_bytes() == upload.read_bytes()
+    upload.unlink()                                       # Gradio's temporary upload may go away: the copy stays
+    assert ti2v_page.spec(form(model="0", image=str(spec.image))).image == spec.image
+    assert ti2v_page.spec(form(model="demo-ti2v", image=str(spec.image))).demo == "ti2v"
+    assert ti2v_page.spec(form(model="demo", image=str(spec.image))).image is None   # text to video: no image
+    assert ti2v_page.submit(form(model="0", image=str(spec.image))).startswith("queued")
+    reply = ti2v_page.submit(form(model="0"))
+    assert reply.startswith("**error:**") and "upload one" in reply
+    reply = ti2v_page.submit(form(model="0", image=str(spec.image), motion_score="-2"))
+    assert reply.startswith("**error:**") and "motion score -2" in reply
+    bad = tmp_path / "bad.png"
+    bad.write_text("not an image")
+    assert "not an image" in ti2v_page.submit(form(model="0", image=str(bad)))
+    plan = ti2v_page.check_fit(form(model="0", profile="cpu"))            # the plan needs no image
+    assert plan.startswith("memory plan") and "\nimage " in plan
+
+
+def test_image_to_video_presets_are_capped_at_102_frames(ti2v_page):
+    frames = [p.frames for p in ti2v_page.presets("0", "24gb")]
+    assert max(frames) == 102 and len(frames) == len(set(ti2v_page.presets("0", "24gb")))
+    assert ti2v_page.presets("demo-ti2v", "cpu")[0] == DEMO_PRESET
+
+
+def test_reuse_restores_the_first_image_and_the_gallery_shows_only_kept_ones(ti2v_page, tmp_path):
+    from lowvram_stepvideo.face.web_page import FIRST_IMAGES
+    results = tmp_path / "results"
+    kept = results / FIRST_IMAGES / "abc.png"
+    kept.parent.mkdir(parents=True)
+    kept.write_bytes(b"png")
+    outside = tmp_path / "private.png"
+    outside.write_bytes(b"png")
+    for name, image in (("a.mp4", kept), ("b.mp4", outside)):
+        (results / name).write_bytes(b"x")
+        (results / f"{name}.json").write_text(json.dumps(
+            {"prompt": "p", "seed": 1, "kind": "ti2v", "image": str(image), "motion_score": 12.0,
+             "arguments": {"demo": True}}))
+    values = ti2v_page.reuse("a.mp4")
+    assert values["model"] == "demo-ti2v" and values["image"] == str(kept) and values["motion_score"] == 12.0
+    assert ti2v_page.reuse("b.mp4")["image"] is None
+    assert ti2v_page.first_image(ti2v_page.show("a.mp4")[1]) == str(kept)
+    assert ti2v_page.first_image(ti2v_page.show("b.mp4")[1]) is None
+    assert "from an image" in dict((k, c) for c, k in ti2v_page.video_choices())["a.mp4"]

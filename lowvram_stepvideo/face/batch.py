@@ -1,7 +1,8 @@
 """Batches: many prompts, the text phase once for all of them, then each video in turn through the job queue.
 
 Prompts file: UTF-8, one prompt per line; blank lines and lines starting with '#' are skipped. A line may end with
-` --seed N` to give that prompt its own seed. Every other prompt is generated once per seed of `--seeds 1,2,3`
+` --seed N` to give that prompt its own seed, and (Step-Video-TI2V) start with `image=PATH ` to give its first image
+(PATH relative to the prompts file; in double quotes when it holds spaces; lines without one take --image). Every other prompt is generated once per seed of `--seeds 1,2,3`
 (default: `--seed`, 0). Videos are named `<line>-<prompt start>-seed<N>.mp4` in the output folder, so a rerun of
 the same command finds them: a finished video whose sidecar matches the request and the weights is skipped, an
 interrupted one continues from its checkpoint, the rest run (--overwrite: all of them again, from the start). One
@@ -32,6 +33,7 @@ from ..run.oom import one_line_oom
 from ..run.preflight import JobSpec
 
 SEED_SUFFIX = re.compile(r"\s--seed\s+(-?\d+)\s*$")
+IMAGE_PREFIX = re.compile(r'^image=(?:"([^"]+)"|(\S+))\s+')
 SUMMARY_NAME = "summary.json"
 
 
@@ -40,6 +42,7 @@ class BatchItem:
     line: int              # 1-based line of the prompts file (position in a list)
     prompt: str
     seed: int
+    image: Path | None = None   # TI2V: the line's first image (None: the batch's --image)
 
 
 @dataclass
@@ -53,6 +56,7 @@ class Row:
     preset: str | None = None
     seconds: dict[str, float] = field(default_factory=dict)   # per phase: denoise, decode (and text if its own)
     error: str | None = None
+    image: str | None = None   # TI2V: the line's first image
 
 
 @dataclass
@@ -76,7 +80,8 @@ def read_prompts_file(path: Path, seeds: list[int] | None = None, default_seed: 
     except UnicodeDecodeError:
         raise UsageError(f"--prompts-file {path} is not UTF-8 text; save it as UTF-8") from None
     lines = [(i, ln.strip()) for i, ln in enumerate(text.splitlines(), 1)]
-    items = _items([(i, ln) for i, ln in lines if ln and not ln.startswith("#")], seeds, default_seed)
+    items = _items([(i, ln) for i, ln in lines if ln and not ln.startswith("#")], seeds, default_seed,
+                   Path(path).parent)
     if not items:
         raise UsageError(f"--prompts-file {path} has no prompts (one per line; '#' starts a comment line)")
     return items
@@ -90,14 +95,19 @@ def items_from_prompts(prompts: list[str], seeds: list[int] | None = None,
     return items
 
 
-def _items(lines: list[tuple[int, str]], seeds: list[int] | None, default_seed: int) -> list[BatchItem]:
+def _items(lines: list[tuple[int, str]], seeds: list[int] | None, default_seed: int,
+           folder: Path | None = None) -> list[BatchItem]:
     out = []
     for line, text in lines:
+        image = None
+        m = IMAGE_PREFIX.match(text) if folder is not None else None
+        if m:
+            image, text = folder / (m[1] or m[2]), text[m.end():]
         m = SEED_SUFFIX.search(text)
         if m:
-            out.append(BatchItem(line, text[:m.start()].strip(), int(m[1])))
+            out.append(BatchItem(line, text[:m.start()].strip(), int(m[1]), image))
         else:
-            out += [BatchItem(line, text, s) for s in (seeds or [default_seed])]
+            out += [BatchItem(line, text, s, image) for s in (seeds or [default_seed])]
     return out
 
 
@@ -129,7 +139,8 @@ def run_batch(items: list[BatchItem], base: JobSpec, out_dir: Path, log: Callabl
     out_dir = Path(out_dir)
     _make_dir(out_dir)
     folder = folder or preflight.model_folder(base)
-    rows = [Row(it.line, it.prompt, it.seed, str(item_output(out_dir, it))) for it in items]
+    rows = [Row(it.line, it.prompt, it.seed, str(item_output(out_dir, it)), image=it.image and str(it.image))
+            for it in items]
     report = BatchReport(rows, 0.0, out_dir / SUMMARY_NAME)
     _check_summary(report.summary, [*inputs, preflight.profile_for(base, need_device=False).path], folder.root)
     with _embedding_cache(base) as base:
@@ -208,6 +219,7 @@ def _spec(base: JobSpec, item: BatchItem, out_dir: Path) -> JobSpec:
     """With overwrite every video is made again from the start; without, an interrupted one resumes."""
     resume = False if preflight.run_options(base)["overwrite"] else "auto"
     return dataclasses.replace(base, prompt=item.prompt, seed=item.seed, output=item_output(out_dir, item),
+                               image=item.image if item.image is not None else base.image,
                                options={**base.options, "resume": resume, "save_latents": None})
 
 

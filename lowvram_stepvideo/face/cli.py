@@ -26,6 +26,7 @@ from ..planning.budgets import auto_choice, this_card
 from ..run.resume import load_latents
 from ..run.job import Interrupted, PhasePipeline, decode_frames, note_weight_format, run_job, say as _say
 from ..defaults import CHECKPOINT_EVERY, RELEASE_PRESET, RELEASE_SAMPLING, SEED, TURBO_SAMPLING, WEB_PORT
+from ..defaults import MOTION_SCORE_MAX, TI2V_SAMPLING
 from . import batch
 from ..planning.fit import check_fit
 from .web import serve
@@ -48,6 +49,8 @@ examples:
       continue a run that was interrupted (Ctrl-C, crash), from the checkpoint saved next to fox.mp4
   %(prog)s --model-dir stepfun-ai/stepvideo-t2v --card "RTX 3060" --ram-gib 32 --prompt "test" --dry-run
       will the release run on a 12 GB RTX 3060 in a 32 GB machine, how, and how long (nothing downloaded)
+  %(prog)s --model-dir ./stepvideo-ti2v-int8 --image fox.jpg --prompt "the fox turns its head" --output fox.mp4
+      image to video (Step-Video-TI2V): the image is the first frame; --motion-score 2 steady .. 10-20 lively
   %(prog)s --list-profiles
       the memory tiers and their preset ladders
   %(prog)s --web --demo
@@ -65,8 +68,9 @@ exit status:
 
 batches:
   --prompts-file FILE: one prompt per line (UTF-8; blank lines and lines starting with # are skipped; a line may
-  end with " --seed N"). The text encoders run once for all prompts, then each video is made in turn, named
-  <line>-<prompt start>-seed<N>.mp4 in --output-dir (default results/<file name>/), with summary.json. Run the
+  end with " --seed N"; with a TI2V folder it may start with "image=PATH ", relative to the file). The text
+  encoders run once for all prompts, then each video is made in turn, named <line>-<prompt start>-seed<N>.mp4
+  in --output-dir (default results/<file name>/), with summary.json. Run the
   same command again after an interruption: finished videos are skipped, the interrupted one resumes.
 """
 
@@ -88,6 +92,12 @@ def build_parser(prog: str = "generate.py") -> argparse.ArgumentParser:
     p.add_argument("--output-dir", type=Path,
                    help="with --prompts-file: where the videos and summary.json go (default results/<file name>/)")
     p.add_argument("--negative-prompt", help="what to avoid (default: the reference's negative prompt)")
+    p.add_argument("--image", type=Path,
+                   help="image to video (a stepvideo-ti2v folder; with --demo the tiny TI2V model): the first frame, "
+                        "PNG, JPEG or WebP, scaled to cover the video and centre cropped")
+    p.add_argument("--motion-score", type=float, metavar="X",
+                   help=f"with --image: how much moves, 0-{MOTION_SCORE_MAX:g} (default "
+                        f"{TI2V_SAMPLING['motion_score']:g}; 2 steady, 10-20 lively)")
     p.add_argument("--frames", type=int,
                    help=f"number of frames, a multiple of 17 (default: the profile's first preset; release "
                         f"{size.frames})")
@@ -281,7 +291,7 @@ def job_spec(args) -> JobSpec:
                "parallel": args.parallel}
     return JobSpec(args.prompt, args.negative_prompt, args.seed, args.frames, args.height, args.width, args.steps,
                    args.cfg, args.shift, args.model_dir, args.demo, args.profile, args.output,
-                   {k: v for k, v in options.items() if v is not None})
+                   {k: v for k, v in options.items() if v is not None}, args.image, args.motion_score)
 
 
 def _list_profiles() -> bool:
@@ -330,9 +340,7 @@ def _dry_run(args, spec: JobSpec) -> int:
     assume_format = plan_for.release_format(folder, profile, args.assume_format, _say)
     if not assume_format:
         note_weight_format(folder, profile, _say)
-    preflight.check_numbers(spec)
-    turbo = args.turbo or folder.turbo
-    preset = preflight.preset_for(spec, profile, TURBO_SAMPLING["steps"] if turbo else None, _say)
+    preset = preflight.dry_run_preset(spec, folder, profile, args.turbo or folder.turbo, _say)
     if vram is not None and profile.device == "cpu":
         _say(f"note: --vram-gib does not apply to profile {profile.name} (it computes in RAM; --ram-gib does)")
     verdict = check_fit(folder, profile, preset, vram, ram, assume_format, preflight.speed_options(spec),

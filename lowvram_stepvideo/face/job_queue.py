@@ -252,7 +252,7 @@ def job_file(output: Path) -> Path:
 
 def spec_to_dict(spec: JobSpec) -> dict:
     d = dataclasses.asdict(spec)
-    for key in ("model_dir", "output"):
+    for key in ("model_dir", "output", "image"):   # (the page's images are files)
         d[key] = None if d[key] is None else str(d[key])
     d["options"] = {k: str(v) if isinstance(v, Path) else v for k, v in spec.options.items()}
     return d
@@ -265,4 +265,4 @@ def spec_from_dict(d: dict) -> JobSpec:
         raise ValueError(f"unexpected fields {sorted(unknown)}" if unknown else "no prompt or options")
     spec = JobSpec(**d)
     return dataclasses.replace(spec, model_dir=None if spec.model_dir is None else Path(spec.model_dir),
-                               output=Path(spec.output))
+                               output=Path(spec.output), image=None if spec.image is None else Path(spec.image))

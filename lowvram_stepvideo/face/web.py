@@ -1,9 +1,9 @@
 """`generate.py --web`: the local web page (Gradio, the optional `web` extra).
 
 Left: the prompt with "Generate" and "Check fit" beside it (in view without scrolling), then the other settings of a
-video, and the card and RAM sizes that "Check fit" can plan for instead of this machine's. Right: the queue (jobs
+video (for an image-to-video model also the first image and the motion score), and the card and RAM sizes that "Check fit" can plan for instead of this machine's. Right: the queue (jobs
 run one at a time, each with its phase, progress, elapsed time and ETA; cancel and resume), then the finished
-videos of the results folder, playable, with their sidecar settings and "Reuse these settings". The page polls the
+videos of the results folder, playable beside their first image, with their sidecar settings and "Reuse these settings". The page polls the
 queue once a second (a message about a job is replaced by what became of it). What each control does is in
 web_page.py; this file only lays out and wires the components.
 """
@@ -18,6 +18,7 @@ from . import web_view
 from ..run.outputs import RESULTS
 from ..defaults import DEMO_PRESET, RELEASE_SAMPLING, RUN_OPTIONS, SEED, TURBO_SAMPLING, WEB_PORT
 from ..errors import StepVideoError
+from ..defaults import TI2V_SAMPLING
 from .web_page import ATTENTION, EXPECTED, Form, WebPage
 from .job_queue import JobQueue
 from .web_catalog import load_catalog
@@ -27,7 +28,8 @@ REFRESH_S = 1.0
 FPS = 25   # of the videos written (video.write_mp4)
 # Form fields that "Reuse these settings" fills in (the preset list is rebuilt for the model and profile).
 REUSED = ("model", "prompt", "negative_prompt", "seed", "profile", "steps", "guidance_scale", "shift", "attention",
-          "text_cache", "resident_blocks", "vae_tile", "matmul", "step_cache", "compile")
+          "text_cache", "resident_blocks", "vae_tile", "matmul", "step_cache", "compile", "image", "motion_score")
+MOTION_SLIDER_MAX = 20.0    # the slider's range (the reference suggests 2 to 10-20); the runner takes up to 100
 TEXT_FIELDS = ("steps", "guidance_scale", "shift", "resident_blocks", "vae_tile", "step_cache")
 CSS = """
 .lvs-queue-wrap { width: 100%; overflow-x: auto; }
@@ -60,7 +62,7 @@ def import_gradio():
 def build_app(page: WebPage):
     gr = import_gradio()
     with gr.Blocks(title="lowvram-stepvideo") as app:
-        gr.Markdown("## Step-Video-T2V on this machine")
+        gr.Markdown("## Step-Video on this machine: text (or a first image and text) to video")
         with gr.Row():
             with gr.Column(scale=5):
                 form, buttons = _settings(gr, page)
@@ -86,6 +88,12 @@ def _settings(gr, page: WebPage):
                          visible=False)
     f["negative_prompt"] = gr.Textbox(label="Negative prompt", elem_id="lvs-negative",
                                       placeholder="blank: the release's negative prompt")
+    ti2v = page.catalog[0].kind == "ti2v"
+    f["image"] = gr.Image(type="filepath", label="First image (image to video: PNG, JPEG or WebP)", height=220,
+                          sources=["upload", "clipboard"], elem_id="lvs-image", visible=ti2v)
+    f["motion_score"] = gr.Slider(0, MOTION_SLIDER_MAX, value=TI2V_SAMPLING["motion_score"], step=0.5,
+                                  label="Motion score: 2 steady, 5 default, 10-20 lively", elem_id="lvs-motion",
+                                  visible=ti2v)
     with gr.Row():
         f["seed"] = gr.Number(SEED, label="Seed", precision=0, elem_id="lvs-seed", scale=3)
         dice = gr.Button("Random seed", elem_id="lvs-random-seed", scale=1)
@@ -145,11 +153,13 @@ def _queue(gr, page: WebPage):
 def _gallery(gr):
     gr.Markdown("### Finished videos")
     pick = gr.Dropdown([], label="Video", elem_id="lvs-video-pick")
-    player = gr.Video(label="Video", interactive=False, elem_id="lvs-player", loop=True)
+    with gr.Row():
+        player = gr.Video(label="Video", interactive=False, elem_id="lvs-player", loop=True, scale=3)
+        first = gr.Image(label="First image", interactive=False, elem_id="lvs-first-image", visible=False, scale=2)
     speed = gr.Markdown(elem_id="lvs-speed")
     settings = gr.JSON(label="Settings (sidecar)", elem_id="lvs-settings")
     reuse = gr.Button("Reuse these settings", elem_id="lvs-reuse")
-    return {"pick": pick, "player": player, "speed": speed, "settings": settings, "reuse": reuse,
+    return {"pick": pick, "player": player, "first": first, "speed": speed, "settings": settings, "reuse": reuse,
             "seen": gr.State({})}
 
 
@@ -166,9 +176,15 @@ def _wire(gr, page: WebPage, f: dict, b: dict, q: dict, g: dict) -> None:
         return gr.update(choices=choices, value=current if current in values else values[0] if values else None)
 
     def show(name):
-        """The video, its speed line and its sidecar."""
+        """The video, its first image (image to video), its speed line and its sidecar."""
         video, meta = page.show(name)
-        return video, web_view.speed_line(meta or {}), meta
+        image = page.first_image(meta)
+        return video, gr.update(value=image, visible=image is not None), web_view.speed_line(meta or {}), meta
+
+    def kind_fields(model):
+        """The first image and the motion score are shown for an image-to-video model only."""
+        shown = page.choice(model).kind == "ti2v"
+        return gr.update(visible=shown), gr.update(visible=shown)
 
     def tick(seen: dict, job: str | None, message: str | None):
         table, jobs = page.queue_view()
@@ -179,7 +195,7 @@ def _wire(gr, page: WebPage, f: dict, b: dict, q: dict, g: dict) -> None:
         if jobs != seen.get("jobs") or (job not in ids and ids):
             job_update = gr.update(choices=jobs, value=job if job in ids else ids[0] if ids else None)
         if videos == seen.get("videos"):
-            video_updates = [gr.skip()] * 4
+            video_updates = [gr.skip()] * 5
         else:   # something finished: list it and show the newest
             newest = videos[0][1] if videos else None
             video_updates = [gr.update(choices=videos, value=newest), *show(newest)]
@@ -195,6 +211,11 @@ def _wire(gr, page: WebPage, f: dict, b: dict, q: dict, g: dict) -> None:
         values["model"] = values["model"] or current_model
         texts = {k: "" if values[k] is None else str(values[k]) for k in TEXT_FIELDS}
         texts["matmul"] = gr.update(choices=page.matmul_choices(values["profile"]), value=values["matmul"])
+        shown = page.choice(values["model"]).kind == "ti2v"
+        texts["image"] = gr.update(value=values["image"], visible=shown)
+        motion = values["motion_score"]
+        texts["motion_score"] = gr.update(value=TI2V_SAMPLING["motion_score"] if motion is None else motion,
+                                          visible=shown)
         return (*[texts.get(k, values[k]) for k in REUSED], presets(values["model"], values["profile"],
                 values["preset"]), page.profile_note(values["profile"], values["model"]),
                 f"settings of {name} loaded{missing}")
@@ -203,6 +224,7 @@ def _wire(gr, page: WebPage, f: dict, b: dict, q: dict, g: dict) -> None:
           [f["model"], f["profile"], f["preset"]], f["preset"])
     gr.on([f["model"].input, f["profile"].input], lambda p, m: page.profile_note(p, m), [f["profile"], f["model"]],
           b["note"])
+    f["model"].input(kind_fields, f["model"], [f["image"], f["motion_score"]])
     f["profile"].input(lambda p, m: gr.update(choices=page.matmul_choices(p), value=m), [f["profile"], f["matmul"]],
                        f["matmul"])
     b["dice"].click(page.random_seed, None, f["seed"])
@@ -211,8 +233,9 @@ def _wire(gr, page: WebPage, f: dict, b: dict, q: dict, g: dict) -> None:
     q["cancel"].click(page.cancel, q["job"], b["message"])
     q["resume"].click(page.resume, q["job"], b["message"])
     q["timer"].tick(tick, [g["seen"], q["job"], b["message"]],
-                    [q["table"], q["job"], g["pick"], g["player"], g["speed"], g["settings"], g["seen"], b["message"]])
-    g["pick"].input(show, g["pick"], [g["player"], g["speed"], g["settings"]])
+                    [q["table"], q["job"], g["pick"], g["player"], g["first"], g["speed"], g["settings"], g["seen"],
+                     b["message"]])
+    g["pick"].input(show, g["pick"], [g["player"], g["first"], g["speed"], g["settings"]])
     g["reuse"].click(reuse, [g["pick"], f["model"]], [*(f[k] for k in REUSED), f["preset"], b["note"], b["message"]])
 
 

@@ -1,7 +1,7 @@
 """The model folders the web page offers: the browser picks one of these by key and never sends a path.
 
 The list is, in this order: `--model-dir` given on the command line, the folders listed in the web config file,
-and the built-in demo model when `--demo` is given. The config file is TOML:
+and the built-in demo models (text to video, image to video) when `--demo` is given. The config file is TOML:
 
     # ~/.config/lowvram-stepvideo/web.toml
     model_dirs = ["/models/stepvideo-t2v-int8", "~/models/stepvideo-t2v-turbo-int8"]
@@ -24,17 +24,20 @@ from ..profiles import tomllib
 
 CONFIG_ENV = "LOWVRAM_STEPVIDEO_WEB_CONFIG"
 DEMO_KEY = "demo"
+TI2V_DEMO_KEY = "demo-ti2v"
 
 
 @dataclass(frozen=True)
 class ModelChoice:
     key: str            # what the page sends back
     label: str          # what the page shows
-    path: Path | None   # None for the demo model (built on first use)
+    path: Path | None   # None for a demo model (built on first use)
+    kind: str = "t2v"   # "ti2v": image to video (the page asks for a first image and a motion score)
 
     @property
-    def demo(self) -> bool:
-        return self.path is None
+    def demo(self) -> bool | str:
+        """False for a folder; for a demo model, what JobSpec.demo takes (True: T2V, "ti2v")."""
+        return self.path is None and (self.kind if self.kind == "ti2v" else True)
 
 
 def config_path() -> Path:
@@ -68,24 +71,27 @@ def load_catalog(model_dir: Path | None, demo: bool, warn: Callable[[str], None]
     path = config_path()
     choices: list[ModelChoice] = []
     if model_dir is not None:
-        open_model_folder(model_dir)   # a folder typed on the command line must be right: ModelFolderError
-        choices.append(_choice(len(choices), Path(model_dir).resolve()))
+        kind = open_model_folder(model_dir).kind   # a folder typed on the command line must be right
+        choices.append(_choice(len(choices), Path(model_dir).resolve(), kind))
     for folder in configured_dirs(path, explicit=bool(os.environ.get(CONFIG_ENV))):
         if any(c.path == folder for c in choices):
             continue
         try:
-            open_model_folder(folder)
+            kind = open_model_folder(folder).kind
         except (ModelFolderError, ConfigError, OSError) as e:
             warn(f"warning: {path}: {folder} left out of the model list ({e})")
             continue
-        choices.append(_choice(len(choices), folder))
+        choices.append(_choice(len(choices), folder, kind))
     if demo:
         choices.append(ModelChoice(DEMO_KEY, "demo: tiny random model (CPU, colourful noise)", None))
+        choices.append(ModelChoice(TI2V_DEMO_KEY, "demo, image to video: tiny random TI2V model (CPU)", None,
+                                   "ti2v"))
     if not choices:
         raise ConfigError(f"no model folder to offer: give --model-dir PATH or --demo, or list folders in {path} "
                           "(model_dirs = [\"/path/to/stepvideo-t2v-int8\"])")
     return choices
 
 
-def _choice(index: int, folder: Path) -> ModelChoice:
-    return ModelChoice(str(index), f"{folder.name}  ({folder})", folder)
+def _choice(index: int, folder: Path, kind: str) -> ModelChoice:
+    what = "  [image to video]" if kind == "ti2v" else ""
+    return ModelChoice(str(index), f"{folder.name}  ({folder}){what}", folder, kind)

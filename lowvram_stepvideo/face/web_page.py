@@ -1,17 +1,21 @@
 """What the web page does, without Gradio: each method is one button or field of the page, takes the form's values
 and returns what the page shows. `web.py` wires these to Gradio components; tests call them directly.
 
-The browser names a model folder by its key in the catalog (web_catalog.py) and never sends a path."""
+The browser names a model folder by its key in the catalog (web_catalog.py) and never sends a path. A first image
+(image to video) uploaded through the page is kept in the results folder's FIRST_IMAGES folder, named by its
+SHA-256, so a job, its resume and "Reuse these settings" find it; the page shows only images kept there."""
 from __future__ import annotations
 
 import dataclasses
 import random
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..defaults import DEMO_PRESET, RUN_OPTIONS, SEED, SpeedOptions
 from ..run import preflight
+from ..run.request import first_image
 from . import web_view
 from ..errors import StepVideoError
 from ..planning.fit import check_fit
@@ -19,6 +23,9 @@ from .job_queue import JobQueue, JobSpec
 from ..profiles import Preset, Profile, detect_vram_bytes, list_profiles, load_profile, with_overrides
 from ..engines.host_store import available_ram_bytes
 from ..planning.budgets import auto_choice
+from ..defaults import TI2V_SAMPLING
+from ..files.images import file_sha256
+from ..pipeline.sampling import motion_score_problem
 from .web_catalog import ModelChoice
 from .web_view import in_page_words
 
@@ -29,6 +36,7 @@ ATTENTION = ("profile", "auto", "sdpa", "flash", "sage")   # "profile": keep the
 MATMUL = ("profile", "weight-only", "fast")
 # What a handler may fail with: a one-line message for the page, never a traceback.
 EXPECTED = (StepVideoError, ValueError, OSError)
+FIRST_IMAGES = "first-images"   # the page's copies of uploaded first images, inside the results folder
 
 
 @dataclass
@@ -52,6 +60,8 @@ class Form:
     compile: bool = RUN_OPTIONS["compile"]
     vram_gib: str | None = None         # Check fit for another machine: its card and RAM (blank: this one)
     ram_gib: str | None = None
+    image: str | None = None            # image to video: the uploaded first image (a file Gradio saved)
+    motion_score: float | str | None = None
 
 
 class WebPage:
@@ -109,18 +119,24 @@ class WebPage:
         return [(mine, "profile")] + [(m, m) for m in MATMUL[1:]]
 
     def presets(self, model: str, profile: str) -> list[Preset]:
-        """The ladder offered for this model and profile, largest first; the demo's tiny size leads for the demo."""
-        ladder = list(self.resolve_profile(profile, model).presets)
-        return [DEMO_PRESET] + ladder if self.choice(model).demo else ladder
+        """The ladder offered for this model and profile, largest first; the demo's tiny size leads for the demo.
+        An image-to-video model's ladder is capped at its 102 frames (as a run caps it)."""
+        choice, ladder = self.choice(model), list(self.resolve_profile(profile, model).presets)
+        if choice.kind == "ti2v":
+            cap = TI2V_SAMPLING["max_frames"]
+            ladder = list(dict.fromkeys(dataclasses.replace(p, frames=min(p.frames, cap)) for p in ladder))
+        return [DEMO_PRESET] + ladder if choice.demo else ladder
 
     def random_seed(self) -> int:
         return random.randrange(2**31)
 
     # ---- jobs ----------------------------------------------------------------------------------------------------
 
-    def spec(self, form: Form) -> JobSpec:
-        """The job of a filled-in form; ValueError (one line) for what the page can tell is wrong."""
+    def spec(self, form: Form, need_image: bool = True) -> JobSpec:
+        """The job of a filled-in form; ValueError (one line) for what the page can tell is wrong. An
+        image-to-video model needs the first image (unless `need_image` is False: the memory plan does not)."""
         choice = self.choice(form.model)
+        image, motion = self._first_image(choice, form, need_image)
         if not (form.prompt or "").strip():
             raise ValueError("the prompt is empty: describe the video to generate")
         self.resolve_profile(form.profile, form.model)
@@ -148,7 +164,41 @@ class WebPage:
                        width=size.width, steps=_number(form.steps, "steps", int),
                        guidance_scale=_number(form.guidance_scale, "guidance scale", float),
                        shift=_number(form.shift, "shift", float), model_dir=choice.path, demo=choice.demo,
-                       profile=form.profile, options=options)
+                       profile=form.profile, options=options, image=image, motion_score=motion)
+
+    def _first_image(self, choice: ModelChoice, form: Form, need_image: bool) -> tuple[Path | None, float | None]:
+        """(the kept first image, the motion score) of an image-to-video model; (None, None) for text to video."""
+        if choice.kind != "ti2v":
+            return None, None
+        motion = _number(form.motion_score, "motion score", float)
+        problem = motion_score_problem(motion)
+        if problem:
+            raise ValueError(problem.replace("--motion-score", "motion score"))
+        if not form.image:
+            if need_image:
+                raise ValueError("this model makes a video from a first image: upload one (PNG, JPEG or WebP)")
+            return None, motion
+        return self.keep_image(Path(form.image)), motion
+
+    def keep_image(self, upload: Path) -> Path:
+        """The page's own copy of an uploaded first image (an upload's temporary file may go away before the job
+        runs or is resumed); one copy per content."""
+        if not upload.is_file():
+            raise ValueError("the uploaded image is gone; upload it again")
+        folder = self.results_dir / FIRST_IMAGES
+        if upload.parent.resolve() == folder.resolve():
+            return upload
+        kept = folder / f"{file_sha256(upload)[:24]}{upload.suffix.lower()}"
+        if not kept.is_file():
+            folder.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(upload, kept)
+        return kept
+
+    def first_image(self, meta: dict | None) -> str | None:
+        """A finished video's first image when the page kept it (the page serves nothing outside its folder)."""
+        image = Path(str((meta or {}).get("image") or ""))
+        folder = (self.results_dir / FIRST_IMAGES).resolve()
+        return str(image) if image.is_file() and image.resolve().parent == folder else None
 
     def submit(self, form: Form) -> str:
         """Queue the form's job; what pre-flight can refuse cheaply (numbers, a GPU profile without a GPU) is
@@ -157,6 +207,8 @@ class WebPage:
             spec = self.spec(form)
             preflight.check_numbers(spec)
             preflight.profile_for(spec)
+            if spec.image is not None:
+                first_image(spec.image, (spec.height, spec.width))   # decodes, large enough
             job_id = self.queue.submit(spec)
         except EXPECTED as e:
             return f"**error:** {in_page_words(str(e))}"
@@ -188,7 +240,7 @@ class WebPage:
         resolve them (the prompt plays no part), on this machine or on one with the form's VRAM and RAM sizes."""
         try:
             vram, ram = _gib(form.vram_gib, "VRAM"), _gib(form.ram_gib, "RAM")
-            spec = self.spec(dataclasses.replace(form, prompt=form.prompt or "check fit"))
+            spec = self.spec(dataclasses.replace(form, prompt=form.prompt or "check fit"), need_image=False)
             if preflight.profile_name(spec) == AUTO and (vram or ram):   # picked for that machine
                 profile, _ = auto_choice(vram if vram is not None else detect_vram_bytes(), ram)
                 profile = with_overrides(profile, **{k: v for k, v in spec.options.items()
@@ -260,6 +312,7 @@ class WebPage:
         values = web_view.form_from_sidecar(meta, self.catalog)
         if values["profile"] not in self.profiles:
             values["profile"] = AUTO
+        values["image"] = self.first_image(meta)
         return values
 
 

@@ -107,7 +107,8 @@ def read_sidecar(video: Path) -> dict:
 
 
 def caption(video: Path, meta: dict) -> str:
-    return f"{_short(str(meta.get('prompt') or video.stem), 40)} (seed {meta.get('seed', '?')})"
+    image = " from an image" if meta.get("kind") == "ti2v" else ""
+    return f"{_short(str(meta.get('prompt') or video.stem), 40)} (seed {meta.get('seed', '?')}{image})"
 
 
 def speed_line(meta: dict) -> str:
@@ -127,8 +128,8 @@ def form_from_sidecar(meta: dict, catalog: list[ModelChoice]) -> dict:
     options) and the sizes and numbers it actually ran with. The model only when it is one of the page's choices
     (else None)."""
     asked = meta.get("arguments") or {}
-    if asked.get("demo"):
-        model = next((c.key for c in catalog if c.demo), None)
+    if asked.get("demo"):   # the demo of the video's kind (text to video, or image to video)
+        model = next((c.key for c in catalog if c.demo and c.kind == meta.get("kind", "t2v")), None)
     else:
         model = next((c.key for c in catalog if c.path is not None and str(c.path) == meta.get("model_dir")), None)
     profile = asked.get("profile") or (meta.get("profile") or {}).get("name")
@@ -142,7 +143,7 @@ def form_from_sidecar(meta: dict, catalog: list[ModelChoice]) -> dict:
             "attention": asked.get("attention") or "profile", "text_cache": _asked_text_cache(asked),
             "resident_blocks": asked.get("dit_resident_blocks"), "vae_tile": asked.get("vae_tile"),
             "matmul": asked.get("matmul") or "profile", "step_cache": step_cache or None,
-            "compile": bool(asked.get("compile", ran.get("compile")))}
+            "compile": bool(asked.get("compile", ran.get("compile"))), "motion_score": meta.get("motion_score")}
 
 
 def _asked_text_cache(asked: dict) -> bool:

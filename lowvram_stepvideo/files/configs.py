@@ -75,10 +75,21 @@ class DiTConfig:
     caption_channels: tuple[int, int] = (6144, 1024)
     norm_eps: float = 1e-6          # final norm and caption norm
     block_norm_eps: float = 1e-5    # norm1/norm2 inside blocks (the release does not pass norm_eps to them)
+    use_additional_conditions: bool = False   # true: Step-Video-TI2V (first image + motion score, §3.5)
 
     @property
     def dim(self) -> int:
         return self.num_heads * self.head_dim
+
+    @property
+    def kind(self) -> str:
+        """"ti2v" (image + prompt to video) or "t2v" (prompt to video)."""
+        return "ti2v" if self.use_additional_conditions else "t2v"
+
+    @property
+    def patch_in_channels(self) -> int:
+        """Channels the patch embedding takes: TI2V concatenates the condition latents to the noisy ones."""
+        return 2 * self.in_channels if self.use_additional_conditions else self.in_channels
 
     @classmethod
     def from_file(cls, path: Path) -> "DiTConfig":
@@ -88,7 +99,9 @@ class DiTConfig:
         return _pick(cls, raw, path, {
             "num_layers": "num_layers", "num_attention_heads": "num_heads", "attention_head_dim": "head_dim",
             "in_channels": "in_channels", "out_channels": "out_channels", "patch_size": "patch_size",
-            "caption_channels": "caption_channels", "norm_eps": "norm_eps"})
+            "caption_channels": "caption_channels", "norm_eps": "norm_eps",
+            **({"use_additional_conditions": "use_additional_conditions"}
+               if "use_additional_conditions" in raw else {})})   # absent: false, as the reference reads it
 
 
 @dataclass(frozen=True)

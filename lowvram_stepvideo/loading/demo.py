@@ -1,4 +1,5 @@
-"""A tiny random-weight Step-Video model in the exact release folder layout, for `generate.py --demo`.
+"""A tiny random-weight Step-Video model in the exact release folder layout, for `generate.py --demo` (T2V) and
+`generate.py --demo --image PATH` (TI2V: its DiT takes the first image and a motion score, its VAE has an encoder).
 
 Nothing is downloaded and nothing outside the package is read: configs are constants below, tensor names and
 shapes come from this project's modules built on the meta device, weights are seeded random values, and both
@@ -138,20 +139,26 @@ CJK_PUNCTUATION = list("，。、：；！？“”‘’（）《》…—")
 
 # ---- folder, cache and atomic build ---------------------------------------------------------------------------
 
-def default_demo_dir() -> Path:
-    return cache_home() / f"demo-v{DEMO_VERSION}"
+KINDS = ("t2v", "ti2v")
+
+
+def default_demo_dir(kind: str = "t2v") -> Path:
+    return cache_home() / (f"demo-v{DEMO_VERSION}" if kind == "t2v" else f"demo-{kind}-v{DEMO_VERSION}")
 
 
 class DemoError(StepVideoError, ValueError):
     """The demo model cannot be built where it must go; one line naming the folder and the fix."""
 
 
-def build_demo_model(folder: Path | None = None) -> Path:
-    """The demo model folder, built if missing, incomplete or stale; returns its path. When the default cache
-    folder cannot be written (read-only home), the model is built in the system temp folder instead."""
-    final = Path(folder) if folder is not None else default_demo_dir()
+def build_demo_model(folder: Path | None = None, kind: str = "t2v") -> Path:
+    """The demo model folder of `kind` ("t2v" or "ti2v"), built if missing, incomplete or stale; returns its path.
+    When the default cache folder cannot be written (read-only home), the model is built in the system temp folder
+    instead."""
+    if kind not in KINDS:
+        raise ValueError(f"demo model kind {kind!r}: choose one of {', '.join(KINDS)}")
+    final = Path(folder) if folder is not None else default_demo_dir(kind)
     try:
-        return _build(final)
+        return _build(final, kind)
     except OSError as e:
         problem = f"cannot build the demo model in {final} ({e.strerror or e})"
     if folder is not None:
@@ -159,14 +166,14 @@ def build_demo_model(folder: Path | None = None) -> Path:
     fallback = Path(tempfile.gettempdir()) / f"lowvram-stepvideo-{os.getuid()}" / final.name
     log.warning(f"note: {problem}; using {fallback} (set {CACHE_ENV} to a writable folder to keep it)")
     try:
-        return _build(fallback)
+        return _build(fallback, kind)
     except OSError as e:
         raise DemoError(f"{problem}, nor in {fallback} ({e.strerror or e}); set {CACHE_ENV} to a writable "
                         "folder") from None
 
 
-def _build(final: Path) -> Path:
-    fingerprint = demo_fingerprint()
+def _build(final: Path, kind: str = "t2v") -> Path:
+    fingerprint = demo_fingerprint(kind)
     if is_complete(final, fingerprint):
         return final
     if final.exists() and not _replaceable(final):
@@ -175,7 +182,7 @@ def _build(final: Path) -> Path:
     _remove_abandoned_builds(final)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.building-", dir=final.parent))
     try:
-        write_demo_model(tmp)
+        write_demo_model(tmp, kind)
         _write_manifest(tmp, fingerprint)
         _move_into_place(tmp, final, fingerprint)
     finally:
@@ -235,10 +242,10 @@ def _remove_abandoned_builds(final: Path, older_than_s: float = 3600) -> None:
 
 # ---- what the folder holds ------------------------------------------------------------------------------------
 
-def write_demo_model(root: Path) -> None:
+def write_demo_model(root: Path, kind: str = "t2v") -> None:
     """Every file of the release layout (plus vae/config.json), written into the existing folder `root`."""
     root = Path(root)
-    write_configs(root)
+    write_configs(root, kind)
     tok = root / "hunyuan_clip" / "tokenizer"
     _write_json(tok / "tokenizer_config.json", BERT_TOKENIZER_CONFIG)
     _write_json(tok / "special_tokens_map.json", BERT_SPECIAL_TOKENS_MAP)
@@ -249,13 +256,23 @@ def write_demo_model(root: Path) -> None:
         save_file({rename(k): v for k, v in state.items()}, str(root / rel), metadata={"format": "pt"})
 
 
-def write_configs(root: Path) -> None:
+def kind_configs(kind: str) -> tuple[dict, dict]:
+    """The transformer and VAE configs of a demo of `kind`: TI2V's DiT takes the additional conditions (first
+    image, motion score) and its VAE has an encoder (for the first image)."""
+    if kind == "t2v":
+        return TRANSFORMER_CONFIG, VAE_CONFIG
+    encoder = {**VAE_CONFIG["encoder"], "present": True}
+    return {**TRANSFORMER_CONFIG, "use_additional_conditions": True}, {**VAE_CONFIG, "encoder": encoder}
+
+
+def write_configs(root: Path, kind: str = "t2v") -> None:
+    transformer, vae = kind_configs(kind)
     _write_json(root / "model_index.json", MODEL_INDEX)
     _write_json(root / "scheduler" / "scheduler_config.json", SCHEDULER_CONFIG)
-    _write_json(root / "transformer" / "config.json", TRANSFORMER_CONFIG)
+    _write_json(root / "transformer" / "config.json", transformer)
     _write_json(root / "step_llm" / "config.json", STEP_LLM_CONFIG)
     _write_json(root / "hunyuan_clip" / "clip_text_encoder" / "config.json", CLIP_CONFIG)
-    _write_json(root / "vae" / "config.json", VAE_CONFIG)
+    _write_json(root / "vae" / "config.json", vae)
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -277,7 +294,7 @@ def meta_modules(root: Path) -> list[tuple[str, torch.nn.Module, torch.dtype, Ca
         ("step_llm/model.safetensors", build_on_meta(lambda: Step1Model(llm)), torch.bfloat16, same),
         ("hunyuan_clip/clip_text_encoder/model.safetensors",
          build_on_meta(lambda: BertModel(clip, with_pooler=True)), torch.float32, same),
-        ("vae/vae_v2.safetensors", build_on_meta(lambda: AutoencoderKL(vae, with_encoder=False)),
+        ("vae/vae_v2.safetensors", build_on_meta(lambda: AutoencoderKL(vae, with_encoder=vae.encoder.present)),
          torch.bfloat16, _release_vae_key),
     ]
 
@@ -287,13 +304,14 @@ def _release_vae_key(key: str) -> str:
     return key.replace("decoder.conv_out.conv.", "decoder.conv_out.")
 
 
-def demo_fingerprint() -> str:
+def demo_fingerprint(kind: str = "t2v") -> str:
     """Changes whenever a config, the tokenizer inputs or a module's tensor names/shapes change."""
     with tempfile.TemporaryDirectory() as d:
-        write_configs(Path(d))
+        write_configs(Path(d), kind)
         modules = meta_modules(Path(d))
     shapes = {rel: [(k, list(v.shape)) for k, v in m.state_dict().items()] for rel, m, _, _ in modules}
-    payload = [DEMO_VERSION, SEED, TRANSFORMER_CONFIG, STEP_LLM_CONFIG, CLIP_CONFIG, VAE_CONFIG, CORPUS,
+    transformer, vae = kind_configs(kind)
+    payload = [DEMO_VERSION, SEED, transformer, STEP_LLM_CONFIG, CLIP_CONFIG, vae, CORPUS,
                STEP_CONTROL, STEP_USER_DEFINED, bert_vocab(), shapes]
     return hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode()).hexdigest()
 

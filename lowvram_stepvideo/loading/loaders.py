@@ -59,7 +59,26 @@ def open_dit(folder: Path, layers: int | None = None, source: WeightSource | Non
     folder = Path(folder)
     config = _read_config(lambda f: DiTConfig.from_file(f / "config.json"), folder, "transformer/")
     source = source if source is not None else open_weights(folder, ("diffusion_pytorch_model", "model"))
+    _check_dit_kind(folder, config, source)
     return Component(build_on_meta(lambda: StepVideoModel(_layers(config, layers))), source, config=config)
+
+
+PATCH_WEIGHT = "pos_embed.proj.weight"
+KIND_NAMES = {"t2v": "Step-Video-T2V", "ti2v": "Step-Video-TI2V"}
+
+
+def _check_dit_kind(folder: Path, config: DiTConfig, source: WeightSource) -> None:
+    """The config's kind (use_additional_conditions) must be the weights' (the patch embedding's input width):
+    T2V takes the latent channels, TI2V twice that (latents and first-image condition)."""
+    if PATCH_WEIGHT not in source.keys() or len(source.ref(PATCH_WEIGHT).shape) != 4:
+        return   # the strict match names what is missing or malformed
+    width = source.ref(PATCH_WEIGHT).shape[1]
+    kinds = {config.in_channels: "t2v", 2 * config.in_channels: "ti2v"}
+    if width in kinds and kinds[width] != config.kind:
+        flag = str(config.use_additional_conditions).lower()
+        raise CheckpointError(f"{folder}: the weights are {KIND_NAMES[kinds[width]]}'s ({PATCH_WEIGHT} takes {width} "
+                              f"channels) but config.json says use_additional_conditions {flag} "
+                              f"({KIND_NAMES[config.kind]}); use the config.json that came with these weights")
 
 
 def open_step_llm(folder: Path, layers: int | None = None, source: WeightSource | None = None) -> Component:
@@ -86,15 +105,29 @@ def _strip_bert(key: str) -> str | None:
     return None if key.endswith("position_ids") else key  # old transformers saved this buffer
 
 
-def open_vae(folder: Path, with_encoder: bool = True, source: WeightSource | None = None) -> Component:
+def open_vae(folder: Path, with_encoder: bool = True, with_decoder: bool = True,
+             source: WeightSource | None = None) -> Component:
     """The decoder is required; the encoder is built only when asked, the config says so and its weights exist
-    (generation only decodes: it opens the VAE without the encoder, whose 110 M parameters never load)."""
+    (T2V generation only decodes: it opens the VAE without the encoder, whose 110 M parameters never load).
+    Without `with_decoder`: the encoder alone (TI2V's first-image encode), which the folder must have."""
     folder = Path(folder)
     config = _read_config(VAEConfig.from_folder, folder, "vae/")
     source = source if source is not None else open_weights(folder, ("vae_v2", "vae", "model"))
-    with_encoder = with_encoder and config.encoder.present and any(k.startswith("encoder.") for k in source.keys())
-    rename = _vae_rename if with_encoder else _vae_rename_decoder_only
-    return Component(build_on_meta(lambda: AutoencoderKL(config, with_encoder=with_encoder)), source, rename, config)
+    has_encoder = config.encoder.present and any(k.startswith("encoder.") for k in source.keys())
+    if not with_decoder and not has_encoder:
+        raise CheckpointError(f"{folder}: no VAE encoder weights (encoder.*), which Step-Video-TI2V needs to encode "
+                              "the first image; use the release's vae/vae_v2.safetensors (it has them)")
+    with_encoder = with_encoder and has_encoder
+    rename = _vae_renamer(with_encoder, with_decoder)
+    return Component(build_on_meta(lambda: AutoencoderKL(config, with_encoder, with_decoder)), source, rename, config)
+
+
+def _vae_renamer(encoder: bool, decoder: bool) -> Callable[[str], str | None]:
+    def rename(key: str) -> str | None:
+        if (key.startswith("encoder.") and not encoder) or (key.startswith("decoder.") and not decoder):
+            return None
+        return _vae_rename(key)
+    return rename
 
 
 def _vae_rename(key: str) -> str:
@@ -102,10 +135,6 @@ def _vae_rename(key: str) -> str:
     if key.startswith("decoder.conv_out.") and ".conv." not in key:
         return key.replace("decoder.conv_out.", "decoder.conv_out.conv.")
     return key
-
-
-def _vae_rename_decoder_only(key: str) -> str | None:
-    return None if key.startswith("encoder.") else _vae_rename(key)
 
 
 def load_dit(folder: Path, dtype: torch.dtype = torch.bfloat16, device="cpu") -> nn.Module:

@@ -49,15 +49,19 @@ class ModelFolder:
     root: Path
     weight_format: str          # "bf16" (release) or the quantized format of the DiT ("int8", "fp8")
     turbo: bool                 # the step-distilled checkpoint (see is_turbo)
+    kind: str = "t2v"           # "t2v" (prompt to video) or "ti2v" (first image + prompt; see DiTConfig.kind)
     published: str | None = None   # a release not on disk, by hub name: `root` holds its packaged shapes
 
     def open(self, component: str, layers: int | None = None) -> Component:
-        """A fresh Component (meta module + weight index) as a generation runs it (the VAE without its encoder:
-        nothing here encodes); loading it assigns memory-mapped tensors. `layers` (block stacks only:
-        transformer, step_llm, hunyuan_clip) builds that many blocks, for the memory plan."""
-        source = {"source": shapes_source(published_release(self.published), component)} if self.published else {}
+        """A fresh Component (meta module + weight index) as a generation runs it: "vae" is the decoder alone,
+        "vae_encoder" the encoder alone (TI2V's first image); loading it assigns memory-mapped tensors. `layers`
+        (block stacks only: transformer, step_llm, hunyuan_clip) builds that many blocks, for the memory plan."""
+        folder = "vae" if component == "vae_encoder" else component
+        source = {"source": shapes_source(published_release(self.published), folder)} if self.published else {}
         if component == "vae":
             return open_vae(self.root / component, with_encoder=False, **source)
+        if component == "vae_encoder":
+            return open_vae(self.root / "vae", with_decoder=False, **source)
         if layers is None:
             return OPENERS[component](self.root / component, **source)
         return OPENERS[component](self.root / component, layers=layers, **source)
@@ -119,9 +123,12 @@ def open_model_folder(root: Path, published: bool = False) -> ModelFolder:
         load_step_llm_tokenizer(root / "step_llm")
         load_clip_tokenizer(root / "hunyuan_clip")
         turbo = is_turbo(root, headers["transformer"])
+        kind = open_dit(root / "transformer", layers=0).config.kind
+        if kind == "ti2v":
+            open_vae(root / "vae", with_decoder=False).check()   # the first image is encoded: the encoder must load
     except (CheckpointError, ConfigError) as e:
         raise ModelFolderError(f"{e}") from None
-    return ModelFolder(root, formats["transformer"], turbo)
+    return ModelFolder(root, formats["transformer"], turbo, kind)
 
 
 def missing_folder_hint(root: Path) -> str:
@@ -163,7 +170,9 @@ def is_turbo(root: Path, dit_header: dict | None = None) -> bool:
 def open_published(release) -> ModelFolder:
     """A published release (files/releases.Release) from its packaged shapes, checked like a downloaded folder: a
     release whose tensors this version's networks do not match is refused here rather than planned wrong."""
-    folder = ModelFolder(release.root, "bf16", release.turbo, release.repo)
+    config = open_dit(release.root / "transformer", layers=0,
+                      source=shapes_source(release, "transformer")).config
+    folder = ModelFolder(release.root, "bf16", release.turbo, config.kind, published=release.repo)
     try:
         for name in OPENERS:
             folder.open(name).check()

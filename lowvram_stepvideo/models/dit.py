@@ -1,4 +1,7 @@
-"""Step-Video-T2V DiT (`StepVideoModel`), docs/STEPVIDEO.md §3. Attribute names are the checkpoint keys.
+"""Step-Video DiT (`StepVideoModel`), docs/STEPVIDEO.md §3. Attribute names are the checkpoint keys. One class for
+both releases: Step-Video-T2V, and Step-Video-TI2V (`config.use_additional_conditions`, §3.5), whose patch embedding
+takes the noisy latents concatenated with the first image's condition latents and whose timestep embedding adds a
+motion-score embedding.
 
 Runtime knobs are plain attributes set from outside; none of them changes the math:
 - each attention module's `attend` callable (see `lowvram_stepvideo.engines.attention.use_attention_backend`);
@@ -15,7 +18,6 @@ cache.
 """
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
@@ -23,11 +25,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..files.configs import DiTConfig
+from .dit_embeddings import AdaLayerNormSingle, PatchEmbed, TextProjection
 from .layers import RMSNorm, row_projector, sdpa
 
 ROPE_SPLIT = (64, 32, 32)   # head channels rotated by frame, height, width position (hard-coded in the release)
 ROPE_BASE = 10000.0
-SINUSOID_CHANNELS = 256
 QK_NORM_EPS = 1e-6
 
 
@@ -302,82 +304,16 @@ class StepVideoTransformerBlock(nn.Module):
 TOKEN_RUN_SCOPES = (SelfAttention, CrossAttention, StepVideoTransformerBlock)
 
 
-# ---------------------------------------------------------------- embeddings
-
-class PatchEmbed(nn.Module):
-    def __init__(self, in_channels: int, dim: int, patch_size: int):
-        super().__init__()
-        self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size, bias=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (N, C, H, W) -> (N, L, D), L = (H/p)(W/p) in row-major order."""
-        return self.proj(x).to(x.dtype).flatten(2).transpose(1, 2)
-
-
-class Timesteps(nn.Module):
-    """Sinusoid of t*1000, always in float32 (quirk Q5): [cos, sin] with max period 1e4, no frequency shift."""
-
-    def forward(self, s: torch.Tensor) -> torch.Tensor:
-        """s (B,) -> (B, 256) float32."""
-        half = SINUSOID_CHANNELS // 2
-        exponent = -math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=s.device) / half
-        args = s[:, None].float() * torch.exp(exponent)[None, :]  # (B, 128)
-        return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-
-
-class TimestepEmbedding(nn.Module):
-    def __init__(self, dim: int):
-        super().__init__()
-        self.linear_1 = nn.Linear(SINUSOID_CHANNELS, dim)
-        self.act = nn.SiLU()
-        self.linear_2 = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(self.act(self.linear_1(x)))
-
-
-class CombinedTimestepEmbedding(nn.Module):
-    def __init__(self, dim: int):
-        super().__init__()
-        self.time_proj = Timesteps()
-        self.timestep_embedder = TimestepEmbedding(dim)
-
-    def forward(self, s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        return self.timestep_embedder(self.time_proj(s).to(dtype))
-
-
-class AdaLayerNormSingle(nn.Module):
-    def __init__(self, dim: int):
-        super().__init__()
-        self.emb = CombinedTimestepEmbedding(dim)
-        self.silu = nn.SiLU()
-        self.linear = nn.Linear(dim, 6 * dim)
-
-    def forward(self, timestep: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """timestep (B,) in [0, 1) -> modulation (B, 6D), embedded_timestep (B, D)."""
-        embedded = self.emb(timestep * 1000, dtype)  # quirk Q2: the product stays in the timestep's dtype
-        return self.linear(self.silu(embedded)), embedded
-
-
-class TextProjection(nn.Module):
-    def __init__(self, in_features: int, dim: int):
-        super().__init__()
-        self.linear_1 = nn.Linear(in_features, dim)
-        self.act_1 = nn.GELU(approximate="tanh")
-        self.linear_2 = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(self.act_1(self.linear_1(x)))
-
-
-def cross_attention_mask(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """mask (B, Skv) of ones then zeros -> kv_lens (B,) int32, key mask (B, Skv) bool: the first kv_len keys.
+def cross_attention_mask(mask: torch.Tensor, keys: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """mask (B, Skv) of ones then zeros -> kv_lens (B,) int32, key mask (B, keys) bool (keys: default Skv): the
+    first kv_len keys. Like the reference, only the mask's sum counts, so a mask shorter than the text sequence
+    (the TI2V fixture's) masks the keys past its sum.
 
     Quirk Q1: the sum is taken in the mask's own dtype, so a bf16 mask of 257 ones counts 256. The reference then
     drops the keys past the longest kv_len; they are masked for every row here instead, which gives the same
     attention without reading a length back from the device (no sync, and shapes that do not depend on data)."""
     kv_lens = mask.sum(dim=1).int()
-    keys = torch.arange(mask.shape[1], device=mask.device)
+    keys = torch.arange(mask.shape[1] if keys is None else keys, device=mask.device)
     return kv_lens, keys[None, :] < kv_lens[:, None]
 
 
@@ -403,12 +339,12 @@ class StepVideoModel(nn.Module):
                              f"the config says {config.head_dim}")
         d, p = config.dim, config.patch_size
         self.config = config
-        self.pos_embed = PatchEmbed(config.in_channels, d, p)
+        self.pos_embed = PatchEmbed(config.patch_in_channels, d, p)
         self.transformer_blocks = nn.ModuleList(StepVideoTransformerBlock(config) for _ in range(config.num_layers))
         self.norm_out = nn.LayerNorm(d, eps=config.norm_eps, elementwise_affine=False)
         self.proj_out = nn.Linear(d, p * p * config.out_channels)
         self.scale_shift_table = nn.Parameter(torch.empty(2, d))
-        self.adaln_single = AdaLayerNormSingle(d)
+        self.adaln_single = AdaLayerNormSingle(d, motion=config.use_additional_conditions)
         self.caption_norm = nn.LayerNorm(config.caption_channels[0], eps=config.norm_eps, elementwise_affine=False)
         self.caption_projection = TextProjection(config.caption_channels[0], d)
         self.clip_projection = nn.Linear(config.caption_channels[1], d)
@@ -418,17 +354,21 @@ class StepVideoModel(nn.Module):
     def embed_text(self, y: torch.Tensor, clip: torch.Tensor, mask: torch.Tensor | None):
         """y (B, Ly, Cy), clip (B, Lc, Cc), mask (B, Lc+Ly) -> enc (B, Skv, D), key mask (B, Skv) bool or None."""
         enc = torch.cat([self.clip_projection(clip), self.caption_projection(self.caption_norm(y))], dim=1)
-        return enc, None if mask is None else cross_attention_mask(mask)[1]
+        return enc, None if mask is None else cross_attention_mask(mask, enc.shape[1])[1]
 
     def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                encoder_hidden_states_2: torch.Tensor, encoder_attention_mask: torch.Tensor | None = None):
+                encoder_hidden_states_2: torch.Tensor, encoder_attention_mask: torch.Tensor | None = None,
+                condition_hidden_states: torch.Tensor | None = None, motion_score: torch.Tensor | None = None):
         """hidden_states (B, F, C, H, W), timestep (B,) in [0, 1), encoder_hidden_states (B, Ly, 6144),
-        encoder_hidden_states_2 (B, Lc, 1024), encoder_attention_mask (B, Lc+Ly) -> velocity (B, F, C, H, W)."""
+        encoder_hidden_states_2 (B, Lc, 1024), encoder_attention_mask (B, Lc+Ly) -> velocity (B, F, C, H, W).
+        TI2V only (and required there): condition_hidden_states (B, F, C, H, W), motion_score (B,)."""
         b, f, c, height, width = hidden_states.shape
         p = self.config.patch_size
-        h = self.pos_embed(hidden_states.reshape(b * f, c, height, width))  # (B*F, L, D)
+        x = self.conditioned(hidden_states, condition_hidden_states)
+        h = self.pos_embed(x.reshape(b * f, x.shape[2], height, width))      # (B*F, L, D)
+        del x
         h = h.reshape(b, -1, h.shape[-1])                                    # (B, F*L, D), frame-major
-        mod, embedded_t = self.adaln_single(timestep, h.dtype)
+        mod, embedded_t = self.adaln_single(timestep, h.dtype, motion_score)
         enc, kv_mask = self.embed_text(encoder_hidden_states, encoder_hidden_states_2, encoder_attention_mask)
         rope_cos, rope_sin = rope_tables(f, height // p, width // p, h.dtype, h.device)
         h, rope_cos, rope_sin = self.sequence.scatter(h, rope_cos, rope_sin)   # the tokens this process runs
@@ -437,6 +377,19 @@ class StepVideoModel(nn.Module):
         h = self.forward_blocks(handed, enc, mod, kv_mask, rope_cos, rope_sin)
         out = self.sequence.gather(self.final_layer(h, embedded_t))             # (B, F*L, p*p*C)
         return self.unpatchify(out, f, height, width)
+
+    def conditioned(self, x: torch.Tensor, condition: torch.Tensor | None) -> torch.Tensor:
+        """What the patch embedding takes: x itself (T2V), or x and the condition latents concatenated on the
+        channel axis, noisy latents first (TI2V)."""
+        if not self.config.use_additional_conditions:
+            if condition is not None:
+                raise ValueError("this DiT (Step-Video-T2V) takes no condition latents; only a TI2V DiT does")
+            return x
+        if condition is None or condition.shape != x.shape:
+            got = None if condition is None else tuple(condition.shape)
+            raise ValueError(f"a Step-Video-TI2V DiT needs condition latents of the latents' shape {tuple(x.shape)}, "
+                             f"got {got}")
+        return torch.cat([x, condition.to(x.dtype)], dim=2)
 
     def forward_blocks(self, handed: list[torch.Tensor], *args: torch.Tensor) -> torch.Tensor:
         """The block stack: `handed` = [h (B, S, D)] and the blocks' other inputs -> (B, S, D). h is taken out of the

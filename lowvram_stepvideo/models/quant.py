@@ -33,12 +33,17 @@ size, at full size and for the 4-layer DiT slice of bench/quantize_memory.py):
 | step_llm policy (+ word embedding, int8 per token)   | 1.89%  | 6.39%  |
 | step_llm word embedding alone: int8 / fp8 per token  | 1.04%  | 4.38%  |
 | CLIP encoder linears (optional, not the default)     | 0.72%  | 3.14%  |
+| TI2V DiT (ti2v-public), T2V's policy                 | 0.94%  | 4.28%  |
+|   + motion_score_embedder.linear_2 (TI2V policy)     | 1.08%  | 3.98%  |
+|   + motion_score_embedder.linear_1 (kept bf16)       | 1.14%  | 4.79%  |
 
 proj_out (D -> 64, the velocity itself) hurts most and stays bf16, as do the other small input projections
 (timestep linear_1 256 -> D, clip_projection 1024 -> D, the 1x1 conv pos_embed): together 9 M params at full size,
 nothing to gain. adaln_single.linear (36864x6144, 0.45 GB), timestep linear_2 and both caption projections are
 quantized although they add error: in bf16 they would put the full DiT 1.25% and the 4-layer slice 12.7% above
-half (with them quantized: +0.09% and +0.38%).
+half (with them quantized: +0.09% and +0.38%). Step-Video-TI2V's DiT adds a motion-score embedding of the same
+shapes as the timestep's; its linear_2 (6144x6144) is quantized like the timestep's for the same reason (in bf16 it
+alone would add 1% of half to the 4-layer slice), its linear_1 stays bf16.
 The step_llm word embedding (65536x6144, 0.8 GB) is quantized for the same reason (bf16 would put the step_llm
 2.1% above half; quantized: +0.06%), always as int8 rows with one scale per token, also in the fp8 format: a lookup gains nothing
 from fp8, and fp8 rows cost 4.4% error against int8's 1.0%. CLIP (0.35 B params, run once per prompt) is only
@@ -89,7 +94,7 @@ QUANTIZE_RULES: dict[str, list[tuple[str, str]]] = {
         (r"transformer_blocks\.\d+\.(attn1\.(wqkv|wo)|attn2\.(wq|wkv|wo)|ff\.net\.0\.proj|ff\.net\.2)\.weight",
          "linear"),
         (r"adaln_single\.linear\.weight", "linear"),
-        (r"adaln_single\.emb\.timestep_embedder\.linear_2\.weight", "linear"),
+        (r"adaln_single\.emb\.(timestep|motion_score)_embedder\.linear_2\.weight", "linear"),
         (r"caption_projection\.linear_[12]\.weight", "linear"),
     ],
     "step_llm": [

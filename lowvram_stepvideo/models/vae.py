@@ -377,20 +377,24 @@ class VideoEncoder(nn.Module):
 class AutoencoderKL(nn.Module):
     """Step-Video VAE v2. Public tensors are (b, t, c, h, w); outputs have the module's dtype."""
 
-    def __init__(self, config: VAEConfig, with_encoder: bool):
+    def __init__(self, config: VAEConfig, with_encoder: bool, with_decoder: bool = True):
         super().__init__()
+        if not (with_encoder or with_decoder):
+            raise ValueError("a VAE needs its encoder, its decoder or both")
         self.config = config
         self.encoder = VideoEncoder(config) if with_encoder else None
-        self.decoder = VideoDecoder(config)
+        self.decoder = VideoDecoder(config) if with_decoder else None
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.decoder.conv_in.conv.weight.dtype
+        return next(self.parameters()).dtype
 
     def decode_chunk(self, z: torch.Tensor) -> torch.Tensor:
         """One chunk, decoded on its own (fresh causal padding), not blended: (b, k <= latent_len, z, h, w) ->
         (b, config.frames_for_latents(k), 3, 16h, 16w), i.e. (2k-1)*4 - 3 frames. Any h, w (spatial tiles too)."""
         self._check_latents(z)
+        if self.decoder is None:
+            raise ValueError("this VAE was built without its decoder (an encoder-only VAE encodes the first image)")
         if z.shape[1] > self.config.latent_len:
             raise ValueError(f"decode_chunk takes at most {self.config.latent_len} latent frames, got {z.shape[1]}; "
                              "use decode() for longer latents")
@@ -418,10 +422,14 @@ class AutoencoderKL(nn.Module):
 
     def encode(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """A sample mean + std * eps of the posterior (as released); eps from `generator` (float32, then cast)."""
-        mean, logvar = self.encode_moments(x).chunk(2, dim=2)
-        std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+        mean, std = self.posterior(x)
         eps = torch.randn(mean.shape, generator=generator, device=mean.device).to(mean.dtype)
         return mean + std * eps
+
+    def posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(b, T, 3, H, W) -> the posterior's mean and std, each (b, T_lat, z, H/16, W/16)."""
+        mean, logvar = self.encode_moments(x).chunk(2, dim=2)
+        return mean, torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
 
     def _encodable(self, frames: int) -> bool:
         """The final pixel unshuffle needs an even count after one padding frame, i.e. an odd count before it."""

@@ -1,4 +1,5 @@
-"""Text to video in phases that never share the device: text encoders -> free -> denoise -> free -> decode.
+"""Text (and first image) to video in phases that never share the device: text encoders -> free -> (TI2V: the
+first image through the VAE encoder -> free ->) denoise -> free -> decode.
 
 Each phase asks its runtime (machine.py) to load its network, place it per the profile (whole on the device, or
 blocks streamed), runs it, and gives the device back before the next phase starts. The memory plan runs this same
@@ -20,6 +21,7 @@ from ..files.text_cache import EmbeddingCache
 from ..loading.model_folder import ModelFolder, open_model_folder
 from ..models.dit import set_attention_head_chunk, set_token_chunk
 from ..profiles import Profile, load_profile
+from .conditioning import MAGIC, condition_latents, sample_image_latent
 from .machine import DeviceRuntime, Levers, Runtime
 from .sampling import (
     cfg_combine,
@@ -28,12 +30,10 @@ from .sampling import (
     flow_sigmas,
     initial_noise,
     latent_shape,
+    motion_score_problem,
     sampling_problem)
 from ..files.video import postprocess
 
-# Suffixes the reference appends to every prompt / uses as the negative prompt (its config.py defaults).
-POS_MAGIC = "超高清、HDR 视频、环境光、杜比全景声、画面稳定、流畅动作、逼真的细节、专业级构图、超现实主义、自然、生动、超细节、清晰。"
-NEG_MAGIC = "画面暗、低分辨率、不良手、文本、缺少手指、多余的手指、裁剪、低质量、颗粒状、签名、水印、用户名、模糊。"
 CLIP_TOKENS = 77
 
 Embeds = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # y (2, S, D), y_mask (2, 77+S), clip (2, 77, Dc)
@@ -89,8 +89,13 @@ class PhasePipeline:
         return cls(open_model_folder(model_dir), profile, **kwargs)
 
     @property
+    def kind(self) -> str:
+        """"t2v" or "ti2v" (the folder's DiT: see ModelFolder.kind)."""
+        return self.folder.kind
+
+    @property
     def defaults(self) -> dict:
-        return sampling_defaults(self.folder.turbo)
+        return sampling_defaults(self.folder.turbo, self.kind)
 
     @torch.inference_mode()
     def __call__(self, prompt: str | None = None, negative_prompt: str | None = None,
@@ -98,10 +103,14 @@ class PhasePipeline:
                  width: int = RELEASE_PRESET.width, num_inference_steps: int | None = None,
                  guidance_scale: float | None = None, time_shift: float | None = None, seed: int = SEED,
                  output_type: str = "uint8", prompt_embeds: Embeds | None = None, latents: torch.Tensor | None = None,
-                 pos_magic: str = POS_MAGIC, start_step: int = 0, step_callback: StepCallback | None = None):
+                 pos_magic: str | None = None, start_step: int = 0, step_callback: StepCallback | None = None,
+                 image: torch.Tensor | None = None, image_latents: torch.Tensor | None = None,
+                 motion_score: float | None = None):
         """output_type: "latent" (final latents, float32), "video" (decoded (B, T, 3, H, W)) or "uint8" (frames
         (T, H, W, 3) after the reference post-processing). `latents` is the initial noise, or the latents after
-        `start_step` steps when resuming. `prompt_embeds` replaces the text phase."""
+        `start_step` steps when resuming. `prompt_embeds` replaces the text phase. TI2V: `image` the first image as
+        prepare_first_image makes it (1, 1, 3, H, W), or `image_latents` its sampled latent (1, 1, C, h, w) in its
+        place; motion_score (default 5)."""
         if output_type not in ("latent", "video", "uint8"):
             raise ValueError(f"output_type must be 'latent', 'video' or 'uint8', got {output_type!r}")
         steps = num_inference_steps or self.defaults["steps"]
@@ -110,16 +119,51 @@ class PhasePipeline:
         problem = sampling_problem(g, shift, seed)   # a NaN guidance scale would give a black video
         if problem:
             raise ValueError(problem)
+        shape = latent_shape(num_frames, height, width, channels=self.latent_channels())
         if prompt_embeds is None:
             prompt_embeds = self.encode_prompt(prompt, negative_prompt, pos_magic)
+        condition = self.condition(shape.shape, image, image_latents, seed)
         if latents is None:
-            shape = latent_shape(num_frames, height, width, channels=self.latent_channels())
             latents = initial_noise(shape.shape, seed)
-        latents = self.denoise(prompt_embeds, latents, flow_sigmas(steps, shift), g, start_step, step_callback)
+        latents = self.denoise(prompt_embeds, latents, flow_sigmas(steps, shift), g, start_step, step_callback,
+                               condition, motion_score)
         if output_type == "latent":
             return latents
         video = self.decode(latents)
         return video if output_type == "video" else postprocess(video)
+
+    def condition(self, shape: tuple[int, ...], image: torch.Tensor | None, image_latents: torch.Tensor | None,
+                  seed: int) -> torch.Tensor | None:
+        """TI2V's condition latents (1, T, C, h, w) from the first image (encoded here) or its given latent;
+        None for T2V, which takes neither."""
+        if self.kind != "ti2v":
+            if image is not None or image_latents is not None:
+                raise ValueError("this is a Step-Video-T2V model: it takes no first image (use a TI2V folder)")
+            return None
+        if image_latents is None:
+            if image is None:
+                raise ValueError("a Step-Video-TI2V model needs a first image (image=...) or its latents "
+                                 "(image_latents=...)")
+            image_latents = self.encode_image(image, seed)
+        if tuple(image_latents.shape) != (1, 1, *shape[2:]):
+            raise ValueError(f"image_latents of shape {tuple(image_latents.shape)} do not fit this video: expected "
+                             f"one latent frame {(1, 1, *shape[2:])}")
+        return condition_latents(image_latents, shape[1])
+
+    # ------------------------------------------------------------------ first image (TI2V)
+
+    def encode_image(self, image: torch.Tensor, seed: int) -> torch.Tensor:
+        """The first image (1, 1, 3, H, W) in [-1, 1] -> its latent (1, 1, C, H/16, W/16), float32 on the CPU: a
+        sample of the VAE encoder's posterior (noise drawn for `seed`), as the reference encodes it."""
+        if image.dim() != 5 or image.shape[:3] != (1, 1, 3):
+            raise ValueError(f"the first image must be (1, 1, 3, H, W) as prepare_first_image makes it, got "
+                             f"{tuple(image.shape)}")
+        with self.runtime.phase("image"):
+            vae = self.runtime.load("vae_encoder", self.dtype)
+            with self.runtime.placed(vae):
+                mean, std = vae.posterior(image.to(self.device))
+                latent = sample_image_latent(mean, std, seed)
+            return latent.float().cpu()
 
     def latent_channels(self) -> int:
         return self.folder.open("transformer", layers=0).config.in_channels
@@ -127,19 +171,23 @@ class PhasePipeline:
     # ------------------------------------------------------------------ text
 
     def encode_prompt(self, prompt: str | None, negative_prompt: str | None = None,
-                      pos_magic: str = POS_MAGIC) -> Embeds:
-        """[prompt + pos_magic, negative prompt (default: the reference's neg_magic)] -> (y, y_mask, clip)."""
+                      pos_magic: str | None = None) -> Embeds:
+        """[prompt + pos_magic, negative prompt] -> (y, y_mask, clip); the magic suffix and the default negative
+        prompt are the reference's for the folder's kind (conditioning.MAGIC)."""
         return self.encode_prompts([(prompt, negative_prompt)], pos_magic)[0]
 
-    def encode_prompts(self, prompts: list[tuple[str | None, str | None]], pos_magic: str = POS_MAGIC) -> list[Embeds]:
+    def encode_prompts(self, prompts: list[tuple[str | None, str | None]],
+                       pos_magic: str | None = None) -> list[Embeds]:
         """encode_prompt for many (prompt, negative prompt) pairs in one text phase: each network is loaded once,
         pairs in the embedding cache are taken from it."""
+        magic, neg_magic = MAGIC[self.kind]
+        pos_magic = magic if pos_magic is None else pos_magic
         for prompt, negative_prompt in prompts:
             if not prompt or not prompt.strip():
                 raise ValueError("the prompt is empty; describe the video to generate")
             for warning in self.folder.prompt_warnings(prompt, negative_prompt):
                 self.log(warning)
-        texts = [[prompt + pos_magic, NEG_MAGIC if neg is None else neg] for prompt, neg in prompts]
+        texts = [[prompt + pos_magic, neg_magic if neg is None else neg] for prompt, neg in prompts]
         embeds = [self.cache.get(t) if self.cache else None for t in texts]
         if any(e is not None for e in embeds):
             self.log("text: embeddings taken from the cache" if len(texts) == 1 else
@@ -197,10 +245,13 @@ class PhasePipeline:
     # ------------------------------------------------------------------ denoise
 
     def denoise(self, embeds: Embeds, latents: torch.Tensor, sigmas: torch.Tensor, guidance_scale: float,
-                start_step: int = 0, step_callback: StepCallback | None = None) -> torch.Tensor:
-        """Euler steps start_step..N-1 from `latents`; returns float32 latents on the CPU."""
+                start_step: int = 0, step_callback: StepCallback | None = None,
+                condition: torch.Tensor | None = None, motion_score: float | None = None) -> torch.Tensor:
+        """Euler steps start_step..N-1 from `latents`; returns float32 latents on the CPU. TI2V: `condition`
+        (1, T, C, h, w) the condition latents (the same for both CFG branches), `motion_score` (default 5)."""
         y, y_mask, clip = (t.to(self.device) for t in embeds)
         embeds = (y.to(self.dtype), y_mask.to(self.dtype), clip.to(self.dtype))   # mask too (quirk Q1)
+        extra = self._ti2v_inputs(condition, motion_score)
         steps = len(sigmas) - 1
         with self.runtime.phase("denoise"):
             dit = self.runtime.load("transformer", self.dtype)
@@ -213,7 +264,7 @@ class PhasePipeline:
                     latents = latents.to(self.device)
                     for i in range(start_step, steps):
                         levers.start_step(i, steps)
-                        v = self._guided_velocity(dit, latents, sigmas[i], embeds, guidance_scale, levers)
+                        v = self._guided_velocity(dit, latents, sigmas[i], embeds, guidance_scale, levers, extra)
                         latents = euler_step(latents, v, sigmas[i], sigmas[i + 1])
                         bar.update()
                         if step_callback:
@@ -223,23 +274,41 @@ class PhasePipeline:
             latents = latents.float().cpu()
         return latents
 
-    def _guided_velocity(self, dit, latents, t, embeds: Embeds, scale: float, levers: Levers) -> torch.Tensor:
+    def _ti2v_inputs(self, condition: torch.Tensor | None, motion_score: float | None) -> tuple:
+        """(condition latents, motion score) as the DiT takes them for one sample (the batch is made per call), in
+        the compute dtype like the reference; () for T2V."""
+        if self.kind != "ti2v":
+            if condition is not None or motion_score is not None:
+                raise ValueError("this is a Step-Video-T2V model: it takes no first image or motion score")
+            return ()
+        if condition is None:
+            raise ValueError("a Step-Video-TI2V model needs the first image's condition latents")
+        score = self.defaults["motion_score"] if motion_score is None else motion_score
+        problem = motion_score_problem(score)
+        if problem:
+            raise ValueError(problem)
+        motion = torch.tensor([score], dtype=self.dtype, device=self.device)
+        return condition.to(self.device, self.dtype), motion
+
+    def _guided_velocity(self, dit, latents, t, embeds: Embeds, scale: float, levers: Levers,
+                         extra: tuple) -> torch.Tensor:
         y, mask, clip = embeds
         x = latents.to(self.dtype)
         if self.profile.cfg_mode == "batch":
+            pair = [torch.cat([e, e]) for e in extra]   # the same condition for both branches
             with levers.branch("cond+uncond"):
-                v = dit(torch.cat([x, x]), dit_timestep(t, 2, self.dtype).to(self.device), y, clip, mask)
+                v = dit(torch.cat([x, x]), dit_timestep(t, 2, self.dtype).to(self.device), y, clip, mask, *pair)
             v_cond, v_uncond = v.chunk(2)
         else:
-            v_cond, v_uncond = (self._branch(dit, levers, b, x, t, embeds, mask) for b in (0, 1))
+            v_cond, v_uncond = (self._branch(dit, levers, b, x, t, embeds, mask, extra) for b in (0, 1))
         return cfg_combine(v_cond, v_uncond, scale)
 
-    def _branch(self, dit, levers: Levers, b: int, x, t, embeds: Embeds, mask) -> torch.Tensor:
+    def _branch(self, dit, levers: Levers, b: int, x, t, embeds: Embeds, mask, extra: tuple) -> torch.Tensor:
         """Sequential CFG: the DiT on prompt b (0 = cond, 1 = uncond) alone."""
         y, _, clip = embeds
         with levers.branch(("cond", "uncond")[b]):
             return dit(x, dit_timestep(t, 1, self.dtype).to(self.device), y[b:b + 1], clip[b:b + 1],
-                       None if mask is None else mask[b:b + 1])
+                       None if mask is None else mask[b:b + 1], *extra)
 
     # ------------------------------------------------------------------ decode
 

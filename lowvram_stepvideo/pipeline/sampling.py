@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..defaults import RELEASE_SAMPLING, TURBO_SAMPLING
+from ..defaults import MOTION_SCORE_MAX, RELEASE_SAMPLING, TURBO_SAMPLING
 
 # Default seed of a fresh `torch.Generator()`; the reference pipeline draws its noise from such a generator.
 REFERENCE_NOISE_SEED = 67280421310721
@@ -18,6 +18,17 @@ REFERENCE_NOISE_SEED = 67280421310721
 # Seeds are 0 .. 2**64-1: torch.Generator.manual_seed also takes negatives but maps them onto the same range
 # (-1 gives the video of 2**64-1), so one range is documented and checked.
 SEED_MIN, SEED_MAX = 0, 2**64 - 1
+
+def motion_score_problem(score: float | None) -> str | None:
+    """Why a motion score cannot be used (one line naming the flag), or None."""
+    if score is None:
+        return None
+    if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
+        return f"--motion-score {score}: must be a finite number (2 steady, 5 default, 10-20 lively)"
+    if not 0 <= score <= MOTION_SCORE_MAX:
+        return (f"--motion-score {score:g}: must be from 0 to {MOTION_SCORE_MAX:g} (2 steady, 5 default, "
+                "10-20 lively)")
+    return None
 
 
 def flow_sigmas(num_steps: int, time_shift: float) -> torch.Tensor:

@@ -72,4 +72,4 @@ def assume_format(folder: ModelFolder, fmt: str | None) -> ModelFolder:
     if folder.weight_format != "bf16":
         raise ModelFolderError(f"{folder.root} is already quantized ({folder.weight_format}); --assume-format only "
                                "applies to a release (bf16) folder, drop it to plan this one as it is")
-    return AssumedFormatFolder(folder.root, fmt, folder.turbo, folder.published)
+    return AssumedFormatFolder(folder.root, fmt, folder.turbo, folder.kind, folder.published)

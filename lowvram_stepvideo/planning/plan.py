@@ -176,15 +176,15 @@ def trace(folder: ModelFolder, profile: Profile, preset: Preset, assume_format: 
     if profile.device == "cuda" and math_attention(capability, profile.torch_dtype):
         base += ("math attention",)     # the card has no fused kernel for the compute dtype
     shaping, identity = _shaping(profile), folder_identity(folder.root)
-    keys = {("text", "denoise"): base + (replace(shaping, vae=None),), ("decode",): base + (shaping,)}
+    keys = {("text", "image", "denoise"): base + (replace(shaping, vae=None),), ("decode",): base + (shaping,)}
     memos = {names: (identity, repr(key)) for names, key in keys.items()}
     parts = {names: _cached(memo) for names, memo in memos.items()}
     if None in parts.values():
         traced = _traced(folder, profile, preset, options, layout, capability,
-                         denoise=parts[("text", "denoise")] is None)
+                         denoise=parts[("text", "image", "denoise")] is None)
         for names, memo in memos.items():
-            if parts[names] is None:
-                parts[names] = _store(memo, {name: traced[name] for name in names})
+            if parts[names] is None:   # (only a TI2V run has an image phase)
+                parts[names] = _store(memo, {name: traced[name] for name in names if name in traced})
     return {name: stretches for part in parts.values() for name, stretches in part.items()}
 
 
@@ -211,19 +211,25 @@ def _store(memo: tuple[str, str], phases: Trace) -> Trace:
 def _traced(folder: ModelFolder, profile: Profile, preset: Preset, options: SpeedOptions, layout,
             capability: tuple[int, int] | None = None, denoise: bool = True) -> Trace:
     """The planned run. Without `denoise`, the decode is traced after a denoise of no steps (the text phase
-    makes the embeddings that stay alive meanwhile; the latents are handed over as the denoise hands them)."""
+    makes the embeddings that stay alive meanwhile; the latents are handed over as the denoise hands them).
+    A TI2V folder's run encodes its first image (the image phase: one frame through the VAE encoder) between
+    text and denoise; the image itself is a data-free tensor of the preprocessed size."""
     runtime = PlanningRuntime(folder, profile, options, layout, capability)
     pipe = PhasePipeline(folder, profile, progress=False, runtime=runtime, options=options)
     steps = CACHED_STEPS if options.cache else 1
+    shape = latent_shape(preset.frames, preset.height, preset.width, channels=pipe.latent_channels())
     with runtime.accountant:
         embeds = pipe.encode_prompt(PLAN_PROMPT)
-        skip = {}
+        extra = {}
+        if folder.kind == "ti2v":
+            extra["image"] = torch.empty((1, 1, 3, shape.height, shape.width))
         if not denoise:       # latents as the denoise leaves them; not counted, the caller holds them meanwhile
             with runtime.accountant.untracked():
-                shape = latent_shape(preset.frames, preset.height, preset.width, channels=pipe.latent_channels())
-                skip = {"start_step": steps, "latents": torch.empty(shape.shape, device=runtime.device)}
+                extra = {"start_step": steps, "latents": torch.empty(shape.shape, device=runtime.device)}
+                if folder.kind == "ti2v":   # the condition latents (the image phase is traced with the denoise)
+                    extra["image_latents"] = torch.empty((1, 1, *shape.shape[2:]))
         pipe(prompt_embeds=embeds, num_frames=preset.frames, height=preset.height, width=preset.width,
-             num_inference_steps=steps, output_type="video", seed=0, **skip)
+             num_inference_steps=steps, output_type="video", seed=0, **extra)
     return runtime.phases
 
 

@@ -37,12 +37,12 @@ from ..pipeline.parallel_machine import ParallelRuntime
 from ..pipeline.phases import PhasePipeline
 from .oom import OutOfMemory
 from .preflight import JobSpec
-from ..profiles import Preset, Profile, TextEncoders, ladder_from
-from .resume import (check_step_latents, checkpoint_path, load_checkpoint, load_latents, saved_request,
-                     weights_identity)
+from .ladder import plan_ladder
+from .request import Request, check_given, first_image
+from ..profiles import Preset, TextEncoders, ladder_from
+from .resume import check_step_latents, checkpoint_path, load_checkpoint, load_latents, saved_request
 from ..defaults import sampling_defaults
 from ..pipeline.sampling import flow_sigmas, initial_noise, latent_shape, sampling_problem
-from ..planning.fit import clamped, first_fit, profile_budget
 from ..files.video import postprocess
 
 _OOM = torch.OutOfMemoryError
@@ -62,61 +62,6 @@ class Interrupted(StepVideoError):
 
 class _StopRequested(Exception):
     """events.should_stop() said yes after a denoising step."""
-
-
-@dataclass
-class Request:
-    prompt: str
-    negative_prompt: str | None
-    preset: Preset
-    guidance_scale: float
-    shift: float
-    seed: int
-
-    def fingerprint(self, model_dir: Path, compute_dtype: str) -> dict:
-        """What a resume checkpoint must match: the whole request and the identity of the weights."""
-        return {"weights": weights_identity(model_dir), "prompt": self.prompt, "negative_prompt": self.negative_prompt,
-                "preset": str(self.preset), "steps": self.preset.steps, "guidance_scale": self.guidance_scale,
-                "shift": self.shift, "seed": self.seed, "compute_dtype": compute_dtype}
-
-
-def resume_ladder(ladder: list[Preset], ckpt: Path) -> list[Preset]:
-    """The ladder from the preset the checkpoint was saved at (an earlier run may have stepped down on OOM)."""
-    saved = saved_request(ckpt)
-    at = [i for i, p in enumerate(ladder) if saved and str(p) == saved.get("preset")]
-    return ladder[at[0]:] if at else ladder
-
-
-def fit_to_card(pipe: PhasePipeline, ladder: list[Preset], vram_bytes: int | None = None,
-                log: Callable[[str], None] = print, ram_bytes: int | None = None,
-                layout=None) -> tuple[list[Preset], Profile]:
-    """The ladder without its head presets the memory plan says do not fit the budget (planning/budgets.py: this
-    machine's free VRAM and available RAM minus their reserves, or a card of `vram_bytes` in a machine with
-    `ram_bytes`), and pipe's profile with its resident blocks and packed RAM lowered to what fits (`pipe` is left as
-    it is: run the result with `pipe.with_profile`). `layout` (engines.parallel.Layout): plan this rank's share of
-    a parallel run."""
-    budget = profile_budget(pipe.profile, vram_bytes, ram_bytes)
-    asked = clamped(pipe.folder, pipe.profile)      # a count above the stack's size is not a lowering
-    tried: dict = {}
-    found = first_fit(pipe.folder, pipe.profile, ladder, budget, tried, pipe.options, layout)
-    if found is None:
-        log(f"plan: even {ladder[-1]} is planned above the budget ({budget.vram_from}; {budget.host_from}); "
-            "trying it anyway")
-        return ladder[-1:], pipe.profile
-    profile, plan = tried[found]
-    if found:
-        log(f"plan: {ladder[0]} does not fit ({budget.vram_from}); using {ladder[found]}")
-    if profile.dit.resident_blocks < asked.dit.resident_blocks:
-        log(f"plan: DiT resident blocks lowered from {asked.dit.resident_blocks} to {profile.dit.resident_blocks} "
-            "to fit")
-    if profile.vae.tile == 0 and pipe.profile.vae.tile:
-        log("plan: the VAE decode fits untiled (the release's numerics, no tile seams)")
-    if profile.memory.packed_gb < pipe.profile.memory.packed_gb:
-        log(f"plan: packed host RAM lowered from {pipe.profile.memory.packed_gb:g} to {profile.memory.packed_gb:.1f} "
-            f"GiB to fit ({budget.host_from}); the other blocks are read from disk")
-    log(f"plan: {plan.peak_vram_bytes / GiB:.1f} GiB device and {plan.peak_host_bytes / GiB:.1f} GiB host peak, "
-        f"{profile.dit.resident_blocks} DiT blocks resident")
-    return ladder[found:], profile
 
 
 def check_resumable(pipe: PhasePipeline, request: Request, ladder: list[Preset], ckpt: Path) -> None:
@@ -140,6 +85,8 @@ def denoise_with_fallback(pipe: PhasePipeline, request: Request, ladder: list[Pr
     for i, preset in enumerate(ladder):
         req = dataclasses.replace(request, preset=preset)
         try:
+            if par is not None:
+                req.image_latents = shared_image_latents(pipe, req, par)
             return denoise(pipe, req, embeds, ckpt, resume and i == 0, every, should_stop,
                            par is None or par.writer), preset
         except _OOM:
@@ -159,7 +106,7 @@ def denoise(pipe: PhasePipeline, req: Request, embeds, ckpt: Path | None, resume
     Interrupted. `save`: this process writes the checkpoints (False on every rank but 0 of a parallel run)."""
     shape = _shape(pipe, req.preset)
     fingerprint = req.fingerprint(pipe.folder.root, pipe.profile.compute_dtype)
-    latents, start = initial_noise(shape, req.seed), 0
+    latents, start = (initial_noise(shape, req.seed) if req.latents is None else req.latents), 0
     if resume and ckpt is not None:
         latents, start = load_checkpoint(ckpt, fingerprint, shape, req.preset.steps)
         pipe.log(f"resuming at step {start} of {req.preset.steps} from {ckpt}")
@@ -178,7 +125,9 @@ def denoise(pipe: PhasePipeline, req: Request, embeds, ckpt: Path | None, resume
     sigmas = flow_sigmas(req.preset.steps, req.shift)
     try:
         with torch.no_grad():
-            return pipe.denoise(embeds, latents, sigmas, req.guidance_scale, start, on_step)
+            condition = condition_for(pipe, req, shape)
+            return pipe.denoise(embeds, latents, sigmas, req.guidance_scale, start, on_step, condition,
+                                req.motion_score)
     except (KeyboardInterrupt, _StopRequested):
         if ckpt is None or not save:
             raise
@@ -191,6 +140,26 @@ def denoise(pipe: PhasePipeline, req: Request, embeds, ckpt: Path | None, resume
             raise
         raise LostRank(f"{e}; the latents after step {state['step']} are saved in {ckpt}: "
                        "run the same command with --resume") from None
+
+
+def condition_for(pipe: PhasePipeline, req: Request, shape: tuple[int, ...]) -> torch.Tensor | None:
+    """TI2V: the condition latents of the request's first image at its preset's size (the image phase encodes
+    it; given latents are used as they are); None for T2V."""
+    if pipe.kind != "ti2v":
+        return None
+    image = req.image.tensor(req.preset.height, req.preset.width) if req.image_latents is None else None
+    return pipe.condition(shape, image, req.image_latents, req.seed)
+
+
+def shared_image_latents(pipe: PhasePipeline, req: Request, par: Parallel) -> torch.Tensor | None:
+    """Under torchrun, TI2V's first image is encoded once, by rank 0, and every rank takes its latent (so that
+    all condition on the same bits)."""
+    if pipe.kind != "ti2v" or req.image_latents is not None:
+        return req.image_latents
+    with torch.no_grad():
+        latent = pipe.encode_image(req.image.tensor(req.preset.height, req.preset.width), req.seed) \
+            if par.writer else None
+    return par.broadcast_from_writer(latent)
 
 
 def _shape(pipe: PhasePipeline, preset: Preset) -> tuple[int, ...]:
@@ -339,13 +308,24 @@ def prepare_request(spec: JobSpec, log: Callable[[str], None], folder: ModelFold
     profile = preflight.profile_for(spec, log=log)
     note_weight_format(folder, profile, log)
     preflight.check_numbers(spec)
+    preflight.check_kind_inputs(spec, folder)
     options = preflight.run_options(spec)
     turbo = bool(options["turbo"] or folder.turbo)
-    defaults = sampling_defaults(turbo)
-    preset = preflight.preset_for(spec, profile, defaults["steps"] if turbo else None, log)
+    defaults = sampling_defaults(turbo, folder.kind)
+    preset = preflight.preset_for(spec, profile, defaults["steps"] if turbo else None, log,
+                                  defaults.get("max_frames"))
     request = Request(spec.prompt, spec.negative_prompt, preset,
                       defaults["guidance_scale"] if spec.guidance_scale is None else spec.guidance_scale,
                       defaults["shift"] if spec.shift is None else spec.shift, spec.seed)
+    if folder.kind == "ti2v":
+        request.image_latents = options["image_latents"]
+        if spec.image is not None:
+            request.image = first_image(spec.image, (preset.height, preset.width))
+        request.motion_score = defaults["motion_score"] if spec.motion_score is None else spec.motion_score
+    request.prompt_embeds, request.latents = options["prompt_embeds"], options["latents"]
+    dit = folder.open("transformer", layers=0).config
+    check_given(request, latent_shape(preset.frames, preset.height, preset.width, channels=dit.in_channels).shape,
+                dit.caption_channels)
     par = parallel_for(options["parallel"], profile)
     if par is None:
         pipe = PhasePipeline(folder, profile, log=log, options=preflight.speed_options(spec))
@@ -432,10 +412,14 @@ def denoise_job(job: PreparedJob, events: Events) -> tuple[torch.Tensor, Preset]
         pipe.cache = pipe.embedding_cache(options["text_cache_dir"])
     events.phase("plan")
     ladder, pipe = plan_ladder(pipe, job.request.preset, ckpt if resume else None, events.log, par)
+    if job.request.given_tensors:
+        ladder = same_size(ladder, job.request.preset)
     if resume:
         check_resumable(pipe, job.request, ladder, ckpt)
     events.phase("text")
-    embeds, pipe = encode_with_fallback(pipe, job.request) if writer else (None, pipe)
+    embeds = job.request.prompt_embeds
+    if embeds is None:
+        embeds, pipe = encode_with_fallback(pipe, job.request) if writer else (None, pipe)
     job.text_cached = "text" not in pipe.timings   # the text phase did not run: embeddings from the cache
     if par is not None:
         embeds = par.broadcast_from_writer(embeds)
@@ -461,21 +445,13 @@ def saved_final_latents(job: PreparedJob) -> tuple[torch.Tensor, Preset] | None:
     return latents, preset
 
 
-def plan_ladder(pipe: PhasePipeline, preset: Preset, resume_from: Path | None, log,
-                par: Parallel | None = None) -> tuple[list[Preset], PhasePipeline]:
-    """The presets to try in order: the memory plan's fit on a GPU, or from the checkpoint's preset on resume; and
-    the pipeline to run them with (`pipe`, or `pipe` with the profile the plan lowered). Under torchrun each rank
-    plans its share on its own card, and all run the preset that fits the smallest."""
-    ladder = ladder_from(pipe.profile.presets, preset)
-    if resume_from is not None:
-        return resume_ladder(ladder, resume_from), pipe
-    if pipe.device.type == "cuda":
-        full = ladder
-        ladder, fitted = fit_to_card(pipe, ladder, None, log, layout=par and par.layout)   # free VRAM, available RAM
-        pipe = pipe.with_profile(fitted)
-        if par is not None:
-            ladder = full[par.agree_max(len(full) - len(ladder)):]
-    return ladder, pipe
+def same_size(ladder: list[Preset], asked: Preset) -> list[Preset]:
+    """The presets of the size asked (given latents fit no other); none left: a one-line error."""
+    kept = [p for p in ladder if (p.frames, p.height, p.width) == (asked.frames, asked.height, asked.width)]
+    if not kept:
+        raise OutOfMemory(f"the memory plan says {asked} does not fit, and the latents given fit only that size; "
+                          "give latents of a smaller size or use a larger --profile")
+    return kept
 
 
 def decode_frames(pipe: PhasePipeline, latents: torch.Tensor):

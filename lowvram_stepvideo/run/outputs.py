@@ -246,7 +246,8 @@ def job_metadata(job, request) -> dict:
             "shift": request.shift, "turbo": job.turbo, "text_from_cache": job.text_cached,
             "arguments": spec_arguments(spec),
             "request": job.request.fingerprint(job.pipe.folder.root, job.pipe.profile.compute_dtype),
-            "parallel": job.par.layout.describe() if job.par else None,
+            "parallel": job.par.layout.describe() if job.par else None, "kind": job.pipe.kind,
+            **request.describe_image(),
             **(run_estimate(job.pipe, preset) if job.par is None else {"estimate_s": None, "estimate": None})}
 
 
@@ -265,11 +266,22 @@ def spec_arguments(spec: preflight.JobSpec) -> dict:
     """The request as asked: the spec's fields, every run option (its default where not given) and the profile
     overrides. Renamed run options are written under their old names too until those go (preflight.OLD_OPTION_NAMES),
     so readers of the sidecar written for the old names keep working."""
-    plain = dataclasses.asdict(spec)
+    plain = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)}   # (asdict would copy an image)
     options = plain.pop("options")
     arguments = {**plain, **preflight.run_options(spec), **options}
     arguments.update({old: arguments[new] for old, new in preflight.OLD_OPTION_NAMES.items()})
-    return {k: v if v is None or isinstance(v, (bool, int, float)) else str(v) for k, v in arguments.items()}
+    return {k: _plain(v) for k, v in arguments.items()}
+
+
+def _plain(value):
+    """A JSON value for the sidecar: numbers as they are, an in-memory image or tensors (the API's) as their type,
+    anything else as text."""
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    tensors = value if isinstance(value, (tuple, list)) else [value]
+    if any(hasattr(v, "shape") or hasattr(v, "mode") for v in tensors):
+        return f"<{type(value).__name__}>"
+    return str(value)
 
 
 def write_outputs(outs: RunOutputs, frames, pipe, meta: dict, seconds: float, log) -> Path:

@@ -2,17 +2,19 @@
 run, a preset, the sampling settings and writable outputs, or a one-line `StepVideoError` naming the fix."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ..defaults import DEMO_PRESET, RELEASE_PRESET, RUN_OPTIONS, SEED, TURBO_SAMPLING, SpeedOptions
+from ..defaults import DEMO_PRESET, RELEASE_PRESET, RUN_OPTIONS, SEED, TURBO_SAMPLING, SpeedOptions, sampling_defaults
 from ..errors import UsageError
 from ..loading import demo
 from ..loading.model_folder import ModelFolder, open_model_folder
 from ..profiles import Preset, Profile, detect_vram_bytes, load_profile, with_overrides
 from ..planning.budgets import auto_choice, this_card
-from ..pipeline.sampling import latent_shape, sampling_problem
+from ..pipeline.sampling import latent_shape, motion_score_problem, sampling_problem
+from .request import first_image
 from ..files.video import output_path_error
 
 GiB = 2**30
@@ -45,6 +47,8 @@ class JobSpec:
     profile: str | None = None
     output: Path | None = None
     options: dict = field(default_factory=dict)   # RUN_OPTIONS and profile overrides (attention, vae_tile, ...)
+    image: object = None                # TI2V: the first image (a path; the API also takes a PIL image, array, tensor)
+    motion_score: float | None = None   # TI2V: how much moves (2 steady, 5 default, 10-20 lively)
 
     def __post_init__(self):
         self.options = {OLD_OPTION_NAMES.get(k, k): v for k, v in self.options.items()}
@@ -70,12 +74,14 @@ def speed_options(spec: JobSpec) -> SpeedOptions:
 
 
 def model_folder(spec: JobSpec, published: bool = False) -> ModelFolder:
-    """The spec's folder; with `published` (planning only), a release named by its hub name that is not on disk
-    opens from its packaged shapes."""
+    """The spec's folder; the demo is the TI2V one when the spec has a first image (or `demo` is "ti2v"). With
+    `published` (planning only), a release named by its hub name that is not on disk opens from its packaged
+    shapes."""
     if spec.demo:
-        return open_model_folder(demo.build_demo_model())
+        kind = "ti2v" if spec.demo == "ti2v" or spec.image is not None else "t2v"
+        return open_model_folder(demo.build_demo_model(kind=kind))
     if spec.model_dir is None:
-        raise UsageError("give --model-dir PATH (the downloaded stepvideo-t2v folder) or --demo")
+        raise UsageError("give --model-dir PATH (the downloaded stepvideo-t2v or stepvideo-ti2v folder) or --demo")
     return open_model_folder(spec.model_dir, published)
 
 
@@ -85,6 +91,22 @@ def profile_name(spec: JobSpec) -> str:
     if spec.profile and spec.profile != "auto":
         return spec.profile
     return "cpu" if spec.demo else "auto"
+
+
+def check_kind_inputs(spec: JobSpec, folder: ModelFolder) -> None:
+    """A first image and a motion score go with a TI2V folder, which needs the image (one-line errors)."""
+    if folder.kind == "t2v":
+        given = "--image" if spec.image is not None else "--motion-score" if spec.motion_score is not None else None
+        if given:
+            raise UsageError(f"{given}: {folder.root} is a Step-Video-T2V folder (text to video); image to video "
+                             "needs a stepvideo-ti2v folder (or drop the flag)")
+        return
+    if spec.image is None and spec.options.get("image_latents") is None:
+        raise UsageError(f"{folder.root} is a Step-Video-TI2V folder (image to video): give the first image with "
+                         "--image PATH (PNG, JPEG or WebP)")
+    problem = motion_score_problem(spec.motion_score)
+    if problem:
+        raise UsageError(problem)
 
 
 def profile_for(spec: JobSpec, need_device: bool = True, log: Callable[[str], None] | None = None) -> Profile:
@@ -109,7 +131,7 @@ def profile_for(spec: JobSpec, need_device: bool = True, log: Callable[[str], No
 
 
 def check_numbers(spec: JobSpec) -> None:
-    if not spec.prompt or not spec.prompt.strip():
+    if (not spec.prompt or not spec.prompt.strip()) and spec.options.get("prompt_embeds") is None:
         raise UsageError("--prompt is empty; describe the video to generate, e.g. --prompt \"a cat playing piano\"")
     if spec.steps is not None and not 1 <= spec.steps <= MAX_STEPS:
         raise UsageError(f"--steps {spec.steps}: needs at least 1 denoising step and at most {MAX_STEPS} (release "
@@ -124,10 +146,17 @@ def check_numbers(spec: JobSpec) -> None:
         raise UsageError(f"--checkpoint-every {every}: must be >= 0 (0 = never)")
 
 
-def preset_for(spec: JobSpec, profile: Profile, default_steps: int | None, log) -> Preset:
+def preset_for(spec: JobSpec, profile: Profile, default_steps: int | None, log,
+               max_frames: int | None = None) -> Preset:
     """The size asked for (the profile's default preset where not given), rounded to what the model makes;
-    steps: the spec's, else `default_steps` (turbo), else the preset's."""
+    steps: the spec's, else `default_steps` (turbo), else the preset's. `max_frames` (TI2V's 102): the default
+    preset's frames are capped there; asking for more is allowed, with a warning."""
     base = DEMO_PRESET if spec.demo else profile.default_preset
+    if max_frames and base.frames > max_frames:
+        base = dataclasses.replace(base, frames=max_frames)
+    if max_frames and spec.frames and spec.frames > max_frames:
+        log(f"warning: --frames {spec.frames}: Step-Video-TI2V makes videos of at most {max_frames} frames (its "
+            "reference's length); longer ones are beyond what it was trained for")
     given = {"frames": spec.frames, "height": spec.height, "width": spec.width}
     bad = [f"--{k} {v}" for k, v in given.items() if v is not None and v < 1]
     if bad:
@@ -146,6 +175,22 @@ def preset_for(spec: JobSpec, profile: Profile, default_steps: int | None, log) 
     if not 1 <= steps <= MAX_STEPS:   # a profile file's preset
         raise UsageError(f"{steps} denoising steps (profile {profile.name}): give --steps 1 to {MAX_STEPS}")
     return Preset(shape.num_frames, shape.height, shape.width, steps)
+
+
+def dry_run_preset(spec: JobSpec, folder: ModelFolder, profile: Profile, turbo: bool, log) -> Preset:
+    """The preset --dry-run plans, after the same checks as a run; a TI2V plan needs no first image (it does not
+    depend on it), but one given is checked."""
+    check_numbers(spec)
+    if folder.kind == "t2v" or spec.image is not None:
+        check_kind_inputs(spec, folder)
+    problem = motion_score_problem(spec.motion_score)
+    if problem:
+        raise UsageError(problem)
+    defaults = sampling_defaults(turbo, folder.kind)
+    preset = preset_for(spec, profile, defaults["steps"] if turbo else None, log, defaults.get("max_frames"))
+    if spec.image is not None:
+        first_image(spec.image, (preset.height, preset.width))
+    return preset
 
 
 def check_writable(path: Path) -> None:
