@@ -91,10 +91,12 @@ def test_a_release_not_on_disk_does_not_run(capsys, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_ti2v_is_refused_until_its_dit_is_built():
-    """The image-to-video DiT has tensors this version's model does not build: refused, not planned as T2V."""
-    with pytest.raises(ModelFolderError, match="stepvideo-ti2v.*motion_score_embedder"):
-        open_model_folder("stepfun-ai/stepvideo-ti2v", published=True)
+def test_the_image_to_video_release_opens_as_ti2v_from_its_shapes():
+    """The image-to-video release is planned as what it is (its DiT's extra tensors built), not as T2V."""
+    folder = open_model_folder("stepfun-ai/stepvideo-ti2v", published=True)
+    assert folder.kind == "ti2v" and folder.published == "stepfun-ai/stepvideo-ti2v"
+    dit = folder.open("transformer", layers=1).module
+    assert dit.pos_embed.proj.weight.shape[1] == 2 * dit.config.in_channels
 
 
 def test_a_folder_on_disk_wins_over_the_release_name(tmp_path, monkeypatch):

@@ -282,7 +282,7 @@ def test_a_profile_the_plan_lowers_runs_in_a_new_pipeline(demo_dir, monkeypatch)
     folder, profile = open_model_folder(demo_dir), load_profile("cpu")
     pipe = PhasePipeline(folder, profile, progress=False, runtime=DeviceRuntime(folder, profile, "cuda"))
     lowered, ladder = with_overrides(profile, dit_resident_blocks=1), list(profile.presets)
-    monkeypatch.setattr(job, "fit_to_card", lambda p, presets, *a, **kw: (presets[1:], lowered))
-    got, ran = job.plan_ladder(pipe, ladder[0], None, lambda msg: None)
+    monkeypatch.setattr(ladders, "fit_to_card", lambda p, presets, *a, **kw: (presets[1:], lowered))
+    got, ran = ladders.plan_ladder(pipe, ladder[0], None, lambda msg: None)
     assert got == ladder[1:] and ran.profile == lowered and ran.device.type == "cuda"
     assert pipe.profile == profile and ran.timings is pipe.timings
