@@ -84,6 +84,13 @@ def test_release_not_on_disk_is_planned_from_its_shapes(capsys):
     assert "planned from the shapes this package ships" in err
 
 
+def test_image_to_video_release_not_on_disk_is_planned_with_its_image_phase(capsys):
+    rc, got, err = dry_run_json(capsys, "--model-dir", "stepfun-ai/stepvideo-ti2v", "--card", "RTX 4090",
+                                "--ram-gib", "64", *SMALL)
+    assert rc == 0 and got["fits"], err
+    assert "image" in got["phases"] and got["estimate_seconds"]["total"] > 0
+
+
 def test_a_release_not_on_disk_does_not_run(capsys, tmp_path):
     rc, _, err = run_cli(capsys, "--model-dir", "stepfun-ai/stepvideo-t2v", "--prompt", PROMPT,
                          "--output", tmp_path / "x.mp4")

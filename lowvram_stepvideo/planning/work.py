@@ -119,7 +119,8 @@ def dit_forward_work(folder: ModelFolder, dtype: torch.dtype, frames: int, heigh
         y = torch.zeros(1, text, config.caption_channels[0], dtype=dtype, device=DEVICE)
         clip = torch.zeros(1, ClipConfig.max_length, config.caption_channels[1], dtype=dtype, device=DEVICE)
         mask = torch.ones(1, ClipConfig.max_length + text, dtype=dtype, device=DEVICE)
-        model(x, t, y, clip, mask)
+        ti2v = (torch.zeros_like(x), torch.zeros(1, dtype=dtype, device=DEVICE)) if config.kind == "ti2v" else ()
+        model(x, t, y, clip, mask, *ti2v)    # TI2V: condition latents and motion score
     work = _stack(folder, "transformer", dtype, forward)
     return Work(work.linear, work.attention, config.head_dim)
 
