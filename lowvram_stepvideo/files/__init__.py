@@ -1,6 +1,6 @@
 """Reading and writing files with no knowledge of the networks: safetensors weights (weights), the
-release's configs (configs), tokenizers, caches and the text-embedding cache, atomic file helpers (fsutil) and the
-video writer (video).
+release's configs (configs), tokenizers, caches and the text-embedding cache, atomic file helpers (fsutil), the
+video writer (video) and the animated preview written beside the video while it is made (preview_file).
 
 May import only the root modules (errors, profiles, defaults).
 """
