@@ -10,9 +10,9 @@ Held-out images (another seed) give the reported error, in 8-bit levels, next to
 
 Fitting loads the encoder alone (110 M parameters at release size; the decoder is never read), in bf16 where the
 CPU computes bf16 natively and in float32 elsewhere, and encodes a few images at a time, so memory stays bounded
-(peak RSS of the fitting process at release size: 0.7 GiB in bf16, 1.0 GiB in float32); the time on CPU is measured by
-bench/preview_cost.py. `preview_map_for` fits once per VAE folder and keeps the result in the cache folder,
-keyed by the identity of the folder's files and the fit recipe.
+(peak RSS of the fitting process at release size: 0.7 GiB in bf16, 1.0 GiB in float32); bench/preview_cost.py
+measures its time. `preview_map_for` fits once per VAE folder and keeps the result in the cache folder, keyed by
+the identity of the folder's files and the fit recipe.
 """
 from __future__ import annotations
 
