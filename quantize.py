@@ -63,7 +63,8 @@ def quantize(args: argparse.Namespace) -> int:
 
     from lowvram_stepvideo.face import exit_codes
     from lowvram_stepvideo.files.weights import CheckpointError
-    from lowvram_stepvideo.tools.quantize_folder import format_verify_table, quantize_folder
+    from lowvram_stepvideo.tools.quantize_folder import quantize_folder
+    from lowvram_stepvideo.tools.quantize_verify import format_verify_table
 
     def log(message: str) -> None:
         tqdm.write(message, file=sys.stderr)

@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from lowvram_stepvideo.models import quant
 from lowvram_stepvideo.tools import quantize_folder as qf
+from lowvram_stepvideo.tools import quantize_io
 from lowvram_stepvideo.files.weights import SafetensorsFile, open_weights
 from lowvram_stepvideo.loading.loaders import load_clip, load_dit, load_step_llm
 
@@ -103,8 +104,8 @@ def test_every_shard_records_the_scheme_and_the_index_lists_every_tensor(tmp_pat
 
 
 def test_output_equals_whole_tensor_quantization_whatever_the_block_size(model_dir, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(qf, "BLOCK_ELEMS", 1000)  # many row blocks per weight
-    monkeypatch.setattr(qf, "COPY_BYTES", 300)    # many pieces per copied tensor
+    monkeypatch.setattr(quantize_io, "BLOCK_ELEMS", 1000)  # many row blocks per weight
+    monkeypatch.setattr(quantize_io, "COPY_BYTES", 300)    # many pieces per copied tensor
     dst = tmp_path / "q"
     quantize(capsys, model_dir, dst, "int8", "--components", "transformer,step_llm,hunyuan_clip")
     for comp, folder, stem in (("transformer", "transformer", "diffusion_pytorch_model"),

@@ -24,38 +24,30 @@ import shutil
 import struct
 import sys
 import time
-import zlib
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 
 from ..pipeline import progress
 from ..models import quant
 from ..files.weights import (
-    FLOAT_DTYPES,
     SAFETENSORS_DTYPES,
     CheckpointError,
     SafetensorsFile,
     WeightSource,
     open_weights)
-from ..errors import StepVideoError
 from ..files.fsutil import atomic_path
 from ..loading.model_folder import TURBO_KEY, is_turbo
+from .quantize_checks import QuantizeError, check_disk_space, check_request, existing_ancestor
+from .quantize_io import TensorReader, shard_crc, write_shard
+from .quantize_verify import verify_folder
 
 STATE_FILE = ".quantize_state.json"
 STATE_VERSION = 1
-BLOCK_ELEMS = 8 * 2**20          # source elements per block of rows (a float32 copy of a block is 32 MB)
-COPY_BYTES = 64 * 2**20          # bytes per read when a tensor is copied unchanged
 DEFAULT_SHARD_BYTES = 4 * 2**30
-DISK_MARGIN = 64 * 2**20
 DTYPE_CODES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
-
-
-class QuantizeError(StepVideoError, ValueError):
-    """A problem with the request or the folders; the message is one line and says what to do."""
 
 
 @dataclass(frozen=True)
@@ -205,173 +197,8 @@ def _has_pickle(folder: Path, spec: ComponentSpec) -> bool:
 
 # ---------------------------------------------------------------- reading and writing tensors
 
-class TensorReader:
-    """Blocks of rows and byte ranges of one folder's tensors, read with plain file reads."""
-
-    def __init__(self, source: WeightSource):
-        self.source = source
-        self.files: dict[Path, object] = {}
-        self.pool = ThreadPoolExecutor(max_workers=1)  # reads the next block while the current one is processed
-
-    def close(self) -> None:
-        self.pool.shutdown()
-        for f in self.files.values():
-            f.close()
-
-    def geometry(self, key: str) -> tuple[int, int]:
-        shape = self.source.ref(key).shape
-        rows = shape[0] if shape else 1
-        return rows, (math.prod(shape) // rows if rows else 0)
-
-    def rows(self, key: str, r0: int, r1: int) -> torch.Tensor:
-        """Rows r0..r1 of the tensor viewed as (rows, cols), in its stored dtype."""
-        ref = self.source.ref(key)
-        _, cols = self.geometry(key)
-        if not isinstance(self.source.where[key], SafetensorsFile):
-            return self.source.tensor(key).reshape(-1, cols)[r0:r1]
-        row_bytes = cols * ref.dtype.itemsize
-        return self._read(ref.file, ref.start + r0 * row_bytes, (r1 - r0) * row_bytes).view(ref.dtype).view(-1, cols)
-
-    def raw(self, key: str, b0: int, b1: int) -> torch.Tensor:
-        """Bytes b0..b1 of the tensor's data as uint8."""
-        ref = self.source.ref(key)
-        if not isinstance(self.source.where[key], SafetensorsFile):
-            return self.source.tensor(key).contiguous().reshape(-1).view(torch.uint8)[b0:b1]
-        return self._read(ref.file, ref.start + b0, b1 - b0)
-
-    def _read(self, path: Path, offset: int, n: int) -> torch.Tensor:
-        f = self.files.get(path) or self.files.setdefault(path, open(path, "rb", buffering=0))
-        buf = torch.empty(n, dtype=torch.uint8)
-        view, got = memoryview(buf.numpy()), 0
-        f.seek(offset)
-        while got < n:
-            k = f.readinto(view[got:])
-            if not k:
-                raise CheckpointError(f"{path}: truncated while reading; re-download this file")
-            got += k
-        return buf
-
-
-def _as_bytes(t: torch.Tensor):
-    return t.contiguous().reshape(-1).view(torch.uint8).numpy()
-
-
-def _produce(shard: Shard, reader: TensorReader, tick: Callable[[int], None]) -> Iterator[tuple[str, int, object]]:
-    """(output name, byte position inside that tensor, bytes) for every tensor of the shard, in header order."""
-    scales: dict[str, torch.Tensor] = {}
-    for t in shard.tensors:
-        if t.role == "scale":
-            yield t.name, 0, _as_bytes(scales.pop(t.source))
-        elif t.role == "codes":
-            parts = []
-            for pos, codes, scale, src_bytes in _quantized_blocks(reader, t.source, t.fmt):
-                parts.append(scale)
-                yield t.name, pos, _as_bytes(codes)
-                tick(src_bytes)
-            scales[t.source] = torch.cat(parts) if parts else torch.empty(0)
-        else:
-            spans = [(t.source, b0, min(t.nbytes, b0 + COPY_BYTES)) for b0 in range(0, t.nbytes, COPY_BYTES)]
-            for (_, b0, _), chunk in zip(spans, _read_ahead(reader.pool, spans, reader.raw)):
-                _check_finite(reader, t, chunk)
-                yield t.name, b0, chunk.numpy()
-                tick(chunk.numel())
-
-
-def _check_finite(reader: TensorReader, t: OutTensor, chunk: torch.Tensor) -> None:
-    """A float tensor copied unchanged must hold no NaN/inf either (quantized ones are checked by quantize_rows)."""
-    if t.dtype in FLOAT_DTYPES and not torch.isfinite(chunk.view(t.dtype)).all():
-        raise CheckpointError(f"{reader.source.label}: tensor {t.source} holds NaN or inf values; the checkpoint "
-                              "is corrupt, re-download it")
-
-
-def _read_ahead(pool: ThreadPoolExecutor, spans: list, read: Callable):
-    """Yield read(*span) for each span while the next one is read in `pool` (file reads and torch ops release
-    the GIL, so reading overlaps quantizing). The pending read is awaited even if the caller stops early."""
-    pending = pool.submit(read, *spans[0]) if spans else None
-    try:
-        for i in range(len(spans)):
-            result = pending.result()
-            pending = pool.submit(read, *spans[i + 1]) if i + 1 < len(spans) else None
-            yield result
-    finally:
-        if pending is not None:
-            pending.exception()
-
-
-def _quantized_blocks(reader: TensorReader, key: str, fmt: quant.QFormat):
-    rows, cols = reader.geometry(key)
-    step = max(1, BLOCK_ELEMS // max(cols, 1))
-    spans = [(key, r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
-    for (_, r0, _), block in zip(spans, _read_ahead(reader.pool, spans, reader.rows)):
-        try:
-            codes, scale = quant.quantize_rows(block, fmt)
-        except ValueError as e:
-            raise CheckpointError(f"{reader.source.label}: tensor {key}: {e}") from None
-        yield r0 * cols, codes, scale, block.numel() * block.element_size()
-
-
-def write_shard(path: Path, shard: Shard, reader: TensorReader, tick: Callable[[int], None]) -> int:
-    """Write one shard (preallocated, each tensor at its final offset), fsync it, return its CRC-32."""
-    header, spans = shard.header(), shard.offsets()
-    crc = zlib.crc32(header)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as f:
-        f.write(header)
-        f.truncate(shard.nbytes)
-        for name, pos, data in _produce(shard, reader, tick):
-            _pwrite_all(f.fileno(), memoryview(data).cast("B"), len(header) + spans[name][0] + pos)
-            crc = zlib.crc32(data, crc)
-        os.fsync(f.fileno())
-    return crc
-
-
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    while data:
-        n = os.pwrite(fd, data, offset)
-        data, offset = data[n:], offset + n
-
-
-def shard_crc(path: Path, shard: Shard) -> int | None:
-    """CRC-32 of a written shard (same order as `write_shard`), or None if its header is not the planned one."""
-    header, spans = shard.header(), shard.offsets()
-    if not path.is_file() or path.stat().st_size != shard.nbytes:
-        return None
-    with open(path, "rb") as f:
-        if f.read(len(header)) != header:
-            return None
-        crc = zlib.crc32(header)
-        for t in shard.tensors:
-            b0, b1 = spans[t.name]
-            f.seek(len(header) + b0)
-            for pos in range(b0, b1, COPY_BYTES):
-                crc = zlib.crc32(f.read(min(COPY_BYTES, b1 - pos)), crc)
-    return crc
-
 
 # ---------------------------------------------------------------- checks
-
-def check_request(src: Path, dst: Path, force: bool) -> None:
-    src_r, dst_r = src.resolve(), dst.resolve()
-    if not src_r.is_dir():
-        raise QuantizeError(f"--model-dir {src}: folder not found")
-    _check_step_video(src_r)
-    if dst_r == src_r or src_r in dst_r.parents:
-        raise QuantizeError(f"--out {dst} is inside --model-dir {src}; choose a folder outside the source")
-    if dst_r in src_r.parents:
-        raise QuantizeError(f"--model-dir {src} is inside --out {dst}; choose another --out")
-    if (dst.exists() or dst.is_symlink()) and not force:
-        raise QuantizeError(f"--out {dst} already exists; pass --force to replace it, or choose another folder")
-
-
-def _check_step_video(src: Path) -> None:
-    hint = "pass the folder that holds model_index.json, transformer/ and step_llm/"
-    try:
-        index = json.loads((src / "model_index.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        raise QuantizeError(f"{src} is not a Step-Video model folder (no readable model_index.json); {hint}") from None
-    if not isinstance(index, dict) or index.get("_class_name") != "StepVideoPipeline":
-        raise QuantizeError(f"{src} is not a Step-Video model folder (model_index.json is not a "
-                            f"StepVideoPipeline); {hint}")
 
 
 def check_not_quantized(src: Path) -> None:
@@ -384,21 +211,6 @@ def check_not_quantized(src: Path) -> None:
             fmt = json.loads(source.files[0].metadata.get(quant.SCHEME_KEY, "{}") or "{}").get("format", "?")
             raise QuantizeError(f"{src} is already quantized ({spec.folder} holds {fmt} weights); "
                                 "quantize the original release folder instead")
-
-
-def existing_ancestor(path: Path) -> Path:
-    path = Path(path).absolute()
-    while not path.exists():
-        path = path.parent
-    return path
-
-
-def check_disk_space(dst: Path, need: int) -> None:
-    probe = existing_ancestor(dst)
-    free = shutil.disk_usage(probe).free
-    if free < need + DISK_MARGIN:
-        raise QuantizeError(f"not enough disk space for {dst}: need {(need + DISK_MARGIN) / 1e9:.2f} GB, "
-                            f"{free / 1e9:.2f} GB free on {probe}; free some space or choose another --out")
 
 
 # ---------------------------------------------------------------- resume state
@@ -579,59 +391,4 @@ def _write_indexes(partial: Path, jobs: list[Job]) -> None:
 
 # ---------------------------------------------------------------- --verify
 
-@dataclass(frozen=True)
-class VerifyRow:
-    component: str
-    tensor: str
-    shape: tuple[int, ...]
-    rel_error: float | None      # None: the original weight is all zeros
 
-
-def verify_folder(dst: Path, jobs: list[Job], samples: int = 8, batch: int = 16) -> list[VerifyRow]:
-    """Relative error of sampled quantized layers against the originals: ||x Wq^T - x W^T|| / ||x W^T|| for
-    random x (linears), ||Wq - W|| / ||W|| over all rows (embeddings). Reads both a block of rows at a time."""
-    rows = []
-    gen = torch.Generator().manual_seed(0)
-    for job in (j for j in jobs if j.plan):
-        out = TensorReader(open_weights(dst / job.spec.folder, (job.spec.out_stem,)))
-        src = TensorReader(job.source)
-        src_key = {t.name: t.source for s in job.shards for t in s.tensors if t.role == "codes"}
-        names = list(job.plan)
-        picks = sorted({names[round(i * (len(names) - 1) / max(samples - 1, 1))] for i in range(samples)})
-        for name in picks:
-            err = _layer_error(src, src_key[name], out, name, job.plan[name], batch, gen)
-            rows.append(VerifyRow(job.component, name, job.source.ref(src_key[name]).shape, err))
-        src.close()
-        out.close()
-    return rows
-
-
-def _layer_error(src: TensorReader, src_key: str, out: TensorReader, name: str, kind: str, batch: int, gen):
-    n_rows, cols = src.geometry(src_key)
-    x = torch.randn(batch, cols, generator=gen)
-    step = max(1, BLOCK_ELEMS // max(cols, 1))
-    num = den = 0.0
-    for r0 in range(0, n_rows, step):
-        r1 = min(n_rows, r0 + step)
-        w = src.rows(src_key, r0, r1).float()                                         # (r, cols)
-        wq = quant.dequantize(out.rows(name, r0, r1), out.rows(quant.scale_name(name), r0, r1).reshape(-1),
-                              torch.float32)
-        ref, got = (w, wq) if kind == "embedding" else (x @ w.T, x @ wq.T)            # (batch, r) for linears
-        num += (got - ref).pow(2).sum().item()
-        den += ref.pow(2).sum().item()
-    return math.sqrt(num / den) if den > 0 else None
-
-
-def format_verify_table(rows: list[VerifyRow]) -> str:
-    width = max([len(r.tensor) for r in rows] + [6])
-    lines = [f"{'component':<13} {'tensor':<{width}} {'shape':<14} rel. error"]
-    for r in rows:
-        err = "n/a (zero weight)" if r.rel_error is None else f"{100 * r.rel_error:.3f}%"
-        lines.append(f"{r.component:<13} {r.tensor:<{width}} {'x'.join(map(str, r.shape)):<14} {err}")
-    scored = [r for r in rows if r.rel_error is not None]
-    if scored:
-        worst = max(scored, key=lambda r: r.rel_error)
-        lines.append(f"worst layer: {worst.component} {worst.tensor} {100 * worst.rel_error:.3f}%")
-    else:
-        lines.append("worst layer: none (every sampled original weight is zero)")
-    return "\n".join(lines)
