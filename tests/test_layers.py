@@ -150,3 +150,17 @@ def test_the_checker_sees_an_engine_import_in_the_phases(tmp_path):
     known = {f"{NAME}.engines.tiling", f"{NAME}.engines.streaming", f"{NAME}.defaults"}
     assert engine_imports(f"{NAME}.pipeline.phases", fake / "phases.py", known) == [
         f"{NAME}.engines.tiling", f"{NAME}.engines.streaming"]
+
+
+def test_no_module_over_500_lines():
+    long = {mod: n for mod, path in modules().items() if (n := len(path.read_text().splitlines())) > 500}
+    assert not long, f"modules over 500 lines (split them): {long}"
+
+
+def test_readme_layout_is_generated_from_the_tree():
+    """README.md's layout is what scripts/readme_layout.py writes from the modules' docstrings."""
+    import subprocess
+    import sys
+    script = PACKAGE.parent / "scripts" / "readme_layout.py"
+    proc = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr

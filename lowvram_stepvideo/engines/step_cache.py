@@ -1,4 +1,4 @@
-"""First-block residual cache for the DiT (opt-in: `--cache THRESHOLD`), attached from outside (attach.py).
+"""First-block residual cache for the DiT (opt-in: `--step-cache THRESHOLD`), attached from outside (attach.py).
 
 Each DiT forward runs block 0, then compares block 0's residual (its output minus its input) with the one saved at
 the last full evaluation of the same CFG branch: relative change = mean|r - r_saved| / mean|r_saved|. Below the
