@@ -341,7 +341,8 @@ def prepare_job(spec: JobSpec, log: Callable[[str], None], folder: ModelFolder |
 
 
 def prepare_request(spec: JobSpec, log: Callable[[str], None], folder: ModelFolder | None = None) -> PreparedJob:
-    """Folder (unless already opened), profile and device, sizes and numbers; no output paths yet."""
+    """Folder (unless already opened), profile and device (its explicit kernels probed), sizes and numbers; no output
+    paths yet."""
     folder = folder or preflight.model_folder(spec)
     profile = preflight.profile_for(spec, log=log)
     note_weight_format(folder, profile, log)
@@ -354,6 +355,7 @@ def prepare_request(spec: JobSpec, log: Callable[[str], None], folder: ModelFold
                       defaults["guidance_scale"] if spec.guidance_scale is None else spec.guidance_scale,
                       defaults["shift"] if spec.shift is None else spec.shift, spec.seed)
     par = parallel_for(options["parallel"], profile)
+    preflight.check_kernels(profile, folder.weight_format, par)
     if par is None:
         pipe = PhasePipeline(folder, profile, log=log, options=preflight.speed_options(spec))
     else:
