@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT))
 
 from lowvram_stepvideo.engines.cards import CARDS, Card  # noqa: E402
 from lowvram_stepvideo.loading.model_folder import open_model_folder  # noqa: E402
-from lowvram_stepvideo.pipeline.sampling import TURBO_DEFAULTS  # noqa: E402
+from lowvram_stepvideo.defaults import TURBO_SAMPLING  # noqa: E402
 from lowvram_stepvideo.planning.budgets import auto_choice  # noqa: E402
 from lowvram_stepvideo.planning.estimate import duration, estimate_run  # noqa: E402
 from lowvram_stepvideo.planning.fit import check_fit  # noqa: E402
@@ -42,7 +42,7 @@ def row(folder, card: Card) -> str:
         return f"| {card.name} | {card.vram_gib:g} GB | {card.capability_text} | {profile.name} | {runs} | - | - |"
     smaller = "" if verdict.requested_plan is None else " (smaller)"
     release = verdict.estimate
-    turbo = estimate_run(verdict.folder, verdict.profile, replace(verdict.preset, steps=TURBO_DEFAULTS["steps"]), card)
+    turbo = estimate_run(verdict.folder, verdict.profile, replace(verdict.preset, steps=TURBO_SAMPLING["steps"]), card)
     return (f"| {card.name} | {card.vram_gib:g} GB | {card.capability_text} | {verdict.profile.name} | "
             f"{verdict.preset}@{verdict.preset.steps}{smaller} | {_time(release)} | {_time(turbo)} |")
 
