@@ -250,3 +250,59 @@ def test_the_levers_run_turing_bf16_attention_in_float16_and_fall_back_to_exact(
     assert {m.attend for m in dit.modules() if hasattr(m, "attend")} == {attention.exact_attention}
     assert levers.info["attention_precision"] == "float32"
     levers.detach()
+
+
+# ---- bench/probes_gpu.py and the real card ----------------------------------------------------------------------
+
+def _bench_probes():
+    import importlib.util
+    from conftest import ROOT
+    spec = importlib.util.spec_from_file_location("bench_probes_gpu", ROOT / "bench" / "probes_gpu.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_the_probe_report_checks_the_card_and_marks_what_the_table_gets_wrong(monkeypatch):
+    """The GPU check's report, run on the CPU for a simulated RTX 4090: sage (listed for sm89) fails, flash-attn 3
+    (not listed) passes: both marked; a name not in the card table fails the card check."""
+    bench = _bench_probes()
+    fakes(monkeypatch, sage=FakeKernel("raises"), flash2=FakeKernel(), flash3=FakeKernel())
+    same, text = bench.report("cpu", "NVIDIA GeForce RTX 4090", 24 * 2**30, (8, 9))
+    assert same and text.startswith("card: NVIDIA GeForce RTX 4090 (24.0 GiB, compute capability 8.9) is the "
+                                    "table's RTX 4090 (24 GB, 8.9)")
+    rows = text.splitlines()
+    assert f"| torch.bfloat16 | sage | lists it | failed (table?) |  | {NOT_AVAILABLE} |" in rows
+    assert any(r.startswith("| torch.bfloat16 | flash3 | does not list it | passed (table?) |") for r in rows)
+    assert any(r.startswith("| torch.bfloat16 | sdpa (float16) |  | passed |") for r in rows)
+    assert any(r.startswith("| torch.bfloat16 | int8 x int8 |  | passed |") for r in rows)
+    assert rows[-1].startswith("a run of the 24gb profile (attention auto) attaches: flash2 (GeForce")
+    same, text = bench.report("cpu", "NVIDIA GeForce GTX 1080", 8 * 2**30, (6, 1))
+    assert not same and "is NOT in the card table" in text
+
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@gpu
+def test_on_the_card_auto_attaches_a_kernel_that_passed_and_float16_paths_work():
+    from lowvram_stepvideo.engines.target import current_target
+    card = current_target("cuda")
+    run = probes.choose_run_attention(load_profile("24gb"), card, "cuda")
+    assert run.kernel == "sdpa" or probes.probe_attention(run.kernel, "cuda", torch.bfloat16, 128, run.precision).ok
+    for precision in ("float16", "float32"):         # Turing's float16 copies, and the exact path, on this card
+        found = probes.probe_attention("sdpa", "cuda", torch.bfloat16, 128, precision)
+        assert found.ok and found.error < 0.01, found
+
+
+@pytest.mark.gpu
+@gpu
+def test_on_the_card_a_large_v_takes_the_exact_path():
+    from lowvram_stepvideo.engines.attention_paths import HalfPrecision, exact_attention
+    q, k, v = (torch.randn(1, 512, 4, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    big = v * 1e5
+    out = HalfPrecision(sdpa)(q, k, big)
+    assert out.isfinite().all() and torch.equal(out, exact_attention(q, k, big))
+    ref = sdpa(q.double(), k.double(), big.double())
+    assert float((out.double() - ref).norm() / ref.norm()) < 2 ** -8

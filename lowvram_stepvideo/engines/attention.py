@@ -98,7 +98,8 @@ def choose_auto(card: Target, importable: Callable[[str], bool]) -> tuple[str, s
         return "sdpa", f"no CUDA device ({card.name or 'cpu'})"
     order = attention_order(card.capability, card.geforce)
     kernel = next(k for k in order if k == "sdpa" or importable(k))
-    why = ("Hopper: flash-attn 3 first" if card.capability[0] == 9 else
+    why = ("no flash-attn or SageAttention kernel for this architecture" if order == ("sdpa",) else
+           "Hopper: flash-attn 3 first" if card.capability[0] == 9 else
            "GeForce: int8 QK (SageAttention) first" if card.geforce else "flash-attn 2 first")
     return kernel, f"{why} ({card.name}, compute capability {card.capability[0]}.{card.capability[1]})"
 
