@@ -306,3 +306,31 @@ def test_on_the_card_a_large_v_takes_the_exact_path():
     assert out.isfinite().all() and torch.equal(out, exact_attention(q, k, big))
     ref = sdpa(q.double(), k.double(), big.double())
     assert float((out.double() - ref).norm() / ref.norm()) < 2 ** -8
+
+
+def test_in_a_parallel_run_every_rank_stops_when_one_cannot_run_its_kernels(monkeypatch):
+    """check_kernels on each rank: the rank whose card refuses says why, the others stop with it (all_agree)."""
+    class Rank:
+        device = torch.device("cpu")
+
+        def __init__(self, others_ok: bool):
+            self.others_ok, self.asked = others_ok, []
+
+        def all_agree(self, ok: bool) -> bool:
+            self.asked.append(ok)
+            return ok and self.others_ok
+    sage = with_overrides(load_profile("24gb"), attention="sage")
+    monkeypatch.setattr(preflight, "current_target", lambda device: RTX_4090)
+    fakes(monkeypatch, sage=FakeKernel())
+    fine = Rank(others_ok=True)
+    preflight.check_kernels(sage, "int8", fine)
+    assert fine.asked == [True]
+    waiting = Rank(others_ok=False)
+    with pytest.raises(StepVideoError, match="^another process of this parallel run cannot run its kernels"):
+        preflight.check_kernels(sage, "int8", waiting)
+    fakes(monkeypatch, sage=FakeKernel("raises"))
+    failing = Rank(others_ok=True)
+    with pytest.raises(StepVideoError, match=f"^--attention sage does not work on .*sage: {NOT_AVAILABLE}"):
+        preflight.check_kernels(sage, "int8", failing)
+    assert failing.asked == [False]
+    preflight.check_kernels(load_profile("cpu"), "int8", Rank(others_ok=False))   # the CPU: nothing to probe
