@@ -289,6 +289,7 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA dev
 def test_on_the_card_auto_attaches_a_kernel_that_passed_and_float16_paths_work():
     from lowvram_stepvideo.engines.target import current_target
     card = current_target("cuda")
+    assert probes.driver_version() != "unknown"      # the cache key names the driver (NVML or the CUDA driver API)
     run = probes.choose_run_attention(load_profile("24gb"), card, "cuda")
     assert run.kernel == "sdpa" or probes.probe_attention(run.kernel, "cuda", torch.bfloat16, 128, run.precision).ok
     for precision in ("float16", "float32"):         # Turing's float16 copies, and the exact path, on this card

@@ -21,7 +21,10 @@ kernel is probed once per machine setup. A kernel that does not import is not pr
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import datetime
+import functools
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -68,9 +71,25 @@ def device_key(device) -> str:
     if device.type != "cuda":
         return f"{device.type} | torch {torch.__version__}"
     props = torch.cuda.get_device_properties(device)
-    driver = getattr(torch._C, "_cuda_getDriverVersion", lambda: "unknown")()
-    return (f"{props.name} | compute capability {props.major}.{props.minor} | driver {driver} | "
+    return (f"{props.name} | compute capability {props.major}.{props.minor} | driver {driver_version()} | "
             f"cuda {torch.version.cuda} | torch {torch.__version__}")
+
+
+@functools.cache
+def driver_version() -> str:
+    """The NVIDIA driver's version as NVML reports it ("550.54.15"), else the CUDA version the driver supports
+    ("cuda 12.4"), else "unknown" (torch does not expose either)."""
+    for name in ("libnvidia-ml.so.1", "nvml.dll"):
+        with contextlib.suppress(OSError, AttributeError):
+            nvml, text = ctypes.CDLL(name), ctypes.create_string_buffer(96)
+            if nvml.nvmlInit_v2() == 0 and nvml.nvmlSystemGetDriverVersion(text, 96) == 0:
+                return text.value.decode(errors="replace")
+    for name in ("libcuda.so.1", "nvcuda.dll"):
+        with contextlib.suppress(OSError, AttributeError):
+            version = ctypes.c_int()
+            if ctypes.CDLL(name).cuDriverGetVersion(ctypes.byref(version)) == 0:
+                return f"cuda {version.value // 1000}.{version.value % 1000 // 10}"
+    return "unknown"
 
 
 def probe_attention(kernel: str, device, dtype: torch.dtype, head_dim: int = 128,
