@@ -5,9 +5,12 @@
 #   here:    pip download -d gpu-wheels pytest      (once, 1.8 MB; gpu-wheels/ is git-ignored)
 #   device:  run(command="bash bench/gpu_checks.sh", carry=["gpu-wheels"], timeout_s=600)
 #
-# Each check has its own time limit (together under the device's 10 minutes a command), so one slow check cannot
-# use up the others' time. Outputs go to $OUT (the device tool's result folder; else gpu-results/), one file a
-# check ending in its exit status, and the card's name to card.csv. Paste the tables into BENCHMARKS.md with it.
+# Each check has its own time limit (together 9 minutes at most, under the device's 10 minutes a command), so one
+# slow check cannot use up the others' time; the short ones run first. Outputs go to $OUT (the device tool's result
+# folder; else gpu-results/), one file a check ending in its exit status, and the card's name to card.csv; the
+# probes' and the calibration's caches (probes.json, calibration.json) to cache/. Paste the tables into
+# BENCHMARKS.md with it. The compiled rows of speed_gpu.py (minutes of compiling) need a call of their own:
+# python bench/speed_gpu.py --json.
 set -u
 out=${OUT:-gpu-results}
 mkdir -p "$out"
@@ -25,7 +28,11 @@ check() {   # check NAME SECONDS COMMAND...
     tail -n 25 "$out/$name.txt"
 }
 
+# the card against the card table, every attention kernel and fast matmul probed on it
+check probes 35 env LOWVRAM_STEPVIDEO_CACHE="$out/cache" python bench/probes_gpu.py
 check pytest-gpu 90 python -m pytest -q -m gpu -p no:cacheprovider $(grep -l "mark.gpu" tests/*.py)
-check plan-vs-gpu 100 python bench/plan_vs_gpu.py --demo --profile 24gb
-check stream-gpu 130 python bench/stream_gpu.py
-check speed-gpu 200 python bench/speed_gpu.py --json
+[ -f tests/test_syncs.py ] && check syncs 60 python -m pytest -q -p no:cacheprovider tests/test_syncs.py
+check calibrate 65 env LOWVRAM_STEPVIDEO_CACHE="$out/cache" python bench/speed_gpu.py --calibrate
+check plan-vs-gpu 80 python bench/plan_vs_gpu.py --demo --profile 24gb
+check stream-gpu 100 python bench/stream_gpu.py
+check speed-gpu 100 python bench/speed_gpu.py --json --skip compile

@@ -8,7 +8,7 @@
 Times one full-width DiT block (`StepVideoTransformerBlock`, dim 6144, random int8 / fp8 codes as a quantized
 folder loads them, token runs and head groups of the 24gb profile) per lever, median of `--repeats` after a warm-up:
 - baseline: SDPA attention, weight-only int8 matmul, eager;
-- attention: flash-attn 3 / 2, SageAttention (where importable on this card);
+- attention: flash-attn 3 / 2, SageAttention (where they pass their probe on this card);
 - matmul: weight-only fp8, int8 x int8 (torch._int_mm), fp8 x fp8 (torch._scaled_mm);
 - compiled: the baseline with the block torch.compile'd (compile time excluded);
 - best: the fastest attention + the fastest matmul (+ compile when it helped), measured as a row of its own;
@@ -45,7 +45,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 from stream_gpu import build_stack, make_inputs  # noqa: E402
 
-from lowvram_stepvideo.engines import attention, fast_matmul  # noqa: E402
+from lowvram_stepvideo.engines import attention, fast_matmul, probes  # noqa: E402
 from lowvram_stepvideo.engines.attach import Attachments  # noqa: E402
 from lowvram_stepvideo.engines.compile import compile_blocks  # noqa: E402
 from lowvram_stepvideo.engines.cards import card_for_device  # noqa: E402
@@ -86,9 +86,9 @@ def levers(device: torch.device, skip: set[str]) -> list[dict]:
     base = {"attention": "sdpa", "fmt": "int8", "kernel": None, "compile": False}
     card = attention.current_target(device)
     rows = [dict(base, lever="baseline: sdpa + weight-only int8, eager")]
-    if "attention" not in skip and device.type == "cuda":
+    if "attention" not in skip and device.type == "cuda":   # the kernels that pass their probe on this card
         rows += [dict(base, lever=f"attention {k}", attention=k) for k in ("flash3", "flash2", "sage")
-                 if attention.is_available(k) and (k != "flash3" or card.hopper)]
+                 if probes.probe_attention(k, device, torch.bfloat16).ok]
     rows.append(dict(base, lever="weight-only fp8", fmt="fp8"))
     if "matmul" not in skip:
         for fmt in ("int8", "fp8"):
@@ -212,9 +212,11 @@ def _matmul(device, repeats: int) -> tuple[float, float]:
 
 
 def _attention(kernel: str, device, repeats: int) -> tuple[float, float]:
+    """`kernel` as estimate.attention_kernel names it: "sage", "sdpa (float16)", "sdpa (math kernel)"."""
     s, h, d = 9 * 34 * 62, 8, 128
     q, k, v = (torch.randn(1, s, h, d, device=device, dtype=torch.bfloat16) for _ in range(3))
-    return 4.0 * s * s * h * d, timed(lambda: attention.attention(q, k, v, backend=kernel), repeats, device)
+    attend = attention.run_function(kernel.split(" ")[0], "float16" if kernel.endswith("(float16)") else None)
+    return 4.0 * s * s * h * d, timed(lambda: attend(q, k, v), repeats, device)
 
 
 def _vae(device, repeats: int) -> tuple[float, float]:

@@ -1,5 +1,6 @@
-"""The memory plan counts the attention kernel the target card runs: SDPA's math kernel and its scores where the card
-has no fused kernel for the compute dtype (bf16 on Turing), a fused kernel elsewhere."""
+"""The memory plan counts the attention kernel the target card runs: a fused kernel, on float16 copies of q, k and v
+where the card has a fused kernel for float16 but none for the compute dtype (bf16 on Turing), SDPA's math kernel and
+its scores where it has no fused kernel at all."""
 import pytest
 import torch
 
@@ -11,6 +12,7 @@ from lowvram_stepvideo.planning.byte_count import DEVICE, PlanningAccountant
 from lowvram_stepvideo.planning.plan import plan_memory
 from lowvram_stepvideo.engines.attention import math_kernel_stand_in as math_kernel_attention
 from lowvram_stepvideo.engines.attention import output_only as flash_style_attention
+from lowvram_stepvideo.engines.attention import HALF_OUTPUT_ONLY as half_flash_style_attention
 from lowvram_stepvideo.engines.attention import planned_kernel
 
 
@@ -52,25 +54,45 @@ def test_the_math_stand_in_holds_float32_scores_and_softmax(inference):
 
 
 def test_which_stand_in_a_card_gets():
-    assert planned_attention((7, 5), torch.bfloat16) is math_kernel_attention
+    assert planned_attention((7, 5), torch.bfloat16) is half_flash_style_attention     # float16 copies, fused
+    assert planned_attention((7, 0), torch.bfloat16) is half_flash_style_attention
+    assert planned_attention((3, 7), torch.bfloat16) is math_kernel_attention           # no fused kernel at all
     assert planned_attention((7, 5), torch.float16) is flash_style_attention
     assert planned_attention((7, 5), torch.float32) is flash_style_attention
     assert planned_attention((8, 6), torch.bfloat16) is flash_style_attention
     assert planned_attention(None, torch.bfloat16) is flash_style_attention
 
 
-def test_turing_plans_the_scores_of_bf16_attention(folder):
-    """sm75 in bf16: the denoise peak grows by at least one head group's float32 scores and softmax; sm86, fp16 on
-    sm75 and an unknown card plan the fused kernel."""
+def test_turing_plans_float16_attention_and_a_card_without_fused_kernels_the_scores(folder):
+    """sm75 in bf16 runs attention on float16 copies (engines/attention_paths.HalfPrecision): the denoise peak grows
+    by at most those copies and the float16 output of one head group, never by the scores. A card with no fused
+    kernel (sm37 here: none in the card table) plans the float32 scores and their softmax. sm86, fp16 on sm75 and an
+    unknown card plan the fused kernel alone. (Before Turing ran float16 attention, sm75 planned the scores.)"""
     profile = load_profile("8gb")
     fused = plan_memory(folder, profile, PRESET).phases["denoise"].peak_vram_bytes
     turing = plan_memory(folder, profile, PRESET, capability=(7, 5)).phases["denoise"].peak_vram_bytes
-    tokens, heads = PRESET.tokens, min(profile.attention_head_chunk, 2)   # the demo DiT has 2 heads
-    assert turing - fused >= 8 * heads * tokens * tokens
+    no_fused = plan_memory(folder, profile, PRESET, capability=(3, 7)).phases["denoise"].peak_vram_bytes
+    tokens, heads = PRESET.tokens, min(profile.attention_head_chunk, 2)   # the demo DiT has 2 heads of 128
+    assert 0 <= turing - fused <= 4 * 2 * heads * tokens * 128
+    assert no_fused - fused >= 8 * heads * tokens * tokens
     assert plan_memory(folder, profile, PRESET, capability=(8, 6)).phases["denoise"].peak_vram_bytes == fused
     fp16 = with_overrides(profile, compute_dtype="float16")
     assert (plan_memory(folder, fp16, PRESET, capability=(7, 5)).phases["denoise"].peak_vram_bytes
             == plan_memory(folder, fp16, PRESET).phases["denoise"].peak_vram_bytes)
+
+
+def test_the_float16_stand_in_holds_the_copies():
+    """The planner's float16 path allocates what the run's does: float16 q, k, v and output, then the output in the
+    compute dtype (q, k, v freed first)."""
+    acc = PlanningAccountant()
+    b, s, h, d = 1, 1000, 2, 128
+    with torch.inference_mode(), acc:
+        q = torch.empty(b, s, h, d, dtype=torch.bfloat16, device=torch.device("meta", 0))
+        acc.reset_peak()
+        before = acc.total(DEVICE)
+        out = half_flash_style_attention(q, q, q)
+        assert out.dtype == torch.bfloat16 and out.shape == q.shape
+    assert acc.peak[DEVICE] - before == 4 * 2 * b * s * h * d
 
 
 def test_the_verdict_plans_for_the_budgets_card(folder, monkeypatch):

@@ -124,20 +124,27 @@ def test_turing_bf16_is_not_estimated_but_fp16_is(folder):
     t4 = card_by_name("T4")
     bf16 = estimate_run(folder, load_profile("8gb"), PRESET, t4)
     assert bf16.total is None and bf16.seconds["denoise"] is None and "no bfloat16 tensor cores" in bf16.notes[0]
-    assert bf16.attention_kernel == "sdpa (math kernel)"
+    assert bf16.attention_kernel == "sdpa (float16)"     # float16 copies on its fused kernel (the math kernel before)
     fp16 = estimate_run(folder, with_overrides(load_profile("8gb"), compute_dtype="float16"), PRESET, t4)
     assert fp16.total > 0 and fp16.attention_kernel == "sdpa"
 
 
 def test_math_attention_is_estimated_from_memory_traffic(folder, fixed_work):
-    """An fp32 run on Turing is fused; a bf16 run on sm80+ too: the math kernel's cost model applies where the plan
-    counts the math kernel, e.g. a card with fp16 tensor cores but bf16 attention unfused."""
-    card = replace(card_by_name("T4"), datasheet_tflops={"bf16": 65, "fp16": 65, "int8": 130, "fp32": 8.1})
+    """The math kernel's cost model applies where the plan counts the math kernel: a card with no fused attention
+    kernel at all (compute capability 3.7 here, given tensor-core rates to be estimated). A card with fp16 tensor
+    cores whose fused kernels take fp16 but not bf16 (sm75) runs bf16 attention on float16 copies: at the fp16 rate
+    (until Turing ran float16 attention, that card was the math kernel's example)."""
+    rates = {"bf16": 65, "fp16": 65, "int8": 130, "fp32": 8.1}
+    card = replace(card_by_name("T4"), capability=(3, 7), datasheet_tflops=rates)
     est = estimate_run(folder, load_profile("8gb"), PRESET, card)
+    assert est.attention_kernel == "sdpa (math kernel)"
     ops, d = 2e15, 128
     attn = ops / (8.1e12 * 0.6) + ops / (4 * d) * 18 / (card.memory_gbs * 1e9 * 0.8)
     load = est.work["loaded_bytes"] / 3e9
     assert est.seconds["denoise"] == pytest.approx(load + PRESET.steps * 2 * (1e15 / (0.6 * 65e12) + attn))
+    half = estimate_run(folder, load_profile("8gb"), PRESET, replace(card, capability=(7, 5)))
+    assert half.attention_kernel == "sdpa (float16)"
+    assert half.seconds["denoise"] == pytest.approx(load + PRESET.steps * 2 * (1e15 / (0.6 * 65e12) + ops / (0.5 * 65e12)))
 
 
 def test_no_estimate_without_a_card_or_on_the_cpu(folder):

@@ -38,10 +38,12 @@ def test_list_cards(capsys):
     assert t4["capability"] == "7.5" and t4["attention_kernels"] == ["sdpa"] and not t4["bf16_fused_attention"]
 
 
-def test_card_t4_on_the_demo_plans_math_attention(capsys):
+def test_card_t4_on_the_demo_plans_float16_attention(capsys):
+    """T4 (sm75) has no fused bf16 attention: a bf16 run's attention runs on float16 copies (planned "math", its
+    SDPA math kernel, before Turing ran float16 attention)."""
     rc, got, err = dry_run_json(capsys, "--demo", "--profile", "8gb", "--card", "T4")
     assert rc == 0, err
-    assert got["card"] == "T4" and got["capability"] == "7.5" and got["attention_planned"] == "math"
+    assert got["card"] == "T4" and got["capability"] == "7.5" and got["attention_planned"] == "float16"
     assert got["budget_vram_from"].startswith("16.0 GiB T4")
     rc, ampere, err = dry_run_json(capsys, "--demo", "--profile", "8gb", "--card", "rtx 3060")
     assert rc == 0 and ampere["card"] == "RTX 3060" and ampere["attention_planned"] == "fused"
@@ -50,12 +52,13 @@ def test_card_t4_on_the_demo_plans_math_attention(capsys):
 def test_card_text_report_names_the_kernel(capsys):
     rc, out, err = run_cli(capsys, "--demo", "--profile", "8gb", "--prompt", PROMPT, "--dry-run", "--card", "T4")
     assert rc == 0 and "card: T4 (compute capability 7.5) has no fused attention kernel for bfloat16" in out
+    assert "attention runs on its float16 kernel" in out
 
 
 def test_capability_with_vram(capsys):
     rc, got, err = dry_run_json(capsys, "--demo", "--profile", "8gb", "--capability", "7.5", "--vram-gib", "16")
     assert rc == 0, err
-    assert got["card"] is None and got["capability"] == "7.5" and got["attention_planned"] == "math"
+    assert got["card"] is None and got["capability"] == "7.5" and got["attention_planned"] == "float16"
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -141,6 +144,7 @@ def test_auto_says_what_the_cards_capability_means():
     gib = 2**30
     profile, why = auto_choice(16 * gib, 64 * gib, (7, 5))
     assert profile.name == "16gb" and "compute capability 7.5 has no fused attention for bfloat16" in why
+    assert "runs in float16 on its fused kernel" in why
     assert "math kernel" not in auto_choice(16 * gib, 64 * gib, (8, 6))[1]
     assert auto_choice(16 * gib, 64 * gib, (8, 6))[0] == profile       # the tier is still chosen by memory
 

@@ -11,7 +11,6 @@ from safetensors.torch import load_file
 
 from conftest import ROOT
 from lowvram_stepvideo.face import cli
-from lowvram_stepvideo.run import job
 from lowvram_stepvideo.pipeline import machine
 from lowvram_stepvideo.run import ladder as ladders
 from lowvram_stepvideo.planning.byte_count import ByteAccountant

@@ -9,18 +9,26 @@ the same keys for every query, which is all the DiT needs) and returns (B, Sq, H
 - "sage":  SageAttention (`sageattention.sageattn`, int8 QK); CUDA, fp16/bf16.
 flash takes no mask: a masked call runs it per batch element over the selected keys, which is exact. A masked call
 to sage (the DiT's cross-attention over a few hundred text tokens: little of the cost) runs SDPA, so the masked
-cross-attention stays exact.
+cross-attention stays exact. The optional kernels come from `SOURCES` (name -> KernelSource: where the function is
+imported from and how it is called); a test puts a fake there to run the choice, the probe and the fallback on the
+CPU.
 
 "auto" takes the first importable kernel of the card table's order for the card (cards.attention_order: only the
 kernels that exist for its architecture; flash-attn 3 first on Hopper, SageAttention first on GeForce cards, RTX
-50xx included, flash-attn 2 first elsewhere, SDPA last; no CUDA: SDPA). A GPU measurement that disagrees changes
-the table, not code. The memory planner attaches the chosen kernel's data-free stand-in (`planned_kernel`): output
-only for a fused kernel, the math kernel's scores where the card has no fused kernel for the dtype (bf16 on Turing).
+50xx included, flash-attn 2 first elsewhere, SDPA last; no CUDA: SDPA). A real run also probes it first
+(engines/probes.py) and takes the first that passes. A GPU measurement that disagrees changes the table, not code.
+
+Precision (`attention_precision`): where the card has a fused kernel for float16 but none for the compute dtype
+(bf16 on Turing and Volta), the kernel runs on float16 copies of q, k, v (attention_paths.HalfPrecision, with an
+exact float32 path when v would not fit). The memory planner attaches the chosen kernel's data-free stand-in
+(`planned_kernel`): output only for a fused kernel (with the float16 copies where those are made), the math
+kernel's scores where no fused kernel takes the inputs at all.
 """
 from __future__ import annotations
 
 import functools
 import importlib
+import importlib.metadata
 import logging
 from typing import Callable
 
@@ -30,6 +38,7 @@ from torch import nn
 from ..models.layers import sdpa
 from ..profiles import Profile
 from .attach import Handle, attaching
+from .attention_paths import Guarded, HalfPrecision, exact_attention
 from .cards import attention_order, fused_attention
 from .target import Target, current_target
 
@@ -38,9 +47,49 @@ log = logging.getLogger(__name__)
 BACKENDS = ("sdpa", "flash", "sage")        # what a profile or --attention names
 KERNELS = ("sdpa", "flash3", "flash2", "sage")  # what runs (and is recorded)
 INSTALL_HINT = {"flash": "pip install flash-attn", "sage": "pip install sageattention"}
-_MODULES = {"flash3": [("flash_attn_interface", "flash_attn_func")], "flash2": [("flash_attn", "flash_attn_func")],
-            "sage": [("sageattention", "sageattn")]}
-_MODULES["flash"] = _MODULES["flash3"] + _MODULES["flash2"]
+PRECISIONS = (None, "float16", "float32")   # attention_precision: as given, float16 copies, exact float32
+
+
+class KernelSource:
+    """An optional kernel: (module, function) pairs tried in turn at first use, the keyword arguments of a call on
+    (B, S, H, D) tensors, and the distributions whose version identifies the build (the probe cache's key).
+    `needs_cuda`: refuse tensors other than CUDA fp16/bf16 before calling (a test's fake on the CPU says False)."""
+
+    needs_cuda = True
+
+    def __init__(self, modules: list[tuple[str, str]], packages: tuple[str, ...], **call_kwargs):
+        self.modules, self.packages, self.call_kwargs = modules, packages, call_kwargs
+
+    @functools.cached_property
+    def function(self) -> Callable | None:
+        """The kernel, or None when it cannot be imported."""
+        for module, attr in self.modules:
+            try:
+                return getattr(importlib.import_module(module), attr)
+            except Exception:  # ImportError, or a broken CUDA extension failing at import
+                continue
+        return None
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        out = self.function(q, k, v, **self.call_kwargs)
+        return out[0] if isinstance(out, tuple) else out  # flash-attn 3 may return (out, lse)
+
+    def version(self) -> str:
+        for package in self.packages:
+            try:
+                return f"{package} {importlib.metadata.version(package)}"
+            except importlib.metadata.PackageNotFoundError:
+                continue
+        return "version unknown"
+
+
+SOURCES: dict[str, KernelSource] = {
+    "flash3": KernelSource([("flash_attn_interface", "flash_attn_func")], ("flash-attn-3", "flash_attn_3"),
+                           causal=False),
+    "flash2": KernelSource([("flash_attn", "flash_attn_func")], ("flash-attn", "flash_attn"), causal=False),
+    "sage": KernelSource([("sageattention", "sageattn")], ("sageattention",), tensor_layout="NHD",
+                         is_causal=False),
+}
 
 
 def choose_auto(card: Target, importable: Callable[[str], bool]) -> tuple[str, str]:
@@ -49,33 +98,35 @@ def choose_auto(card: Target, importable: Callable[[str], bool]) -> tuple[str, s
         return "sdpa", f"no CUDA device ({card.name or 'cpu'})"
     order = attention_order(card.capability, card.geforce)
     kernel = next(k for k in order if k == "sdpa" or importable(k))
-    why = ("Hopper: flash-attn 3 first" if card.capability[0] == 9 else
+    why = ("no flash-attn or SageAttention kernel for this architecture" if order == ("sdpa",) else
+           "Hopper: flash-attn 3 first" if card.capability[0] == 9 else
            "GeForce: int8 QK (SageAttention) first" if card.geforce else "flash-attn 2 first")
     return kernel, f"{why} ({card.name}, compute capability {card.capability[0]}.{card.capability[1]})"
 
 
-@functools.cache
 def _kernel(name: str) -> Callable | None:
-    """The unmasked (B, S, H, D) kernel of an optional package, or None when it cannot be imported."""
-    for module, attr in _MODULES[name]:
-        try:
-            return getattr(importlib.import_module(module), attr)
-        except Exception:  # ImportError, or a broken CUDA extension failing at import
-            continue
-    return None
+    """The unmasked (B, S, H, D) kernel `name` (of SOURCES; "flash": flash-attn 3, else 2), or None when it cannot
+    be imported."""
+    if name == "flash":
+        return _kernel("flash3") or _kernel("flash2")
+    return SOURCES[name].function if name in SOURCES else None
 
 
 def is_available(name: str) -> bool:
-    return name == "sdpa" or (name in _MODULES and _kernel(name) is not None)
+    return name == "sdpa" or _kernel(name) is not None
+
+
+def kernel_version(name: str) -> str:
+    """What identifies kernel `name`'s build: its distribution's version (torch's for SDPA)."""
+    return f"torch {torch.__version__}" if name == "sdpa" else SOURCES[name].version()
 
 
 def _run_kernel(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
+    source = SOURCES[name]
+    if source.needs_cuda and (not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16)):
         raise ValueError(f"attention backend {name!r} needs CUDA fp16/bf16 tensors, got {q.device.type} {q.dtype}; "
                          "run the DiT in bf16 on a GPU or use backend 'sdpa'")
-    fn = _kernel(name)
-    out = fn(q, k, v, tensor_layout="NHD", is_causal=False) if name == "sage" else fn(q, k, v, causal=False)
-    return out[0] if isinstance(out, tuple) else out  # flash-attn 3 may return (out, lse)
+    return source(q, k, v)
 
 
 def _masked_kernel(name: str, q, k, v, mask: torch.Tensor) -> torch.Tensor:
@@ -146,24 +197,51 @@ def warn_fallback(name: str) -> None:
 
 
 def kernel_function(kernel: str) -> Callable:
-    """The `attend` callable that runs `kernel` (one of KERNELS)."""
+    """The `attend` callable that runs `kernel` (one of KERNELS) in the dtype it is given."""
     return sdpa if kernel == "sdpa" else functools.partial(attention, backend=kernel)
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def attention_precision(capability: tuple[int, int] | None, dtype: torch.dtype) -> str | None:
+    """"float16" where a card of `capability` has a fused attention kernel for float16 and none for `dtype` (bf16
+    on Turing and Volta): the kernel runs on float16 copies there. None: in `dtype` itself (the CPU too)."""
+    if capability is None or fused_attention(capability, _dtype_name(dtype)):
+        return None
+    return "float16" if fused_attention(capability, "float16") else None
+
+
+def run_function(kernel: str, precision: str | None = None) -> Callable:
+    """The `attend` callable of `kernel` at `precision` (PRECISIONS: as given; on float16 copies; "float32": the
+    exact path, whatever the kernel)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown attention precision {precision!r}")
+    if precision == "float32":
+        return exact_attention
+    return HalfPrecision(kernel_function(kernel)) if precision == "float16" else kernel_function(kernel)
+
+
 def math_attention(capability: tuple[int, int] | None, dtype: torch.dtype) -> bool:
-    """Whether SDPA falls to its math kernel on a card of `capability` computing in `dtype` (no fused kernel takes
-    it: bf16 on Turing and Volta). None: the CPU or an unknown card, planned fused."""
-    return capability is not None and not fused_attention(capability, str(dtype).removeprefix("torch."))
+    """Whether SDPA falls to its math kernel on a card of `capability` computing in `dtype`: no fused kernel takes
+    `dtype` and it is not run in float16 either (attention_precision). None: the CPU or an unknown card, planned
+    fused."""
+    return (capability is not None and not fused_attention(capability, _dtype_name(dtype))
+            and attention_precision(capability, dtype) is None)
 
 
 def planned_kernel(kernel: str, capability: tuple[int, int] | None = None,
                    dtype: torch.dtype = torch.bfloat16) -> Callable:
     """What `kernel` allocates on a card of `capability` in `dtype`, without data, for the memory planner.
-    flash-attn, SageAttention and SDPA's fused paths keep no (Sq, Sk) scores in memory: their output alone. SDPA
-    where no fused kernel takes the dtype runs its math kernel (`math_kernel_stand_in`)."""
+    flash-attn, SageAttention and SDPA's fused paths keep no (Sq, Sk) scores in memory: their output alone, plus
+    the float16 copies of q, k, v where the kernel runs on them (`HALF_OUTPUT_ONLY`). SDPA where no fused kernel
+    takes the inputs runs its math kernel (`math_kernel_stand_in`)."""
     if kernel not in KERNELS:
         raise ValueError(f"unknown attention kernel {kernel!r}; one of {', '.join(KERNELS)}")
-    return math_kernel_stand_in if kernel == "sdpa" and math_attention(capability, dtype) else output_only
+    if kernel == "sdpa" and math_attention(capability, dtype):
+        return math_kernel_stand_in
+    return HALF_OUTPUT_ONLY if attention_precision(capability, dtype) == "float16" else output_only
 
 
 def math_kernel_stand_in(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None) -> torch.Tensor:
@@ -192,15 +270,21 @@ def output_only(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None) ->
     return torch.empty_like(q)
 
 
-def attach_attention(model: nn.Module, attend: Callable) -> Handle:
-    """Point every attention module of `model` (those with an `attend` attribute) at `attend`; the handle's
-    detach gives each its own kernel back."""
-    found = [m for m in model.modules() if hasattr(m, "attend")]
+HALF_OUTPUT_ONLY = HalfPrecision(output_only, check=False)   # float16 copies of q, k, v, the output cast back
+
+
+def attach_attention(model: nn.Module, attend: Callable, fallback: Callable | None = None,
+                     on_fail: Callable[[str, str], None] | None = None) -> Handle:
+    """Point every attention module of `model` (those with an `attend` attribute) at `attend`; with a `fallback`,
+    each at its own attention_paths.Guarded(attend, fallback, its name, on_fail): a kernel error at one call site
+    reruns that call on `fallback` and keeps the site on it. The handle's detach gives each its own kernel back."""
+    found = [(name, m) for name, m in model.named_modules() if hasattr(m, "attend")]
     if not found:
         raise ValueError(f"{type(model).__name__} has no attention modules with an 'attend' attribute")
     with attaching(model, "attention") as handle:
-        for m in found:
-            handle.set(m, "attend", attend)
+        for name, m in found:
+            kernel = attend if fallback is None else Guarded(attend, fallback, name, on_fail or (lambda *a: None))
+            handle.set(m, "attend", kernel)
     return handle
 
 

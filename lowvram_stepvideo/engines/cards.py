@@ -21,8 +21,9 @@ Attention kernels that exist per architecture (installed or not; the run imports
 - PyTorch SDPA: the flash kernel needs sm80-sm121 and fp16/bf16; the memory-efficient kernel runs from sm50 in fp16
   and fp32, in bf16 only from sm80 (aten/src/ATen/native/transformers/cuda/sdp_utils.cpp). Elsewhere: the math
   kernel, which materialises the scores (in float32 for half inputs).
-So a Turing card computing in bf16 runs every attention on the math kernel; in float16 it has a fused kernel
-(`attention_dtype` says which dtype its fused kernels take; running attention in float16 there is a later step).
+So on a Turing card no fused kernel takes bf16, while float16 has one (`attention_dtype` says which dtype its fused
+kernels take): a bf16 run's attention runs on float16 copies of q, k and v there (engines/attention.py,
+attention_precision), instead of SDPA's math kernel and its float32 scores.
 
 Fast matmuls (engines/fast_matmul.py): int8 x int8 from 8.0, fp8 x fp8 from 8.9. fp8 row-wise scaled
 torch._scaled_mm on sm12x arrived in PyTorch in 2025 and depends on the build; the run probes it and falls back.
@@ -224,8 +225,8 @@ def capabilities(capability: tuple[int, int]) -> Capabilities:
     bf16_fused = cap >= (8, 0)
     notes = []
     if not bf16_fused:
-        notes.append("no fused attention for bf16 (PyTorch's take fp16 here): bf16 attention runs on the math "
-                     "kernel, float16 on the memory-efficient one")
+        notes.append("no fused attention for bf16 (PyTorch's take fp16 here): a bf16 run's attention runs on "
+                     "float16 copies on the memory-efficient kernel (exact float32 where v would not fit)")
     if major == 12:
         notes.append("flash-attn 2: community builds for sm_120 only; fp8 row-wise torch._scaled_mm: recent "
                      "PyTorch builds (probed at run time)")
@@ -325,5 +326,5 @@ def card_table() -> str:
         rows.append(f"{c.name:<18} {c.vram_gib:>3g} GB {c.capability_text:>5} {peaks} {c.memory_gbs:>6g} "
                     f"{c.pcie[0]}.0 x{c.pcie[1]:<2}  {', '.join(attention_order(c.capability, c.geforce))}")
     rows.append("Volta and Turing (7.x) have no bf16 tensor cores and no fused bf16 attention: a bf16 run's attention "
-                "falls to the math kernel there (float16 has both)")
+                "runs in float16 there (float16 has both)")
     return "\n".join(rows)

@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..models.quant import QuantLinear
+from ..models.quant import FORMATS, QuantLinear, dequantize, quantize_rows
 from ..profiles import Profile
 from .attach import Handle, attaching
 from .target import Target
@@ -78,7 +78,6 @@ def _row_scale(rows: torch.Tensor, qmax: float) -> torch.Tensor:
 
 
 KERNELS: dict[str, Callable] = {"int8": int8_linear, "fp8": fp8_linear}
-FORMAT_DTYPES = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
 
 
 def _takes(x: torch.Tensor, codes: torch.Tensor, fmt: str, cuda: bool) -> bool:
@@ -134,15 +133,30 @@ def device_capability(device) -> tuple[int, int] | None:
     return tuple(torch.cuda.get_device_capability(device))
 
 
+PROBE_TOLERANCE = 0.1    # relative error of a probe against weight-only (the activation rounding: ~1% int8, ~3% fp8)
+
+
 def probe(fmt: str, device, dtype: torch.dtype = torch.bfloat16) -> str | None:
-    """Run the `fmt` kernel once on small tensors on `device`: None if it works, else the error's first line (a
-    torch build or card without the kernel then falls back instead of failing mid-run)."""
-    codes = torch.zeros(32, 64, dtype=FORMAT_DTYPES[fmt], device=device)
-    scale = torch.ones(32, device=device)
+    """Run the `fmt` kernel once on small tensors on `device` (activations (2, 48, 256) in `dtype`, weights of 128
+    rows quantized to `fmt`) and compare it with the weight-only matmul of the same weights: None if it works, else
+    why (the error's first line, or the relative error of a wrong result). A torch build or card without the kernel
+    then falls back or is refused before the run instead of failing mid-run."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 48, 256, generator=g).to(device, dtype)
+    codes, scale = quantize_rows(torch.randn(128, 256, generator=g) * 0.05, FORMATS[fmt])
+    codes, scale = codes.to(device), scale.to(device)
     try:
-        KERNELS[fmt](torch.ones(32, 64, dtype=dtype, device=device), codes, scale, None)
+        got = KERNELS[fmt](x, codes, scale, None)
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize(device)    # an asynchronous kernel error surfaces here, not mid-run
     except (RuntimeError, NotImplementedError) as e:
+        if isinstance(e, torch.OutOfMemoryError):
+            raise
         return (str(e).strip().splitlines() or [type(e).__name__])[0]
+    want = torch.nn.functional.linear(x.float(), dequantize(codes, scale, torch.float32))
+    error = float((got.float() - want).norm() / want.norm())
+    if got.shape != want.shape or not error <= PROBE_TOLERANCE:
+        return f"wrong result (relative error {error:.3g} against weight-only, more than {PROBE_TOLERANCE})"
     return None
 
 

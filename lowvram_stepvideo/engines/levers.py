@@ -9,19 +9,23 @@ fast_matmul.choose_matmul) for a `Target`: the device's in a run, the profile's 
 planner (fake tensors) the levers are attached as they would run on that card, so the plan counts what they
 allocate (kept expansions, the step cache's residuals, the fast matmul's temporaries), with the chosen attention
 kernel's data-free stand-in (attention.planned_kernel); compile changes no allocation the plan models and is left
-out, and no kernel is probed.
+out, and no kernel is probed. A real run probes its kernels first (probes.py: auto takes the first that passes) and
+guards each attention call site: a kernel error mid-run that is not out-of-memory logs one warning, reruns that
+call on SDPA and keeps the site on SDPA (attention_paths.Guarded; the sites are in the report).
 """
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import asdict
+from typing import Callable
 
 import torch
 from torch import nn
 
-from . import fast_matmul, parallel
+from . import fast_matmul, parallel, probes
 from .attach import Attachments, Handle, attaching
-from .attention import attach_attention, choose_attention, fell_back, kernel_function, planned_kernel, warn_fallback
+from .attention import attach_attention, choose_attention, planned_kernel, run_function
 from .target import Target
 from .compile import compile_blocks
 from ..defaults import SpeedOptions
@@ -46,12 +50,14 @@ def attach_expanded_weights(model: nn.Module) -> Handle:
 
 class DiTLevers:
     """Attach with `attach()`, undo with `detach()`; `report()` says what ran (for the sidecar). `card`: the card
-    the levers choose for (see the module docstring); `par`: this rank's place in a parallel run, or None."""
+    the levers choose for (see the module docstring); `par`: this rank's place in a parallel run, or None; `log`:
+    where a kernel failing mid-run is said (default: this module's logger)."""
 
     def __init__(self, dit: nn.Module, profile, options: SpeedOptions, device: torch.device, card: Target,
-                 planning: bool = False, par=None):
+                 planning: bool = False, par=None, log: Callable[[str], None] | None = None):
         self.dit, self.profile, self.options, self.planning = dit, profile, options, planning
         self.device, self.card, self.par = torch.device(device), card, par
+        self.log = log or logging.getLogger(__name__).warning
         self.cache: FirstBlockCache | None = None
         self.attached = Attachments()
         self.info: dict = {}
@@ -75,23 +81,36 @@ class DiTLevers:
         return self
 
     def _attach_attention(self) -> None:
-        kernel, why = choose_attention(self.profile, self.card)
         if self.planning:
+            kernel, why = choose_attention(self.profile, self.card)
             attend = planned_kernel(kernel, self.card.capability, self.profile.torch_dtype)
-        else:
-            if fell_back(self.profile.attention, kernel):
-                warn_fallback(self.profile.attention)
-            attend = kernel_function(kernel)
-        self.attached.add(attach_attention(self.dit, attend))
-        self.info["attention"], self.info["attention_reason"] = kernel, why
+            self.attached.add(attach_attention(self.dit, attend))
+            self.info["attention"], self.info["attention_reason"] = kernel, why
+            return
+        head_dim = next(m.head_dim for m in self.dit.modules() if hasattr(m, "attend"))
+        run = probes.choose_run_attention(self.profile, self.card, self.device, head_dim)
+        attend = run_function(run.kernel, run.precision)
+        fallback = None if run.kernel == "sdpa" else run_function("sdpa", run.fallback_precision)
+        self.attached.add(attach_attention(self.dit, attend, fallback, self._kernel_failed))
+        self.info["attention"], self.info["attention_reason"] = run.kernel, run.why
+        if run.precision:
+            self.info["attention_precision"] = run.precision
+        self.info["attention_fallbacks"] = {}
+
+    def _kernel_failed(self, site: str, reason: str) -> None:
+        """A call site's attention kernel raised mid-run: said once, every such site kept for the report."""
+        if not self.info["attention_fallbacks"]:
+            self.log(f"warning: attention kernel {self.info['attention']} failed in {site} ({reason}); that call "
+                     "was rerun on sdpa and the call site stays on sdpa: no step is lost")
+        self.info["attention_fallbacks"][site] = reason
 
     def _attach_matmul(self) -> None:
         fmt = weight_format(self.dit)
         use, why = fast_matmul.choose_matmul(self.profile, fmt, self.card)
         if self.planning:
             why = "planned"
-        elif use and (failed := fast_matmul.probe(use, self.device, self.profile.torch_dtype)):
-            use, why = None, f"{why} failed here ({failed}); using weight-only"
+        elif use and not (found := probes.probe_matmul(use, self.device, self.profile.torch_dtype)).ok:
+            use, why = None, f"{why} failed its probe here ({found.reason}); using weight-only"
         self.matmul_calls = self.attached.add(fast_matmul.attach_matmul(self.dit, use, self.card.cuda)).value
         self.info["matmul"] = "weight-only" if use is None else f"{use} x {use}"
         self.info["matmul_reason"] = why
@@ -110,7 +129,8 @@ class DiTLevers:
     def summary(self) -> str:
         i = self.info
         cache = f"step cache {self.options.cache}" if self.cache else "step cache off"
-        return (f"speed: attention {i.get('attention', '?')} ({i.get('attention_reason', '')}); "
+        precision = f" in {i['attention_precision']}" if i.get("attention_precision") else ""
+        return (f"speed: attention {i.get('attention', '?')}{precision} ({i.get('attention_reason', '')}); "
                 f"matmul {i['matmul']} ({i['matmul_reason']}); {cache}; compile {'on' if self.compiled else 'off'}")
 
     def report(self) -> dict:

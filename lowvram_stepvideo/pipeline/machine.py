@@ -173,7 +173,7 @@ class DeviceRuntime(Runtime):
 
     def attach_levers(self, dit: nn.Module, options: SpeedOptions, said: bool = False) -> DiTLevers:
         card = current_target(self.device)    # of the device this runs on, not of the machine's first one
-        levers = DiTLevers(dit, self.profile, options, self.device, card, par=self.par).attach()
+        levers = DiTLevers(dit, self.profile, options, self.device, card, par=self.par, log=self.log).attach()
         if not said:                        # once per pipeline (OOM retries attach again)
             self.log(levers.summary())
         return levers

@@ -168,8 +168,10 @@ def auto_choice(vram_bytes: int | None, ram_bytes: int | None = None,
     `capability`, where known, is said with what it means for the tier's compute dtype (cards.py)."""
     profile, why = _auto_choice(vram_bytes, ram_bytes)
     if capability is not None and profile.device == "cuda" and not fused_attention(capability, profile.compute_dtype):
+        runs = ("in float16 on its fused kernel" if fused_attention(capability, "float16") else
+                "on the math kernel")
         why += (f"; compute capability {capability[0]}.{capability[1]} has no fused attention for "
-                f"{profile.compute_dtype}: its attention runs on the math kernel, and the plan counts it")
+                f"{profile.compute_dtype}: its attention runs {runs}, and the plan counts it")
     return profile, why
 
 

@@ -25,7 +25,7 @@ from ..engines.target import Target
 from ..loading.model_folder import ModelFolder
 from ..profiles import Preset, Profile
 from .calibration import ASSUMED, efficiencies, efficiency
-from ..engines.attention import math_attention
+from ..engines.attention import attention_precision, math_attention
 from .planned_models import ModelShape, planned_model
 from .stacks import block_layout
 from .work import PROMPTS, Work, decode_work, dit_forward_work, text_work
@@ -96,7 +96,6 @@ class _Rates:
         self.matmul = f"{fmt} x {fmt}" if fmt else f"{profile.compute_dtype} (weight-only)"
         self.linear = card.tflops(fmt) * 1e12 if fmt else self.dense
         self.kernel = attention_kernel(profile, card)
-        self.math = math_attention(card.capability, profile.torch_dtype)
 
     def ops_seconds(self, ops: float, what: str, rate: float | None = None) -> float | None:
         rate = self.dense if rate is None else rate
@@ -120,9 +119,11 @@ def attention_seconds(card: Card, kernel: str, work: Work, eff: dict[str, float]
         scores = a / (4 * work.head_dim)
         return (a / (card.tflops("fp32") * 1e12 * eff["matmul"])
                 + scores * MATH_BYTES_PER_SCORE / (card.memory_gbs * 1e9 * eff["memory"]))
+    if kernel.endswith("(float16)"):   # run on float16 copies: the card's fp16 rate, whatever the compute dtype's
+        dense = card.tflops("fp16") * 1e12
     if not dense:
         return None
-    if kernel == "sage":   # int8 QK^T; P V in fp8 (8.9+) or fp16 with fp16 accumulate (Ampere)
+    if kernel.startswith("sage"):   # int8 QK^T; P V in fp8 (8.9+) or fp16 with fp16 accumulate (Ampere)
         pv = card.tflops("fp8") if card.capability >= (8, 9) else card.tflops_fp16_accumulate()
         return (a / 2) / (card.tflops("int8") * 1e12 * eff["attention"]) + (a / 2) / (pv * 1e12 * eff["attention"])
     return a / (dense * eff["attention"]) if dense else None
@@ -130,9 +131,12 @@ def attention_seconds(card: Card, kernel: str, work: Work, eff: dict[str, float]
 
 def attention_kernel(profile: Profile, card: Card) -> str:
     """The kernel the DiT's attention runs on the card, as the run and its plan choose it
-    (attention.choose_attention); SDPA's math kernel where nothing fused takes the dtype."""
+    (attention.choose_attention); "(float16)" where it runs on float16 copies (attention.attention_precision), SDPA's
+    math kernel where nothing fused takes the inputs."""
     kernel, _ = attention.choose_attention(profile, Target(card.capability, card.name))
-    return "sdpa (math kernel)" if kernel == "sdpa" and math_attention(card.capability, profile.torch_dtype) else kernel
+    if kernel == "sdpa" and math_attention(card.capability, profile.torch_dtype):
+        return "sdpa (math kernel)"
+    return f"{kernel} (float16)" if attention_precision(card.capability, profile.torch_dtype) else kernel
 
 
 def _text_seconds(folder: ModelFolder, profile: Profile, rates: _Rates, est: Estimate) -> float | None:

@@ -3,8 +3,8 @@
 `PlanningRuntime` (planning_machine.py) stands in for the device runtime (pipeline/machine.py) under the same
 pipeline code. It loads each network on "meta" with one block per stack (identical blocks allocate identically),
 attention on a flash-style kernel that allocates only its output (what flash-attn and SDPA's efficient kernels do
-on a GPU; where the target card has no fused kernel for the compute dtype, SDPA's math kernel and its scores:
-engines/attention.planned_kernel), and a VAE whose repeated chunk decodes replay the first one's allocations;
+on a GPU; where the target card runs it on float16 copies of q, k and v, those copies too; where it has no fused
+kernel at all, SDPA's math kernel and its scores: engines/attention.planned_kernel), and a VAE whose repeated chunk decodes replay the first one's allocations;
 `byte_count.PlanningAccountant` counts every tensor the run makes.
 
 Weights are not counted as tensors: every place/unplace cuts a phase into stretches, and each stretch records which
@@ -32,7 +32,7 @@ from ..loading.model_folder import ModelFolder
 from ..engines.streaming import packed_budget_bytes, streaming_footprint
 from ..pipeline.phases import PhasePipeline
 from .plan_cache import PlanCache, folder_identity
-from ..engines.attention import math_attention
+from ..engines.attention import attention_precision, math_attention
 from .planned_models import ModelShape
 from .planning_machine import PlanningRuntime, Stretch, Trace
 from ..profiles import Preset, Profile
@@ -175,6 +175,8 @@ def trace(folder: ModelFolder, profile: Profile, preset: Preset, assume_format: 
     base = (folder.weight_format, assume_format, (preset.frames, preset.height, preset.width), options, layout)
     if profile.device == "cuda" and math_attention(capability, profile.torch_dtype):
         base += ("math attention",)     # the card has no fused kernel for the compute dtype
+    elif profile.device == "cuda" and attention_precision(capability, profile.torch_dtype):
+        base += ("float16 attention",)  # it has one for float16: the kernel runs on float16 copies
     shaping, identity = _shaping(profile), folder_identity(folder.root)
     keys = {("text", "image", "denoise"): base + (replace(shaping, vae=None),), ("decode",): base + (shaping,)}
     memos = {names: (identity, repr(key)) for names, key in keys.items()}

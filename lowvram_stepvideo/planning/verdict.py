@@ -10,7 +10,7 @@ from .budgets import Budget
 from .estimate import Estimate, estimate_line
 from .byte_count import fmt_bytes
 from .plan import Plan
-from ..engines.attention import math_attention
+from ..engines.attention import attention_precision, math_attention
 from .stacks import block_layout, clamped
 
 OVER = "*"
@@ -153,11 +153,17 @@ def card_fields(v: Verdict) -> dict:
     b = v.budget
     cap = None if b.capability is None else f"{b.capability[0]}.{b.capability[1]}"
     return {"card": None if b.card is None else b.card.name, "capability": cap,
-            "attention_planned": "math" if _math_attention(v) else "fused"}
+            "attention_planned": _planned_attention(v)}
 
 
-def _math_attention(v: Verdict) -> bool:
-    return v.budget.device == "cuda" and math_attention(v.budget.capability, v.profile.torch_dtype)
+def _planned_attention(v: Verdict) -> str:
+    """"math" (SDPA's math kernel and its scores), "float16" (a fused kernel on float16 copies: the card has none for
+    the compute dtype) or "fused"."""
+    if v.budget.device != "cuda":
+        return "fused"
+    if math_attention(v.budget.capability, v.profile.torch_dtype):
+        return "math"
+    return "float16" if attention_precision(v.budget.capability, v.profile.torch_dtype) else "fused"
 
 
 def card_line(v: Verdict) -> str:
@@ -168,9 +174,14 @@ def card_line(v: Verdict) -> str:
         return (f"card: {card} (compute capability not known: attention planned on a fused kernel; --card NAME or "
                 "--capability X.Y plans another)")
     cap = f"compute capability {b.capability[0]}.{b.capability[1]}"
-    if _math_attention(v):
+    planned = _planned_attention(v)
+    if planned == "math":
         return (f"card: {card} ({cap}) has no fused attention kernel for {v.profile.compute_dtype}: the DiT's "
                 "attention is planned on SDPA's math kernel, which holds the float32 scores")
+    if planned == "float16":
+        return (f"card: {card} ({cap}) has no fused attention kernel for {v.profile.compute_dtype}: the DiT's "
+                "attention runs on its float16 kernel (q, k, v copied to float16; exact float32 where v would not "
+                "fit), and the plan counts the copies")
     return f"card: {card} ({cap}): attention planned on a fused kernel"
 
 

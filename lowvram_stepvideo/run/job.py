@@ -302,7 +302,8 @@ def prepare_job(spec: JobSpec, log: Callable[[str], None], folder: ModelFolder |
 
 
 def prepare_request(spec: JobSpec, log: Callable[[str], None], folder: ModelFolder | None = None) -> PreparedJob:
-    """Folder (unless already opened), profile and device, sizes and numbers; no output paths yet."""
+    """Folder (unless already opened), profile and device (its explicit kernels probed), sizes and numbers; no output
+    paths yet."""
     folder = folder or preflight.model_folder(spec)
     folder.check_weights()
     profile = preflight.profile_for(spec, log=log)
@@ -327,6 +328,7 @@ def prepare_request(spec: JobSpec, log: Callable[[str], None], folder: ModelFold
     check_given(request, latent_shape(preset.frames, preset.height, preset.width, channels=dit.in_channels).shape,
                 dit.caption_channels)
     par = parallel_for(options["parallel"], profile)
+    preflight.check_kernels(profile, folder.weight_format, par)
     if par is None:
         pipe = PhasePipeline(folder, profile, log=log, options=preflight.speed_options(spec))
     else:

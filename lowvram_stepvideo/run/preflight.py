@@ -1,5 +1,6 @@
 """Everything checked before any heavy work: a job's request turned into a model folder, a profile the machine can
-run, a preset, the sampling settings and writable outputs, or a one-line `StepVideoError` naming the fix."""
+run (its explicit kernels probed on the card), a preset, the sampling settings and writable outputs, or a one-line
+`StepVideoError` naming the fix."""
 from __future__ import annotations
 
 import dataclasses
@@ -7,7 +8,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from ..defaults import DEMO_PRESET, RELEASE_PRESET, RUN_OPTIONS, SEED, TURBO_SAMPLING, SpeedOptions, sampling_defaults
+from ..engines import probes
+from ..engines.target import Target, current_target
 from ..errors import UsageError
 from ..loading import demo
 from ..loading.model_folder import ModelFolder, open_model_folder
@@ -195,5 +200,25 @@ def dry_run_preset(spec: JobSpec, folder: ModelFolder, profile: Profile, turbo: 
 
 def check_writable(path: Path) -> None:
     problem = output_path_error(path, create_dirs=True)
+    if problem:
+        raise UsageError(problem)
+
+
+def kernel_target(profile: Profile, par=None) -> tuple[Target, torch.device]:
+    """The card the run's kernels run on, and its device (this rank's, in a parallel run)."""
+    device = par.device if par is not None else torch.device(profile.device)
+    return current_target(device), device
+
+
+def check_kernels(profile: Profile, weight_format: str | None, par=None) -> None:
+    """An explicit attention kernel or `matmul = "fast"` that does not work on this card (engines/probes.py: run
+    once on small tensors) is refused here, before any weight is read, naming why and what works instead. In a
+    parallel run every rank checks its own card and all stop together."""
+    if profile.device != "cuda":
+        return           # the CPU: flash and sage are refused with the profile, fast matmuls fall back
+    card, device = kernel_target(profile, par)
+    problem = probes.explicit_problem(profile, weight_format, card, device)
+    if par is not None and not par.all_agree(problem is None) and problem is None:
+        problem = "another process of this parallel run cannot run its kernels (its message says why)"
     if problem:
         raise UsageError(problem)
