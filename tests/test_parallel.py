@@ -183,7 +183,7 @@ def test_generate_image_to_video_under_torchrun_cfg(tmp_path, demo_env, ti2v_dem
     its latent; the latents equal a single process's."""
     from conftest import ti2v_fixture
     from lowvram_stepvideo import StepVideoPipeline
-    from lowvram_stepvideo.loading.demo import DEMO_PRESET
+    from lowvram_stepvideo.defaults import DEMO_PRESET
     image, out = ti2v_fixture() / "first_image.png", tmp_path / "out"
     out.mkdir()
     args = demo_args(out, 2, "--image", str(image), "--parallel", "cfg", "--save-latents",

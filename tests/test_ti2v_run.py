@@ -215,13 +215,13 @@ def test_fast_int8_matmul_and_compiled_blocks_on_the_ti2v_dit(ti2v_demo_dir, one
     from torch._dynamo.utils import counters
 
     from lowvram_stepvideo.engines import fast_matmul
-    from lowvram_stepvideo.engines.compile import compile_blocks, uncompile_blocks
+    from lowvram_stepvideo.engines.compile import compile_blocks
     from lowvram_stepvideo.loading.loaders import load_dit
     from lowvram_stepvideo.models import quant
     model = load_dit(ti2v_demo_dir / "transformer", dtype=torch.float32)
     names = [n for n, _ in model.named_parameters()]
     quant.quantize_model(model, quant.FORMATS["int8"], quant.plan_quantization("transformer", names))
-    calls = fast_matmul.use_matmul(model, "int8", cuda=False)
+    calls = fast_matmul.attach_matmul(model, "int8", cuda=False).value
     g = torch.Generator().manual_seed(0)
     x, cond = torch.randn(1, 3, 4, 2, 3, generator=g), torch.zeros(1, 3, 4, 2, 3)
     cond[:, :1] = torch.randn(1, 1, 4, 2, 3, generator=g)
@@ -233,11 +233,11 @@ def test_fast_int8_matmul_and_compiled_blocks_on_the_ti2v_dit(ti2v_demo_dir, one
     eager = steps()
     torch._dynamo.reset()
     counters.clear()
-    compile_blocks(model.transformer_blocks, backend="aot_eager")
+    handle = compile_blocks(model.transformer_blocks, backend="aot_eager")
     try:
         compiled = steps()
     finally:
-        uncompile_blocks(model.transformer_blocks)
+        handle.detach()
     assert calls[0] > 0 and counters["stats"]["unique_graphs"] == 1 and not counters["recompiles"]
     for got, want in zip(compiled, eager):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
