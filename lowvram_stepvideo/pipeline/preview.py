@@ -28,10 +28,10 @@ from typing import Callable
 import torch
 from torch.nn import functional as F
 
+from ..defaults import PREVIEW_LONG_SIDE
 from ..files.preview_file import PreviewFileError, write_preview
 from .preview_map import PATCH, PreviewMap
 
-PREVIEW_LONG_SIDE = 256      # pixels on the preview's longer side (the video's 992 -> 256, 544 -> 140)
 VIDEO_FPS = 25               # the reference writer's frame rate
 
 

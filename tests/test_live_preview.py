@@ -1,0 +1,83 @@
+"""The live preview in a run (issue 20): `--preview N` / the run option `preview` writes OUT.mp4.preview.webp every
+N steps and after the last, offers each to the job queue's listeners, and leaves the video bit-identical; TI2V runs
+preview too; bad values are one-line errors; the preview file is one of the run's planned outputs."""
+import numpy as np
+import pytest
+from PIL import Image
+from safetensors.torch import load_file
+
+from cli_support import run_cli
+from conftest import ti2v_fixture
+from lowvram_stepvideo.face.job_queue import JobQueue, JobSpec
+from lowvram_stepvideo.files.preview_file import preview_path
+from lowvram_stepvideo.pipeline.preview import preview_size
+from lowvram_stepvideo.run import outputs
+
+TINY = dict(frames=17, height=16, width=32, steps=4)   # 3 latent frames of 1x2 latents
+
+
+def webp_frames(path) -> tuple[int, tuple[int, int]]:
+    with Image.open(path) as im:
+        return im.n_frames, im.size
+
+
+@pytest.mark.usefixtures("demo_env", "one_torch_thread")
+def test_previews_every_n_steps_reach_listeners_and_leave_the_video_bit_identical(tmp_path):
+    offered = []
+    queue = JobQueue(results_dir=tmp_path, log_line=lambda msg: None,
+                     on_preview=lambda job_id, record: offered.append((job_id, record)))
+    spec = dict(prompt="a paper boat on a river", seed=3, demo=True, **TINY)
+    with_preview = queue.wait(queue.submit(JobSpec(**spec, output=tmp_path / "p.mp4", options={
+        "save_latents": tmp_path / "p.safetensors", "preview": 2})), 120)
+    without = queue.wait(queue.submit(JobSpec(**spec, output=tmp_path / "n.mp4", options={
+        "save_latents": tmp_path / "n.safetensors"})), 120)
+    queue.close()
+    assert with_preview.state == "done" == without.state, (with_preview.error, without.error)
+    path = preview_path(tmp_path / "p.mp4")
+    assert [(job_id, r["step"]) for job_id, r in offered] == [(with_preview.id, 2), (with_preview.id, 4)]
+    height, width = preview_size((1, 2))
+    assert all(r["path"] == str(path) and (r["frames"], r["height"], r["width"]) == (3, height, width)
+               for _, r in offered)
+    assert with_preview.preview == offered[-1][1] and without.preview is None
+    assert webp_frames(path)[1] == (width, height) and 1 <= webp_frames(path)[0] <= 3   # libwebp merges equal frames
+    assert not preview_path(tmp_path / "n.mp4").exists()
+    assert load_file(str(tmp_path / "p.safetensors"))["latents"].equal(
+        load_file(str(tmp_path / "n.safetensors"))["latents"])
+    assert (tmp_path / "p.mp4").read_bytes() == (tmp_path / "n.mp4").read_bytes()
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_a_ti2v_run_previews(ti2v_demo_dir, tmp_path, capsys):
+    out = tmp_path / "v.mp4"
+    rc, _, err = run_cli(capsys, "--demo", "--image", ti2v_fixture() / "first_image.png", "--prompt", "a fox turns",
+                         "--frames", "17", "--height", "16", "--width", "32", "--steps", "3", "--preview", "1",
+                         "--output", out)
+    assert rc == 0, err
+    count, size = webp_frames(preview_path(out))
+    assert size == preview_size((1, 2))[::-1] and 1 <= count <= 3
+
+
+def test_a_bad_preview_interval_is_one_line_exit_2(tmp_path, capsys, demo_env):
+    rc, _, err = run_cli(capsys, "--demo", "--prompt", "x", "--preview", "-1", "--output", tmp_path / "v.mp4")
+    assert rc == 2 and err.splitlines()[-1].startswith("error: preview -1: give a whole number of steps")
+    assert not (tmp_path / "v.mp4").exists()
+    with pytest.raises(SystemExit) as exit_info:           # argparse's own refusal, like every int flag's
+        run_cli(capsys, "--demo", "--prompt", "x", "--preview", "x")
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith("argument --preview: invalid int value: 'x'")
+
+
+def test_the_preview_is_a_planned_output(tmp_path):
+    planned = outputs.plan_outputs(tmp_path / "v.mp4", preview=True)
+    try:
+        assert planned.preview == preview_path(tmp_path / "v.mp4") and planned.preview in planned.replaceable
+        assert planned.labelled()["its preview"] == planned.preview
+    finally:
+        planned.release()
+    assert outputs.plan_outputs(tmp_path / "w.mp4").preview is None
+    with pytest.raises(outputs.OutputError, match="its preview"):
+        outputs.plan_outputs(tmp_path / "x.mp4", preview=True, inputs=[preview_path(tmp_path / "x.mp4")])
+    preview_path(tmp_path / "y.mp4").write_bytes(b"earlier")       # a default name moves past a taken preview
+    name, held = outputs.unique(tmp_path / "y.mp4")
+    held.release()
+    assert name == tmp_path / "y-2.mp4"
