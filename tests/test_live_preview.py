@@ -1,14 +1,18 @@
 """The live preview in a run (issue 20): `--preview N` / the run option `preview` writes OUT.mp4.preview.webp every
 N steps and after the last, offers each to the job queue's listeners, and leaves the video bit-identical; TI2V runs
 preview too; bad values are one-line errors; the preview file is one of the run's planned outputs."""
-import numpy as np
 import pytest
+import torch
 from PIL import Image
 from safetensors.torch import load_file
 
 from cli_support import run_cli
 from conftest import ti2v_fixture
+from lowvram_stepvideo.defaults import SpeedOptions
 from lowvram_stepvideo.face.job_queue import JobQueue, JobSpec
+from lowvram_stepvideo.loading.model_folder import open_model_folder
+from lowvram_stepvideo.planning import plan
+from lowvram_stepvideo.profiles import Preset, load_profile
 from lowvram_stepvideo.files.preview_file import preview_path
 from lowvram_stepvideo.pipeline.preview import preview_size
 from lowvram_stepvideo.run import outputs
@@ -81,3 +85,19 @@ def test_the_preview_is_a_planned_output(tmp_path):
     name, held = outputs.unique(tmp_path / "y.mp4")
     held.release()
     assert name == tmp_path / "y-2.mp4"
+
+
+def test_the_memory_plan_counts_what_a_preview_hook_allocates(demo_dir, monkeypatch):
+    """The plan traces the pipeline with the preview hook on: what it allocates is counted. The real preview's
+    tensors (float32 clean latents and RGB, small frames) come after the DiT forward has freed its activations,
+    so they stay under the forward's peak and the plan's number does not move; a hook that allocated more would."""
+    folder, profile, preset = open_model_folder(demo_dir), load_profile("cpu"), Preset(34, 64, 96, 1)
+
+    def peak(**kw) -> int:
+        return max(s.device_bytes for s in plan._traced(folder, profile, preset, SpeedOptions(), None, **kw)["denoise"])
+    without = peak(preview=False)
+    assert peak(preview=True) == without
+    monkeypatch.setattr(plan, "traced_preview",
+                        lambda z: lambda i, latents, v, sigma: torch.empty(2 * without, dtype=torch.uint8,
+                                                                           device=latents.device))
+    assert peak(preview=True) >= 2 * without
