@@ -101,3 +101,18 @@ def test_the_memory_plan_counts_what_a_preview_hook_allocates(demo_dir, monkeypa
                         lambda z: lambda i, latents, v, sigma: torch.empty(2 * without, dtype=torch.uint8,
                                                                            device=latents.device))
     assert peak(preview=True) >= 2 * without
+
+
+@pytest.mark.usefixtures("demo_env", "one_torch_thread")
+def test_the_api_step_callback_gets_the_preview_frames():
+    from lowvram_stepvideo.face.api import StepVideoPipeline
+    from lowvram_stepvideo.errors import UsageError
+    pipe, got = StepVideoPipeline(demo=True, log=lambda msg: None), []
+    size = dict(num_frames=17, height=16, width=32, num_inference_steps=3, seed=5, output_type="latent")
+    latents = pipe("a red kite", preview=2, preview_callback=lambda step, frames: got.append((step, frames)), **size)
+    assert [step for step, _ in got] == [2, 3]
+    height, width = preview_size((1, 2))
+    assert all(f.dtype == torch.uint8 and tuple(f.shape) == (3, height, width, 3) for _, f in got)
+    assert latents.equal(pipe("a red kite", **size))
+    with pytest.raises(UsageError, match="together"):
+        pipe("a red kite", preview=2, **size)

@@ -231,6 +231,8 @@ class Events:
     def preview(self, record: dict) -> None:
         """A live preview was written: path, frames, width, height, bytes, step (steps done), seconds."""
 
+    preview_frames = None   # a run that writes no video: (steps done, uint8 frames (F, H, W, 3)) of each preview
+
 
 @dataclass
 class JobResult:
@@ -431,7 +433,7 @@ def denoise_job(job: PreparedJob, events: Events) -> tuple[torch.Tensor, Preset]
     events.phase("denoise")
     pipe.preview = live_preview.preview_hook(options["preview"] if writer else 0, job.outputs and job.outputs.preview,
                                              pipe.folder.root / "vae", job.request.preset.steps, events.preview,
-                                             events.log)
+                                             events.log, frames_listener=events.preview_frames)
     job.pipe = pipe
     return denoise_with_fallback(pipe, job.request, ladder, ckpt, resume, options["checkpoint_every"], embeds,
                                  events.should_stop, par)
