@@ -32,9 +32,9 @@ def test_previews_every_n_steps_reach_listeners_and_leave_the_video_bit_identica
                      on_preview=lambda job_id, record: offered.append((job_id, record)))
     spec = dict(prompt="a paper boat on a river", seed=3, demo=True, **TINY)
     with_preview = queue.wait(queue.submit(JobSpec(**spec, output=tmp_path / "p.mp4", options={
-        "save_latents": tmp_path / "p.safetensors", "preview": 2})), 120)
+        "save_latents": tmp_path / "p.safetensors", "preview": 2, "text_cache": False})), 120)
     without = queue.wait(queue.submit(JobSpec(**spec, output=tmp_path / "n.mp4", options={
-        "save_latents": tmp_path / "n.safetensors"})), 120)
+        "save_latents": tmp_path / "n.safetensors", "text_cache": False})), 120)
     queue.close()
     assert with_preview.state == "done" == without.state, (with_preview.error, without.error)
     path = preview_path(tmp_path / "p.mp4")
@@ -55,7 +55,7 @@ def test_a_ti2v_run_previews(ti2v_demo_dir, tmp_path, capsys):
     out = tmp_path / "v.mp4"
     rc, _, err = run_cli(capsys, "--demo", "--image", ti2v_fixture() / "first_image.png", "--prompt", "a fox turns",
                          "--frames", "17", "--height", "16", "--width", "32", "--steps", "3", "--preview", "1",
-                         "--output", out)
+                         "--no-text-cache", "--output", out)   # (the cache would change what other tests load)
     assert rc == 0, err
     count, size = webp_frames(preview_path(out))
     assert size == preview_size((1, 2))[::-1] and 1 <= count <= 3
@@ -107,7 +107,7 @@ def test_the_memory_plan_counts_what_a_preview_hook_allocates(demo_dir, monkeypa
 def test_the_api_step_callback_gets_the_preview_frames():
     from lowvram_stepvideo.face.api import StepVideoPipeline
     from lowvram_stepvideo.errors import UsageError
-    pipe, got = StepVideoPipeline(demo=True, log=lambda msg: None), []
+    pipe, got = StepVideoPipeline(demo=True, log=lambda msg: None, text_cache=False), []
     size = dict(num_frames=17, height=16, width=32, num_inference_steps=3, seed=5, output_type="latent")
     latents = pipe("a red kite", preview=2, preview_callback=lambda step, frames: got.append((step, frames)), **size)
     assert [step for step, _ in got] == [2, 3]

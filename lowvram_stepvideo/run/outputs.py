@@ -1,4 +1,5 @@
-"""Everything a run writes: the video, its sidecar, the resume checkpoint and --save-latents, from their names to
+"""Everything a run writes: the video, its sidecar, the resume checkpoint, --save-latents and the live preview
+(--preview N; rewritten by the run, so an earlier run's preview of the same video is replaced), from their names to
 the files.
 
 Decided before any heavy work: the paths must differ from each other and from every input (model files, latents
