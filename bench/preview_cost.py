@@ -16,8 +16,8 @@
   timed at two smaller token counts and t(T) = a T + b T^2 through them is extrapolated to 75,888 (labelled as
   such). The preview/step ratio is printed.
 - demo: the built-in demo model (generate.py --demo, CPU, its preset): the map fitted on its decoder (it has no
-  encoder), then its denoise timed per step without previews and with a preview after every step, the two videos
-  compared bit for bit.
+  encoder), then its denoise timed per step without previews and with a preview after every step (through the
+  run's hook, PhasePipeline.preview), the two videos compared bit for bit.
 """
 from __future__ import annotations
 
@@ -148,9 +148,9 @@ def measure_step(device: torch.device, repeats: int) -> list[dict]:
 
 
 def measure_demo(out_dir: Path) -> list[dict]:
-    from lowvram_stepvideo.loading.demo import DEMO_PRESET, build_demo_model
+    from lowvram_stepvideo.defaults import DEMO_PRESET
+    from lowvram_stepvideo.loading.demo import build_demo_model
     from lowvram_stepvideo.pipeline.phases import PhasePipeline
-    from lowvram_stepvideo.pipeline.sampling import flow_sigmas, initial_noise, latent_shape
     folder = build_demo_model()
     start = time.perf_counter()
     pmap = fit_preview_map(load_fit_vae(folder / "vae"))
@@ -158,7 +158,6 @@ def measure_demo(out_dir: Path) -> list[dict]:
     pipe = PhasePipeline.open(folder, profile="cpu", progress=False)
     p = DEMO_PRESET
     embeds = pipe.encode_prompt("a cat playing piano")
-    sigmas = flow_sigmas(p.steps, pipe.defaults["shift"])
     kwargs = dict(prompt_embeds=embeds, num_frames=p.frames, height=p.height, width=p.width,
                   num_inference_steps=p.steps, seed=1, output_type="uint8")
 
@@ -169,19 +168,16 @@ def measure_demo(out_dir: Path) -> list[dict]:
     step_s = statistics.median(b - a for a, b in zip(stamps, stamps[1:]))   # between step ends: no set-up
 
     previewer = Previewer(out_dir / "demo.mp4.preview.webp", pmap, every=1, steps=p.steps)
-    noise = initial_noise(latent_shape(p.frames, p.height, p.width, channels=pipe.latent_channels()).shape, 1)
-    before = [noise.float()]
-
-    def preview(done, latents):             # the step's own velocity, from the latents before and after it
-        i = done - 1
-        previewer.step(i, before[-1], (latents - before[-1]) / (sigmas[i + 1] - sigmas[i]), sigmas[i])
-        before.append(latents.clone())
-
-    with_previews = pipe(step_callback=preview, latents=noise, **kwargs)
+    pipe.preview = previewer.step           # the run's hook: the step's latents and guided velocity
+    stamps.clear()
+    with_previews = pipe(step_callback=lambda done, latents: stamps.append(time.perf_counter()), **kwargs)
+    pipe.preview = None
+    step_with_s = statistics.median(b - a for a, b in zip(stamps, stamps[1:]))
     preview_s = statistics.median(r["seconds"] for r in previewer.records)
     same = bool((plain == with_previews).all())
     return [{"part": "demo", "what": f"map fit on the demo decoder ({pmap.info['method']})", "seconds": fit_s},
             {"part": "demo", "what": f"denoising step, {p.frames} frames {p.height}x{p.width}", "seconds": step_s},
+            {"part": "demo", "what": "denoising step with a preview after it", "seconds": step_with_s},
             {"part": "demo", "what": f"preview after every step, {previewer.records[-1]['frames']} frames "
              f"{previewer.records[-1]['height']}x{previewer.records[-1]['width']}; video bit-identical: {same}",
              "seconds": preview_s, "ratio_to_step": preview_s / step_s}]

@@ -16,6 +16,8 @@ from .profiles import Preset
 SEED = 0                  # seed of the initial noise (0 .. 2**64-1)
 CHECKPOINT_EVERY = 5      # save the latents for --resume every N denoising steps (0 = never)
 WEB_PORT = 7860           # generate.py --web
+WEB_PREVIEW_EVERY = 5     # the web page's live preview: every N denoising steps (the command line's is off: 0)
+PREVIEW_LONG_SIDE = 256   # pixels on a live preview's longer side (the video's 992 -> 256, 544 -> 140)
 
 # The release's video: 204 frames (8.2 s at 25 fps) of 544 x 992 pixels (height x width), in 50 steps.
 RELEASE_PRESET = Preset(frames=204, height=544, width=992, steps=50)
@@ -65,6 +67,7 @@ RUN_OPTIONS = {"resume": False,                       # True: continue from the 
                "text_cache": True,                    # read and write the text-embedding cache
                "text_cache_dir": None,                # its folder (default: files.text_cache.default_cache_dir())
                "overwrite": False,                    # replace existing outputs (and an earlier run's checkpoint)
+               "preview": 0,                          # a live preview every N denoising steps (0 = off)
                "turbo": False,                        # the turbo checkpoint's defaults whatever the folder
                "step_cache": SpeedOptions.cache,      # SpeedOptions.cache
                "compile": SpeedOptions.compile,       # SpeedOptions.compile

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lowvram_stepvideo.face import cli, web_catalog, web_view
-from lowvram_stepvideo.defaults import DEMO_PRESET
+from lowvram_stepvideo.defaults import DEMO_PRESET, WEB_PREVIEW_EVERY
 from lowvram_stepvideo.run import preflight
 from lowvram_stepvideo.profiles import load_profile
 from lowvram_stepvideo.files.configs import ConfigError
@@ -80,7 +80,7 @@ def test_catalog_named_config_must_exist(monkeypatch, tmp_path):
 # ---- what the page shows -------------------------------------------------------------------------------------------
 
 def status(job_id, state, prompt="a <b>cat</b>", **kw):
-    base = dict(phase=None, done=0, total=None, elapsed_s=0.0, eta_s=None, output=None, error=None)
+    base = dict(phase=None, done=0, total=None, elapsed_s=0.0, eta_s=None, output=None, error=None, preview=None)
     return SimpleNamespace(id=job_id, spec=SimpleNamespace(prompt=prompt), state=state, **{**base, **kw})
 
 
@@ -99,6 +99,25 @@ def test_queue_html_newest_first_with_progress_and_escaped_text():
     assert "out of memory &lt;here&gt;" in rows[0] and "a.mp4" in rows[2]
     assert "<b>" not in page and "a &lt;b&gt;cat&lt;/b&gt;" in page
     assert "No jobs yet" in web_view.queue_html([])
+
+
+def test_the_queue_shows_a_running_or_cancelled_jobs_latest_preview(page, tmp_path):
+    preview = tmp_path / "a.mp4.preview.webp"
+    preview.write_bytes(b"RIFF")
+    record = {"path": str(preview), "step": 10, "frames": 3}
+    running = status("job-1", "running", phase="denoise", done=10, total=50, preview=record)
+    src = page.preview_src(running)
+    assert src.startswith("/gradio_api/file=") and src.endswith("a.mp4.preview.webp?step=10")
+    html = web_view.queue_html([running, status("job-2", "done", preview=record),
+                                status("job-3", "cancelled", preview=record), status("job-4", "running")],
+                               page.preview_src)
+    rows = {r.split('data-job="')[1].split('"')[0]: r for r in html.split("<tr class=")[1:]}
+    assert f'<img src="{src}" alt="preview after step 10"' in rows["job-1"] and src in rows["job-3"]
+    assert "<img" not in rows["job-2"] and "<img" not in rows["job-4"]     # a done job has its video; none yet
+    outside = tmp_path.parent / "elsewhere.webp"                            # the page serves only its folder
+    assert page.preview_src(status("job-5", "running", preview={**record, "path": str(outside)})) is None
+    preview.unlink()
+    assert page.preview_src(running) is None and "<img" not in web_view.queue_html([running], page.preview_src)
 
 
 def test_job_choices_label_state_and_prompt():
@@ -205,9 +224,11 @@ def test_spec_from_the_form(page, demo_dir):
     assert (spec.frames, spec.height, spec.width, spec.steps, spec.guidance_scale, spec.shift) == (34, 64, 96, 7, 4.5,
                                                                                                   None)
     assert spec.negative_prompt is None
-    assert spec.options == {"text_cache": False, "attention": "sdpa", "dit_resident_blocks": 3, "vae_tile": 0}
+    assert spec.options == {"text_cache": False, "attention": "sdpa", "dit_resident_blocks": 3, "vae_tile": 0,
+                            "preview": WEB_PREVIEW_EVERY}
     demo_spec = page.spec(form())
-    assert demo_spec.demo and demo_spec.model_dir is None and demo_spec.options == {"text_cache": True}
+    assert demo_spec.demo and demo_spec.model_dir is None
+    assert demo_spec.options == {"text_cache": True, "preview": WEB_PREVIEW_EVERY}
 
 
 @pytest.mark.parametrize("kw, flags", [({"matmul": "fast"}, ["--matmul", "fast"]),
@@ -217,16 +238,17 @@ def test_spec_from_the_form(page, demo_dir):
 def test_speed_levers_map_as_the_command_line_maps_them(page, kw, flags):
     spec = page.spec(form(**kw))
     wanted = cli.job_spec(cli.build_parser().parse_args(["--demo", "--prompt", "a fox", *flags])).options
-    assert spec.options == {"text_cache": True,
+    assert spec.options == {"text_cache": True, "preview": WEB_PREVIEW_EVERY,
                             **{k: wanted[k] for k in ("matmul", "step_cache", "compile") if k in wanted}}
-    assert len(spec.options) == 2
+    assert len(spec.options) == 3
     assert preflight.speed_options(spec) == preflight.speed_options(dataclasses.replace(spec, options=wanted))
 
 
 def test_a_blank_or_zero_step_cache_is_off(page):
     for blank in (None, "", " ", "0"):
         spec = page.spec(form(step_cache=blank, matmul="profile", compile=False))
-        assert spec.options == {"text_cache": True} and preflight.speed_options(spec).cache == 0.0
+        assert spec.options == {"text_cache": True, "preview": WEB_PREVIEW_EVERY}
+        assert preflight.speed_options(spec).cache == 0.0
 
 
 @pytest.mark.parametrize("kw, message", [({"prompt": " "}, "the prompt is empty"),
@@ -319,7 +341,8 @@ def test_only_finished_videos_of_the_results_folder_are_served(page, tmp_path):
     reused = page.reuse("a.mp4")
     assert (reused["matmul"], reused["step_cache"], reused["compile"]) == ("fast", 0.08, True)
     spec = page.spec(form(**{k: v for k, v in reused.items() if k != "preset"}))   # the form filled in again
-    assert spec.options == {"text_cache": True, "matmul": "fast", "step_cache": 0.08, "compile": True}
+    assert spec.options == {"text_cache": True, "preview": WEB_PREVIEW_EVERY, "matmul": "fast", "step_cache": 0.08,
+                            "compile": True}
     (tmp_path / "batch").mkdir()
     (tmp_path / "batch" / "b.mp4").write_bytes(b"x")
     (tmp_path / "batch" / "b.mp4.json").write_text("{}")

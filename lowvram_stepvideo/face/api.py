@@ -20,6 +20,7 @@ noise (1, T, C, h, w)), and for TI2V `image_latents=` (the first image's sampled
 """
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Callable
 
@@ -73,27 +74,36 @@ class StepVideoPipeline:
                  guidance_scale: float | None = None, time_shift: float | None = None, seed: int = SEED,
                  output_type: str = "uint8", checkpoint: Path | None = None, resume: bool = False,
                  image=None, motion_score: float | None = None, prompt_embeds=None,
-                 latents: torch.Tensor | None = None, image_latents: torch.Tensor | None = None):
+                 latents: torch.Tensor | None = None, image_latents: torch.Tensor | None = None,
+                 preview: int | None = None, preview_callback: Callable[[int, torch.Tensor], None] | None = None):
         """Frames of one video. Sizes default to the profile's first preset (TI2V: at most 102 frames), steps /
         guidance / shift to the release's (turbo's for a turbo folder). output_type: "uint8" (T, H, W, 3) after
         the reference post-processing, "video" (B, T, 3, H, W) in [-1, 1], "latent" (final latents). checkpoint:
         save the latents there every few steps; resume=True continues from it. TI2V: image (a path, PIL image,
         uint8 array or tensor; see prepare_first_image) or image_latents, motion_score (default 5). prompt_embeds,
-        latents, image_latents: see the module docstring."""
+        latents, image_latents: see the module docstring. preview=N with preview_callback: every N steps and after
+        the last, preview_callback(steps done, frames) gets the live preview, uint8 (F, H, W, 3) on the CPU, one
+        frame per latent frame (the latents it is made from are not changed: the result is the same without)."""
         if output_type not in OUTPUT_TYPES:
             raise UsageError(f"output_type {output_type!r}: use one of {', '.join(OUTPUT_TYPES)}")
         if resume and checkpoint is None:
             raise UsageError("resume=True needs checkpoint=PATH (the file an earlier call saved its latents to)")
         if image is not None and image_latents is not None:
             raise UsageError("give image= or image_latents= (the image's latent), not both")
+        if bool(preview) != (preview_callback is not None):
+            raise UsageError("give preview=N (every N steps) and preview_callback= (what gets the frames) together")
+        events = self.events
+        if preview_callback is not None:
+            events = copy.copy(self.events)
+            events.preview_frames = preview_callback
         given = {"prompt_embeds": prompt_embeds, "latents": latents, "image_latents": image_latents}
         spec = self._spec(prompt or "", negative_prompt, seed, num_frames, height, width, num_inference_steps,
                           guidance_scale, time_shift, image=image, motion_score=motion_score,
-                          options={"checkpoint": checkpoint, "resume": resume,
+                          options={"checkpoint": checkpoint, "resume": resume, "preview": preview or 0,
                                    **{k: v for k, v in given.items() if v is not None}})
         with one_line_oom():
-            job = prepare_job(spec, self.events.log, folder=self.folder, writes_video=False)
-            latents, self.last_preset = denoise_job(job, self.events)
+            job = prepare_job(spec, events.log, folder=self.folder, writes_video=False)
+            latents, self.last_preset = denoise_job(job, events)
             if output_type != "latent":
                 with torch.no_grad():
                     video = job.pipe.decode(latents)

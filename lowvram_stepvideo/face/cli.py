@@ -139,6 +139,9 @@ def build_parser(prog: str = "generate.py") -> argparse.ArgumentParser:
                         "--save-latents included, no --overwrite needed)")
     p.add_argument("--checkpoint-every", type=int, default=CHECKPOINT_EVERY,
                    help="save the latents every N steps for --resume (default %(default)s; 0 = never)")
+    p.add_argument("--preview", type=int, metavar="N",
+                   help="watch it form: every N denoising steps write a small animated preview of the video so far "
+                        "next to the output (OUT.mp4.preview.webp; default off)")
     p.add_argument("--save-latents", type=Path, help="also keep the final latents in this .safetensors file")
     p.add_argument("--decode-latents", type=Path,
                    help="skip the text and denoising phases: only decode latents saved with --save-latents")
@@ -288,7 +291,7 @@ def job_spec(args) -> JobSpec:
                "vae_tile": args.vae_tile, "step_cache": args.step_cache, "compile": args.compile or None,
                "resume": args.resume, "checkpoint_every": args.checkpoint_every, "save_latents": args.save_latents,
                "text_cache": not args.no_text_cache, "overwrite": args.overwrite, "turbo": args.turbo,
-               "parallel": args.parallel}
+               "parallel": args.parallel, "preview": args.preview}
     return JobSpec(args.prompt, args.negative_prompt, args.seed, args.frames, args.height, args.width, args.steps,
                    args.cfg, args.shift, args.model_dir, args.demo, args.profile, args.output,
                    {k: v for k, v in options.items() if v is not None}, args.image, args.motion_score)

@@ -48,6 +48,7 @@ class JobStatus:
     output: Path | None = None
     error: str | None = None
     result: JobResult | None = None
+    preview: dict | None = None    # the latest live preview: path, frames, width, height, bytes, step, seconds
     started: float | None = field(default=None, repr=False)
     bar_started: float | None = field(default=None, repr=False)
 
@@ -55,8 +56,10 @@ class JobStatus:
 class _JobEvents(Events):
     """Updates a job's status from the run's events; `stop` is set by cancel()."""
 
-    def __init__(self, status: JobStatus, lock: threading.Lock, log_line: Callable[[str], None]):
+    def __init__(self, status: JobStatus, lock: threading.Lock, log_line: Callable[[str], None],
+                 on_preview: Callable[[str, dict], None] | None = None):
         self.status, self.lock, self.stop, self.log_line = status, lock, threading.Event(), log_line
+        self.on_preview = on_preview
 
     def phase(self, name: str) -> None:
         with self.lock:
@@ -78,12 +81,21 @@ class _JobEvents(Events):
     def should_stop(self) -> bool:
         return self.stop.is_set()
 
+    def preview(self, record: dict) -> None:
+        with self.lock:
+            self.status.preview = dict(record)
+        if self.on_preview:
+            self.on_preview(self.status.id, dict(record))
+
 
 class JobQueue:
     def __init__(self, worker: Callable[[JobSpec, Events], JobResult] | None = None,
                  results_dir: Path = RESULTS, log_line: Callable[[str], None] | None = None,
-                 keep_jobs: bool = False):
+                 keep_jobs: bool = False, on_preview: Callable[[str, dict], None] | None = None):
+        """`on_preview(job_id, record)`: called from the worker thread after each live preview a job writes (its
+        run option `preview`); the latest is also in the job's status."""
         self.worker, self.results_dir = worker or run_job, Path(results_dir)
+        self.on_preview = on_preview
         self.log_line = log_line or say
         self.keep_jobs = keep_jobs
         self._lock = threading.RLock()              # guards every JobStatus; _wake signals changes
@@ -186,7 +198,7 @@ class JobQueue:
             job_id = self._pending.pop(0)
             status = self._jobs[job_id]
             status.state, status.started = "running", time.monotonic()
-            self._events[job_id] = _JobEvents(status, self._lock, self.log_line)
+            self._events[job_id] = _JobEvents(status, self._lock, self.log_line, self.on_preview)
             return job_id
 
     def _work(self) -> None:

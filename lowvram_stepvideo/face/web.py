@@ -40,6 +40,7 @@ CSS = """
 .lvs-queue td:nth-child(2) { overflow-wrap: anywhere; }
 .lvs-queue progress { width: 5em; vertical-align: middle; }
 .lvs-detail { color: var(--body-text-color-subdued); font-size: 0.85em; }
+.lvs-preview img { display: block; margin-top: 4px; max-width: 256px; max-height: 160px; image-rendering: auto; }
 .lvs-failed td:nth-child(3) { color: var(--error-text-color, #c00); }
 #lvs-fit textarea { font-family: monospace; }
 """

@@ -12,8 +12,9 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
-from ..defaults import DEMO_PRESET, RUN_OPTIONS, SEED, SpeedOptions
+from ..defaults import DEMO_PRESET, RUN_OPTIONS, SEED, WEB_PREVIEW_EVERY, SpeedOptions
 from ..run import preflight
 from ..run.request import first_image
 from . import web_view
@@ -37,6 +38,7 @@ MATMUL = ("profile", "weight-only", "fast")
 # What a handler may fail with: a one-line message for the page, never a traceback.
 EXPECTED = (StepVideoError, ValueError, OSError)
 FIRST_IMAGES = "first-images"   # the page's copies of uploaded first images, inside the results folder
+FILE_ROUTE = "/gradio_api/file="   # where Gradio serves a file of its allowed paths (the results folder)
 
 
 @dataclass
@@ -143,7 +145,7 @@ class WebPage:
         if not form.preset:
             raise ValueError("choose a size from the preset list")
         size = Preset.parse(form.preset, steps=1)
-        options = {"text_cache": bool(form.text_cache)}
+        options = {"text_cache": bool(form.text_cache), "preview": WEB_PREVIEW_EVERY}   # the page's live preview
         for key, value, choices in (("attention", form.attention, ATTENTION), ("matmul", form.matmul, MATMUL)):
             if value not in choices:
                 raise ValueError(f"unknown {key} {value!r}; choose one of {', '.join(choices)}")
@@ -269,7 +271,16 @@ class WebPage:
 
     def queue_view(self) -> tuple[str, list[tuple[str, str]]]:
         statuses = self.queue.jobs()
-        return web_view.queue_html(statuses), web_view.job_choices(statuses)
+        return web_view.queue_html(statuses, self.preview_src), web_view.job_choices(statuses)
+
+    def preview_src(self, status) -> str | None:
+        """The URL of a job's latest live preview, when it is a file in the page's results folder (the page serves
+        nothing outside it); `?step=` changes with every new preview, so the browser fetches it again."""
+        record = status.preview or {}
+        path = Path(str(record.get("path") or ""))
+        if not path.is_file() or self.results_dir.resolve() not in path.resolve().parents:
+            return None
+        return f"{FILE_ROUTE}{quote(str(path.resolve()))}?step={int(record.get('step') or 0)}"
 
     def videos(self) -> list[Path]:
         return web_view.finished_videos(self.results_dir)

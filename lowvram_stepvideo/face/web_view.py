@@ -6,6 +6,7 @@ import html
 import json
 import re
 from pathlib import Path
+from typing import Callable
 
 from ..defaults import RUN_OPTIONS, SEED
 from ..files.video import sidecar_path
@@ -52,21 +53,26 @@ def duration(seconds: float | None) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
-def queue_html(statuses) -> str:
+PreviewSource = Callable[[object], "str | None"]   # a job's status -> the URL of its latest preview, or None
+PREVIEWED = ("running", "cancelled")   # a done job has its video; a cancelled one shows what it had become
+
+
+def queue_html(statuses, preview_src: PreviewSource | None = None) -> str:
     """The queue (statuses in submission order) as a table: one row per job, newest first, with a progress bar
-    for the current phase."""
+    for the current phase and, below it, a running or cancelled job's latest live preview (`preview_src`)."""
     if not statuses:
         return '<p class="lvs-empty">No jobs yet. Fill in a prompt and press Generate.</p>'
-    rows = "".join(_row(s) for s in reversed(statuses))
+    rows = "".join(_row(s, preview_src) for s in reversed(statuses))
     head = "".join(f"<th>{h}</th>" for h in ("job", "prompt", "state", "phase", "progress", "elapsed", "ETA"))
     return (f'<div class="lvs-queue-wrap"><table class="lvs-queue"><thead><tr>{head}</tr></thead><tbody>{rows}'
             "</tbody></table></div>")
 
 
-def _row(s) -> str:
+def _row(s, preview_src: PreviewSource | None = None) -> str:
     total = s.total or 0
     bar = (f'<progress value="{s.done or 0}" max="{total}"></progress> {s.done or 0}/{total}' if total
            else '<progress></progress>' if s.state == "running" else "")
+    bar += _preview_img(s, preview_src)
     detail = (html.escape(in_page_words(str(s.error))) if s.error else
               html.escape(Path(s.output).name) if s.output else "")
     prompt = html.escape(_short(s.spec.prompt, 60))
@@ -77,6 +83,16 @@ def _row(s) -> str:
             f'<div class="lvs-detail">{detail}</div></td><td>{s.state}</td><td>{phase}</td>'
             f"<td>{bar}</td><td>{duration(s.elapsed_s)}</td>"
             f"<td>{duration(s.eta_s) if s.state == 'running' else ''}</td></tr>")
+
+
+def _preview_img(s, preview_src: PreviewSource | None) -> str:
+    record = getattr(s, "preview", None)
+    src = preview_src(s) if preview_src and record and s.state in PREVIEWED else None
+    if not src:
+        return ""
+    step = html.escape(str(record.get("step", "?")))
+    return (f'<div class="lvs-preview"><img src="{html.escape(src)}" alt="preview after step {step}" '
+            f'title="the video as it looks after step {step}" loading="lazy"></div>')
 
 
 def _short(text: str, n: int) -> str:

@@ -38,6 +38,8 @@ CLIP_TOKENS = 77
 
 Embeds = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # y (2, S, D), y_mask (2, 77+S), clip (2, 77, Dc)
 StepCallback = Callable[[int, torch.Tensor], None]         # (steps done, latents float32)
+# (step index, the step's latents, its guided velocity, its sigma), before the Euler step; must not write to them
+PreviewHook = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
 class PhasePipeline:
@@ -57,6 +59,7 @@ class PhasePipeline:
         self.runtime = runtime or DeviceRuntime(folder, profile, device, log)
         self.options = options or SpeedOptions()
         self.speed: dict | None = None   # what the speed levers did in the last denoise (for the sidecar)
+        self.preview: PreviewHook | None = None   # the live preview (pipeline/preview.py's Previewer.step)
         self.cache, self.progress = cache, progress
         self.log = self.runtime.log
 
@@ -265,6 +268,8 @@ class PhasePipeline:
                     for i in range(start_step, steps):
                         levers.start_step(i, steps)
                         v = self._guided_velocity(dit, latents, sigmas[i], embeds, guidance_scale, levers, extra)
+                        if self.preview:
+                            self.preview(i, latents, v, sigmas[i])
                         latents = euler_step(latents, v, sigmas[i], sigmas[i + 1])
                         bar.update()
                         if step_callback:

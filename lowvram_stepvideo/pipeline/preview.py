@@ -28,10 +28,10 @@ from typing import Callable
 import torch
 from torch.nn import functional as F
 
+from ..defaults import PREVIEW_LONG_SIDE
 from ..files.preview_file import PreviewFileError, write_preview
 from .preview_map import PATCH, PreviewMap
 
-PREVIEW_LONG_SIDE = 256      # pixels on the preview's longer side (the video's 992 -> 256, 544 -> 140)
 VIDEO_FPS = 25               # the reference writer's frame rate
 
 
@@ -56,16 +56,38 @@ def preview_frames(latents: torch.Tensor, velocity: torch.Tensor, sigma, preview
                    size: int | tuple[int, int] = PREVIEW_LONG_SIDE, sigma_end=1.0) -> torch.Tensor:
     """Latents and velocity (B, F, z, h, w) on the device -> uint8 frames (F, B*H, W, 3) on the CPU, the batch
     stacked along the height like the video. `size`: the longer side, or (H, W)."""
+    return device_frames(latents, velocity, sigma, preview_map, size, sigma_end).cpu()
+
+
+def device_frames(latents: torch.Tensor, velocity: torch.Tensor, sigma, preview_map: PreviewMap,
+                  size: int | tuple[int, int] = PREVIEW_LONG_SIDE, sigma_end=1.0) -> torch.Tensor:
+    """preview_frames before the copy to the host: the uint8 frames on the latents' device."""
     if latents.shape != velocity.shape:
         raise ValueError(f"latents {tuple(latents.shape)} and velocity {tuple(velocity.shape)} differ in shape")
-    rgb = preview_map.to_rgb(predicted_clean(latents, velocity, sigma, sigma_end))   # (B, F, 3, h, w) float32
+    return clean_frames(predicted_clean(latents, velocity, sigma, sigma_end), preview_map, size)
+
+
+def clean_frames(clean: torch.Tensor, preview_map: PreviewMap,
+                 size: int | tuple[int, int] = PREVIEW_LONG_SIDE) -> torch.Tensor:
+    """Clean latents (B, F, z, h, w) float32 -> uint8 frames (F, B*H, W, 3) on their device."""
+    rgb = preview_map.to_rgb(clean)                                                 # (B, F, 3, h, w) float32
     b, f, _, h, w = rgb.shape
     out_h, out_w = size if isinstance(size, tuple) else preview_size((h, w), size)
     rgb = F.interpolate(rgb.reshape(b * f, 3, h, w), size=(out_h, out_w), mode="bilinear", align_corners=False,
                         antialias=out_h < h or out_w < w)
     pixels = ((rgb.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)               # (B*F, 3, H, W)
-    pixels = pixels.view(b, f, 3, out_h, out_w).permute(1, 0, 3, 4, 2).reshape(f, b * out_h, out_w, 3)
-    return pixels.cpu()
+    return pixels.view(b, f, 3, out_h, out_w).permute(1, 0, 3, 4, 2).reshape(f, b * out_h, out_w, 3)
+
+
+def traced_preview(z_channels: int):
+    """A preview hook for the memory plan (planning/plan.py): it makes every step's preview frames on the device
+    as a run's preview does (the clean-latent and RGB tensors, the upsampled frames) and drops them, so the plan
+    counts their bytes. The map's values do not matter there: a zero map of the right width."""
+    zero_map = PreviewMap(torch.zeros(3, z_channels), torch.zeros(3))
+
+    def hook(step, latents, velocity, sigma) -> None:   # dt of 1: a traced sigma has no value to read
+        clean_frames(torch.add(latents.float(), velocity, alpha=1.0), zero_map)
+    return hook
 
 
 def frame_durations(latent_frames: int, frame_len: int = 17, latent_len: int = 3,

@@ -31,6 +31,7 @@ from .byte_count import fmt_bytes
 from ..loading.model_folder import ModelFolder
 from ..engines.streaming import packed_budget_bytes, streaming_footprint
 from ..pipeline.phases import PhasePipeline
+from ..pipeline.preview import traced_preview
 from .plan_cache import PlanCache, folder_identity
 from ..engines.attention import attention_precision, math_attention
 from .planned_models import ModelShape
@@ -211,13 +212,16 @@ def _store(memo: tuple[str, str], phases: Trace) -> Trace:
 
 
 def _traced(folder: ModelFolder, profile: Profile, preset: Preset, options: SpeedOptions, layout,
-            capability: tuple[int, int] | None = None, denoise: bool = True) -> Trace:
+            capability: tuple[int, int] | None = None, denoise: bool = True, preview: bool = True) -> Trace:
     """The planned run. Without `denoise`, the decode is traced after a denoise of no steps (the text phase
     makes the embeddings that stay alive meanwhile; the latents are handed over as the denoise hands them).
     A TI2V folder's run encodes its first image (the image phase: one frame through the VAE encoder) between
-    text and denoise; the image itself is a data-free tensor of the preprocessed size."""
+    text and denoise; the image itself is a data-free tensor of the preprocessed size. The live preview's device
+    tensors are always counted (`preview`; a few MB at the release's size, and the web page's jobs preview)."""
     runtime = PlanningRuntime(folder, profile, options, layout, capability)
     pipe = PhasePipeline(folder, profile, progress=False, runtime=runtime, options=options)
+    if preview:
+        pipe.preview = traced_preview(pipe.latent_channels())
     steps = CACHED_STEPS if options.cache else 1
     shape = latent_shape(preset.frames, preset.height, preset.width, channels=pipe.latent_channels())
     with runtime.accountant:

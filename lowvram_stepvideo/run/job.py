@@ -27,7 +27,7 @@ from typing import Callable
 
 import torch
 
-from . import outputs, preflight
+from . import live_preview, outputs, preflight
 from ..engines import parallel
 from ..pipeline import progress
 from ..errors import StepVideoError, UsageError
@@ -228,6 +228,11 @@ class Events:
     def should_stop(self) -> bool:
         return False
 
+    def preview(self, record: dict) -> None:
+        """A live preview was written: path, frames, width, height, bytes, step (steps done), seconds."""
+
+    preview_frames = None   # a run that writes no video: (steps done, uint8 frames (F, H, W, 3)) of each preview
+
 
 @dataclass
 class JobResult:
@@ -289,7 +294,8 @@ def prepare_job(spec: JobSpec, log: Callable[[str], None], folder: ModelFolder |
         try:
             planned = outputs.plan_outputs(spec.output, prompt=spec.prompt, save_latents=options["save_latents"],
                                            inputs=[job.pipe.profile.path, *inputs], model_root=job.pipe.folder.root,
-                                           overwrite=options["overwrite"], resume=resume, request=asked)
+                                           overwrite=options["overwrite"], resume=resume, request=asked,
+                                           preview=bool(options["preview"]))
         except StepVideoError as e:
             problem = e
     if par is not None:
@@ -311,6 +317,7 @@ def prepare_request(spec: JobSpec, log: Callable[[str], None], folder: ModelFold
     preflight.check_numbers(spec)
     preflight.check_kind_inputs(spec, folder)
     options = preflight.run_options(spec)
+    live_preview.check_every(options["preview"])
     turbo = bool(options["turbo"] or folder.turbo)
     defaults = sampling_defaults(turbo, folder.kind)
     preset = preflight.preset_for(spec, profile, defaults["steps"] if turbo else None, log,
@@ -426,6 +433,9 @@ def denoise_job(job: PreparedJob, events: Events) -> tuple[torch.Tensor, Preset]
     if par is not None:
         embeds = par.broadcast_from_writer(embeds)
     events.phase("denoise")
+    pipe.preview = live_preview.preview_hook(options["preview"] if writer else 0, job.outputs and job.outputs.preview,
+                                             pipe.folder.root / "vae", job.request.preset.steps, events.preview,
+                                             events.log, frames_listener=events.preview_frames)
     job.pipe = pipe
     return denoise_with_fallback(pipe, job.request, ladder, ckpt, resume, options["checkpoint_every"], embeds,
                                  events.should_stop, par)

@@ -1,4 +1,5 @@
-"""Everything a run writes: the video, its sidecar, the resume checkpoint and --save-latents, from their names to
+"""Everything a run writes: the video, its sidecar, the resume checkpoint, --save-latents and the live preview
+(--preview N; rewritten by the run, so an earlier run's preview of the same video is replaced), from their names to
 the files.
 
 Decided before any heavy work: the paths must differ from each other and from every input (model files, latents
@@ -30,6 +31,7 @@ from . import preflight
 from .resume import checkpoint_path, save_checkpoint, save_latents, saved_request
 from ..errors import StepVideoError
 from ..files.caches import COMPONENTS
+from ..files.preview_file import preview_path
 from ..files.fsutil import Claim, claim, clean_orphans, files_under, holder
 from ..files.video import VideoError, output_path_error, sidecar_path, write_mp4, write_sidecar
 from ..planning.budgets import this_card
@@ -55,10 +57,11 @@ class RunOutputs:
     default: bool = False         # the video's name was made here (a taken name moves on to the next free one)
     replaceable: frozenset = frozenset()   # the paths this run may write over (--overwrite, resumed latents)
     claim: Claim | None = field(default=None, repr=False, compare=False)
+    preview: Path | None = None   # the live preview (--preview N), rewritten while the run denoises
 
     def labelled(self) -> dict[str, Path]:
         paths = {"--output": self.output, "its sidecar": self.sidecar, "the resume checkpoint": self.checkpoint,
-                 "--save-latents": self.save_latents}
+                 "--save-latents": self.save_latents, "its preview": self.preview}
         return {k: v for k, v in paths.items() if v is not None}
 
     def release(self) -> None:
@@ -93,7 +96,8 @@ def name_words(text: str, limit: int = 50) -> str:
 
 
 def _taken(path: Path, decode_only: bool) -> bool:
-    return any(q.exists() for q in (path, sidecar_path(path), None if decode_only else checkpoint_path(path)) if q)
+    return any(q.exists() for q in (path, sidecar_path(path), None if decode_only else checkpoint_path(path),
+                                    None if decode_only else preview_path(path)) if q)
 
 
 def unique(path: Path, decode_only: bool = False) -> tuple[Path, Claim]:
@@ -115,9 +119,10 @@ def unique(path: Path, decode_only: bool = False) -> tuple[Path, Claim]:
 
 def plan_outputs(output: Path | None, prompt: str | None = None, save_latents: Path | None = None,
                  inputs: list[Path] = (), model_root: Path | None = None, overwrite: bool = False,
-                 resume: bool = False, decode_from: Path | None = None, request: dict | None = None) -> RunOutputs:
+                 resume: bool = False, decode_from: Path | None = None, request: dict | None = None,
+                 preview: bool = False) -> RunOutputs:
     """The output paths of a run, checked and claimed; raises OutputError (one line). `decode_from`:
-    --decode-latents. `request` (the run's resume fingerprint): with resume, a --save-latents file an interrupted
+    --decode-latents. `preview`: the run writes a live preview next to the video. `request` (the run's resume fingerprint): with resume, a --save-latents file an interrupted
     run wrote for the same request is written again instead of refused."""
     default = output is None
     if default:
@@ -127,7 +132,8 @@ def plan_outputs(output: Path | None, prompt: str | None = None, save_latents: P
     else:
         output, held = Path(output), None
     outs = RunOutputs(output, sidecar_path(output), None if decode_from else checkpoint_path(output),
-                      Path(save_latents) if save_latents else None, default, claim=held)
+                      Path(save_latents) if save_latents else None, default, claim=held,
+                      preview=preview_path(output) if preview and not decode_from else None)
     try:
         _check_distinct(outs.labelled())
         _check_inputs(outs.labelled(), list(inputs) + ([decode_from] if decode_from else []),
@@ -215,8 +221,10 @@ def _check_existing(outs: RunOutputs, overwrite: bool, resume: bool, request: di
     """The paths this run may write over; an existing file it may not is refused."""
     if overwrite:
         return frozenset(outs.labelled().values())
-    replaceable = {outs.checkpoint} if outs.checkpoint else set()
+    replaceable = {p for p in (outs.checkpoint, outs.preview) if p}
     for label, path in outs.labelled().items():
+        if path == outs.preview:
+            continue   # the video's own companion (an interrupted run's preview of it): rewritten
         if path == outs.checkpoint:
             if path.exists() and not resume:
                 raise OutputError(f"{path} holds the denoising of an earlier run to {outs.output.name}; pass "
