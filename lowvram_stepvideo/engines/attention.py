@@ -130,7 +130,14 @@ def _run_kernel(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) ->
 
 
 def _masked_kernel(name: str, q, k, v, mask: torch.Tensor) -> torch.Tensor:
-    """Keys are masked the same for every query, so attending over only the kept keys is exact."""
+    """Keys are masked the same for every query, so attending over only the kept keys is exact. The DiT's key
+    masks (models.dit.key_mask, built once per denoising phase) keep the first n keys of each row and carry those
+    counts as host ints: each row's keys are a slice, and nothing is read back from the device (no sync). Any
+    other mask selects each row's keys by boolean indexing, which reads the mask back at every call."""
+    lengths = getattr(mask, "kv_lengths", None)
+    if lengths is not None and len(lengths) == q.shape[0]:
+        return torch.cat([_run_kernel(name, q[b:b + 1], k[b:b + 1, :n], v[b:b + 1, :n])
+                          for b, n in enumerate(lengths)], dim=0)  # (B, Sq, H, D)
     outs = []
     for b in range(q.shape[0]):
         keep = mask[b]  # (Sk,) bool

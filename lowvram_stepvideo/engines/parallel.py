@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..errors import StepVideoError
-from ..models.dit import SelfAttention, WholeSequence
+from ..models.dit import SelfAttention, WholeSequence, key_mask_rows
 from .attach import Attachments, attaching
 
 MODES = ("cfg", "sequence", "auto")
@@ -284,7 +284,7 @@ class CfgSplit:
         if value.shape[0] != 2:
             raise ValueError(f"CFG parallel needs the guided pair as a batch of 2 (cfg_mode 'batch'), "
                              f"got batch {value.shape[0]}")
-        return value[self.rank:self.rank + 1]
+        return key_mask_rows(value, slice(self.rank, self.rank + 1))   # a key mask keeps its lengths
 
     def gather(self, module, args, kwargs, out: torch.Tensor) -> torch.Tensor:
         parts = [torch.empty_like(out) for _ in range(2)]

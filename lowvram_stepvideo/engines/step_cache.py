@@ -41,6 +41,7 @@ class FirstBlockCache:
     step: int = 0
     total_steps: int = 1
     branch_name: str = "cond+uncond"
+    decisions: int = 0           # forwards whose reuse was decided from the data: one read from the device each
 
     def attach(self, dit: nn.Module) -> "FirstBlockCache":
         if not self.threshold > 0:
@@ -94,7 +95,9 @@ class FirstBlockCache:
             return False
         if state.first_residual.shape != residual.shape:
             return False
-        return relative_change(residual, state.first_residual) < self.threshold
+        self.decisions += 1
+        change = relative_change(residual, state.first_residual).double()   # float64: the threshold exactly
+        return bool(change < self.threshold)   # the one read back from the device
 
     def counts(self) -> dict:
         full = sum(s.full for s in self.branches.values())
@@ -103,12 +106,13 @@ class FirstBlockCache:
                 "branches": {k: {"full": s.full, "cached": s.cached} for k, s in self.branches.items()}}
 
 
-def relative_change(now: torch.Tensor, before: torch.Tensor, rows: int = 4096) -> float:
-    """mean|now - before| / mean|before| in float32, over `rows` tokens at a time (no full-size float32 copy)."""
+def relative_change(now: torch.Tensor, before: torch.Tensor, rows: int = 4096) -> torch.Tensor:
+    """mean|now - before| / mean|before| in float32, over `rows` tokens at a time (no full-size float32 copy): a
+    0-d tensor on the device, so the comparison with the threshold is made there too."""
     a, b = now.reshape(-1, now.shape[-1]), before.reshape(-1, before.shape[-1])
     diff = total = torch.zeros((), dtype=torch.float32, device=now.device)
     for r in range(0, a.shape[0], rows):
         x, y = a[r:r + rows].float(), b[r:r + rows].float()
         diff = diff + (x - y).abs().sum()
         total = total + y.abs().sum()
-    return float(diff / total.clamp_min(1e-12))
+    return diff / total.clamp_min(1e-12)

@@ -6,8 +6,13 @@ decoder's attention and per-frame GroupNorm see only the tile) but bounds the de
 tile size. Overlapping tiles are blended with linear ramps whose weights sum to 1. With one tile covering the frame
 the result is identical to the reference chunked decode.
 
-Frames are written into one preallocated output video; `DecodeState` records how far a decode got, so after an
-out-of-memory error the caller can retry with smaller tiles without redoing finished chunks.
+Tiles are blended on the device that decodes them, in float32 (the arithmetic of a blend on the host, done where
+the tiles are: no tile leaves the device), unless the caller blends on the host (`blend_device`: when the memory
+plan says the device cannot hold a chunk's output, engines.frame_copies.chunk_output_bytes). Each time chunk's
+frames then leave the device once (its last frame with the next chunk, after their boundary is blended), into one
+preallocated output video: from a CUDA device asynchronously, on a side stream, into page-locked memory
+(frame_copies.py). `DecodeState` records how far a decode got, so after an out-of-memory error the caller can retry
+with smaller tiles without redoing finished chunks.
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ import torch
 
 from ..errors import StepVideoError
 from ..models.vae import mix_chunks
+from .frame_copies import FrameCopies, frame_copies, output_video
 
 DecodeFn = Callable[[torch.Tensor], torch.Tensor]  # (B, t<=3, C, h, w) latents -> (B, T, 3, H, W) frames
 Progress = Callable[[int, int], None]               # (tiles done, tiles total) of the current call, from (0, total)
@@ -120,6 +126,7 @@ class DecodeState:
     the chunk that failed is decoded again from scratch."""
     out: torch.Tensor | None = None  # (B, F, 3, H, W), chunk boundaries before `next_chunk` already blended
     next_chunk: int = 0
+    held: torch.Tensor | None = None  # the last finished chunk's last frame (B, 1, 3, H, W), not blended or written
 
 
 def _decode_tile(decode_chunk: DecodeFn, z: torch.Tensor, ys: tuple[int, int], xs: tuple[int, int],
@@ -151,7 +158,7 @@ def _decode_time_chunk(decode_chunk: DecodeFn, z: torch.Tensor, tiles_y, tiles_x
                 b, t, c = frames.shape[:3]
                 acc = torch.zeros(b, t, c, tiles_y[-1][0][1] * scale, tiles_x[-1][0][1] * scale, device=device)
                 dtype = frames.dtype
-            weight = (wy[:, None] * wx[None, :]).to(device)  # (H_tile, W_tile), broadcast over (B, T, C)
+            weight = wy[:, None] * wx[None, :]  # (H_tile, W_tile) on `device`, broadcast over (B, T, C)
             region = acc[..., y0 * scale:y1 * scale, x0 * scale:x1 * scale]
             region.addcmul_(frames.to(device, torch.float32), weight)
             del frames
@@ -199,13 +206,16 @@ def _check_state(state: DecodeState, z: torch.Tensor, n_chunks: int, total_frame
 
 def decode_tiled(decode_chunk: DecodeFn, z: torch.Tensor, tile, overlap=0, scale: int = 16,
                  latents_per_chunk: int = 3, progress: Progress | None = None, state: DecodeState | None = None,
-                 out_device: torch.device | str | None = None) -> torch.Tensor:
+                 out_device: torch.device | str | None = None,
+                 blend_device: torch.device | str | None = None) -> torch.Tensor:
     """Decode latents z (B, T, C, h, w) into a video (B, F, 3, h*scale, w*scale) in the decoder's dtype.
 
-    Time: chunks of `latents_per_chunk` latents as in the reference, boundaries blended (`mix_boundary`).
-    Space: tiles of `tile` latent pixels overlapping by `overlap` (int or (h, w)), blended with linear ramps.
-    The video is allocated on `out_device` (default: z's device); give a `state` to resume after an error.
-    `progress(done, total)` counts the tiles of this call: (0, total) before the first one, then once per tile."""
+    Time: chunks of `latents_per_chunk` latents as in the reference, boundaries blended (`mix_boundary`'s
+    arithmetic). Space: tiles of `tile` latent pixels overlapping by `overlap` (int or (h, w)), blended with linear
+    ramps in float32 on `blend_device` (default: z's device). The video is allocated on `out_device` (default: z's
+    device; page-locked when it is the host and the blend is on a CUDA device); give a `state` to resume after an
+    error. `progress(done, total)` counts the tiles of this call: (0, total) before the first one, then once per
+    tile."""
     state = state if state is not None else DecodeState()
     _, num_latents, _, h, w = z.shape
     tile, overlap = check_tiling(tile, overlap, (h, w))
@@ -213,21 +223,44 @@ def decode_tiled(decode_chunk: DecodeFn, z: torch.Tensor, tile, overlap=0, scale
     sizes, starts = _chunk_layout(num_latents, latents_per_chunk)
     _check_state(state, z, len(sizes), starts[-1], scale)
     device = state.out.device if state.out is not None else torch.device(out_device or z.device)
+    blend = torch.device(blend_device or z.device)
+    copies = frame_copies(blend)
     tick = _counter(progress, (len(sizes) - state.next_chunk) * len(spans_y) * len(spans_x))
-    tiles_y, tiles_x = (list(zip(spans, axis_weights(spans, scale))) for spans in (spans_y, spans_x))
-    for k in range(state.next_chunk, len(sizes)):
-        first = k * latents_per_chunk
-        video, dtype = _decode_time_chunk(decode_chunk, z[:, first:first + sizes[k]], tiles_y, tiles_x, scale,
-                                          device, tick)
-        if state.out is None:
-            b, _, c = video.shape[:3]
-            state.out = torch.empty(b, starts[-1], c, h * scale, w * scale, dtype=dtype, device=device)
-        state.out[:, starts[k]:starts[k + 1]].copy_(video)
-        del video
-        if k > 0:
-            mix_boundary(state.out, starts[k], frame_len=starts[1])
-        state.next_chunk = k + 1
+    tiles_y, tiles_x = ([(span, weight.to(blend)) for span, weight in zip(spans, axis_weights(spans, scale))]
+                        for spans in (spans_y, spans_x))    # the weights go to the blend's device once
+    try:
+        for k in range(state.next_chunk, len(sizes)):
+            first = k * latents_per_chunk
+            video, dtype = _decode_time_chunk(decode_chunk, z[:, first:first + sizes[k]], tiles_y, tiles_x, scale,
+                                              blend, tick)
+            if state.out is None:
+                b, _, c = video.shape[:3]
+                state.out = output_video((b, starts[-1], c, h * scale, w * scale), dtype, device, copies.cuda)
+            _write_chunk(state, video.to(dtype), starts[k], copies, last=k + 1 == len(sizes))
+            del video
+            state.next_chunk = k + 1
+    finally:
+        copies.finish()      # every queued copy has landed before the video (or the state after an error) is read
     return state.out
+
+
+def _write_chunk(state: DecodeState, video: torch.Tensor, start: int, copies: FrameCopies, last: bool) -> None:
+    """One finished chunk (B, T, 3, H, W) into the output from frame `start`: its first frame blended with the
+    held last frame of the chunk before (mix_chunks over those two frames: the boundary's arithmetic, in the
+    video's dtype), then every frame but its own last one, which is held for the next boundary (or written, after
+    the last chunk)."""
+    if state.held is not None:
+        pair = torch.cat([state.held, video[:, :1]], dim=1)      # (B, 2, 3, H, W): the boundary's two frames
+        mix_chunks(pair, frame_len=1, inplace=True)
+        video[:, :1] = pair[:, 1:]
+        copies.copy(state.out[:, start - 1:start], pair[:, :1])
+        state.held = None
+    if video.shape[1] > 1:
+        copies.copy(state.out[:, start:start + video.shape[1] - 1], video[:, :-1])
+    if last:
+        copies.copy(state.out[:, start + video.shape[1] - 1:start + video.shape[1]], video[:, -1:])
+    else:
+        state.held = video[:, -1:].clone()    # a frame, not a view keeping the whole chunk alive
 
 
 def halving_tiles(tile, overlap, size: tuple[int, int], min_tile: int = 8) -> list[tuple[int, int]]:

@@ -317,6 +317,27 @@ def cross_attention_mask(mask: torch.Tensor, keys: int | None = None) -> tuple[t
     return kv_lens, keys[None, :] < kv_lens[:, None]
 
 
+def key_mask(mask: torch.Tensor, keys: int) -> torch.Tensor:
+    """The cross-attention key mask (B, keys) bool of the reference's mask (B, Lc+Ly), as `cross_attention_mask`
+    makes it, built once for a whole denoising phase: the DiT takes it in place of the mask. It keeps the first
+    kv_len keys of each row and carries those counts as host ints (`kv_lengths`), read here once, so a kernel that
+    takes no mask (flash-attn) selects each row's keys by slicing, without reading anything back from the device
+    at each call. Data-free (meta) tensors, the memory plan's, carry none."""
+    _, keep = cross_attention_mask(mask, keys)
+    if not keep.is_meta:
+        keep.kv_lengths = tuple(int(n) for n in keep.sum(dim=1).tolist())   # the one read, once per phase
+    return keep
+
+
+def key_mask_rows(keep: torch.Tensor, rows: slice) -> torch.Tensor:
+    """keep[rows] with its rows' `kv_lengths` (a plain slice of a tensor carries none)."""
+    part = keep[rows]
+    lengths = getattr(keep, "kv_lengths", None)
+    if lengths is not None:
+        part.kv_lengths = lengths[rows]
+    return part
+
+
 # ---------------------------------------------------------------- model
 
 class WholeSequence:
@@ -352,15 +373,22 @@ class StepVideoModel(nn.Module):
         self.sequence = WholeSequence()
 
     def embed_text(self, y: torch.Tensor, clip: torch.Tensor, mask: torch.Tensor | None):
-        """y (B, Ly, Cy), clip (B, Lc, Cc), mask (B, Lc+Ly) -> enc (B, Skv, D), key mask (B, Skv) bool or None."""
+        """y (B, Ly, Cy), clip (B, Lc, Cc), mask (B, Lc+Ly) or a key mask (B, Skv) bool made by `key_mask` ->
+        enc (B, Skv, D), key mask (B, Skv) bool or None."""
         enc = torch.cat([self.clip_projection(clip), self.caption_projection(self.caption_norm(y))], dim=1)
-        return enc, None if mask is None else cross_attention_mask(mask, enc.shape[1])[1]
+        if mask is None or mask.dtype != torch.bool:
+            return enc, None if mask is None else cross_attention_mask(mask, enc.shape[1])[1]
+        if tuple(mask.shape) != tuple(enc.shape[:2]):
+            raise ValueError(f"a key mask (bool) must be (B, Skv) = {tuple(enc.shape[:2])} for this text, got "
+                             f"{tuple(mask.shape)}; pass the reference's (B, Lc+Ly) mask in another dtype")
+        return enc, mask
 
     def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 encoder_hidden_states_2: torch.Tensor, encoder_attention_mask: torch.Tensor | None = None,
                 condition_hidden_states: torch.Tensor | None = None, motion_score: torch.Tensor | None = None):
         """hidden_states (B, F, C, H, W), timestep (B,) in [0, 1), encoder_hidden_states (B, Ly, 6144),
-        encoder_hidden_states_2 (B, Lc, 1024), encoder_attention_mask (B, Lc+Ly) -> velocity (B, F, C, H, W).
+        encoder_hidden_states_2 (B, Lc, 1024), encoder_attention_mask (B, Lc+Ly), or the key mask `key_mask` built
+        from it once per phase -> velocity (B, F, C, H, W).
         TI2V only (and required there): condition_hidden_states (B, F, C, H, W), motion_score (B,)."""
         b, f, c, height, width = hidden_states.shape
         p = self.config.patch_size

@@ -58,6 +58,8 @@ class Runtime:
     run (the DiT's levers attach its splits), None for a single process."""
 
     par: Parallel | None = None
+    blend_on_device = True     # VAE tiles blended where they are decoded; False when the plan says the device
+                               # cannot hold a chunk's output (then on the host, as the frames go out)
 
     def __init__(self, folder: ModelFolder, profile: Profile, device=None,
                  log: Callable[[str], None] | None = None):
@@ -111,9 +113,11 @@ class Runtime:
                      on_oom: Callable[[TileSize, TileSize], None],
                      progress: Callable[[int, int], None]) -> torch.Tensor:
         """The video of `latents` (on the CPU), decoded tile by tile with the first size of `tiles`; after an
-        out-of-memory error, `on_oom(failed, next)` and the next size, the finished chunks kept."""
+        out-of-memory error, `on_oom(failed, next)` and the next size, the finished chunks kept. Tiles are blended
+        on the device unless `blend_on_device` is off; each chunk's frames leave it once (engines/tiling.py)."""
+        blend = self.device if self.blend_on_device else torch.device("cpu")
         return decode_with_fallback(vae.decode_chunk, latents, tiles, overlap, on_oom=on_oom, out_device="cpu",
-                                    progress=progress)
+                                    blend_device=blend, progress=progress)
 
     def free(self) -> None:
         """Give memory that is no longer referenced back (after a phase, after an out-of-memory error)."""

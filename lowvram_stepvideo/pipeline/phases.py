@@ -19,7 +19,7 @@ from ..defaults import RELEASE_PRESET, SEED, SpeedOptions, sampling_defaults
 from ..files.caches import model_identity
 from ..files.text_cache import EmbeddingCache
 from ..loading.model_folder import ModelFolder, open_model_folder
-from ..models.dit import set_attention_head_chunk, set_token_chunk
+from ..models.dit import key_mask, key_mask_rows, set_attention_head_chunk, set_token_chunk
 from ..profiles import Profile, load_profile
 from .conditioning import MAGIC, condition_latents, sample_image_latent
 from .machine import DeviceRuntime, Levers, Runtime
@@ -253,9 +253,11 @@ class PhasePipeline:
         """Euler steps start_step..N-1 from `latents`; returns float32 latents on the CPU. TI2V: `condition`
         (1, T, C, h, w) the condition latents (the same for both CFG branches), `motion_score` (default 5)."""
         y, y_mask, clip = (t.to(self.device) for t in embeds)
-        embeds = (y.to(self.dtype), y_mask.to(self.dtype), clip.to(self.dtype))   # mask too (quirk Q1)
+        keys = y_mask if y_mask is None else key_masks(y_mask.to(self.dtype), y.shape[1] + clip.shape[1])  # Q1
+        embeds = (y.to(self.dtype), keys, clip.to(self.dtype))
         extra = self._ti2v_inputs(condition, motion_score)
         steps = len(sigmas) - 1
+        sigmas = sigmas.to(self.device)    # staged once: no step copies a timestep to the device
         with self.runtime.phase("denoise"):
             dit = self.runtime.load("transformer", self.dtype)
             with self.runtime.placed(dit, "dit"), progress_bars.bar("denoise", steps, unit="step",
@@ -295,25 +297,25 @@ class PhasePipeline:
         motion = torch.tensor([score], dtype=self.dtype, device=self.device)
         return condition.to(self.device, self.dtype), motion
 
-    def _guided_velocity(self, dit, latents, t, embeds: Embeds, scale: float, levers: Levers,
+    def _guided_velocity(self, dit, latents, t, embeds: tuple, scale: float, levers: Levers,
                          extra: tuple) -> torch.Tensor:
-        y, mask, clip = embeds
+        """`t`: the step's sigma on the device; `embeds`: (y, key masks per branch, clip) as denoise stages them."""
+        y, masks, clip = embeds
         x = latents.to(self.dtype)
         if self.profile.cfg_mode == "batch":
             pair = [torch.cat([e, e]) for e in extra]   # the same condition for both branches
             with levers.branch("cond+uncond"):
-                v = dit(torch.cat([x, x]), dit_timestep(t, 2, self.dtype).to(self.device), y, clip, mask, *pair)
+                v = dit(torch.cat([x, x]), dit_timestep(t, 2, self.dtype), y, clip, masks and masks[2], *pair)
             v_cond, v_uncond = v.chunk(2)
         else:
-            v_cond, v_uncond = (self._branch(dit, levers, b, x, t, embeds, mask, extra) for b in (0, 1))
+            v_cond, v_uncond = (self._branch(dit, levers, b, x, t, embeds, extra) for b in (0, 1))
         return cfg_combine(v_cond, v_uncond, scale)
 
-    def _branch(self, dit, levers: Levers, b: int, x, t, embeds: Embeds, mask, extra: tuple) -> torch.Tensor:
+    def _branch(self, dit, levers: Levers, b: int, x, t, embeds: tuple, extra: tuple) -> torch.Tensor:
         """Sequential CFG: the DiT on prompt b (0 = cond, 1 = uncond) alone."""
-        y, _, clip = embeds
+        y, masks, clip = embeds
         with levers.branch(("cond", "uncond")[b]):
-            return dit(x, dit_timestep(t, 1, self.dtype).to(self.device), y[b:b + 1], clip[b:b + 1],
-                       None if mask is None else mask[b:b + 1], *extra)
+            return dit(x, dit_timestep(t, 1, self.dtype), y[b:b + 1], clip[b:b + 1], masks and masks[b], *extra)
 
     # ------------------------------------------------------------------ decode
 
@@ -336,6 +338,12 @@ class PhasePipeline:
         self.runtime.free()
         self.log(f"decode: out of memory with {failed[0]}x{failed[1]} latent tiles; "
                  f"continuing with {nxt[0]}x{nxt[1]} (finished chunks are kept)")
+
+
+def key_masks(mask: torch.Tensor, keys: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The DiT's key masks for a denoising phase, built once (models.dit.key_mask): (cond, uncond, both)."""
+    both = key_mask(mask, keys)
+    return key_mask_rows(both, slice(0, 1)), key_mask_rows(both, slice(1, 2)), both
 
 
 def _ticker(bar):

@@ -76,8 +76,9 @@ def dit_timestep(t: torch.Tensor, batch: int, dtype: torch.dtype) -> torch.Tenso
 def euler_step(sample: torch.Tensor, velocity: torch.Tensor, sigma, sigma_next) -> torch.Tensor:
     """One Euler step in float32: sample + velocity * (sigma_next - sigma). Sigmas may be floats or 0-d
     tensors; dt is formed in float32 like the reference (difference of two float32 sigmas)."""
-    dt = torch.as_tensor(sigma_next, dtype=torch.float32) - torch.as_tensor(sigma, dtype=torch.float32)
-    return sample.float() + velocity.float() * dt.to(sample.device)
+    where = dict(dtype=torch.float32, device=sample.device)   # sigmas staged there already: no copy
+    dt = torch.as_tensor(sigma_next, **where) - torch.as_tensor(sigma, **where)
+    return sample.float() + velocity.float() * dt
 
 
 def cfg_combine(v_cond: torch.Tensor, v_uncond: torch.Tensor, scale: float) -> torch.Tensor:

@@ -14,6 +14,7 @@ from dataclasses import replace
 
 from .assumed_format import assume_format as assume_format_of
 from .budgets import Budget, machine_budget
+from .decode_blend import fits_some_way
 from .estimate import estimate_run
 from ..loading.model_folder import ModelFolder
 from .plan import Plan, fit_profile
@@ -65,7 +66,7 @@ def first_fit(folder: ModelFolder, profile: Profile, ladder: list[Preset], budge
     def fits(i: int) -> bool:
         if i not in tried:
             tried[i] = fit_layout(folder, profile, ladder[i], budget, options, layout)
-        return plan_fits(tried[i][1], budget)
+        return fits_some_way(tried[i][1], budget, tried[i][0], ladder[i])   # VAE tiles blended on the host too
 
     if fits(0):
         found = 0

@@ -7,6 +7,7 @@ from typing import Callable
 
 from ..engines.parallel import Parallel
 from ..pipeline.phases import PhasePipeline
+from ..planning.decode_blend import blends_on_device
 from ..planning.fit import clamped, first_fit, profile_budget
 from ..profiles import Preset, Profile, ladder_from
 from .resume import saved_request
@@ -23,12 +24,12 @@ def resume_ladder(ladder: list[Preset], ckpt: Path) -> list[Preset]:
 
 def fit_to_card(pipe: PhasePipeline, ladder: list[Preset], vram_bytes: int | None = None,
                 log: Callable[[str], None] = print, ram_bytes: int | None = None,
-                layout=None) -> tuple[list[Preset], Profile]:
+                layout=None, decided: dict | None = None) -> tuple[list[Preset], Profile]:
     """The ladder without its head presets the memory plan says do not fit the budget (planning/budgets.py: this
     machine's free VRAM and available RAM minus their reserves, or a card of `vram_bytes` in a machine with
     `ram_bytes`), and pipe's profile with its resident blocks and packed RAM lowered to what fits (`pipe` is left as
     it is: run the result with `pipe.with_profile`). `layout` (engines.parallel.Layout): plan this rank's share of
-    a parallel run."""
+    a parallel run. `decided` gets "blend_on_device": where the decode blends its VAE tiles (planning/decode_blend.py)."""
     budget = profile_budget(pipe.profile, vram_bytes, ram_bytes)
     asked = clamped(pipe.folder, pipe.profile)      # a count above the stack's size is not a lowering
     tried: dict = {}
@@ -38,6 +39,11 @@ def fit_to_card(pipe: PhasePipeline, ladder: list[Preset], vram_bytes: int | Non
             "trying it anyway")
         return ladder[-1:], pipe.profile
     profile, plan = tried[found]
+    on_device = blends_on_device(plan, budget, profile, ladder[found])
+    if decided is not None:
+        decided["blend_on_device"] = on_device
+    if not on_device:
+        log("plan: the device cannot hold a decoded chunk beside the VAE's tiles; tiles are blended in host RAM")
     if found:
         log(f"plan: {ladder[0]} does not fit ({budget.vram_from}); using {ladder[found]}")
     if profile.dit.resident_blocks < asked.dit.resident_blocks:
@@ -63,8 +69,10 @@ def plan_ladder(pipe: PhasePipeline, preset: Preset, resume_from: Path | None, l
         return resume_ladder(ladder, resume_from), pipe
     if pipe.device.type == "cuda":
         full = ladder
-        ladder, fitted = fit_to_card(pipe, ladder, None, log, layout=par and par.layout)   # free VRAM, available RAM
-        pipe = pipe.with_profile(fitted)
+        decided: dict = {}
+        ladder, fitted = fit_to_card(pipe, ladder, None, log, layout=par and par.layout, decided=decided)
+        pipe = pipe.with_profile(fitted)                        # (fitted to the free VRAM and available RAM)
+        pipe.runtime.blend_on_device = decided.get("blend_on_device", True)
         if par is not None:
             ladder = full[par.agree_max(len(full) - len(ladder)):]
     return ladder, pipe
