@@ -11,7 +11,7 @@ import torch
 
 from lowvram_stepvideo.engines import frame_copies, host_store, tiling
 from lowvram_stepvideo.engines.tiling import (
-    DecodeState, axis_weights, chunk_frames, decode_tiled, decode_with_fallback, mix_boundary, tile_spans)
+    DecodeState, axis_weights, chunk_frames, decode_tiled, mix_boundary, tile_spans)
 from lowvram_stepvideo.planning import decode_blend
 from lowvram_stepvideo.planning.budgets import Budget
 from lowvram_stepvideo.planning.plan import PhasePlan, Plan
