@@ -9,6 +9,7 @@ import torch
 from conftest import RELEASE, complete_model_dir, fixture_dirs, manifest_shapes, read_io, ti2v_fixture
 
 from sparse_release import write_sparse_release
+from lowvram_stepvideo.pipeline.preview_map import STORED_NAME, PreviewMap, preview_map_for
 from lowvram_stepvideo.loading.loaders import load_dit
 from lowvram_stepvideo.loading.model_folder import ModelFolderError, open_model_folder
 from lowvram_stepvideo.models import quant
@@ -69,6 +70,13 @@ def test_quantized_ti2v_folder_loads_strictly_and_matches_the_reference(tmp_path
     quantize_folder(src, dst, fmt, log=lambda m: None)
     folder = open_model_folder(dst)
     assert (folder.kind, folder.weight_format) == ("ti2v", fmt)
+    stored = PreviewMap.load(dst / "vae" / STORED_NAME)     # the live preview's map, fitted once by quantize.py
+    assert not (src / "vae" / STORED_NAME).exists()       # (vae/ is hard-linked: the source's folder is untouched)
+
+    def no_fit(folder):
+        raise AssertionError("the stored map should be used")
+    used = preview_map_for(dst / "vae", tmp_path / "cache", fit=no_fit)
+    assert torch.equal(used.weight, stored.weight) and torch.equal(used.bias, stored.bias)
     dit = load_dit(dst / "transformer", dtype=torch.float32)
     emb = dit.adaln_single.emb
     assert isinstance(emb.motion_score_embedder.linear_2, quant.QuantLinear)
@@ -119,7 +127,8 @@ def test_full_size_ti2v_release_quantizes(tmp_path):
     """(2 of the 48 blocks: converting 60 GB of zeros would take minutes and prove nothing more.)"""
     src = tmp_path / "stepvideo-ti2v"
     write_sparse_release(src, layers=2, variant="ti2v")
-    quantize_folder(src, tmp_path / "int8", "int8", components=("transformer",), log=lambda m: None)
+    quantize_folder(src, tmp_path / "int8", "int8", components=("transformer",), log=lambda m: None,
+                    preview_map=False)     # (a minute of fitting on the zero VAE would prove nothing)
     folder = open_model_folder(tmp_path / "int8")
     assert (folder.kind, folder.weight_format) == ("ti2v", "int8")
     dit = folder.open("transformer").load(torch.bfloat16)

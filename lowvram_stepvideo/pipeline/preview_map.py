@@ -245,6 +245,8 @@ def fit_preview_map(vae: AutoencoderKL, recipe: tuple[int, int, int] | None = No
 
 # ------------------------------------------------------------------ one map per VAE folder
 
+STORED_NAME = "preview_map.json"    # in a quantized folder's vae/, written by quantize.py
+
 def fit_dtype() -> torch.dtype:
     """bf16 where the CPU computes it natively (AVX512-BF16 or AMX: 2.3x faster than float32 on the dev VM, and
     the dtype the release runs its VAE in), float32 elsewhere (bf16 emulated is slower than float32)."""
@@ -274,11 +276,29 @@ def cache_key(vae_folder: Path) -> str:
     return f"r{RECIPE}-{model_identity(files_under(Path(vae_folder)))}"
 
 
+def store_preview_map(vae_folder: Path) -> PreviewMap | None:
+    """Fit the map of a VAE that has an encoder and store it in its folder (STORED_NAME), as quantize.py does for
+    its output; None (nothing written) for a VAE without encoder weights, whose map is fitted on first use."""
+    vae = load_fit_vae(vae_folder)
+    if vae.encoder is None:
+        return None
+    fitted = fit_preview_map(vae)
+    fitted.save(Path(vae_folder) / STORED_NAME)
+    return fitted
+
+
 def preview_map_for(vae_folder: Path, cache_folder: Path | None = None,
                     fit: Callable[[Path], PreviewMap] | None = None) -> PreviewMap:
-    """The map of the VAE in `vae_folder`: from the cache when its files and the recipe are unchanged, else fitted
-    on the CPU (`fit`, default: load the folder's VAE and fit_preview_map) and cached. An unreadable entry is
-    refit; a cache folder that cannot be written only costs the next run the fit again."""
+    """The map of the VAE in `vae_folder`: the one quantize.py stored there (STORED_NAME), else from the cache when
+    its files and the recipe are unchanged, else fitted on the CPU (`fit`, default: load the folder's VAE and
+    fit_preview_map) and cached. An unreadable entry is refit; a cache folder that cannot be written only costs the
+    next run the fit again."""
+    stored = Path(vae_folder) / STORED_NAME
+    if stored.is_file():
+        try:
+            return PreviewMap.load(stored)
+        except (PreviewMapError, OSError) as e:
+            log.warning(f"{stored}: {e}; fitting the preview map again")
     folder = Path(cache_folder) if cache_folder else cache_home() / "preview_maps"
     path = folder / f"{cache_key(vae_folder)}.json"
     if path.is_file():
