@@ -54,11 +54,12 @@ def test_the_api_gives_the_cli_latents_and_resumes_when_asked(demo_dir, tmp_path
     pipe = api.StepVideoPipeline.from_pretrained(demo_dir, profile="cpu")
     assert torch.equal(pipe(prompt=prompt, output_type="latent", **SIZE), cli_latents)
 
-    forwards, original = [], DeviceRuntime.load
+    forwards, original, hooked = [], DeviceRuntime.load, set()
 
     def load(self, component, dtype):   # Ctrl-C at the DiT's 5th forward (cpu profile: two per step)
         model = original(self, component, dtype)
-        if component == "transformer":
+        if component == "transformer" and id(model) not in hooked:   # (a DiT kept between calls is hooked once)
+            hooked.add(id(model))
             model.register_forward_pre_hook(lambda *_: forwards.append(1) or (
                 _raise(KeyboardInterrupt) if len(forwards) == 5 else None))
         return model

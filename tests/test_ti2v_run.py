@@ -244,12 +244,15 @@ def test_fast_int8_matmul_and_compiled_blocks_on_the_ti2v_dit(ti2v_demo_dir, one
 
 
 def test_out_of_memory_steps_down_and_encodes_the_image_again_at_the_smaller_size(ti2v_demo_dir, monkeypatch):
+    from lowvram_stepvideo.pipeline.machine import DeviceRuntime
     from lowvram_stepvideo.pipeline.phases import PhasePipeline
     from lowvram_stepvideo.profiles import Preset
     big, small = Preset(34, 32, 48, 2), Preset(17, 16, 32, 2)
     encoded, original = [], PhasePipeline.denoise
 
     def denoise(self, embeds, latents, *args, **kwargs):
+        if not isinstance(self.runtime, DeviceRuntime):   # the memory plan (keep warm) traces the same pipeline
+            return original(self, embeds, latents, *args, **kwargs)
         encoded.append(tuple(args[4].shape))   # the condition latents it was handed
         if latents.shape[1] > 3:
             raise torch.OutOfMemoryError("injected")

@@ -47,8 +47,37 @@ def attach_streaming(model: nn.Module, device, resident=0, prefetch: int = 1, so
         handle.on_detach(take_off)
         engine.attach()
         engine.other_bytes = _place(model, device, host, skip=path)
-    handle.value = engine
+    handle.value, handle.host, handle.path = engine, host, path
     return engine
+
+
+def park(model: nn.Module) -> None:
+    """Take a placed model off the device but keep it placeable (a model kept between runs): a streamed stack is
+    suspended (its packed host copies kept) and its other weights get their host tensors back; a model placed
+    whole gets its host tensors back (`offload_component`). `unpark` puts it on the device again."""
+    handle = handle_of(model, "streaming")
+    if handle is None:
+        offload_component(model)
+        return
+    handle.value.suspend()
+    _give_back(model, handle.host, discard=False)
+
+
+def unpark(model: nn.Module, device) -> None:
+    """On the device again after `park`: a suspended stack resumed (nothing read or packed again), the other
+    weights placed; a model that was placed whole goes whole (`to_device`)."""
+    handle = handle_of(model, "streaming")
+    if handle is None:
+        to_device(model, device)
+        return
+    handle.value.resume()
+    _place(model, device, handle.host, skip=handle.path)
+
+
+def parked_stream(model: nn.Module) -> BlockStreamer | None:
+    """The suspended block streamer of a parked model, if it has one."""
+    handle = handle_of(model, "streaming")
+    return handle.value if handle is not None and handle.value.suspended else None
 
 
 def to_device(module: nn.Module, device) -> int:

@@ -162,7 +162,7 @@ class BlockStreamer:
         self.log: list | None = [] if keep_log else None
         self.other_bytes = 0              # weights outside the stack that the caller put on the device beside it
         self.store: BlockStore | None = None
-        self.attached = False
+        self.attached = self.suspended = False
         self._warned = False
 
     # ------------------------------------------------------------ attach / detach
@@ -183,33 +183,60 @@ class BlockStreamer:
         self._slots, self._staging, self._worker = [], [], None
         try:
             self._fill_store()
+        except BaseException:
+            self._free_buffers()
+            raise
+        self._on_device()
+        log.info(self.summary())
+        return self
+
+    def _on_device(self) -> None:
+        """Resident blocks and slots onto the device, streamed blocks parked, hooks on (the store is filled)."""
+        try:
             self._move_resident(self.device)
             self._make_slots()          # device allocations: may run out of memory
         except BaseException:
             self.store.restore_resident()
             self._free_buffers()
+            self.suspended = False
             raise
         self._placeholders = [torch.empty(0, dtype=e.dtype, device=self.device) for e in self.layout.entries]
         for i in self._order:
             self._park(i)
         self._hooks = [h for i, b in enumerate(self.blocks) for h in self._register(i, b)]
         self._last, self._bound = None, None
-        self.attached = True
-        log.info(self.summary())
-        return self
+        self.attached, self.suspended = True, False
+
+    def _off_device(self) -> None:
+        self._stop_copies()
+        for h in self._hooks:
+            h.remove()
+        self._bound = None
+        self._slots, self._staging = [], []        # device slots and staging go first
+
+    def suspend(self) -> None:
+        """Off the device, the store kept (a model kept between runs): hooks removed, slots and staging freed,
+        resident blocks given their host tensors back; the streamed blocks stay parked, their packed copies in the
+        arenas, until `resume()` puts it all on the device again without reading or packing anything."""
+        if self.attached:
+            self._off_device()
+            self.store.restore_resident()
+            self.attached, self.suspended = False, True
+
+    def resume(self) -> None:
+        if not self.suspended:
+            raise RuntimeError("this BlockStreamer is not suspended")
+        self._on_device()
 
     def detach(self, discard: bool = False) -> None:
         """Remove the hooks and free every buffer. `discard`: the model is about to be thrown away, so its blocks
         are left empty (nothing is rebuilt or copied back). Otherwise every block gets its original tensors back:
         the memory-mapped views it was loaded with, or, where the originals were copies (cast at load, in-memory
         models), tensors rebuilt one block at a time while the packed arenas are released."""
-        if not self.attached:
+        if not self.attached and not self.suspended:
             return
-        self._stop_copies()
-        for h in self._hooks:
-            h.remove()
-        self._bound = None
-        self._slots, self._staging = [], []        # device slots and staging go first
+        if self.attached:
+            self._off_device()
         if discard:
             self._free_buffers()
             empty = [torch.empty(0, dtype=e.dtype) for e in self.layout.entries]
@@ -222,7 +249,7 @@ class BlockStreamer:
             self._free_buffers()
         if self.cuda:
             release_cached_pinned_memory()
-        self.attached = False
+        self.attached = self.suspended = False
 
     def _stop_copies(self) -> None:
         for slot in self._slots:
@@ -424,7 +451,7 @@ class BlockStreamer:
     def footprint(self) -> Footprint:
         """Bytes this attached engine holds, from its own allocations (see `streaming_footprint`)."""
         if not self.attached:
-            return Footprint(0, 0)
+            return Footprint(0, self.store.nbytes if self.suspended else 0)
         block = self.layout.nbytes
         device = self.other_bytes + len(self.resident) * block + sum(s.flat.numel() for s in self._slots)
         host = self.store.nbytes + sum(buf.numel() for buf, _ in self._staging)

@@ -11,7 +11,9 @@
 
 Every call runs the path of a job (run/job.py): folder validation, the device check (a CUDA profile without a GPU
 is refused before anything is allocated), the memory plan and preset ladder, out-of-memory step-down, resume when
-asked. Every error is a `StepVideoError` with the one-line message generate.py prints.
+asked. Every error is a `StepVideoError` with the one-line message generate.py prints. Between calls (and the videos
+of `generate_many`) the pipeline keeps its DiT in RAM when the memory plan says it fits beside every phase
+(run/warm.py), so the next call does not load it (or pack its blocks) again; the log says so.
 
 Like diffusers pipelines, a call takes the outputs of its early phases in their place: `prompt_embeds=` (the text
 phase's (y, y_mask, clip) for [prompt, negative prompt], as `encode_prompt` returns them), `latents=` (the initial
@@ -33,6 +35,7 @@ from ..run.job import Events, JobResult, denoise_job, encode_all_with_fallback, 
 from ..errors import UsageError
 from ..run.oom import one_line_oom
 from ..run.preflight import JobSpec
+from ..run.warm import KeptDiT
 from ..profiles import Preset
 from ..files.video import postprocess
 from ..pipeline.conditioning import prepare_first_image
@@ -59,6 +62,7 @@ class StepVideoPipeline:
         self.profile = preflight.profile_for(self.base)      # the device check and overrides, now
         self.last_preset: Preset | None = None               # what the last call ran, after any step-down
         self.timings: dict[str, float] = {}
+        self.kept = KeptDiT()      # the DiT kept between calls when the plan says RAM allows (run/warm.py)
 
     @property
     def kind(self) -> str:
@@ -102,7 +106,7 @@ class StepVideoPipeline:
                           options={"checkpoint": checkpoint, "resume": resume, "preview": preview or 0,
                                    **{k: v for k, v in given.items() if v is not None}})
         with one_line_oom():
-            job = prepare_job(spec, events.log, folder=self.folder, writes_video=False)
+            job = prepare_job(spec, events.log, folder=self.folder, writes_video=False, kept=self.kept)
             latents, self.last_preset = denoise_job(job, events)
             if output_type != "latent":
                 with torch.no_grad():
@@ -140,7 +144,7 @@ class StepVideoPipeline:
         image, motion_score) and options={...}."""
         spec = self._spec(prompt, output=output, **kwargs)
         with one_line_oom():
-            return run_job(spec, self.events)
+            return run_job(spec, self.events, kept=self.kept)
 
     def generate_many(self, prompts: list[str] | Path, output_dir: Path, seeds: list[int] | None = None,
                       **kwargs) -> batch.BatchReport:
@@ -150,7 +154,8 @@ class StepVideoPipeline:
         seed = kwargs.pop("seed", SEED)
         items = (batch.read_prompts_file(Path(prompts), seeds, seed) if isinstance(prompts, (str, Path))
                  else batch.items_from_prompts(prompts, seeds, seed))
-        return batch.run_batch(items, self._spec("", **kwargs), Path(output_dir), self.events.log, folder=self.folder)
+        return batch.run_batch(items, self._spec("", **kwargs), Path(output_dir), self.events.log, folder=self.folder,
+                               kept=self.kept)
 
     def _spec(self, prompt: str, negative_prompt: str | None = None, seed: int = SEED, frames: int | None = None,
               height: int | None = None, width: int | None = None, steps: int | None = None,

@@ -31,6 +31,7 @@ from .job_queue import JobQueue
 from ..loading.model_folder import ModelFolder
 from ..run.oom import one_line_oom
 from ..run.preflight import JobSpec
+from ..run.warm import KeptDiT
 
 SEED_SUFFIX = re.compile(r"\s--seed\s+(-?\d+)\s*$")
 IMAGE_PREFIX = re.compile(r'^image=(?:"([^"]+)"|(\S+))\s+')
@@ -131,11 +132,12 @@ def item_output(out_dir: Path, item: BatchItem) -> Path:
 
 def run_batch(items: list[BatchItem], base: JobSpec, out_dir: Path, log: Callable[[str], None],
               folder: ModelFolder | None = None, queue: JobQueue | None = None,
-              inputs: tuple[Path, ...] = ()) -> BatchReport:
+              inputs: tuple[Path, ...] = (), kept: KeptDiT | None = None) -> BatchReport:
     """Every item through the job queue after one shared text phase; Ctrl-C stops the running video after its
     step (checkpoint saved) and leaves the rest pending. The summary is printed and written to out_dir. No output
     of the batch (videos, sidecars, checkpoints, the summary) may overwrite one of `inputs` (the prompts file), the
-    profile or a model file: the summary's is refused before any work, a video's fails that video."""
+    profile or a model file: the summary's is refused before any work, a video's fails that video. The DiT is
+    kept warm between the videos when the plan says RAM allows (`kept`: an API pipeline's keeper to share)."""
     out_dir = Path(out_dir)
     _make_dir(out_dir)
     folder = folder or preflight.model_folder(base)
@@ -148,7 +150,7 @@ def run_batch(items: list[BatchItem], base: JobSpec, out_dir: Path, log: Callabl
         todo = _check_all(specs, rows, folder, log, tuple(inputs))
         report.text_seconds = _shared_text_phase([specs[i] for i in todo], folder, log)
         try:
-            _run_all([specs[i] for i in todo], [rows[i] for i in todo], queue, log)
+            _run_all([specs[i] for i in todo], [rows[i] for i in todo], queue, log, kept)
         except KeyboardInterrupt:
             _finish(report, log)
             log("batch: interrupted; run the same command again to continue (finished videos are skipped, the "
@@ -261,9 +263,9 @@ def _shared_text_phase(specs: list[JobSpec], folder: ModelFolder, log) -> float:
     return time.perf_counter() - start
 
 
-def _run_all(specs: list[JobSpec], rows: list[Row], queue: JobQueue | None, log) -> None:
+def _run_all(specs: list[JobSpec], rows: list[Row], queue: JobQueue | None, log, kept=None) -> None:
     own = queue is None
-    queue = queue or JobQueue(log_line=log)
+    queue = queue or JobQueue(log_line=log, kept=kept)
     ids = [queue.submit(s) for s in specs]
     try:
         for job_id, row in zip(ids, rows):

@@ -2,7 +2,8 @@
 
 A running job is cancelled after its current denoising step, with its resume checkpoint saved; `resume(job_id)`
 queues it again and it continues from there. The worker is `run.job.run_job(spec, events)` unless another callable
-with that signature is given (tests, or a web page that wants to wrap it).
+with that signature is given (tests, or a web page that wants to wrap it). With run_job, the queue keeps the DiT
+warm between its jobs when the memory plan says RAM allows (run/warm.py; `kept`, dropped when the queue closes).
 
 With `keep_jobs` (the web page), each job is also written next to its output (`.NAME.mp4.job.json`) until it is
 done or has failed, so a queue started later on the same results folder lists the jobs that were queued, running
@@ -27,6 +28,7 @@ from ..run.preflight import JobSpec
 from ..run.job import Events, Interrupted, JobResult, run_job
 from ..run.oom import out_of_memory_line
 from ..run.job import say
+from ..run.warm import KeptDiT
 
 __all__ = ["JobQueue", "JobSpec", "JobStatus", "JobResult"]
 STATES = ("queued", "running", "done", "cancelled", "failed")
@@ -91,11 +93,15 @@ class _JobEvents(Events):
 class JobQueue:
     def __init__(self, worker: Callable[[JobSpec, Events], JobResult] | None = None,
                  results_dir: Path = RESULTS, log_line: Callable[[str], None] | None = None,
-                 keep_jobs: bool = False, on_preview: Callable[[str, dict], None] | None = None):
+                 keep_jobs: bool = False, on_preview: Callable[[str, dict], None] | None = None,
+                 kept: KeptDiT | None = None):
         """`on_preview(job_id, record)`: called from the worker thread after each live preview a job writes (its
-        run option `preview`); the latest is also in the job's status."""
-        self.worker, self.results_dir = worker or run_job, Path(results_dir)
+        run option `preview`); the latest is also in the job's status. `kept`: the DiT keeper to share (an API
+        pipeline's); by default the queue has its own."""
+        self.worker, self.results_dir = worker or self._run_job, Path(results_dir)
         self.on_preview = on_preview
+        self._own_kept = kept is None and worker is None
+        self.kept = KeptDiT() if self._own_kept else kept
         self.log_line = log_line or say
         self.keep_jobs = keep_jobs
         self._lock = threading.RLock()              # guards every JobStatus; _wake signals changes
@@ -180,8 +186,13 @@ class JobQueue:
                 events.stop.set()
             self._wake.notify_all()
         self._thread.join()
+        if self._own_kept:
+            self.kept.drop()             # its RAM back now, not whenever the queue is collected
 
     # ---- the worker ----------------------------------------------------------------------------------------------
+
+    def _run_job(self, spec: JobSpec, events: Events) -> JobResult:
+        return run_job(spec, events, kept=self.kept)
 
     def _status(self, job_id: str) -> JobStatus:
         try:

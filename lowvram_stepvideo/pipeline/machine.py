@@ -22,12 +22,14 @@ from torch import nn
 from ..defaults import SpeedOptions
 from ..loading.model_folder import ModelFolder
 from ..engines.target import current_target
+from ..engines.host_store import release_cached_pinned_memory
 from ..engines.levers import DiTLevers
 from ..engines.parallel import Parallel
 from ..engines.placement import attach_streaming, device_memory_report, find_blocks, offload_component, to_device
 from ..engines.streaming import packed_budget_bytes
 from ..engines.tiling import decode_with_fallback, halving_tiles, tile_count
 from ..profiles import Profile
+from .warm import KeptDiT
 
 PhaseListener = Callable[[str, str], None]     # (phase name, "start" | "end")
 TileSize = tuple[int, int]                     # (height, width) of a VAE decode tile, in latent pixels
@@ -124,6 +126,7 @@ class Runtime:
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+            release_cached_pinned_memory()   # e.g. a decoded video's page-locked RAM, once it is dropped
 
     @contextlib.contextmanager
     def placed(self, model: nn.Module, section: str | None = None):
@@ -155,12 +158,44 @@ class Runtime:
 
 
 class DeviceRuntime(Runtime):
-    """The real thing: weights memory-mapped from the folder, placed whole or streamed (engines/streaming.py)."""
+    """The real thing: weights memory-mapped from the folder, placed whole or streamed (engines/streaming.py).
+    `kept`: the DiT kept between videos (warm.py; None: each denoising phase loads the DiT and throws it away)."""
+
+    def __init__(self, folder: ModelFolder, profile: Profile, device=None,
+                 log: Callable[[str], None] | None = None, kept: KeptDiT | None = None):
+        super().__init__(folder, profile, device, log)
+        self.kept = kept
 
     def load(self, component: str, dtype: torch.dtype) -> nn.Module:
-        return self.folder.open(component).load(dtype, "cpu")   # the DiT's kernels come with attach_levers
+        if component != "transformer" or self.kept is None:
+            return self.folder.open(component).load(dtype, "cpu")   # the DiT's kernels come with attach_levers
+        key = self.dit_key(dtype)
+        model = self.kept.take(key)
+        if model is None:
+            model = self.folder.open(component).load(dtype, "cpu")
+            self.kept.loaded(model, key)
+        return model
+
+    def dit_key(self, dtype: torch.dtype) -> tuple:
+        """What a kept DiT must match to be used again: the weight files as they are now, the compute dtype, the
+        device and how it is placed."""
+        files = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in self.folder.files("transformer"))
+        blocks = self.folder.open("transformer", layers=0).config.num_layers
+        return (files, str(dtype), str(self.device), streaming_settings(self.profile, "dit", blocks),
+                packed_budget_bytes(self.profile))
 
     def place(self, model: nn.Module, section: str | None = None) -> None:
+        kept = self.kept
+        if kept is None or model is not kept.model:
+            self._place(model, section)
+            return
+        reused = kept.unpark(model, self.device)
+        if not reused:
+            self._place(model, section)
+        how = "kept in RAM from the last video" if reused else "loaded"
+        self.log(f"DiT: on the device {kept.placed(reused):.2f} s after it was asked for ({how})")
+
+    def _place(self, model: nn.Module, section: str | None = None) -> None:
         blocks = len(find_blocks(model)[1]) if section else 0
         settings = streaming_settings(self.profile, section, blocks)
         if settings is None:
@@ -173,6 +208,8 @@ class DeviceRuntime(Runtime):
         self.log(f"{type(model).__name__}: {engine.summary()}")
 
     def unplace(self, model: nn.Module) -> None:
+        if self.kept is not None and self.kept.keep(model):
+            return                               # parked for the next video
         offload_component(model, discard=True)   # each phase loads its model and throws it away after
 
     def attach_levers(self, dit: nn.Module, options: SpeedOptions, said: bool = False) -> DiTLevers:

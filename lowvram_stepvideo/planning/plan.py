@@ -29,7 +29,8 @@ import torch
 from .assumed_format import assume_format as assume_format_of
 from .byte_count import fmt_bytes
 from ..loading.model_folder import ModelFolder
-from ..engines.streaming import packed_budget_bytes, streaming_footprint
+from ..engines.host_store import HostArenas
+from ..engines.streaming import ARENA_BYTES, packed_budget_bytes, streaming_footprint
 from ..pipeline.phases import PhasePipeline
 from ..pipeline.preview import traced_preview
 from .plan_cache import PlanCache, folder_identity
@@ -57,6 +58,7 @@ class Plan:
     profile: str
     preset: str
     phases: dict[str, PhasePlan] = field(default_factory=dict)
+    kept_dit_bytes: int = 0     # RAM the DiT keeps between videos, counted in every other phase (0: not kept)
 
     @property
     def peak_vram_bytes(self) -> int:
@@ -77,22 +79,29 @@ class Plan:
         for name, p in self.phases.items():
             rows.append(f"{name:<8} {fmt_bytes(p.peak_vram_bytes):>12} {fmt_bytes(p.peak_host_bytes):>14}")
         rows.append(f"{'overall':<8} {fmt_bytes(self.peak_vram_bytes):>12} {fmt_bytes(self.peak_host_bytes):>14}")
+        if self.kept_dit_bytes:
+            rows.append(f"(host RAM includes the DiT kept between videos: {fmt_bytes(self.kept_dit_bytes)})")
         return "\n".join(rows)
 
 
 # ---------------------------------------------------------------- plans
 
 def plan_memory(folder: ModelFolder, profile: Profile, preset: Preset, assume_format: str | None = None,
-                options: SpeedOptions | None = None, layout=None, capability: tuple[int, int] | None = None) -> Plan:
+                options: SpeedOptions | None = None, layout=None, capability: tuple[int, int] | None = None,
+                keep_dit: bool = False) -> Plan:
     """Peak device and host bytes per phase of `profile` at `preset`. `assume_format` ("int8" | "fp8") plans the
     folder's unquantized DiT and step_llm as quantize.py would write them (a quantized folder plans as it is);
     `options`: the run's speed options (the step cache's saved residuals are planned); `layout` (parallel.Layout):
-    rank 0 of a parallel run; `capability`: the target card's (None: a fused attention kernel is assumed)."""
-    return evaluate(trace(folder, profile, preset, assume_format, options, layout, capability), profile, preset)
+    rank 0 of a parallel run; `capability`: the target card's (None: a fused attention kernel is assumed);
+    `keep_dit`: the DiT is kept between videos (see evaluate)."""
+    return evaluate(trace(folder, profile, preset, assume_format, options, layout, capability), profile, preset,
+                    keep_dit)
 
 
-def evaluate(phases: Trace, profile: Profile, preset: Preset) -> Plan:
-    """The plan of a traced run with the weights `profile` places (its resident blocks, sources, budgets)."""
+def evaluate(phases: Trace, profile: Profile, preset: Preset, keep_dit: bool = False) -> Plan:
+    """The plan of a traced run with the weights `profile` places (its resident blocks, sources, budgets). With
+    `keep_dit` (a batch, the web page, an API session: pipeline/warm.py), what the DiT keeps in RAM between videos
+    (`kept_dit_bytes`) is alive in every phase but the denoising, whose own placement holds it."""
     plan = Plan(profile.name, str(preset))
     for name, stretches in phases.items():
         vram = host = 0
@@ -104,7 +113,32 @@ def evaluate(phases: Trace, profile: Profile, preset: Preset) -> Plan:
         plan.phases[name] = PhasePlan(vram, host)
     if phases.get("decode"):
         plan.phases["write"] = write_phase(phases["decode"][-1], preset, profile.torch_dtype)
+    if keep_dit:
+        plan.kept_dit_bytes = kept_dit_bytes(phases, profile)
+        for name, phase in plan.phases.items():
+            if name != "denoise":
+                phase.peak_host_bytes += plan.kept_dit_bytes
     return plan
+
+
+def kept_dit_bytes(phases: Trace, profile: Profile) -> int:
+    """RAM a DiT parked between videos holds (engines/placement.park: nothing on the device): its packed block
+    copies (the arenas of a streamed stack; page-locked on a GPU) and, on a CPU, where the device is RAM, the
+    weights it places (resident blocks and the rest; slots and staging are freed)."""
+    shape = next((shape for stretch in phases.get("denoise", []) for shape, section in stretch.placed
+                  if section == "dit"), None)
+    if shape is None:
+        return 0
+    settings = streaming_settings(profile, "dit", shape.blocks)
+    device, host = footprint(shape, settings, profile)
+    if settings is not None:
+        resident = min(settings.resident_blocks, shape.blocks)
+        slots = min(settings.prefetch + 1, shape.blocks - resident)
+        device -= slots * shape.block_bytes
+        arenas = HostArenas(shape.block_bytes, ARENA_BYTES, pin=False)
+        host = arenas.cost(arenas.fit(packed_budget_bytes(profile), shape.blocks - resident)) \
+            if settings.source == "ram" else 0
+    return host + (device if profile.device == "cpu" else 0)
 
 
 def write_phase(after_decode: Stretch, preset: Preset, dtype: torch.dtype) -> PhasePlan:

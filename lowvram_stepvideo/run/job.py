@@ -38,6 +38,8 @@ from ..pipeline.phases import PhasePipeline
 from .oom import OutOfMemory
 from .preflight import JobSpec
 from .ladder import plan_ladder
+from .warm import KeptDiT, keep_warm
+from ..pipeline.machine import DeviceRuntime
 from .request import Request, check_given, first_image
 from ..profiles import Preset, TextEncoders, ladder_from
 from .resume import check_step_latents, checkpoint_path, load_checkpoint, load_latents, saved_request
@@ -261,11 +263,12 @@ class PreparedJob:
             self.outputs.release()
 
 
-def run_job(spec: JobSpec, events: Events | None = None) -> JobResult:
-    """One video from `spec` to mp4 + sidecar; raises StepVideoError subclasses (Interrupted when stopped)."""
+def run_job(spec: JobSpec, events: Events | None = None, kept: KeptDiT | None = None) -> JobResult:
+    """One video from `spec` to mp4 + sidecar; raises StepVideoError subclasses (Interrupted when stopped).
+    `kept`: the DiT kept between the videos of a batch, the web page or an API session (run/warm.py)."""
     events = events or Events()
     with progress.listen(events.progress):
-        job = prepare_job(spec, events.log)
+        job = prepare_job(spec, events.log, kept=kept)
         try:
             return execute(job, events)
         finally:
@@ -273,12 +276,12 @@ def run_job(spec: JobSpec, events: Events | None = None) -> JobResult:
 
 
 def prepare_job(spec: JobSpec, log: Callable[[str], None], folder: ModelFolder | None = None,
-                writes_video: bool = True, inputs: tuple[Path, ...] = ()) -> PreparedJob:
+                writes_video: bool = True, inputs: tuple[Path, ...] = (), kept: KeptDiT | None = None) -> PreparedJob:
     """Pre-flight: the request (see prepare_request), then the files it writes, planned and claimed by outputs.py
     (an existing file is kept unless overwrite; a checkpoint left by an earlier run needs resume or overwrite;
     nothing may overwrite the profile, a model file or `inputs`). Without writes_video only the checkpoint option
     is a file. Nothing heavy is loaded; call `release()` on the result when the run is over."""
-    job = prepare_request(spec, log, folder)
+    job = prepare_request(spec, log, folder, kept)
     options, par = job.options, job.par
     if not writes_video:
         job.checkpoint = Path(options["checkpoint"]) if options["checkpoint"] else None
@@ -307,7 +310,8 @@ def prepare_job(spec: JobSpec, log: Callable[[str], None], folder: ModelFolder |
     return job
 
 
-def prepare_request(spec: JobSpec, log: Callable[[str], None], folder: ModelFolder | None = None) -> PreparedJob:
+def prepare_request(spec: JobSpec, log: Callable[[str], None], folder: ModelFolder | None = None,
+                    kept: KeptDiT | None = None) -> PreparedJob:
     """Folder (unless already opened), profile and device (its explicit kernels probed), sizes and numbers; no output
     paths yet."""
     folder = folder or preflight.model_folder(spec)
@@ -337,7 +341,8 @@ def prepare_request(spec: JobSpec, log: Callable[[str], None], folder: ModelFold
     par = parallel_for(options["parallel"], profile)
     preflight.check_kernels(profile, folder.weight_format, par)
     if par is None:
-        pipe = PhasePipeline(folder, profile, log=log, options=preflight.speed_options(spec))
+        runtime = DeviceRuntime(folder, profile, log=log, kept=kept) if kept is not None else None
+        pipe = PhasePipeline(folder, profile, log=log, options=preflight.speed_options(spec), runtime=runtime)
     else:
         log = log if par.writer else (lambda msg: None)   # one copy of each message, from rank 0
         log(f"parallel: {par.layout.describe()}")
@@ -421,6 +426,7 @@ def denoise_job(job: PreparedJob, events: Events) -> tuple[torch.Tensor, Preset]
         pipe.cache = pipe.embedding_cache(options["text_cache_dir"])
     events.phase("plan")
     ladder, pipe = plan_ladder(pipe, job.request.preset, ckpt if resume else None, events.log, par)
+    keep_warm(pipe, ladder[0], events.log)      # a DiT kept from the last video is dropped here if it must go
     if job.request.given_tensors:
         ladder = same_size(ladder, job.request.preset)
     if resume:

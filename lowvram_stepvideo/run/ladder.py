@@ -2,6 +2,7 @@
 preset that fits the card, with the profile's layout lowered to fit), or from a resume checkpoint's preset."""
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -11,6 +12,7 @@ from ..planning.decode_blend import blends_on_device
 from ..planning.fit import clamped, first_fit, profile_budget
 from ..profiles import Preset, Profile, ladder_from
 from .resume import saved_request
+from .warm import ram_held
 
 GiB = 2**30
 
@@ -24,13 +26,16 @@ def resume_ladder(ladder: list[Preset], ckpt: Path) -> list[Preset]:
 
 def fit_to_card(pipe: PhasePipeline, ladder: list[Preset], vram_bytes: int | None = None,
                 log: Callable[[str], None] = print, ram_bytes: int | None = None,
-                layout=None, decided: dict | None = None) -> tuple[list[Preset], Profile]:
+                layout=None, decided: dict | None = None, held_ram_bytes: int = 0) -> tuple[list[Preset], Profile]:
     """The ladder without its head presets the memory plan says do not fit the budget (planning/budgets.py: this
     machine's free VRAM and available RAM minus their reserves, or a card of `vram_bytes` in a machine with
     `ram_bytes`), and pipe's profile with its resident blocks and packed RAM lowered to what fits (`pipe` is left as
     it is: run the result with `pipe.with_profile`). `layout` (engines.parallel.Layout): plan this rank's share of
-    a parallel run. `decided` gets "blend_on_device": where the decode blends its VAE tiles (planning/decode_blend.py)."""
+    a parallel run. `decided` gets "blend_on_device": where the decode blends its VAE tiles (planning/decode_blend.py).
+    `held_ram_bytes`: RAM this process holds for the run already (a DiT kept from the last video, run/warm.py),
+    counted as available."""
     budget = profile_budget(pipe.profile, vram_bytes, ram_bytes)
+    budget = replace(budget, host_bytes=budget.host_bytes + held_ram_bytes)
     asked = clamped(pipe.folder, pipe.profile)      # a count above the stack's size is not a lowering
     tried: dict = {}
     found = first_fit(pipe.folder, pipe.profile, ladder, budget, tried, pipe.options, layout)
@@ -70,7 +75,8 @@ def plan_ladder(pipe: PhasePipeline, preset: Preset, resume_from: Path | None, l
     if pipe.device.type == "cuda":
         full = ladder
         decided: dict = {}
-        ladder, fitted = fit_to_card(pipe, ladder, None, log, layout=par and par.layout, decided=decided)
+        ladder, fitted = fit_to_card(pipe, ladder, None, log, layout=par and par.layout, decided=decided,
+                                     held_ram_bytes=ram_held(pipe))
         pipe = pipe.with_profile(fitted)                        # (fitted to the free VRAM and available RAM)
         pipe.runtime.blend_on_device = decided.get("blend_on_device", True)
         if par is not None:
