@@ -81,7 +81,7 @@ def server(tmp_path, demo_cache):
     yield url, tmp_path, lines
     proc.send_signal(signal.SIGINT)
     try:
-        assert proc.wait(60) == 0, "".join(lines)
+        assert proc.wait(180) == 0, "".join(lines)   # a busy machine (a whole test run beside it) is slow to stop
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -230,7 +230,7 @@ def test_page_makes_a_video_from_an_uploaded_image_and_reuses_it(browser, server
         assert not page.locator("#lvs-image").is_visible()            # the first model is text to video
         _pick(page, "lvs-model", "image to video")
         page.locator("#lvs-image").wait_for(state="visible", timeout=30_000)
-        assert page.locator("#lvs-motion").is_visible()
+        page.locator("#lvs-motion").wait_for(state="visible", timeout=30_000)
         page.locator("#lvs-image input[type=file]").set_input_files(str(ti2v_fixture() / "first_image.png"))
         page.locator("#lvs-image img").first.wait_for(timeout=30_000)
         page.locator("#lvs-prompt textarea").fill("the fox turns its head")
