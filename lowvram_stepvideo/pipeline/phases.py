@@ -257,7 +257,7 @@ class PhasePipeline:
         embeds = (y.to(self.dtype), keys, clip.to(self.dtype))
         extra = self._ti2v_inputs(condition, motion_score)
         steps = len(sigmas) - 1
-        sigmas = sigmas.to(self.device)    # staged once: no step copies a timestep to the device
+        host_sigmas, sigmas = sigmas, sigmas.to(self.device)    # staged once: no step copies a timestep to the device
         with self.runtime.phase("denoise"):
             dit = self.runtime.load("transformer", self.dtype)
             with self.runtime.placed(dit, "dit"), progress_bars.bar("denoise", steps, unit="step",
@@ -271,7 +271,7 @@ class PhasePipeline:
                         levers.start_step(i, steps)
                         v = self._guided_velocity(dit, latents, sigmas[i], embeds, guidance_scale, levers, extra)
                         if self.preview:
-                            self.preview(i, latents, v, sigmas[i])
+                            self.preview(i, latents, v, host_sigmas[i])   # a host sigma: no extra sync
                         latents = euler_step(latents, v, sigmas[i], sigmas[i + 1])
                         bar.update()
                         if step_callback:
