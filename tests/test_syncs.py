@@ -229,3 +229,18 @@ def test_a_key_mask_of_the_wrong_shape_is_refused(pipes):
         dit.embed_text(y, clip, keep[:, :-1])
     enc, got = dit.embed_text(y, clip, keep)
     assert got is keep and enc.shape[:2] == keep.shape
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or not attention.is_available("flash"),
+                    reason="needs a CUDA device and flash-attn")
+def test_on_a_gpu_flash_over_key_masks_equals_flash_over_boolean_indexed_keys():
+    """The real kernel: each row's keys sliced by its length (no sync) against the same keys gathered by boolean
+    indexing; the kernel sees the same values, so the outputs are equal."""
+    from lowvram_stepvideo.models.dit import key_mask
+    mask = torch.cat([torch.ones(2, 77), (torch.arange(40)[None] < torch.tensor([[31], [12]])).float()], dim=1)
+    q, k, v = (torch.randn(2, n, 2, 128, device="cuda", dtype=torch.bfloat16) for n in (64, 117, 117))
+    keep = key_mask(mask.cuda(), 117)
+    sliced = attention.attention(q, k, v, keep, backend="flash")
+    indexed = attention.attention(q, k, v, keep.clone(), backend="flash")
+    assert torch.equal(sliced, indexed)
