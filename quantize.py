@@ -53,8 +53,11 @@ def main(argv=None) -> int:
     try:   # Ctrl-C at any moment, the imports of torch included: one line, exit 130
         return quantize(args)
     except KeyboardInterrupt:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)   # a second Ctrl-C while saying so changes nothing
-        print(f"interrupted; run the same command again to resume from {args.out}.partial", file=sys.stderr)
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)   # a second Ctrl-C while saying so changes nothing
+        try:
+            print(f"interrupted; run the same command again to resume from {args.out}.partial", file=sys.stderr)
+        finally:   # an in-process caller (and the processes it starts later) keeps its own Ctrl-C
+            signal.signal(signal.SIGINT, previous)
         return INTERRUPTED
 
 

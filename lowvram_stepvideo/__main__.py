@@ -8,8 +8,11 @@ INTERRUPTED = 130   # face/exit_codes.INTERRUPTED, which cannot be imported befo
 
 def interrupted() -> int:
     """Ctrl-C before the command line's own handling (imports): one line, exit 130."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)   # a second Ctrl-C while saying so changes nothing
-    print("interrupted", file=sys.stderr, flush=True)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)   # a second Ctrl-C while saying so changes nothing
+    try:
+        print("interrupted", file=sys.stderr, flush=True)
+    finally:   # an in-process caller (and the processes it starts later) keeps its own Ctrl-C
+        signal.signal(signal.SIGINT, previous)
     return INTERRUPTED
 
 

@@ -55,6 +55,16 @@ def _session_cache_folder(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
+def _ctrl_c_left_as_it_was():
+    """A test that leaves Ctrl-C ignored in this process makes every process it starts later ignore it too (a web
+    page that never stops): no test may change the SIGINT handler for good."""
+    import signal
+    before = signal.getsignal(signal.SIGINT)
+    yield
+    assert signal.getsignal(signal.SIGINT) == before, "the test left the SIGINT handler changed"
+
+
+@pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)
     yield
