@@ -89,7 +89,9 @@ def test_two_processes_given_the_same_output_one_writes_the_other_says_so(how, t
     error = [ln for ln in lost.splitlines() if ln.startswith("error: ")]
     assert len(error) == 1 and str(out) in error[0], lost
     assert ("another run (process" in error[0] or "already exists" in error[0] if how == "claims"
-            else "was created by another program while this run worked; it is kept" in error[0]), error
+            else "was created by another program while this run worked; it is kept" in error[0]
+            # (a slower loser may find the winner's resume checkpoint first: refused there, nothing lost either)
+            or "holds the denoising of an earlier run" in error[0]), error
     winner = [rc for rc, _ in results].index(0) + 1
     assert read_sidecar(out)["seed"] == winner and out.stat().st_size > 0
     assert not [n for n in files_in(tmp_path) if n.startswith(".") and "lvtmp" in n]
