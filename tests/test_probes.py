@@ -298,12 +298,12 @@ def test_on_the_card_auto_attaches_a_kernel_that_passed_and_float16_paths_work()
 
 @pytest.mark.gpu
 @gpu
-def test_on_the_card_a_large_v_takes_the_exact_path():
-    from lowvram_stepvideo.engines.attention_paths import HalfPrecision, exact_attention
+def test_on_the_card_a_large_v_runs_in_float16_scaled():
+    from lowvram_stepvideo.engines.attention_paths import HalfPrecision
     q, k, v = (torch.randn(1, 512, 4, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    big = v * 1e5
+    big = v * 1e5                                    # float16's largest finite value is 65504
     out = HalfPrecision(sdpa)(q, k, big)
-    assert out.isfinite().all() and torch.equal(out, exact_attention(q, k, big))
+    assert out.isfinite().all() and out.dtype == torch.bfloat16
     ref = sdpa(q.double(), k.double(), big.double())
     assert float((out.double() - ref).norm() / ref.norm()) < 2 ** -8
 

@@ -19,10 +19,10 @@ kernels that exist for its architecture; flash-attn 3 first on Hopper, SageAtten
 (engines/probes.py) and takes the first that passes. A GPU measurement that disagrees changes the table, not code.
 
 Precision (`attention_precision`): where the card has a fused kernel for float16 but none for the compute dtype
-(bf16 on Turing and Volta), the kernel runs on float16 copies of q, k, v (attention_paths.HalfPrecision, with an
-exact float32 path when v would not fit). The memory planner attaches the chosen kernel's data-free stand-in
-(`planned_kernel`): output only for a fused kernel (with the float16 copies where those are made), the math
-kernel's scores where no fused kernel takes the inputs at all.
+(bf16 on Turing and Volta), the kernel runs on float16 copies of q, k, v (attention_paths.HalfPrecision; v
+scaled by a power of two on the device, so any range fits). The memory planner attaches the chosen kernel's
+data-free stand-in (`planned_kernel`): output only for a fused kernel (with the float16 copies where those are
+made), the math kernel's scores where no fused kernel takes the inputs at all.
 """
 from __future__ import annotations
 
@@ -277,7 +277,7 @@ def output_only(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None) ->
     return torch.empty_like(q)
 
 
-HALF_OUTPUT_ONLY = HalfPrecision(output_only, check=False)   # float16 copies of q, k, v, the output cast back
+HALF_OUTPUT_ONLY = HalfPrecision(output_only)   # float16 copies of q, k, v (v scaled), the output cast back
 
 
 def attach_attention(model: nn.Module, attend: Callable, fallback: Callable | None = None,

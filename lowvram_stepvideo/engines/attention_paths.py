@@ -4,10 +4,11 @@
   for float16 but none for the compute dtype (bf16 on Turing and Volta, where SDPA would fall to its math kernel and
   hold the float32 scores). q and k come out of the DiT's QK-RMSNorm (both in self- and cross-attention,
   models/dit.py), so each of their elements is at most sqrt(head_dim) times the norm's largest weight: well inside
-  float16. v is not normed: each call checks max |v| against V_LIMIT, one reduction and one host sync per call
-  (the branch is chosen on the host: running both and selecting on the device would double the attention's cost),
-  and above it runs `exact_attention`. bf16 values in float16's normal range convert exactly (8 significant bits
-  of 11), so what changes is the kernel's own rounding, in float16 instead of bf16.
+  float16. v is not normed, but attention is linear in v (each output row is a convex combination of v's rows): v is
+  divided by a power of two 2^e with max |v| < 2^(e+1), computed on the device (no host sync), and the output is
+  multiplied back. Powers of two scale exactly, so v's copy holds every bf16 value of v to float16's 11 significant
+  bits whatever its range (values under 2^-14 of the largest become float16 subnormals: an absolute error of at
+  most 2^-25 of max |v|), and what changes is the kernel's own rounding, in float16 instead of bf16.
 - `exact_attention`: SDPA in float32, one head and a bounded run of queries at a time (float32 SDPA has a fused
   kernel from sm50; where it would not, the chunk bounds the scores to SCORES_PER_CALL elements).
 - `Guarded`: one call site's kernel; a kernel error that is not out-of-memory (a wheel built for another
@@ -25,7 +26,6 @@ import torch
 
 from ..models.layers import sdpa
 
-V_LIMIT = 2.0 ** 15          # largest max|v| run in float16: half of float16's largest finite value (65504)
 SCORES_PER_CALL = 2 ** 24    # exact_attention: queries x keys of one call (64 MiB of float32 scores at most)
 HALF = torch.float16
 
@@ -35,36 +35,38 @@ def first_line(error: BaseException) -> str:
 
 
 class HalfPrecision:
-    """`inner` (a backend) run on float16 copies of q, k, v (see the module docstring); `check` False skips the
-    range check (the memory planner's data-free stand-in, which has no values to check)."""
+    """`inner` (a backend) run on float16 copies of q, k and v, v scaled into float16's range on the device (see
+    the module docstring)."""
 
-    def __init__(self, inner: Callable, check: bool = True):
-        self.inner, self.check = inner, check
+    def __init__(self, inner: Callable):
+        self.inner = inner
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None) -> torch.Tensor:
-        if self.check and v_too_large(v):
-            return exact_attention(q, k, v, mask)
         dtype = q.dtype
-        q16, k16, v16 = (t.to(HALF) for t in (q, k, v))
+        down, up = v_scales(v)
+        v16 = torch.mul(v, down, out=torch.empty_like(v, dtype=HALF))   # no copy of v in its own dtype
+        q16, k16 = q.to(HALF), k.to(HALF)
         out = self.inner(q16, k16, v16, mask)
         del q16, k16, v16
-        return out.to(dtype)
+        return out.to(dtype).mul_(up)
 
     def __eq__(self, other) -> bool:      # the planner's stand-ins compare equal when they do the same
-        return isinstance(other, HalfPrecision) and (self.inner, self.check) == (other.inner, other.check)
+        return isinstance(other, HalfPrecision) and self.inner == other.inner
 
     def __hash__(self) -> int:
-        return hash((HalfPrecision, self.inner, self.check))
+        return hash((HalfPrecision, self.inner))
 
     def __repr__(self) -> str:
         return f"HalfPrecision({getattr(self.inner, '__name__', self.inner)!r})"
 
 
-def v_too_large(v: torch.Tensor) -> bool:
-    """Whether float16 cannot hold v with margin: max |v| > V_LIMIT (a NaN stays on the float16 path, which
-    carries it as the exact one would). One reduction (no copy of v) and one host sync."""
+def v_scales(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(2^-e, 2^e) as 0-d float32 tensors on v's device, e = floor(log2(max |v|)) within [-126, 127], so that
+    |v| * 2^-e < 2: one reduction, no copy of v, nothing read by the host. A NaN in v gives NaN scales (a NaN
+    output, as the exact path's would be); an all-zero v, e = -126."""
     lo, hi = torch.aminmax(v)
-    return bool(torch.maximum(hi, -lo).float() > V_LIMIT)
+    exponent = torch.log2(torch.maximum(hi, -lo).float()).floor_().clamp_(-126, 127)
+    return torch.exp2(-exponent), torch.exp2(exponent)
 
 
 def exact_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None) -> torch.Tensor:

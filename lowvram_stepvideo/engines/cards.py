@@ -226,7 +226,7 @@ def capabilities(capability: tuple[int, int]) -> Capabilities:
     notes = []
     if not bf16_fused:
         notes.append("no fused attention for bf16 (PyTorch's take fp16 here): a bf16 run's attention runs on "
-                     "float16 copies on the memory-efficient kernel (exact float32 where v would not fit)")
+                     "float16 copies on the memory-efficient kernel (v scaled by a power of two to fit)")
     if major == 12:
         notes.append("flash-attn 2: community builds for sm_120 only; fp8 row-wise torch._scaled_mm: recent "
                      "PyTorch builds (probed at run time)")

@@ -180,7 +180,7 @@ def card_line(v: Verdict) -> str:
                 "attention is planned on SDPA's math kernel, which holds the float32 scores")
     if planned == "float16":
         return (f"card: {card} ({cap}) has no fused attention kernel for {v.profile.compute_dtype}: the DiT's "
-                "attention runs on its float16 kernel (q, k, v copied to float16; exact float32 where v would not "
+                "attention runs on its float16 kernel (q, k, v copied to float16, v scaled by a power of two to "
                 "fit), and the plan counts the copies")
     return f"card: {card} ({cap}): attention planned on a fused kernel"
 
