@@ -21,6 +21,7 @@ from lowvram_stepvideo.face import cli
 from lowvram_stepvideo.loading import demo
 from lowvram_stepvideo.files import fsutil, video
 from lowvram_stepvideo.run import job, outputs, resume
+from lowvram_stepvideo.pipeline import phases
 from lowvram_stepvideo.pipeline.phases import PhasePipeline
 from lowvram_stepvideo.tools.quantize_folder import quantize_folder
 from lowvram_stepvideo.run.resume import checkpoint_path
@@ -280,15 +281,20 @@ def test_saved_latents_record_the_request_and_decode_to_the_same_video(made, tmp
 
 # ---- 3. NaN never reaches a video ---------------------------------------------------------------------------------
 
-def test_nan_latents_stop_the_run_naming_the_step_and_keep_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("cache", [[], ["--step-cache", "0.99"]])
+def test_nan_latents_stop_the_run_naming_the_step_and_keep_the_last_good_checkpoint(tmp_path, capsys, monkeypatch,
+                                                                                    cache):
+    """With the step cache, step 2's check waits for a later read (pipeline/step_reads.py): the checkpoint save
+    after step 2 reads it first, so NaN latents are never saved."""
     out = tmp_path / "n.mp4"
-    original = job.check_step_latents
+    euler, calls = phases.euler_step, []
 
-    def poisoned(latents, step, steps, ckpt):   # the latents of step 2 turn NaN (as a NaN weight would make them)
-        return original(latents * float("nan") if step == 2 else latents, step, steps, ckpt)
-    monkeypatch.setattr(job, "check_step_latents", poisoned)
+    def poisoned(*args):   # the latents of step 2 turn NaN (as a NaN weight would make them)
+        calls.append(1)
+        return euler(*args) * (float("nan") if len(calls) == 2 else 1)
+    monkeypatch.setattr(phases, "euler_step", poisoned)
     err = run_error(capsys, "--demo", "--prompt", PROMPT, *TINY[:-1], "3", "--checkpoint-every", "1",
-                    "--output", out)
+                    "--output", out, *cache)
     ckpt = checkpoint_path(out)
     assert "NaN or infinite at step 2 of 3" in err and "likely cause" in err and f"{ckpt} is kept" in err, err
     assert files_in(tmp_path) == [ckpt.name] and read_all(ckpt)[1]["next_step"] == "1"
@@ -319,12 +325,12 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one_and_the_run_goes_on(tm
     ckpt = checkpoint_path(out)
     on_disk = {}
     monkeypatch.setattr(resume, "save_file", _disk_full_on({2}, resume.save_file))
-    original_check = job.check_step_latents
+    original_save = job._save
 
-    def check(latents, step, steps, path):   # the checkpoint on disk when steps 2 and 3 end
+    def save(pipe, path, latents, step, fingerprint):   # the checkpoint on disk before steps 2 and 3 are saved
         on_disk[step] = ckpt.read_bytes() if step > 1 else None
-        return original_check(latents, step, steps, path)
-    monkeypatch.setattr(job, "check_step_latents", check)
+        return original_save(pipe, path, latents, step, fingerprint)
+    monkeypatch.setattr(job, "_save", save)
     err = run_ok(capsys, "--demo", "--prompt", PROMPT, *TINY[:-1], "3", "--checkpoint-every", "1", "--output", out)
     assert (f"warning: could not save the checkpoint after step 2 (No space left on device); the previous "
             f"checkpoint in {ckpt} is kept") in err.splitlines()

@@ -1,5 +1,6 @@
 """step_cache.FirstBlockCache against the uncached DiT: same result when it never reuses, the reuse rules (first and
-last step, cap, per branch), and under block streaming (skipped blocks are not fetched)."""
+last step, cap, one decision per step for every branch), and under block streaming (skipped blocks are not
+fetched)."""
 import pytest
 import torch
 
@@ -17,8 +18,9 @@ def _dit(layers: int = 4) -> StepVideoModel:
     return tiny_dit(layers, 0.02)
 
 
-def _denoise(dit, cache: FirstBlockCache | None, steps: int = STEPS) -> torch.Tensor:
-    """Sequential CFG Euler steps like the pipeline's, with the cache told the step and the branch."""
+def _denoise(dit, cache: FirstBlockCache | None, steps: int = STEPS, read=None, uncond_scale: float = 1.0) -> torch.Tensor:
+    """Sequential CFG Euler steps like the pipeline's, with the cache told the step and the branch; `read` as the
+    pipeline hands it; the uncond branch's latents times `uncond_scale` ** step (a branch that changes a lot)."""
     g = torch.Generator().manual_seed(1)
     x = torch.randn(1, 2, 4, 4, 4, generator=g)
     text = [(torch.randn(1, 5, 16, generator=g), torch.randn(1, 3, 8, generator=g)) for _ in range(2)]
@@ -26,11 +28,12 @@ def _denoise(dit, cache: FirstBlockCache | None, steps: int = STEPS) -> torch.Te
     with torch.no_grad():
         for i in range(steps):
             if cache:
-                cache.start_step(i, steps)
+                cache.start_step(i, steps, read)
             v = []
             for name, (y, clip) in zip(("cond", "uncond"), text):
                 with cache.branch(name) if cache else torch.no_grad():
-                    v.append(dit(x, sigmas[i].reshape(1), y, clip, None))
+                    scale = uncond_scale ** i if name == "uncond" else 1.0
+                    v.append(dit(x * scale, sigmas[i].reshape(1), y, clip, None))
             x = euler_step(x, cfg_combine(v[0], v[1], 9.0), sigmas[i], sigmas[i + 1])
     return x
 
@@ -46,7 +49,7 @@ def test_a_cache_that_never_reuses_gives_the_uncached_result():
     assert "forward_blocks" not in dit.__dict__
 
 
-def test_reuse_respects_first_and_last_step_the_cap_and_branches():
+def test_reuse_respects_first_and_last_step_and_the_cap():
     dit = _dit()
     plain = _denoise(dit, None)
     cache = FirstBlockCache(threshold=0.99, max_reuse=2).attach(dit)
@@ -56,6 +59,22 @@ def test_reuse_respects_first_and_last_step_the_cap_and_branches():
     assert cache.counts()["branches"] == {"cond": {"full": 4, "cached": 4}, "uncond": {"full": 4, "cached": 4}}
     err = float((cached - plain).norm() / plain.norm())
     assert 0 < err < 0.5 and torch.isfinite(cached).all()
+    cache.detach()
+
+
+def test_a_step_decides_once_from_its_first_branch_and_reads_the_device_once():
+    """Sequential CFG: the cond branch's change decides the step, the uncond branch follows even when its own
+    change is far over the threshold (its input grows 3x a step here); the decision is read once per step."""
+    dit = _dit()
+    reads = []
+
+    def read(flag):
+        reads.append(flag.shape)
+        return bool(flag)
+    cache = FirstBlockCache(threshold=0.99, max_reuse=2).attach(dit)
+    _denoise(dit, cache, read=read, uncond_scale=3.0)
+    assert cache.counts()["branches"] == {"cond": {"full": 4, "cached": 4}, "uncond": {"full": 4, "cached": 4}}
+    assert reads == [torch.Size([])] * 4 and cache.decisions == 4     # steps 1, 2, 4, 5
     cache.detach()
 
 

@@ -7,15 +7,11 @@ boolean indexing: flash-attn's masked cross-attention did that per batch row, in
 moves of a tensor to a device named in the call (from pageable host memory, a copy the host waits for: the
 timestep used to be copied at every DiT call).
 
-The numbers it holds, per step (T2V and TI2V, CFG as a batch or one branch after the other, SDPA or a flash-style
-kernel that takes no mask, the DiT resident or streamed):
-- without the step cache: 1 read (the job's NaN check of the step's latents, run/resume.check_step_latents) and 0
-  moves;
-- with the step cache: 1 + one read per DiT forward whose reuse it decides from the data (a bool of a comparison
-  made on the device), which is none on the first and the last step and after `max_reuse` reuses in a row, else
-  one per CFG branch (1 with CFG as a batch, 2 one after the other). Skipping blocks 1..N-1 means the host must
-  know, before it runs (or, streamed, fetches) block 1, whether to: without changing what the cache decides, that
-  read cannot be folded into the NaN check, which comes after the step.
+The number it holds: 1 read and 0 moves per step (T2V and TI2V, CFG as a batch or one branch after the other,
+SDPA or a flash-style kernel that takes no mask, the DiT resident or streamed, the step cache on or off). The one
+read is the job's check that the step's latents are finite, or, in a step where the step cache decides whether to
+reuse (it must know before block 1 runs or is fetched), that decision, which carries the previous step's check
+with it (pipeline/step_reads.py); the step cache decides once per step, for all its CFG branches.
 What a phase does once (the key masks' lengths, the staged schedule) is outside the steps and not counted.
 """
 from __future__ import annotations
@@ -33,7 +29,7 @@ from lowvram_stepvideo.pipeline import phases
 from lowvram_stepvideo.pipeline.phases import PhasePipeline
 from lowvram_stepvideo.pipeline.sampling import flow_sigmas, initial_noise, latent_shape
 from lowvram_stepvideo.profiles import load_profile
-from lowvram_stepvideo.run.resume import check_step_latents
+from lowvram_stepvideo.run.resume import NonFiniteLatents, non_finite_latents
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -41,8 +37,8 @@ STEPS = 5
 READS = {"item", "__bool__", "__float__", "__int__", "__index__", "tolist", "cpu", "numpy", "is_nonzero",
          "nonzero", "masked_select", "unique"}
 NAN_CHECKS = 1
-# per step, reuse decided per CFG branch with max_reuse 2 and a threshold every change is under: step 0 (first) runs
-# in full and saves the residuals, steps 1 and 2 decide (and reuse), step 3 is past the cap, step 4 is the last
+# per step, with max_reuse 2 and a threshold every change is under: step 0 (first) runs in full and saves the
+# residuals, steps 1 and 2 decide (and reuse), step 3 is past the cap, step 4 is the last
 CACHE_DECISIONS = [0, 1, 1, 0, 0]
 
 
@@ -121,8 +117,9 @@ def fake_flash(monkeypatch):
 
 
 def _denoise(pipes, kind: str, monkeypatch, cfg: str = "sequential", cache: float = 0.0,
-             attend: str = "sdpa", resident: int = 2, plant=None):
-    """One denoising phase of STEPS steps under HostReads; (per-step reads, moves, between steps, pipeline)."""
+             attend: str = "sdpa", resident: int = 2, plant=None, seen: list | None = None):
+    """One denoising phase of STEPS steps under HostReads, with the job's NaN check; (per-step reads, moves,
+    between steps, pipeline). `seen`: the steps handed to the step callback."""
     folder, embeds = pipes[kind]
     base = load_profile("cpu")
     profile = replace(base, cfg_mode=cfg, attention=attend, dit=replace(base.dit, resident_blocks=resident))
@@ -135,20 +132,25 @@ def _denoise(pipes, kind: str, monkeypatch, cfg: str = "sequential", cache: floa
     steps = Steps(mode)
     start = levers.DiTLevers.start_step
 
-    def start_step(self, step, total):
+    def start_step(self, step, total, read=None):
         mode.mark()
         steps.starts.append(mode.marks[-1])
-        start(self, step, total)
+        start(self, step, total, read)
     monkeypatch.setattr(levers.DiTLevers, "start_step", start_step)
 
+    def non_finite(step: int) -> None:                   # the job's
+        raise non_finite_latents(step, STEPS, None)
+
     def on_step(done: int, latents: torch.Tensor) -> None:
-        check_step_latents(latents, done, STEPS, None)     # the job's NaN check
+        if seen is not None:
+            seen.append(done)
         if plant:
             plant(latents)
         mode.mark()
         steps.ends.append(mode.marks[-1])
     with mode:
-        pipe.denoise(embeds, initial_noise(shape.shape, 0), flow_sigmas(STEPS, 7.0), 9.0, 0, on_step, condition)
+        pipe.denoise(embeds, initial_noise(shape.shape, 0), flow_sigmas(STEPS, 7.0), 9.0, 0, on_step, condition,
+                     on_non_finite=non_finite)
     reads, moves, between = steps.per_step()
     return reads, moves, between, pipe
 
@@ -166,19 +168,56 @@ def test_a_step_reads_the_device_once_for_the_nan_check(pipes, kind, cfg, attend
 
 @pytest.mark.parametrize("kind", ["t2v", "ti2v"])
 @pytest.mark.parametrize("cfg", ["batch", "sequential"])
-def test_the_step_cache_reads_one_decision_per_forward_it_decides(pipes, kind, cfg, monkeypatch):
+def test_with_the_step_cache_a_step_still_reads_the_device_once(pipes, kind, cfg, monkeypatch):
+    """The steps that decide read their decision and the previous step's NaN check in one read."""
     reads, moves, between, pipe = _denoise(pipes, kind, monkeypatch, cfg=cfg, cache=0.99)
-    branches = 1 if cfg == "batch" else 2
-    assert reads == [NAN_CHECKS + branches * d for d in CACHE_DECISIONS]
+    assert reads == [NAN_CHECKS] * STEPS
     assert moves == [0] * STEPS and between == [0] * (STEPS - 1)
+    branches = 1 if cfg == "batch" else 2
     counts = pipe.speed["step_cache"]
-    assert counts["cached"] == branches * sum(CACHE_DECISIONS)      # each decision was "reuse"
+    assert counts["cached"] == branches * sum(CACHE_DECISIONS)      # each decision was "reuse", for every branch
 
 
 def test_a_streamed_dit_with_flash_and_the_step_cache_keeps_the_numbers(pipes, monkeypatch, fake_flash):
     reads, moves, _, _ = _denoise(pipes, "t2v", monkeypatch, cfg="batch", cache=0.99, attend="flash", resident=0)
-    assert reads == [NAN_CHECKS + d for d in CACHE_DECISIONS] and moves == [0] * STEPS
+    assert reads == [NAN_CHECKS] * STEPS and moves == [0] * STEPS
     assert fake_flash, "the masked cross-attention ran through the flash-style kernel"
+
+
+@pytest.mark.parametrize("cache", [0.0, 0.99])
+@pytest.mark.parametrize("cfg", ["batch", "sequential"])
+def test_nan_latents_stop_the_run_naming_their_step_before_the_next_step_goes_past_block_0(pipes, cfg, cache,
+                                                                                           monkeypatch):
+    """The latents turn NaN in step index 1 (steps done: 2). Without the cache, its check is read at that step's
+    end, before the step is handed over. With it, step 1 read its decision, so the check waits for step 2's
+    decision, made after block 0: the run stops there naming step 2, and no later block of step 2 ran."""
+    euler, calls = phases.euler_step, []
+
+    def poisoned(latents, v, sigma, next_sigma):
+        calls.append(1)
+        out = euler(latents, v, sigma, next_sigma)
+        return out * float("nan") if len(calls) == 2 else out
+    monkeypatch.setattr(phases, "euler_step", poisoned)
+    blocks = []
+    monkeypatch.setattr(levers.DiTLevers, "attach", _counting_blocks(levers.DiTLevers.attach, blocks))
+    seen = []
+    with pytest.raises(NonFiniteLatents, match="NaN or infinite at step 2 of 5"):
+        _denoise(pipes, "t2v", monkeypatch, cfg=cfg, cache=cache, seen=seen)
+    if cache:
+        assert seen == [1, 2] and blocks[-1] == 0     # step 2 was handed over (not saved: see run/job), then stopped
+    else:
+        assert seen == [1]
+
+
+def _counting_blocks(attach, blocks: list):
+    """DiTLevers.attach that also records, per DiT forward, the index of the last block run."""
+    def counting(self):
+        out = attach(self)
+        for index, block in enumerate(self.dit.transformer_blocks):
+            block.register_forward_pre_hook(
+                lambda module, args, index=index: blocks.append(index) if index == 0 else blocks.__setitem__(-1, index))
+        return out
+    return counting
 
 
 def test_the_counter_catches_a_planted_read(pipes, monkeypatch):

@@ -118,9 +118,10 @@ class DiTLevers:
     def detach(self) -> None:
         self.attached.detach()
 
-    def start_step(self, step: int, total_steps: int) -> None:
+    def start_step(self, step: int, total_steps: int, read: Callable[[torch.Tensor], bool] | None = None) -> None:
+        """Step `step` begins; `read`: how a decision made on the device reaches the host (the step cache's)."""
         if self.cache is not None:
-            self.cache.start_step(step, total_steps)
+            self.cache.start_step(step, total_steps, read)
 
     def branch(self, name: str):
         """Context for DiT calls of one CFG branch ("cond", "uncond" or "cond+uncond")."""

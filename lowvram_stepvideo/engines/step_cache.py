@@ -5,8 +5,14 @@ the last full evaluation of the same CFG branch: relative change = mean|r - r_sa
 threshold, blocks 1..N-1 are not run (nor, under block streaming, fetched: their hooks never fire) and the output
 is block 0's output plus the residual those blocks added at the last full evaluation. Otherwise all blocks run and
 both residuals are saved. The first step and the last step always run in full, and at most `max_reuse` forwards in
-a row reuse. State is kept per branch ("cond", "uncond", or "cond+uncond" for CFG as a batch of 2, where both
-halves are decided together); each branch holds two (B, S, D) tensors in the compute dtype on the device.
+a row reuse. State is kept per branch ("cond", "uncond", or "cond+uncond" for CFG as a batch of 2); each branch
+holds two (B, S, D) tensors in the compute dtype on the device.
+
+A step's reuse is decided once, by its first forward that can reuse, and holds for every branch of the step: CFG as a
+batch decides both halves together from their joint change; CFG one branch after the other decides from the cond
+branch's change, and the uncond branch follows. The decision is made on the device and read by the host once (the
+`read` start_step is given: the denoising loop's, which carries the step's other checks in the same read), so a step
+with the cache makes one host read, as one without it does.
 
 Quality: a threshold trades evaluations for error. The numbers in BENCHMARKS.md come from the tiny random-weight
 models, whose blocks change little between steps in a way real weights need not; they show the mechanism works, not
@@ -17,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
@@ -41,7 +48,9 @@ class FirstBlockCache:
     step: int = 0
     total_steps: int = 1
     branch_name: str = "cond+uncond"
-    decisions: int = 0           # forwards whose reuse was decided from the data: one read from the device each
+    decisions: int = 0           # steps whose reuse was decided from the data: one read from the device each
+    step_reuses: bool | None = None   # this step's decision, once made
+    read: Callable[[torch.Tensor], bool] = bool   # a 0-d bool on the device -> the host's bool
 
     def attach(self, dit: nn.Module) -> "FirstBlockCache":
         if not self.threshold > 0:
@@ -58,8 +67,10 @@ class FirstBlockCache:
     def detach(self) -> None:
         self.handle.detach()
 
-    def start_step(self, step: int, total_steps: int) -> None:
-        self.step, self.total_steps = step, total_steps
+    def start_step(self, step: int, total_steps: int, read: Callable[[torch.Tensor], bool] | None = None) -> None:
+        """Step `step` of `total_steps` begins; `read` turns its decision into a host bool (default: bool())."""
+        self.step, self.total_steps, self.step_reuses = step, total_steps, None
+        self.read = read or bool
 
     @contextlib.contextmanager
     def branch(self, name: str):
@@ -95,9 +106,11 @@ class FirstBlockCache:
             return False
         if state.first_residual.shape != residual.shape:
             return False
-        self.decisions += 1
-        change = relative_change(residual, state.first_residual).double()   # float64: the threshold exactly
-        return bool(change < self.threshold)   # the one read back from the device
+        if self.step_reuses is None:
+            self.decisions += 1
+            change = relative_change(residual, state.first_residual).double()   # float64: the threshold exactly
+            self.step_reuses = self.read(change < self.threshold)   # the one read back from the device
+        return self.step_reuses
 
     def counts(self) -> dict:
         full = sum(s.full for s in self.branches.values())

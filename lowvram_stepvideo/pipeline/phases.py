@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 from typing import Callable
 
 import torch
@@ -23,6 +24,7 @@ from ..models.dit import key_mask, key_mask_rows, set_attention_head_chunk, set_
 from ..profiles import Profile, load_profile
 from .conditioning import MAGIC, condition_latents, sample_image_latent
 from .machine import DeviceRuntime, Levers, Runtime
+from .step_reads import StepReads
 from .sampling import (
     cfg_combine,
     dit_timestep,
@@ -60,6 +62,7 @@ class PhasePipeline:
         self.options = options or SpeedOptions()
         self.speed: dict | None = None   # what the speed levers did in the last denoise (for the sidecar)
         self.preview: PreviewHook | None = None   # the live preview (pipeline/preview.py's Previewer.step)
+        self.step_reads: StepReads | None = None   # the last denoise's host reads (settle_checks)
         self.cache, self.progress = cache, progress
         self.log = self.runtime.log
 
@@ -249,9 +252,13 @@ class PhasePipeline:
 
     def denoise(self, embeds: Embeds, latents: torch.Tensor, sigmas: torch.Tensor, guidance_scale: float,
                 start_step: int = 0, step_callback: StepCallback | None = None,
-                condition: torch.Tensor | None = None, motion_score: float | None = None) -> torch.Tensor:
+                condition: torch.Tensor | None = None, motion_score: float | None = None,
+                on_non_finite: Callable[[int], None] | None = None) -> torch.Tensor:
         """Euler steps start_step..N-1 from `latents`; returns float32 latents on the CPU. TI2V: `condition`
-        (1, T, C, h, w) the condition latents (the same for both CFG branches), `motion_score` (default 5)."""
+        (1, T, C, h, w) the condition latents (the same for both CFG branches), `motion_score` (default 5).
+        `on_non_finite(steps done)`: each step's latents are checked to be finite on the device and read with the
+        step's one host read (step_reads.py: at most a step later, before the next step runs past block 0); a
+        NaN or infinity calls it, and it raises. Call `settle_checks()` before saving latents a step handed over."""
         y, y_mask, clip = (t.to(self.device) for t in embeds)
         keys = y_mask if y_mask is None else key_masks(y_mask.to(self.dtype), y.shape[1] + clip.shape[1])  # Q1
         embeds = (y.to(self.dtype), keys, clip.to(self.dtype))
@@ -265,21 +272,31 @@ class PhasePipeline:
                 set_token_chunk(dit, self.profile.token_chunk or None)
                 set_attention_head_chunk(dit, self.profile.attention_head_chunk or None)
                 levers = self.runtime.attach_levers(dit, self.options, said=self.speed is not None)
+                reads = self.step_reads = StepReads()
                 try:
                     latents = latents.to(self.device)
                     for i in range(start_step, steps):
-                        levers.start_step(i, steps)
+                        reads.start_step()
+                        levers.start_step(i, steps, reads.read)
                         v = self._guided_velocity(dit, latents, sigmas[i], embeds, guidance_scale, levers, extra)
                         if self.preview:
                             self.preview(i, latents, v, host_sigmas[i])   # a host sigma: no extra sync
                         latents = euler_step(latents, v, sigmas[i], sigmas[i + 1])
+                        if on_non_finite:
+                            reads.end_step(torch.isfinite(latents).all(), functools.partial(on_non_finite, i + 1))
                         bar.update()
                         if step_callback:
                             step_callback(i + 1, latents)
+                    reads.settle()
                 finally:
                     self.speed = self.runtime.detach_levers(levers) or self.speed
             latents = latents.float().cpu()
         return latents
+
+    def settle_checks(self) -> None:
+        """Read the last denoise's pending finiteness checks now (on_non_finite raises for a failed one)."""
+        if self.step_reads is not None:
+            self.step_reads.settle()
 
     def _ti2v_inputs(self, condition: torch.Tensor | None, motion_score: float | None) -> tuple:
         """(condition latents, motion score) as the DiT takes them for one sample (the batch is made per call), in

@@ -42,7 +42,7 @@ from .warm import KeptDiT, keep_warm
 from ..pipeline.machine import DeviceRuntime
 from .request import Request, check_given, first_image
 from ..profiles import Preset, TextEncoders, ladder_from
-from .resume import check_step_latents, checkpoint_path, load_checkpoint, load_latents, saved_request
+from .resume import checkpoint_path, load_checkpoint, load_latents, non_finite_latents, saved_request
 from ..defaults import sampling_defaults
 from ..pipeline.sampling import flow_sigmas, initial_noise, latent_shape, sampling_problem
 from ..files.video import postprocess
@@ -116,8 +116,10 @@ def denoise(pipe: PhasePipeline, req: Request, embeds, ckpt: Path | None, resume
             return latents   # denoising had finished (the decode failed): nothing to load the DiT for
     state = {"step": start, "latents": latents}
 
+    def non_finite(step: int) -> None:
+        raise non_finite_latents(step, req.preset.steps, ckpt)
+
     def on_step(done: int, current: torch.Tensor) -> None:
-        check_step_latents(current, done, req.preset.steps, ckpt)   # before anything is saved from them
         state.update(step=done, latents=current)
         if save and ckpt is not None and every and (done % every == 0 or done == req.preset.steps):
             _save(pipe, ckpt, current, done, fingerprint)
@@ -129,7 +131,7 @@ def denoise(pipe: PhasePipeline, req: Request, embeds, ckpt: Path | None, resume
         with torch.no_grad():
             condition = condition_for(pipe, req, shape)
             return pipe.denoise(embeds, latents, sigmas, req.guidance_scale, start, on_step, condition,
-                                req.motion_score)
+                                req.motion_score, non_finite)
     except (KeyboardInterrupt, _StopRequested):
         if ckpt is None or not save:
             raise
@@ -169,6 +171,7 @@ def _shape(pipe: PhasePipeline, preset: Preset) -> tuple[int, ...]:
 
 
 def _save(pipe: PhasePipeline, ckpt: Path, latents: torch.Tensor, step: int, fingerprint: dict) -> bool:
+    pipe.settle_checks()   # latents found NaN are never saved (the check may still be pending on the device)
     return outputs.save_checkpoint_or_warn(ckpt, latents, step, fingerprint, pipe.log)
 
 

@@ -38,15 +38,14 @@ class NonFiniteLatents(StepVideoError):
     """The latents became NaN or infinite while denoising."""
 
 
-def check_step_latents(latents: torch.Tensor, step: int, steps: int, ckpt: Path | None) -> None:
-    """One cheap reduction per step: a NaN/inf stops the run before it is saved or decoded."""
-    if bool(torch.isfinite(latents).all()):
-        return
+def non_finite_latents(step: int, steps: int, ckpt: Path | None) -> NonFiniteLatents:
+    """The error for latents that became NaN or infinite at `step` (the denoise's finiteness check found them
+    before anything was saved or decoded from them)."""
     kept = (f"the last good checkpoint {ckpt} is kept" if ckpt is not None and Path(ckpt).is_file()
             else "no checkpoint was saved before it")
-    raise NonFiniteLatents(f"the latents became NaN or infinite at step {step} of {steps}; likely cause: NaN/inf "
-                           "in the weights (a corrupt download or quantized folder: re-download or re-quantize) or a "
-                           f"numerical overflow (a very large --cfg, or float16 compute); {kept}, no video written")
+    return NonFiniteLatents(f"the latents became NaN or infinite at step {step} of {steps}; likely cause: NaN/inf "
+                            "in the weights (a corrupt download or quantized folder: re-download or re-quantize) or "
+                            f"a numerical overflow (a very large --cfg, or float16 compute); {kept}, no video written")
 
 
 def checkpoint_path(output: Path) -> Path:
