@@ -7,8 +7,9 @@ Card: torch's device name and memory found in the card table (cards.card_for_dev
 against the table's, and what the table says that capability runs (cards.capabilities). Probes, each on small
 DiT-shaped tensors against float32 SDPA: flash-attn 3 and 2, SageAttention and SDPA in bf16 and fp16 at the
 precision a run uses on this card, SDPA on float16 copies of bf16 inputs (what Turing and Volta run) and the exact
-float32 path, the fast matmuls (int8 x int8, fp8 x fp8); then what a run of the 24gb profile (attention auto)
-attaches here. A kernel the table lists for the card that fails, or one it does not list that passes, is marked:
+float32 path, the fast matmuls (int8 x int8, fp8 x fp8), each attention kernel that passes also timed on one
+self-attention call (probes.TIMED: 4096 tokens x 48 heads); then what a run of the 24gb profile (attention auto,
+the fastest that passed) attaches here. A kernel the table lists for the card that fails, or one it does not list that passes, is marked:
 the table may need a change. Results are also kept where probes are cached (cache_home()/probes.json).
 """
 from __future__ import annotations
@@ -54,15 +55,17 @@ def _yes(flag: bool) -> str:
 def probe_rows(device, capability: tuple[int, int]) -> list[str]:
     """The probe table's markdown rows."""
     listed = capabilities(capability).attention_kernels
-    rows = ["| dtype | kernel | card table | result | relative error | reason |", "|---|---|---|---|---:|---|"]
+    rows = ["| dtype | kernel | card table | result | relative error | ms per call | reason |",
+            "|---|---|---|---|---:|---:|---|"]
 
     def row(dtype: str, found: probes.Probe, in_table: bool | None) -> None:
         table = "" if in_table is None else ("lists it" if in_table else "does not list it")
         mark = " (table?)" if in_table is not None and in_table != found.ok and "not importable" not in found.reason \
             else ""
         error = "" if found.error is None else f"{found.error:.2g}"
+        ms = "" if found.seconds is None else f"{found.seconds * 1e3:.3g}"
         rows.append(f"| {dtype} | {found.kernel} | {table} | {'passed' if found.ok else 'failed'}{mark} | {error} | "
-                    f"{found.reason} |")
+                    f"{ms} | {found.reason} |")
     for dtype in (torch.bfloat16, torch.float16):
         precision = attention.attention_precision(capability, dtype)
         for kernel in ATTENTION:

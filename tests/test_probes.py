@@ -1,6 +1,7 @@
 """Kernels probed before they are trusted (engines/probes.py), refused before any weight is read when asked for
 explicitly, and replaced by SDPA at the call site where one fails mid-run (attention_paths.Guarded): on the CPU,
 with fake backends put in attention.SOURCES on a simulated card."""
+import functools
 import json
 
 import pytest
@@ -124,6 +125,55 @@ def test_auto_takes_the_first_kernel_of_the_cards_order_that_passes(monkeypatch)
     run = probes.choose_run_attention(auto, RTX_4090, "cpu")
     assert run.kernel == "sdpa" and [p.kernel for p in run.failed] == ["sage", "flash2"]
     assert probes.choose_run_attention(auto, Target(None, "cpu"), "cpu").kernel == "sdpa"
+
+
+def _timed_as(monkeypatch, milliseconds: dict[str, float], fails_when_timed: str | None = None) -> list[str]:
+    """probes.timed_call as on a CUDA card where kernel k takes milliseconds[k]: it runs the kernel once on the
+    probe's inputs (the fakes count the call) and returns that time; `fails_when_timed` raises there."""
+    timed = []
+
+    def timed_call(attend, device, dtype, head_dim):
+        inner = getattr(attend, "inner", attend)
+        kernel = inner.keywords["backend"] if isinstance(inner, functools.partial) else "sdpa"
+        timed.append(kernel)
+        if kernel == fails_when_timed:
+            raise RuntimeError("invalid configuration argument\nmore")
+        attend(*probes.dit_like_inputs(device, dtype, head_dim)["self"])
+        return milliseconds[kernel] / 1e3
+    monkeypatch.setattr(probes, "timed_call", timed_call)
+    return timed
+
+
+def test_where_kernels_are_timed_auto_takes_the_fastest_that_passed(monkeypatch):
+    """On a CUDA card every kernel of the order is probed and timed, SDPA too: the fastest passing one runs, not
+    the first of the table's order; one that fails its probe or its timed call is never taken however fast."""
+    auto = load_profile("24gb")
+    fakes(monkeypatch, sage=FakeKernel(), flash2=FakeKernel())
+    timed = _timed_as(monkeypatch, {"sage": 5.0, "flash2": 3.0, "sdpa": 4.0})
+    run = probes.choose_run_attention(auto, RTX_4090, "cpu")        # GeForce: sage first in the table
+    assert run.kernel == "flash2" and timed == ["sage", "flash2", "sdpa"]
+    assert run.why.endswith("fastest measured here: sage 5 ms, flash2 3 ms, sdpa 4 ms")
+    described = probes.probe_attention("flash2", "cpu", torch.bfloat16).describe()
+    assert described.startswith("flash2: passed (relative error ") and described.endswith(", 3 ms)")
+    fakes(monkeypatch, sage=FakeKernel(), flash2=FakeKernel("raises"), flash3=FakeKernel("missing"))
+    monkeypatch.setattr(probes, "_MEMO", {})
+    monkeypatch.setenv(CACHE_ENV, str(probes.probes_file().parent.parent / "other"))
+    _timed_as(monkeypatch, {"sage": 5.0, "flash2": 0.1, "sdpa": 4.0})
+    run = probes.choose_run_attention(auto, RTX_4090, "cpu")
+    assert run.kernel == "sdpa" and [p.kernel for p in run.failed] == ["flash2"]
+    monkeypatch.setenv(CACHE_ENV, str(probes.probes_file().parent.parent / "third"))
+    fakes(monkeypatch, sage=FakeKernel(), flash2=FakeKernel())
+    _timed_as(monkeypatch, {"sage": 1.0, "flash2": 3.0, "sdpa": 4.0}, fails_when_timed="sage")
+    run = probes.choose_run_attention(auto, RTX_4090, "cpu")
+    assert run.kernel == "flash2" and run.failed[0].reason == "failed at 4096 tokens: invalid configuration argument"
+
+
+def test_timing_runs_on_cuda_only_and_an_explicit_kernel_is_not_raced(monkeypatch):
+    assert probes.timed_call(sdpa, "cpu", torch.float32, 128) is None
+    fakes(monkeypatch, sage=FakeKernel(), flash2=FakeKernel())
+    timed = _timed_as(monkeypatch, {"sage": 5.0, "flash2": 3.0, "sdpa": 1.0})
+    run = probes.choose_run_attention(with_overrides(load_profile("24gb"), attention="sage"), RTX_4090, "cpu")
+    assert run.kernel == "sage" and timed == ["sage"]
 
 
 def test_an_explicit_kernel_that_fails_is_refused_naming_what_works(monkeypatch):
@@ -271,7 +321,7 @@ def test_the_probe_report_checks_the_card_and_marks_what_the_table_gets_wrong(mo
     assert same and text.startswith("card: NVIDIA GeForce RTX 4090 (24.0 GiB, compute capability 8.9) is the "
                                     "table's RTX 4090 (24 GB, 8.9)")
     rows = text.splitlines()
-    assert f"| torch.bfloat16 | sage | lists it | failed (table?) |  | {NOT_AVAILABLE} |" in rows
+    assert f"| torch.bfloat16 | sage | lists it | failed (table?) |  |  | {NOT_AVAILABLE} |" in rows
     assert any(r.startswith("| torch.bfloat16 | flash3 | does not list it | passed (table?) |") for r in rows)
     assert any(r.startswith("| torch.bfloat16 | sdpa (float16) |  | passed |") for r in rows)
     assert any(r.startswith("| torch.bfloat16 | int8 x int8 |  | passed |") for r in rows)
@@ -291,6 +341,9 @@ def test_on_the_card_auto_attaches_a_kernel_that_passed_and_float16_paths_work()
     assert probes.driver_version() != "unknown"      # the cache key names the driver (NVML or the CUDA driver API)
     run = probes.choose_run_attention(load_profile("24gb"), card, "cuda")
     assert run.kernel == "sdpa" or probes.probe_attention(run.kernel, "cuda", torch.bfloat16, 128, run.precision).ok
+    timed = probes.probe_attention("sdpa", "cuda", torch.bfloat16, 128)
+    assert timed.ok and 0 < timed.seconds < 1, timed                 # one self-attention call of probes.TIMED
+    assert "fastest measured here" in run.why or probes.candidates("auto", card) == ["sdpa"], run.why
     for precision in ("float16", "float32"):         # Turing's float16 copies, and the exact path, on this card
         found = probes.probe_attention("sdpa", "cuda", torch.bfloat16, 128, precision)
         assert found.ok and found.error < 0.01, found

@@ -15,8 +15,9 @@ CPU.
 
 "auto" takes the first importable kernel of the card table's order for the card (cards.attention_order: only the
 kernels that exist for its architecture; flash-attn 3 first on Hopper, SageAttention first on GeForce cards, RTX
-50xx included, flash-attn 2 first elsewhere, SDPA last; no CUDA: SDPA). A real run also probes it first
-(engines/probes.py) and takes the first that passes. A GPU measurement that disagrees changes the table, not code.
+50xx included, flash-attn 2 first elsewhere, SDPA last; no CUDA: SDPA): what the memory plan and the time estimate
+assume. A real run probes and times that order's kernels on its card (engines/probes.py) and takes the fastest
+that passes; a measured order that disagrees with the table is a reason to change the table.
 
 Precision (`attention_precision`): where the card has a fused kernel for float16 but none for the compute dtype
 (bf16 on Turing and Volta), the kernel runs on float16 copies of q, k, v (attention_paths.HalfPrecision; v

@@ -9,7 +9,7 @@ fast_matmul.choose_matmul) for a `Target`: the device's in a run, the profile's 
 planner (fake tensors) the levers are attached as they would run on that card, so the plan counts what they
 allocate (kept expansions, the step cache's residuals, the fast matmul's temporaries), with the chosen attention
 kernel's data-free stand-in (attention.planned_kernel); compile changes no allocation the plan models and is left
-out, and no kernel is probed. A real run probes its kernels first (probes.py: auto takes the first that passes) and
+out, and no kernel is probed. A real run probes its kernels first (probes.py: auto takes the fastest that passes) and
 guards each attention call site: a kernel error mid-run that is not out-of-memory logs one warning, reruns that
 call on SDPA and keeps the site on SDPA (attention_paths.Guarded; the sites are in the report).
 """

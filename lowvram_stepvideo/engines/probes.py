@@ -7,10 +7,13 @@ at the card's precision) on small q, k, v laid out as the DiT gives them: self-a
 views of one (B, S, H, 3 x head_dim) buffer, q and k RMS-normed; cross-attention's q and k are contiguous, v a view,
 with a key mask. It passes when both calls return the input's shape and dtype within TOLERANCE (relative error)
 of float32 SDPA on the same inputs: a kernel that raises fails, and so does one that runs and returns something
-else. `probe_matmul` runs fast_matmul.probe (the fast matmul against the weight-only one).
+else. On a CUDA device a kernel that passed is then timed on one self-attention call of TIMED's size (the release
+DiT's 48 heads over 4096 tokens; the median of 3 calls after a warm-up): a kernel that fails there fails its probe.
+`probe_matmul` runs fast_matmul.probe (the fast matmul against the weight-only one).
 
-A run attaches what `choose_run_attention` says: with "auto", the first kernel of the card table's order that
-imports and passes its probe; an explicit kernel that fails is refused before any weight is read
+A run attaches what `choose_run_attention` says: with "auto", the fastest kernel measured among those of the card
+table's order that import and pass their probes, SDPA included (where nothing was timed, on the CPU, the first of
+that order that passes); an explicit kernel that fails is refused before any weight is read
 (`explicit_problem`, from the run's preflight), naming the reason and what passes instead. SDPA is the fallback
 and is not probed, except on float16 copies (attention.attention_precision): if that fails, the exact float32 path
 runs instead.
@@ -43,21 +46,26 @@ from ..profiles import Profile
 TOLERANCE = 0.1       # relative error against float32 SDPA: SageAttention's int8 QK stays well under, a wrong
                       # layout, scale or mask does not
 BATCH, TOKENS, KEYS, HEADS = 2, 256, 80, 2
+TIMED = (1, 4096, 48)   # the timed self-attention call on CUDA: batch, tokens, heads (151 MB of q, k, v in bf16)
 FILE_NAME = "probes.json"
 _MEMO: dict[tuple[str, str], "Probe"] = {}
 
 
 @dataclass(frozen=True)
 class Probe:
-    """One kernel's probe on one device: `ok`, else `reason`; `error`: the relative error it reached, when it ran."""
+    """One kernel's probe on one device: `ok`, else `reason`; `error`: the relative error it reached, when it ran;
+    `seconds`: its timed call (TIMED), on CUDA when it passed."""
     kernel: str
     ok: bool
     reason: str = ""
     error: float | None = None
+    seconds: float | None = None
 
     def describe(self) -> str:
-        error = "" if self.error is None else f" (relative error {self.error:.2g})"
-        return f"{self.kernel}: {'passed' + error if self.ok else 'failed: ' + self.reason}"
+        measured = ([] if self.error is None else [f"relative error {self.error:.2g}"]) + \
+            ([] if self.seconds is None else [f"{self.seconds * 1e3:.3g} ms"])
+        detail = f" ({', '.join(measured)})" if measured else ""
+        return f"{self.kernel}: {'passed' + detail if self.ok else 'failed: ' + self.reason}"
 
 
 def label(kernel: str, precision: str | None = None) -> str:
@@ -142,14 +150,24 @@ def choose_run_attention(profile: Profile, card: Target, device, head_dim: int =
         sdpa_precision = "float32"            # float16 SDPA fails here: the exact path
     auto = profile.attention == "auto"
     why = attention.choose_auto(card, attention.is_available)[1] if auto else "as configured"
-    failed = []
+    failed, passed = [], []
     for kernel in candidates(profile.attention, card):
         if kernel == "sdpa":
             break
         found = probe_attention(kernel, device, dtype, head_dim, precision)
-        if found.ok:
-            return RunAttention(kernel, precision, sdpa_precision, _with_failures(why, failed), failed)
-        failed.append(found)
+        (passed if found.ok else failed).append((kernel, found))
+        if found.ok and not auto:
+            break
+    failed = [found for _, found in failed]
+    if auto and passed and passed[0][1].seconds is not None:   # timed: SDPA competes too
+        passed.append(("sdpa", probe_attention("sdpa", device, dtype, head_dim, sdpa_precision)))
+        passed = [(k, p) for k, p in passed if p.ok and p.seconds is not None]
+        kernel = min(passed, key=lambda kp: kp[1].seconds)[0]
+        why += "; fastest measured here: " + ", ".join(f"{k} {p.seconds * 1e3:.3g} ms" for k, p in passed)
+        return RunAttention(kernel, sdpa_precision if kernel == "sdpa" else precision, sdpa_precision,
+                            _with_failures(why, failed), failed)
+    if passed:
+        return RunAttention(passed[0][0], precision, sdpa_precision, _with_failures(why, failed), failed)
     if failed and not auto:
         raise KernelRefused(refusal(profile.attention, card, failed, device, dtype, head_dim))
     return RunAttention("sdpa", sdpa_precision, sdpa_precision, _with_failures(why, failed), failed)
@@ -243,7 +261,33 @@ def _run_attention(name: str, attend, device, dtype: torch.dtype, head_dim: int)
     if not error <= TOLERANCE:       # NaN fails too
         return Probe(name, False, f"wrong result (relative error {error:.3g} against float32 SDPA, more than "
                                   f"{TOLERANCE})", error)
-    return Probe(name, True, "", error)
+    try:
+        seconds = timed_call(attend, device, dtype, head_dim)
+    except torch.OutOfMemoryError:
+        seconds = None                # a card too full to time it: the table's order decides
+    except Exception as e:
+        return Probe(name, False, f"failed at {TIMED[1]} tokens: {first_line(e)}", error)
+    return Probe(name, True, "", error, seconds)
+
+
+def timed_call(attend, device, dtype: torch.dtype, head_dim: int) -> float | None:
+    """Seconds of one self-attention call of TIMED's size on a CUDA `device` (median of 3 after a warm-up, by
+    CUDA events); None on any other device."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    batch, tokens, heads = TIMED
+    q, k, v = (torch.randn(batch, tokens, heads, head_dim, device=device, dtype=dtype) for _ in range(3))
+    attend(q, k, v)
+    seconds = []
+    for _ in range(3):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        attend(q, k, v)
+        end.record()
+        end.synchronize()
+        seconds.append(start.elapsed_time(end) / 1e3)
+    return sorted(seconds)[1]
 
 
 # ---------------------------------------------------------------- the cache
@@ -262,7 +306,7 @@ def _cached(key: str, run) -> Probe:
 
 def _valid(entry) -> bool:
     return (isinstance(entry, dict) and isinstance(entry.get("probe"), dict)
-            and set(entry["probe"]) == {"kernel", "ok", "reason", "error"})
+            and set(entry["probe"]) == {"kernel", "ok", "reason", "error", "seconds"})
 
 
 def _read() -> dict:
