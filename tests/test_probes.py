@@ -227,6 +227,19 @@ def test_the_cli_refuses_a_failing_explicit_kernel_before_reading_weights(monkey
         line.endswith("what works here: sdpa (--attention auto takes the fastest that works)")
 
 
+@pytest.mark.usefixtures("simulated_gpu")
+def test_auto_probes_and_times_its_kernels_in_the_preflight(monkeypatch):
+    """A card seen for the first time: the preflight (run before any weight is read, as the refusal tests above
+    show) probes and times auto's kernels, so their tensors (the timed call's 151 MB on CUDA) come and go before the
+    weights take device memory; the run's own choice then reads the cache and runs nothing."""
+    fakes(monkeypatch, sage=FakeKernel(), flash2=FakeKernel())
+    timed = _timed_as(monkeypatch, {"sage": 5.0, "flash2": 3.0, "sdpa": 4.0})
+    preflight.check_kernels(load_profile("24gb"), "int8")
+    assert timed == ["sage", "flash2", "sdpa"]
+    assert probes.choose_run_attention(load_profile("24gb"), RTX_4090, "cpu").kernel == "flash2"
+    assert timed == ["sage", "flash2", "sdpa"]
+
+
 @pytest.mark.usefixtures("demo_env", "one_torch_thread", "simulated_gpu")
 def test_the_api_raises_the_same_one_line_error(monkeypatch):
     fakes(monkeypatch, sage=FakeKernel("raises"))

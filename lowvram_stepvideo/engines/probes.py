@@ -206,9 +206,13 @@ def refusal(name: str, card: Target, failed: list[Probe], device, dtype: torch.d
 
 def explicit_problem(profile: Profile, weight_format: str | None, card: Target, device) -> str | None:
     """Why the explicit kernels of `profile` (an attention other than auto and sdpa, matmul "fast" where the card
-    table gives the card the kernel) cannot run on `card`, or None. Probes them on `device`."""
+    table gives the card the kernel) cannot run on `card`, or None. Probes them on `device`; auto's kernels are
+    probed (and timed) here too, so that on a card seen for the first time their tensors come and go before any
+    weight takes device memory (the run's choice then reads the cache)."""
     head_dim = 128
-    if profile.attention not in ("auto", "sdpa"):
+    if profile.attention == "auto":
+        choose_run_attention(profile, card, device, head_dim)
+    elif profile.attention != "sdpa":
         try:
             choose_run_attention(profile, card, device, head_dim)
         except KernelRefused as e:
