@@ -189,6 +189,22 @@ def test_a_real_run_says_what_fitting_lowered(synthetic):
     assert any(line.startswith("plan: packed host RAM lowered from 32 to 0.1 GiB") for line in said), said
 
 
+def test_a_rank_of_a_parallel_run_plans_with_its_share_of_the_ram(synthetic, monkeypatch):
+    """Two processes on one machine (torchrun's LOCAL_WORLD_SIZE 2) each pack their own blocks: each plans with half
+    the RAM, so what fits one process alone packs fewer blocks in each of two."""
+    from lowvram_stepvideo.engines.parallel import layout_for
+    from lowvram_stepvideo.run.ladder import fit_to_card
+    profile = profile_24gb()
+    card, ram = _machine(peak(with_overrides(profile, dit_resident_blocks=3), LADDER[0]), host=4 * BLOCK)
+    pipe = SimpleNamespace(folder=synthetic, profile=profile, options=None)
+    alone = fit_to_card(pipe, LADDER, card, lambda line: None, ram_bytes=ram)[1]
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    said = []
+    shared = fit_to_card(pipe, LADDER, card, said.append, ram_bytes=ram, layout=layout_for("sequence", 2))[1]
+    assert stacks.packed_blocks(synthetic, shared, "dit") < stacks.packed_blocks(synthetic, alone, "dit")
+    assert any("shared by 2 processes" in line for line in said), said
+
+
 # ---- the command line ---------------------------------------------------------------------------------------
 
 KEYS = {"fits", "preset", "profile", "budget_vram_bytes", "budget_host_bytes", "peak_vram_bytes", "peak_host_bytes",

@@ -73,9 +73,40 @@ def test_card_options_refused_with_one_line(capsys, argv, message):
     assert rc == 2 and err.startswith("error: ") and message in err and len(err.splitlines()) == 1
 
 
+def test_two_cards_plan_one_processs_share_with_the_ram_shared(capsys, monkeypatch):
+    """--gpus 2 (a notebook's two T4s): rank 0's share of a CFG x2 run, the host RAM split between the two
+    processes (each packs its own copy of the blocks it streams); under torchrun LOCAL_WORLD_SIZE says the same."""
+    base = ("--demo", "--profile", "8gb", "--card", "T4", "--ram-gib", "32", *SMALL)
+    rc, one, err = dry_run_json(capsys, *base)
+    assert rc == 0, err
+    rc, two, err = dry_run_json(capsys, *base, "--gpus", "2")
+    assert rc == 0, err
+    assert two["budget_host_from"] == one["budget_host_from"] + ", shared by 2 processes: 14.4 GiB each"
+    assert two["budget_host_bytes"] == one["budget_host_bytes"] // 2
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    rc, launched, err = dry_run_json(capsys, *base)
+    assert rc == 0 and launched["budget_host_bytes"] == two["budget_host_bytes"], err
+    rc, _, err = dry_run_json(capsys, *base, "--gpus", "2")
+    assert rc == 2 and "under torchrun drop it" in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--gpus", "0"], "--gpus 0: give the number of cards, 1 to 64"),
+    (["--gpus", "1", "--parallel", "cfg"], "--parallel cfg needs --gpus 2 or more"),
+    (["--gpus", "3", "--parallel", "cfg"], "--parallel cfg needs exactly 2 processes"),
+])
+def test_gpus_refused_with_one_line(capsys, argv, message):
+    rc, _, err = dry_run_json(capsys, "--demo", "--profile", "8gb", *argv)
+    assert rc == 2 and err.startswith("error: ") and message in err and len(err.splitlines()) == 1, err
+
+
 def test_card_needs_dry_run(capsys):
     rc, _, err = run_cli(capsys, "--demo", "--prompt", PROMPT, "--card", "T4")
     assert rc == 2 and "--card only goes with --dry-run" in err
+    rc, _, err = run_cli(capsys, "--demo", "--prompt", PROMPT, "--gpus", "2")
+    assert rc == 2 and "--gpus only goes with --dry-run" in err
 
 
 def test_release_not_on_disk_is_planned_from_its_shapes(capsys):

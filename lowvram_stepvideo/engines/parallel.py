@@ -102,6 +102,11 @@ def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def processes_on_this_machine() -> int:
+    """How many processes of this torchrun run share this machine's RAM (torchrun's LOCAL_WORLD_SIZE); 1 alone."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+
+
 def collective_timeout() -> datetime.timedelta:
     raw = os.environ.get(TIMEOUT_ENV, str(DEFAULT_TIMEOUT_S))
     try:

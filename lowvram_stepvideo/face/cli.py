@@ -316,7 +316,7 @@ def _list_profiles() -> bool:
 
 
 def _check_dry_run_flags(args) -> None:
-    for flag in ("json", "vram_gib", "ram_gib", "assume_format", "card", "capability"):
+    for flag in ("json", "vram_gib", "ram_gib", "assume_format", "card", "capability", "gpus"):
         if getattr(args, flag) not in (None, False) and not args.dry_run:
             raise UsageError(f"--{flag.replace('_', '-')} only goes with --dry-run")
     for flag in ("vram_gib", "ram_gib"):
@@ -346,8 +346,9 @@ def _dry_run(args, spec: JobSpec) -> int:
     preset = preflight.dry_run_preset(spec, folder, profile, args.turbo or folder.turbo, _say)
     if vram is not None and profile.device == "cpu":
         _say(f"note: --vram-gib does not apply to profile {profile.name} (it computes in RAM; --ram-gib does)")
+    processes = (args.gpus or parallel.processes_on_this_machine()) if layout else 1
     verdict = check_fit(folder, profile, preset, vram, ram, assume_format, preflight.speed_options(spec),
-                        layout, card.card, card.capability)
+                        layout, card.card, card.capability, processes)
     asked = args.resident_blocks
     if asked is not None and verdict.profile.dit.resident_blocks < asked:
         _say(f"note: --resident-blocks {asked} lowered to {verdict.profile.dit.resident_blocks}: "
@@ -357,7 +358,19 @@ def _dry_run(args, spec: JobSpec) -> int:
 
 
 def _dry_run_layout(args):
-    """Under torchrun: this rank's place in the parallel run the dry-run plans (no process group is joined)."""
+    """Under torchrun: this rank's place in the parallel run the dry-run plans (no process group is joined); with
+    --gpus N: rank 0's place in a run of N processes."""
+    if args.gpus is not None:
+        if parallel.launched_by_torchrun():
+            raise UsageError("--gpus plans a run of several processes from one: under torchrun drop it (the plan "
+                             "takes torchrun's process count)")
+        if not 1 <= args.gpus <= 64:
+            raise UsageError(f"--gpus {args.gpus}: give the number of cards, 1 to 64")
+        if args.gpus == 1:
+            if args.parallel:
+                raise UsageError(f"--parallel {args.parallel} needs --gpus 2 or more")
+            return None
+        return parallel.layout_for(args.parallel or "auto", args.gpus, 0)
     if not parallel.launched_by_torchrun():
         if args.parallel:
             raise UsageError(f"--parallel {args.parallel} needs several processes: launch with "

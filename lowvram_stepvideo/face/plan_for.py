@@ -1,6 +1,7 @@
 """Planning for what this machine does not have, for generate.py's dry-run: a card (`--card NAME`, or
-`--capability X.Y` with `--vram-gib`; `--list-cards` lists the known ones) and a release that is not downloaded
-(`--model-dir stepfun-ai/stepvideo-t2v`: planned from the shapes the package ships)."""
+`--capability X.Y` with `--vram-gib`; `--list-cards` lists the known ones), several of them (`--gpus N`) and a
+release that is not downloaded (`--model-dir stepfun-ai/stepvideo-t2v`: planned from the shapes the package
+ships)."""
 from __future__ import annotations
 
 import argparse
@@ -20,6 +21,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--capability", metavar="X.Y",
                    help="with --dry-run and --vram-gib: the compute capability of the card planned for, e.g. 7.5 "
                         "(decides which attention kernel runs)")
+    p.add_argument("--gpus", type=int, metavar="N",
+                   help="with --dry-run: plan a run on N such cards, one process each (torchrun --nproc-per-node N, "
+                        "--parallel as given or auto); the plan is one process's share (e.g. --card T4 --gpus 2)")
     p.add_argument("--list-cards", action="store_true",
                    help="list the cards --card knows (memory, compute capability, throughput) and exit")
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..engines.cards import Card, card_for_device, fused_attention
 from ..engines.host_store import available_ram_bytes
@@ -112,6 +112,16 @@ def machine_budget(device: str, vram_bytes: int | None = None, ram_bytes: int | 
         named = vram[1].replace(" card", f" {card.name}", 1)
         vram = (vram[0], named if named != vram[1] else f"{card.name}: {vram[1]}")
     return Budget("cuda", vram[0], host, vram[1], host_from, capability, card)
+
+
+def shared_by(budget: Budget, processes: int) -> Budget:
+    """`budget` for one of `processes` processes of a parallel run on one machine: each has its own card, and they
+    share the host RAM evenly (each packs its own copy of the blocks it streams)."""
+    if processes <= 1:
+        return budget
+    host = budget.host_bytes // processes
+    return replace(budget, host_bytes=host,
+                   host_from=f"{budget.host_from}, shared by {processes} processes: {host / GiB:.1f} GiB each")
 
 
 def this_card() -> tuple[Card | None, tuple[int, int] | None]:

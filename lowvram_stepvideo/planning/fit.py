@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from .assumed_format import assume_format as assume_format_of
-from .budgets import Budget, machine_budget
+from .budgets import Budget, machine_budget, shared_by
 from .decode_blend import fits_some_way
 from .estimate import estimate_run
 from ..loading.model_folder import ModelFolder
@@ -29,13 +29,14 @@ ADJUSTABLE = ("text", "denoise")   # phases whose layout fitting changes (step_l
 
 def check_fit(folder: ModelFolder, profile: Profile, preset: Preset, vram_bytes: int | None = None,
               ram_bytes: int | None = None, assume_format: str | None = None, options=None,
-              layout=None, card=None, capability: tuple[int, int] | None = None) -> Verdict:
+              layout=None, card=None, capability: tuple[int, int] | None = None, processes: int = 1) -> Verdict:
     """The verdict for `preset` (and the ladder below it) on a machine with a card of `vram_bytes` and
-    `ram_bytes` of RAM (None: read this machine); `layout` (parallel.Layout): for one rank of a parallel run;
-    `card` (cards.Card) or only its `capability`: the card planned for (budgets.machine_budget)."""
+    `ram_bytes` of RAM (None: read this machine); `layout` (parallel.Layout): for one rank of a parallel run, with
+    `processes` of its ranks sharing the machine's RAM; `card` (cards.Card) or only its `capability`: the card
+    planned for (budgets.machine_budget)."""
     own_format = folder.weight_format
     folder = assume_format_of(folder, assume_format)
-    budget = profile_budget(profile, vram_bytes, ram_bytes, card, capability)
+    budget = shared_by(profile_budget(profile, vram_bytes, ram_bytes, card, capability), processes)
     ladder = ladder_from(profile.presets, preset)
     tried: dict[int, tuple[Profile, Plan]] = {}
     found = first_fit(folder, profile, ladder, budget, tried, options, layout)

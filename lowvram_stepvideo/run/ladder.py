@@ -6,8 +6,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
-from ..engines.parallel import Parallel
+from ..engines.parallel import Parallel, processes_on_this_machine
 from ..pipeline.phases import PhasePipeline
+from ..planning.budgets import shared_by
 from ..planning.decode_blend import blends_on_device
 from ..planning.fit import clamped, first_fit, profile_budget
 from ..profiles import Preset, Profile, ladder_from
@@ -31,10 +32,11 @@ def fit_to_card(pipe: PhasePipeline, ladder: list[Preset], vram_bytes: int | Non
     machine's free VRAM and available RAM minus their reserves, or a card of `vram_bytes` in a machine with
     `ram_bytes`), and pipe's profile with its resident blocks and packed RAM lowered to what fits (`pipe` is left as
     it is: run the result with `pipe.with_profile`). `layout` (engines.parallel.Layout): plan this rank's share of
-    a parallel run. `decided` gets "blend_on_device": where the decode blends its VAE tiles (planning/decode_blend.py).
+    a parallel run, with the host RAM shared by the run's processes on this machine. `decided` gets "blend_on_device": where the decode blends its VAE tiles (planning/decode_blend.py).
     `held_ram_bytes`: RAM this process holds for the run already (a DiT kept from the last video, run/warm.py),
     counted as available."""
-    budget = profile_budget(pipe.profile, vram_bytes, ram_bytes)
+    budget = shared_by(profile_budget(pipe.profile, vram_bytes, ram_bytes),
+                       processes_on_this_machine() if layout else 1)
     budget = replace(budget, host_bytes=budget.host_bytes + held_ram_bytes)
     asked = clamped(pipe.folder, pipe.profile)      # a count above the stack's size is not a lowering
     tried: dict = {}
