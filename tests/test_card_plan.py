@@ -107,3 +107,24 @@ def test_the_verdict_plans_for_the_budgets_card(folder, monkeypatch):
     profile = load_profile("8gb")
     verdict = fit.check_fit(folder, profile, PRESET, 8 * GiB, 32 * GiB, capability=(7, 5))
     assert verdict.budget.capability == (7, 5) and seen and set(seen) == {(7, 5)}
+
+
+def test_a_cached_plan_is_not_served_to_a_card_with_another_matmul(tmp_path, monkeypatch):
+    """An fp8 release with matmul "fast" runs fp8 x fp8 on an RTX 4090 (8.9) and weight-only on an RTX 3090 (8.6),
+    whose expanded weights make the denoise peak higher; the 3090's plan, made after the 4090's in one process (the
+    web page's Check fit for two cards), is its own, as a fresh process plans it. Measured on the release at
+    17x272x496: 9.24 GiB (4090) and 9.50 GiB (3090); served the 4090's trace, the 3090 was planned 276 MB short."""
+    from lowvram_stepvideo.files.releases import published_release
+    from lowvram_stepvideo.loading.model_folder import open_published
+    from lowvram_stepvideo.planning import plan
+    monkeypatch.setenv("LOWVRAM_STEPVIDEO_CACHE", str(tmp_path))
+    monkeypatch.setattr(plan, "_TRACES", {})
+    folder = open_published(published_release("stepfun-ai/stepvideo-t2v"))
+    profile = with_overrides(load_profile("24gb"), matmul="fast")
+
+    def denoise_peak(capability) -> int:
+        return plan.plan_memory(folder, profile, PRESET, "fp8", capability=capability).phases["denoise"].peak_vram_bytes
+    rtx_4090, rtx_3090 = denoise_peak((8, 9)), denoise_peak((8, 6))
+    monkeypatch.setattr(plan, "_TRACES", {})
+    monkeypatch.setenv("LOWVRAM_STEPVIDEO_CACHE", str(tmp_path / "fresh"))
+    assert rtx_3090 == denoise_peak((8, 6)) and rtx_3090 > rtx_4090

@@ -35,6 +35,8 @@ from ..pipeline.phases import PhasePipeline
 from ..pipeline.preview import traced_preview
 from .plan_cache import PlanCache, folder_identity
 from ..engines.attention import attention_precision, math_attention
+from ..engines.fast_matmul import choose_matmul
+from ..engines.target import planned_target
 from .planned_models import ModelShape
 from .planning_machine import PlanningRuntime, Stretch, Trace
 from ..profiles import Preset, Profile
@@ -208,6 +210,7 @@ def trace(folder: ModelFolder, profile: Profile, preset: Preset, assume_format: 
     options = options or SpeedOptions()
     layout = layout and replace(layout, rank=0)
     base = (folder.weight_format, assume_format, (preset.frames, preset.height, preset.width), options, layout)
+    base += (choose_matmul(profile, folder.weight_format, planned_target(profile, capability))[0],)  # its temporaries
     if profile.device == "cuda" and math_attention(capability, profile.torch_dtype):
         base += ("math attention",)     # the card has no fused kernel for the compute dtype
     elif profile.device == "cuda" and attention_precision(capability, profile.torch_dtype):
