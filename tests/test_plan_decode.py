@@ -1,10 +1,11 @@
-"""What the memory plan counts around the VAE decode (issue 17, point 3).
+"""What the memory plan counts around the VAE decode and the kernel probes (issue 17, point 3).
 
 The decode: on a CUDA card each chunk's frames leave the device asynchronously (engines/frame_copies.py): the sources
 of copies in flight stay on the device while the next chunk decodes, and the output video is page-locked host memory
 (which torch's pinned allocator rounds up to a power of two). The plan (the planning runtime on data-free tensors) is
 checked against the same decode run on real tensors on the CPU, down the CUDA path with stand-in streams and events,
-counted by an accountant."""
+counted by an accountant. The probes: they run before the first denoising step and free what they allocate, far below
+what a step holds, so the plan leaves them out."""
 from __future__ import annotations
 
 import contextlib
@@ -12,13 +13,14 @@ import contextlib
 import pytest
 import torch
 
-from lowvram_stepvideo.engines import frame_copies, host_store, tiling
+from lowvram_stepvideo.engines import attention, frame_copies, host_store, probes, tiling
+from lowvram_stepvideo.engines.target import Target
 from lowvram_stepvideo.loading.model_folder import open_model_folder
 from lowvram_stepvideo.pipeline import machine
 from lowvram_stepvideo.pipeline.phases import PhasePipeline
 from lowvram_stepvideo.pipeline.sampling import latent_shape
 from lowvram_stepvideo.planning import plan, planning_machine
-from lowvram_stepvideo.planning.byte_count import HOST, ByteAccountant, PlanningAccountant
+from lowvram_stepvideo.planning.byte_count import DEVICE, HOST, ByteAccountant, PlanningAccountant
 from lowvram_stepvideo.profiles import Preset, load_profile, with_overrides
 
 
@@ -154,3 +156,63 @@ def test_a_plan_for_the_cpu_copies_plainly(demo_dir):
     cuda = planning_machine.PlanningRuntime(folder, load_profile("24gb"))
     assert cuda.frame_copies(cuda.device).cuda and not cuda.frame_copies(torch.device("cpu")).cuda
 
+
+# ---- the kernel probes: before the first step, freed, and far below a step -----------------------------------
+
+def test_kernel_probes_free_their_memory_before_the_first_denoising_step(demo_dir, tmp_path, monkeypatch):
+    """A run on a card whose attention needs a probe (bf16 on Turing runs on float16 copies, so SDPA is probed
+    there; here on the CPU): the probe runs after the DiT is placed and before its first forward, and everything it
+    allocated is freed when it returns."""
+    monkeypatch.setattr(machine, "current_target", lambda device=None: Target((7, 5), "Tesla T4"))
+    monkeypatch.setattr(probes, "_MEMO", {})
+    monkeypatch.setattr(probes, "probes_file", lambda: tmp_path / "probes.json")
+    folder = open_model_folder(demo_dir)
+    profile = with_overrides(load_profile("cpu"), compute_dtype="bfloat16")
+    acc, events = ByteAccountant(), []
+    run_attention = probes._run_attention
+
+    def probe(*args):
+        before = acc.total("cpu")
+        with acc.measure() as watch:
+            found = run_attention(*args)
+        events.append(("probe", before, acc.total("cpu"), watch.extra["cpu"]))
+        return found
+    monkeypatch.setattr(probes, "_run_attention", probe)
+    pipe = PhasePipeline(folder, profile, progress=False, log=lambda msg: None)
+    place = pipe.runtime.place
+
+    def placing(model, section=None):
+        place(model, section)
+        if section == "dit":
+            events.append(("placed",))
+            model.register_forward_pre_hook(lambda module, args: events.append(("forward", acc.total("cpu"))))
+    pipe.runtime.place = placing
+    with acc, torch.inference_mode():
+        pipe(prompt="a probe", num_frames=17, height=32, width=48, num_inference_steps=1, output_type="latent")
+    order = [e[0] for e in events]
+    assert order[:3] == ["placed", "probe", "forward"] and "probe" not in order[3:]
+    _, before, after, peak = events[1]
+    assert after == before and peak > 0                      # all it made is gone when it returns
+
+
+def test_a_step_holds_far_more_than_a_probe_at_any_size():
+    """The release's DiT at the smallest frame the pipeline takes: what its denoising step holds beyond what is
+    alive when the levers attach (where a run probes) against everything a probe at its head size (128) makes,
+    device and host together (measured here on the CPU)."""
+    acc = ByteAccountant()
+    with acc:
+        found = probes._run_attention("sdpa", attention.run_function("sdpa", "float16"), "cpu", torch.bfloat16, 128)
+    assert found.ok and acc.total("cpu") == 0
+    probe_bytes = acc.peak["cpu"]
+    folder = open_model_folder("stepfun-ai/stepvideo-t2v", published=True)
+    at_attach, attach = [], planning_machine.PlanningRuntime.attach_levers
+
+    def attaching(self, *args, **kwargs):
+        at_attach.append(self.accountant.total(DEVICE))
+        return attach(self, *args, **kwargs)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(planning_machine.PlanningRuntime, "attach_levers", attaching)
+        for name in ("8gb", "24gb"):
+            phases = plan.trace(folder, load_profile(name), Preset(17, 16, 16, 1), "int8", capability=(8, 9))
+            step = max(s.device_bytes for s in phases["denoise"]) - at_attach[-1]
+            assert step > 100 * probe_bytes, (name, step, probe_bytes)
