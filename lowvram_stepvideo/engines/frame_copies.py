@@ -3,8 +3,10 @@ host waiting for it (tiling.decode_tiled writes each time chunk's frames through
 
 On CUDA a copy waits (on the side stream) for the work that made its frames, runs while the next chunk decodes, and
 keeps its source tensor alive until it has landed (the caching allocator could otherwise hand that memory to the
-next chunk while the copy still reads it); `finish()` waits for all of them, once per decode. Elsewhere (the CPU,
-the memory planner's data-free device) a copy is a plain copy.
+next chunk while the copy still reads it); `finish()` waits for all of them, once per decode. Elsewhere (the CPU)
+a copy is a plain copy. The memory planner runs the CUDA path of a plan for a CUDA card on its data-free device,
+with stand-in streams and events (planning_machine.PlannedStreams), so the sources it keeps alive and the
+page-locked output video are counted as they are held.
 
 The memory plan asks `chunk_output_bytes` what blending a chunk on the device holds there, to decide whether the
 device can hold it (else tiles are blended on the host, as they were before).
@@ -22,11 +24,13 @@ log = logging.getLogger(__name__)
 
 
 class FrameCopies:
-    """Copies of frames from the device `cuda` says into host tensors; see the module docstring."""
+    """Copies of frames from the device `cuda` says into host tensors; see the module docstring. `streams`: where
+    the CUDA path's streams and events come from (torch.cuda; the memory planner's stand-ins)."""
 
-    def __init__(self, device: torch.device, cuda: bool):
+    def __init__(self, device: torch.device, cuda: bool, streams=None):
         self.device, self.cuda = torch.device(device), cuda
-        self.stream = torch.cuda.Stream(self.device) if cuda else None
+        self.streams = torch.cuda if streams is None else streams
+        self.stream = self.streams.Stream(self.device) if cuda else None
         self.pending: list[tuple[object, torch.Tensor]] = []    # (event recorded after the copy, its source)
         self.queued = 0
 
@@ -34,12 +38,13 @@ class FrameCopies:
         if not self.cuda:
             dst.copy_(src)
             return
-        made = torch.cuda.Event()
-        made.record(torch.cuda.current_stream(self.device))
+        streams = self.streams
+        made = streams.Event()
+        made.record(streams.current_stream(self.device))
         self.stream.wait_event(made)                 # after the kernels that wrote `src`
-        with torch.cuda.stream(self.stream):
+        with streams.stream(self.stream):
             dst.copy_(src, non_blocking=True)
-        landed = torch.cuda.Event()
+        landed = streams.Event()
         landed.record(self.stream)
         self.pending = [(e, s) for e, s in self.pending if not e.query()] + [(landed, src)]
         self.queued += 1

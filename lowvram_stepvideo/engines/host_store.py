@@ -164,8 +164,10 @@ def _castable(stored: torch.dtype, run: torch.dtype) -> bool:
 
 # ---------------------------------------------------------------- packed host copies
 
-def _pow2_ceil(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
+def pinned_bytes(nbytes: int) -> int:
+    """Page-locked RAM that asking torch for `nbytes` of it takes: its caching host allocator rounds every request
+    up to a power of two (its default; PYTORCH_ALLOC_CONF's pinned_max_round_threshold can stop that above a size)."""
+    return 1 << max(0, (nbytes - 1).bit_length())
 
 
 class HostArenas:
@@ -183,7 +185,7 @@ class HostArenas:
         """Bytes allocated to hold `blocks` blocks."""
         total = blocks * self.block_bytes
         full, rest = divmod(total, self.arena_bytes)
-        return full * self.arena_bytes + (_pow2_ceil(rest) if rest else 0)
+        return full * self.arena_bytes + (pinned_bytes(rest) if rest else 0)
 
     def fit(self, budget: int, limit: int) -> int:
         """How many blocks (at most `limit`) fit in `budget` bytes."""

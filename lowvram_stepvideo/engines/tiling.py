@@ -207,14 +207,15 @@ def _check_state(state: DecodeState, z: torch.Tensor, n_chunks: int, total_frame
 def decode_tiled(decode_chunk: DecodeFn, z: torch.Tensor, tile, overlap=0, scale: int = 16,
                  latents_per_chunk: int = 3, progress: Progress | None = None, state: DecodeState | None = None,
                  out_device: torch.device | str | None = None,
-                 blend_device: torch.device | str | None = None) -> torch.Tensor:
+                 blend_device: torch.device | str | None = None, copies: FrameCopies | None = None) -> torch.Tensor:
     """Decode latents z (B, T, C, h, w) into a video (B, F, 3, h*scale, w*scale) in the decoder's dtype.
 
     Time: chunks of `latents_per_chunk` latents as in the reference, boundaries blended (`mix_boundary`'s
     arithmetic). Space: tiles of `tile` latent pixels overlapping by `overlap` (int or (h, w)), blended with linear
     ramps in float32 on `blend_device` (default: z's device). The video is allocated on `out_device` (default: z's
-    device; page-locked when it is the host and the blend is on a CUDA device); give a `state` to resume after an
-    error. `progress(done, total)` counts the tiles of this call: (0, total) before the first one, then once per
+    device; page-locked when it is the host and the frames leave a CUDA device); `copies`: how the frames leave the
+    blend's device (default: frame_copies.frame_copies of it); give a `state` to resume after an error.
+    `progress(done, total)` counts the tiles of this call: (0, total) before the first one, then once per
     tile."""
     state = state if state is not None else DecodeState()
     _, num_latents, _, h, w = z.shape
@@ -224,7 +225,7 @@ def decode_tiled(decode_chunk: DecodeFn, z: torch.Tensor, tile, overlap=0, scale
     _check_state(state, z, len(sizes), starts[-1], scale)
     device = state.out.device if state.out is not None else torch.device(out_device or z.device)
     blend = torch.device(blend_device or z.device)
-    copies = frame_copies(blend)
+    copies = frame_copies(blend) if copies is None else copies
     tick = _counter(progress, (len(sizes) - state.next_chunk) * len(spans_y) * len(spans_x))
     tiles_y, tiles_x = ([(span, weight.to(blend)) for span, weight in zip(spans, axis_weights(spans, scale))]
                         for spans in (spans_y, spans_x))    # the weights go to the blend's device once

@@ -27,6 +27,7 @@ from ..engines.levers import DiTLevers
 from ..engines.parallel import Parallel
 from ..engines.placement import attach_streaming, device_memory_report, find_blocks, offload_component, to_device
 from ..engines.streaming import packed_budget_bytes
+from ..engines.frame_copies import FrameCopies
 from ..engines.tiling import decode_with_fallback, halving_tiles, tile_count
 from ..profiles import Profile
 from .warm import KeptDiT
@@ -119,7 +120,12 @@ class Runtime:
         on the device unless `blend_on_device` is off; each chunk's frames leave it once (engines/tiling.py)."""
         blend = self.device if self.blend_on_device else torch.device("cpu")
         return decode_with_fallback(vae.decode_chunk, latents, tiles, overlap, on_oom=on_oom, out_device="cpu",
-                                    blend_device=blend, progress=progress)
+                                    blend_device=blend, progress=progress, copies=self.frame_copies(blend))
+
+    def frame_copies(self, blend: torch.device) -> FrameCopies | None:
+        """How a decode blending on `blend` copies its frames out; None: as engines/tiling.py picks for that device
+        (engines/frame_copies.py). The planner's runtime gives the copies of the card it plans for."""
+        return None
 
     def free(self) -> None:
         """Give memory that is no longer referenced back (after a phase, after an out-of-memory error)."""

@@ -21,6 +21,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from ..engines.host_store import pinned_bytes
+
 GiB = 2**30
 
 
@@ -33,6 +35,7 @@ class ByteAccountant(TorchDispatchMode):
         self.live: dict[str, int] = defaultdict(int)
         self.peak: dict[str, int] = defaultdict(int)
         self.base: dict[str, int] = defaultdict(int)   # bytes placed before (weights), added by the caller
+        self.made: dict[str, int] = defaultdict(int)   # storages made so far: a clock of the work done there
         self._storages: dict[int, list] = {}          # storage id -> [device, nbytes, tensor refcount]
         self._paused = False
 
@@ -81,14 +84,17 @@ class ByteAccountant(TorchDispatchMode):
         """Something held `nbytes` on `device` for a moment, on top of what is live now (see PeakWatch)."""
         self.peak[device] = max(self.peak[device], self.total(device) + nbytes)
 
-    def _track(self, t: torch.Tensor, dev: str) -> None:
+    def _track(self, t: torch.Tensor, dev: str, nbytes: int | None = None) -> None:
+        """Count `t`'s storage (once, however many tensors share it) as `nbytes` (default: its size) on `dev`."""
         storage = t.untyped_storage()
         key = storage._cdata
         entry = self._storages.get(key)
         if entry is None:
-            self._check_limit(dev, storage.nbytes())
-            entry = self._storages[key] = [dev, storage.nbytes(), 0]
-            self.live[dev] += entry[1]
+            nbytes = storage.nbytes() if nbytes is None else nbytes
+            self._check_limit(dev, nbytes)
+            entry = self._storages[key] = [dev, nbytes, 0]
+            self.live[dev] += nbytes
+            self.made[dev] += 1
             self._update_peak(dev)
         entry[2] += 1
         weakref.finalize(t, self._release, key)
@@ -146,8 +152,9 @@ class PlanningAccountant(ByteAccountant):
     what the run would hold in host RAM) or under DEVICE (made on or moved to the compute device). The run's
     compute device must be "meta" with an index (`torch.device("meta", 0)`), so that `x.to(device)` reaches this
     mode as a copy, like an upload, instead of returning x. Real CPU tensors that enter an op (token ids) are
-    replaced by meta stand-ins; a move to where a tensor already is aliases it, as on a real device. Ops that need
-    data (`.item()`, boolean indexing) fail: the plan cannot follow them."""
+    replaced by meta stand-ins; a move to where a tensor already is aliases it, as on a real device. A page-locked
+    allocation (`pin_memory=True`) counts what the pinned allocator takes for it (host_store.pinned_bytes). Ops
+    that need data (`.item()`, boolean indexing) fail: the plan cannot follow them."""
 
     @classmethod
     def _should_skip_dynamo(cls) -> bool:
@@ -159,6 +166,7 @@ class PlanningAccountant(ByteAccountant):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         args, kwargs = list(args), dict(kwargs or {})
+        pinned = bool(kwargs.pop("pin_memory", None))
         if func.overloadpacket in (torch.ops.aten.to, torch.ops.aten._to_copy):
             label, out = self._move(func, args, kwargs)
         else:
@@ -166,12 +174,12 @@ class PlanningAccountant(ByteAccountant):
             _set_argument(func, args, kwargs, "device", torch.device(DEVICE))
             if "generator" in kwargs:
                 kwargs["generator"] = None                     # a CPU generator cannot draw meta tensors
-            kwargs.pop("pin_memory", None)
             out = func(*[_as_meta(a) for a in args], **kwargs)
         if not self._paused:
             for t in (out,) if isinstance(out, torch.Tensor) else tree_flatten(out)[0]:
                 if isinstance(t, torch.Tensor) and not self._view_of_untracked(t, args):
-                    self._track(t, self._labels.setdefault(t.untyped_storage()._cdata, label))
+                    nbytes = pinned_bytes(t.untyped_storage().nbytes()) if pinned else None
+                    self._track(t, self._labels.setdefault(t.untyped_storage()._cdata, label), nbytes)
         return out
 
     def _move(self, func, args: list, kwargs: dict) -> tuple[str, torch.Tensor]:

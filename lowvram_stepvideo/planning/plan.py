@@ -16,7 +16,14 @@ placements (`fit_profile`) is arithmetic. Traces are kept for the life of the pr
 One denoising step is enough: every step allocates the same. With the step cache, two: a full evaluation after
 the first step also holds the residuals its CFG branch saved at the last one (and the last step always runs in full).
 Weights read from the checkpoint count as host RAM only where the run copies them (packed block images);
-memory-mapped pages are the OS page cache.
+memory-mapped pages are the OS page cache. The decode copies its frames out as a run on the card would
+(planning_machine.PlannedStreams): on CUDA each chunk's frames stay on the device until their copy has landed, and the
+output video is page-locked, counted as the pinned allocator rounds it (byte_count).
+
+The kernel probes (engines/probes.py) are not counted: they run before any weight is read (an explicit kernel, in the
+preflight) or when the levers attach, after the DiT is placed and before its first step, and free the few MB they
+make before they return, while that step holds hundreds of MB more than is alive then at any size
+(tests/test_plan_decode.py).
 """
 from __future__ import annotations
 

@@ -4,16 +4,20 @@ It loads each network on "meta" with one block per stack (identical blocks alloc
 engines and levers as the target card would run them (chosen by the same functions as a real run, for the card the
 profile is for), and cuts each phase into stretches at every place/unplace; repeated calls with the same shapes
 replay their allocations instead of running again (Replaying). With a parallel `layout`, the engines of rank 0 of
-that run are attached too (their buffers counted, nothing sent).
+that run are attached too (their buffers counted, nothing sent). A plan for a CUDA card copies the decoded frames out
+as a run there does (engines/frame_copies.py: each chunk's frames kept on the device until their asynchronous copy
+has landed, the output video page-locked), on stand-in streams and events (PlannedStreams).
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..engines.attention import planned_kernel
+from ..engines.frame_copies import FrameCopies
 from ..engines.target import planned_target
 from ..engines.levers import DiTLevers, SpeedOptions
 from ..engines.parallel import Layout, Parallel
@@ -92,6 +96,11 @@ class PlanningRuntime(Runtime):
         return DiTLevers(getattr(dit, "model", dit), self.profile, options, self.device, target,
                          planning=True, par=self.par).attach()
 
+    def frame_copies(self, blend: torch.device) -> FrameCopies:
+        """The copies of a run on the profile's device: on a CUDA card, the asynchronous path (PlannedStreams)."""
+        cuda = self.profile.device == "cuda" and blend == self.device
+        return FrameCopies(blend, cuda, PlannedStreams(self.accountant) if cuda else None)
+
     def free(self) -> None:
         """Nothing to give back. No full garbage collection either (0.1-0.2 s each with torch loaded): the planned
         run frees its tensors by reference counting (tests/test_runtime.py checks the plan is the same with one)."""
@@ -115,8 +124,10 @@ class PlanningRuntime(Runtime):
 class Replaying(nn.Module):
     """A network as the plan runs it: a call (forward, or the VAE's decode_chunk) with arguments of shapes seen
     before is not computed again; its allocations are replayed instead: the same peak above what is live then, and
-    an output of the same shape in the same place. (The DiT runs twice per step with sequential CFG; a
-    full-length decode is hundreds of tiles of a few shapes; attention in head groups computes each group alike.)"""
+    an output of the same shape and layout in the same place, a view of a storage of the same size (the VAE's
+    frames are a view of more frames than it returns, and whoever keeps them keeps them all). (The DiT runs twice
+    per step with sequential CFG; a full-length decode is hundreds of tiles of a few shapes; attention in head
+    groups computes each group alike.)"""
 
     def __init__(self, model: nn.Module, accountant: PlanningAccountant):
         super().__init__()
@@ -140,9 +151,52 @@ class _Replay:
         if key not in self._seen:
             with acc.measure() as watch:
                 out = self.fn(*args)
-            self._seen[key] = (tuple(out.shape), out.dtype, acc.label(out), dict(watch.extra))
+            layout = (tuple(out.shape), out.stride(), out.storage_offset(), out.untyped_storage().nbytes())
+            self._seen[key] = (layout, out.dtype, acc.label(out), dict(watch.extra))
             return out
-        shape, dtype, where, extra = self._seen[key]
-        for device, nbytes in extra.items():
-            acc.note_transient(device, nbytes)
-        return torch.empty(shape, dtype=dtype, device="cpu" if where == HOST else DEVICE)
+        (shape, stride, offset, nbytes), dtype, where, extra = self._seen[key]
+        for device, peak in extra.items():
+            acc.note_transient(device, peak)
+        storage = torch.empty(nbytes // dtype.itemsize, dtype=dtype, device="cpu" if where == HOST else DEVICE)
+        return storage.as_strided(shape, stride, offset)
+
+
+class PlannedStreams:
+    """torch.cuda's streams and events as FrameCopies uses them, for a planned run on the data-free device. A copy
+    lands once the device has made a tensor after it was queued: a chunk's frames (milliseconds over the bus) land
+    while the next chunk decodes (seconds), not while the host queues the rest of its own chunk's copies. So the
+    sources FrameCopies keeps alive until then are alive in the plan."""
+
+    def __init__(self, accountant: PlanningAccountant):
+        self.accountant = accountant
+
+    def Event(self) -> "_PlannedEvent":   # noqa: N802 (torch.cuda's names)
+        return _PlannedEvent(self.accountant)
+
+    def Stream(self, device=None) -> "_PlannedStream":   # noqa: N802
+        return _PlannedStream()
+
+    def current_stream(self, device=None) -> "_PlannedStream":
+        return _PlannedStream()
+
+    def stream(self, stream: "_PlannedStream"):
+        return contextlib.nullcontext()
+
+
+class _PlannedStream:
+    def wait_event(self, event: "_PlannedEvent") -> None:
+        pass
+
+
+class _PlannedEvent:
+    def __init__(self, accountant: PlanningAccountant):
+        self.accountant, self.at = accountant, None
+
+    def record(self, stream: _PlannedStream | None = None) -> None:
+        self.at = self.accountant.made[DEVICE]
+
+    def query(self) -> bool:
+        return self.accountant.made[DEVICE] > self.at
+
+    def synchronize(self) -> None:
+        self.at = -1
