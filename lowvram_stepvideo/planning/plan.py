@@ -20,10 +20,10 @@ memory-mapped pages are the OS page cache. The decode copies its frames out as a
 (planning_machine.PlannedStreams): on CUDA each chunk's frames stay on the device until their copy has landed, and the
 output video is page-locked, counted as the pinned allocator rounds it (byte_count).
 
-The kernel probes (engines/probes.py) are not counted: they run before any weight is read (an explicit kernel, in the
-preflight) or when the levers attach, after the DiT is placed and before its first step, and free the few MB they
-make before they return, while that step holds hundreds of MB more than is alive then at any size
-(tests/test_plan_decode.py).
+The kernel probes (engines/probes.py) are not counted: on a CUDA device they run in the preflight, before any weight
+is read (auto's timed call included: 151 MB of q, k and v); where the preflight did not run them (the CPU) they run
+when the levers attach, after the DiT is placed and before its first step, and free the few MB they make before
+they return, while that step holds hundreds of MB more than is alive then at any size (tests/test_plan_decode.py).
 """
 from __future__ import annotations
 
