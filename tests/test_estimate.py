@@ -107,6 +107,26 @@ def test_steps_scale_the_denoise(folder, fixed_work):
     assert fifty.seconds["decode"] == ten.seconds["decode"]
 
 
+def test_a_parallel_run_is_estimated_per_process(folder, fixed_work):
+    """CFG x2: each process runs one guided forward a step (one pass over its streamed blocks); sequence x2: each
+    runs both on half the tokens and heads, plus its all-to-alls (q, k, v and the output of each block's
+    self-attention, half of its half of the tokens) over the host link; the processes share the disk."""
+    from lowvram_stepvideo.engines.parallel import layout_for
+    profile = load_profile("24gb")
+    peak, link = RTX4090.tflops("bf16") * 1e12, RTX4090.host_link_gbs * 1e9 * 0.8
+    forward = 1e15 / (0.6 * peak) + 2e15 / (0.5 * peak)
+    cfg = estimate_run(folder, profile, PRESET, RTX4090, layout=layout_for("cfg", 2))
+    load = cfg.work["loaded_bytes"] / 3e9
+    assert cfg.seconds["denoise"] == pytest.approx(2 * load + PRESET.steps * forward)
+    assert cfg.work["exchanged_bytes_per_step"] == 0 and "2 processes: CFG x2, one RTX 4090 each" in cfg.notes
+    seq = estimate_run(folder, profile, PRESET, RTX4090, layout=layout_for("sequence", 2))
+    c = folder.open("transformer", layers=0).config
+    tokens = PRESET.tokens
+    exchanged = 2 * 4 * c.num_layers * (tokens / 2) * c.dim * 2 / 2     # 2 prompts, bf16, half sent
+    assert seq.work["exchanged_bytes_per_step"] == pytest.approx(exchanged)
+    assert seq.seconds["denoise"] == pytest.approx(2 * load + PRESET.steps * (forward + exchanged / link))
+
+
 def test_fast_matmul_and_sageattention_rates(folder, fixed_work, monkeypatch):
     """int8 x int8 linears at the int8 rate (full rate on GeForce); SageAttention: QK^T at int8, PV at fp8."""
     monkeypatch.setattr(estimate.attention, "is_available", lambda name: name == "sage")

@@ -8,6 +8,10 @@ Per phase (phases run one after another, so the total is their sum):
   compute (the longer counts), without it both count. Once per run: the weights kept on the card or packed in RAM
   are read from disk.
 - decode: the VAE's operations (convolutions, its attention) at the compute dtype's rate.
+A parallel run (one process's share, `layout`): each process runs 1 of the CFG x2 branches and 1/N of the tokens
+and heads of a sequence split xN (its linears and attention are that share of the single run's); a sequence split
+adds its all-to-alls (q, k, v and the output of every block's self-attention, (N-1)/N of each process's share)
+over the card's host link (consumer cards exchange through PCIe), and the processes of one machine share its disk.
 Seconds = operations / (dense peak x efficiency) and bytes / (bandwidth x efficiency). The efficiencies are
 assumptions (ASSUMED) until `bench/speed_gpu.py --calibrate` measures them on the card at hand (calibration.py);
 the disk's rate is an assumption. Not counted: the step cache's skipped blocks, torch.compile, writing the mp4.
@@ -28,6 +32,7 @@ from .calibration import ASSUMED, efficiencies, efficiency
 from ..engines.attention import attention_precision, math_attention
 from .planned_models import ModelShape, planned_model
 from .stacks import block_layout
+from ..pipeline.sampling import latent_shape
 from .work import PROMPTS, Work, decode_work, dit_forward_work, text_work
 
 DISK_GBS = 3.0                 # assumed NVMe read rate (docs: 3-7 GB/s); blocks read from disk each pass
@@ -61,9 +66,9 @@ class Estimate:
 
 
 def estimate_run(folder: ModelFolder, profile: Profile, preset: Preset, card: Card | None,
-                 options=None) -> Estimate | None:
-    """The estimate of `profile` (as fitted) at `preset` on `card` (engines/cards.py); None without a table card
-    or on the CPU."""
+                 options=None, layout=None) -> Estimate | None:
+    """The estimate of `profile` (as fitted) at `preset` on `card` (engines/cards.py), run by one process or by
+    `layout`'s (engines.parallel.Layout, one card each); None without a table card or on the CPU."""
     if card is None or profile.device != "cuda":
         return None
     eff, calibrated = efficiencies(card)
@@ -72,7 +77,9 @@ def estimate_run(folder: ModelFolder, profile: Profile, preset: Preset, card: Ca
                    list(rates.notes))
     dtype = profile.torch_dtype
     est.seconds["text"] = _text_seconds(folder, profile, rates, est)
-    est.seconds["denoise"] = _denoise_seconds(folder, profile, preset, rates, est)
+    est.seconds["denoise"] = _denoise_seconds(folder, profile, preset, rates, est, layout)
+    if layout is not None:
+        est.notes.append(f"{layout.describe()}, one {card.name} each")
     decode = decode_work(folder, dtype, preset.frames, preset.height, preset.width, profile.vae.tile,
                          profile.vae.overlap)
     est.work["decode_ops"] = decode.linear
@@ -152,24 +159,41 @@ def _text_seconds(folder: ModelFolder, profile: Profile, rates: _Rates, est: Est
 
 
 def _denoise_seconds(folder: ModelFolder, profile: Profile, preset: Preset, rates: _Rates,
-                     est: Estimate) -> float | None:
+                     est: Estimate, layout=None) -> float | None:
     dtype = profile.torch_dtype
     forward = dit_forward_work(folder, dtype, preset.frames, preset.height, preset.width)
     shape = _shape(folder, "transformer", dtype)
     stack = block_layout(folder, profile)["dit"]
-    passes = 1 if profile.cfg_mode == "batch" else PROMPTS          # a batch of 2 streams the blocks once
+    prompts, split, processes = (PROMPTS // layout.cfg, layout.sequence, layout.world) if layout else (PROMPTS, 1, 1)
+    passes = 1 if profile.cfg_mode == "batch" or prompts == 1 else PROMPTS   # a batch streams the blocks once
     ram_bytes, disk_bytes = stack["packed_in_ram"] * shape.block_bytes, stack["from_disk"] * shape.block_bytes
     loaded = shape.other_bytes + (stack["resident"] + stack["packed_in_ram"]) * shape.block_bytes
+    exchanged = prompts * _all_to_all_bytes(folder, preset, dtype, split)
     est.work.update(dit_forward_linear_ops=forward.linear, dit_forward_attention_ops=forward.attention,
                     streamed_bytes_per_step=passes * (ram_bytes + disk_bytes), loaded_bytes=loaded)
-    linear = rates.ops_seconds(forward.linear, "matmul", rates.linear)
-    attend = rates.attention_seconds(forward)
+    if layout is not None:
+        est.work["exchanged_bytes_per_step"] = exchanged
+    linear = rates.ops_seconds(forward.linear / split, "matmul", rates.linear)
+    attend = rates.attention_seconds(Work(0.0, forward.attention / split, forward.head_dim))
     if linear is None or attend is None:
         return None
-    compute = PROMPTS * (linear + attend)
-    stream = passes * (rates.link_seconds(ram_bytes) + rates.disk_seconds(disk_bytes))
+    compute = prompts * (linear + attend) + rates.link_seconds(exchanged)
+    stream = passes * (rates.link_seconds(ram_bytes) + processes * rates.disk_seconds(disk_bytes))
     step = max(compute, stream) if profile.dit.prefetch else compute + stream
-    return rates.disk_seconds(loaded) + preset.steps * step
+    return processes * rates.disk_seconds(loaded) + preset.steps * step
+
+
+def _all_to_all_bytes(folder: ModelFolder, preset: Preset, dtype: torch.dtype, split: int) -> float:
+    """Bytes one process sends in one DiT forward of a sequence split x`split`: every block's self-attention
+    exchanges q, k, v and its output, (split-1)/split of the process's share of the tokens each."""
+    if split <= 1:
+        return 0.0
+    config = folder.open("transformer", layers=0).config
+    frames, _, height, width = latent_shape(preset.frames, preset.height, preset.width,
+                                            channels=config.in_channels).shape[1:]
+    tokens = frames * (height // config.patch_size) * (width // config.patch_size)
+    share = tokens / split * config.dim * torch.finfo(dtype).bits / 8
+    return 4 * config.num_layers * share * (split - 1) / split
 
 
 @functools.lru_cache(maxsize=16)

@@ -44,7 +44,7 @@ def check_fit(folder: ModelFolder, profile: Profile, preset: Preset, vram_bytes:
                   assumed=folder.weight_format != own_format, folder=folder)
     if found is not None:
         fitted, plan = tried[found]
-        estimate = None if layout else estimate_run(folder, fitted, ladder[found], budget.card, options)
+        estimate = estimate_run(folder, fitted, ladder[found], budget.card, options, layout)
         return Verdict(True, ladder[found], fitted, plan, requested_plan=tried[0][1] if found else None,
                        estimate=estimate, **common)
     fitted, plan = tried[0]

@@ -69,7 +69,7 @@ def report(v: Verdict) -> str:
     if v.estimate is not None:
         lines.append(estimate_line(v.estimate, v.preset))
     elif v.fits and v.budget.device == "cuda":
-        lines.append("estimate: none (the time is estimated for a card of --list-cards, run by one process)")
+        lines.append("estimate: none (the time is estimated for a card of --list-cards)")
     return "\n".join(lines)
 
 
