@@ -226,11 +226,15 @@ def test_the_turbo_release_is_estimated_at_its_steps(capsys, demo_env):
     assert json.loads(out)["estimate"]["preset"] == "17x272x496@15"
 
 
-def test_the_sidecar_has_the_estimate_beside_the_timings(folder, monkeypatch):
+def test_the_sidecar_has_the_estimate_beside_the_timings(folder, monkeypatch, fixed_work):
     pipe = SimpleNamespace(folder=folder, profile=load_profile("24gb"), options=None)
     monkeypatch.setattr(outputs, "this_card", lambda: (RTX4090, (8, 9)))
     got = outputs.run_estimate(pipe, PRESET)
     assert set(got["estimate_s"]) == {"text", "denoise", "decode", "total"} and got["estimate"]["card"] == "RTX 4090"
+    from lowvram_stepvideo.engines.parallel import layout_for
+    shared = outputs.run_estimate(pipe, PRESET, layout_for("cfg", 2))        # one process's share of a CFG split
+    assert shared["estimate_s"]["denoise"] < got["estimate_s"]["denoise"]
+    assert "2 processes: CFG x2, one RTX 4090 each" in shared["estimate"]["notes"]
     monkeypatch.setattr(outputs, "this_card", lambda: (None, None))     # the CPU, or a card not in the table
     assert outputs.run_estimate(pipe, PRESET) == {"estimate_s": None, "estimate": None}
 

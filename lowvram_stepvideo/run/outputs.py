@@ -256,15 +256,15 @@ def job_metadata(job, request) -> dict:
             "request": job.request.fingerprint(job.pipe.folder.root, job.pipe.profile.compute_dtype),
             "parallel": job.par.layout.describe() if job.par else None, "kind": job.pipe.kind,
             **request.describe_image(),
-            **(run_estimate(job.pipe, preset) if job.par is None else {"estimate_s": None, "estimate": None})}
+            **run_estimate(job.pipe, preset, job.par and job.par.layout)}
 
 
-def run_estimate(pipe, preset) -> dict:
+def run_estimate(pipe, preset, layout=None) -> dict:
     """The time estimate of what ran, on this machine's card, for the sidecar beside the measured timings_s
-    (estimate_s: seconds per phase and total; estimate: what they assume). None on the CPU, an unknown card or
-    several processes (the estimate is of one card's run)."""
+    (estimate_s: seconds per phase and total; estimate: what they assume); of one process's share under a parallel
+    `layout`. None on the CPU or an unknown card."""
     try:
-        est = estimate_run(pipe.folder, pipe.profile, preset, this_card()[0], pipe.options)
+        est = estimate_run(pipe.folder, pipe.profile, preset, this_card()[0], pipe.options, layout)
     except (StepVideoError, RuntimeError, ValueError, OSError) as e:   # never cost the video its sidecar
         return {"estimate_s": None, "estimate": {"error": str(e).strip().splitlines()[0]}}
     return {"estimate_s": estimate_seconds(est), "estimate": None if est is None else est.to_dict()}
