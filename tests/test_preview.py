@@ -168,9 +168,11 @@ def test_cache_fits_once_per_vae_folder_identity(tmp_path):
         fits.append(folder)
         return random_map(seed=len(fits))
 
-    first = pm.preview_map_for(vae, cache, fit=fake_fit)
-    again = pm.preview_map_for(vae, cache, fit=fake_fit)
+    said = []
+    first = pm.preview_map_for(vae, cache, fit=fake_fit, on_fit=lambda: said.append(len(fits)))
+    again = pm.preview_map_for(vae, cache, fit=fake_fit, on_fit=lambda: said.append(len(fits)))
     assert len(fits) == 1 and torch.equal(first.weight, again.weight)
+    assert said == [0]                                     # said before the one fit, not on the cached read
     assert len(list(cache.glob("*.json"))) == 1 and not list(cache.glob(".*"))
 
     config = vae / "config.json"                          # another VAE in the same place: refit
@@ -372,3 +374,17 @@ def test_denoise_is_bit_identical_with_and_without_previews(tmp_path):
     with_previews = pipe(latents=io["step0.latents_in"].clone(), step_callback=preview, **kwargs)
     assert [r["step"] for r in previewer.records] == list(range(1, call["steps"] + 1))
     assert torch.equal(plain, with_previews)
+
+
+def test_a_run_says_so_before_it_fits_the_map_once(tmp_path, monkeypatch):
+    """The first preview of a VAE folder without a stored map fits one (a minute or two for the release's VAE on
+    two cores): the run says so first; the next run reads the cache and says nothing."""
+    from lowvram_stepvideo.run import live_preview
+    monkeypatch.setattr(pm, "ENCODER_RECIPE", (4, 4, 64))
+    monkeypatch.setenv("LOWVRAM_STEPVIDEO_CACHE", str(tmp_path / "cache"))
+    said = []
+    for _ in range(2):
+        hook = live_preview.preview_hook(1, tmp_path / "a.mp4.preview.webp", ENCODER_VAE, 4, lambda record: None,
+                                         said.append)
+        assert hook is not None
+    assert said == [live_preview.FITTING]

@@ -288,11 +288,12 @@ def store_preview_map(vae_folder: Path) -> PreviewMap | None:
 
 
 def preview_map_for(vae_folder: Path, cache_folder: Path | None = None,
-                    fit: Callable[[Path], PreviewMap] | None = None) -> PreviewMap:
+                    fit: Callable[[Path], PreviewMap] | None = None,
+                    on_fit: Callable[[], None] | None = None) -> PreviewMap:
     """The map of the VAE in `vae_folder`: the one quantize.py stored there (STORED_NAME), else from the cache when
     its files and the recipe are unchanged, else fitted on the CPU (`fit`, default: load the folder's VAE and
-    fit_preview_map) and cached. An unreadable entry is refit; a cache folder that cannot be written only costs the
-    next run the fit again."""
+    fit_preview_map; `on_fit()` is called first, to say so) and cached. An unreadable entry is refit; a cache
+    folder that cannot be written only costs the next run the fit again."""
     stored = Path(vae_folder) / STORED_NAME
     if stored.is_file():
         try:
@@ -308,6 +309,8 @@ def preview_map_for(vae_folder: Path, cache_folder: Path | None = None,
             return found
         except (PreviewMapError, OSError) as e:
             log.debug(f"preview map cache: {e}")
+    if on_fit:
+        on_fit()
     fitted = (fit or (lambda f: fit_preview_map(load_fit_vae(f))))(Path(vae_folder))
     try:
         folder.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,10 @@ Listener = Callable[[dict], None]    # what one preview wrote: path, frames, wid
 FramesListener = Callable[[int, object], None]   # (steps done, uint8 frames (F, H, W, 3) on the CPU)
 
 
+FITTING = ("preview: fitting this VAE's latent-to-RGB map, once (on the CPU; up to a minute or two for the release's "
+           "VAE, kept in the cache; quantize.py stores it in the folder)")
+
+
 def check_every(every) -> None:
     """A one-line UsageError unless `every` is a whole number of steps >= 0."""
     if isinstance(every, bool) or not isinstance(every, int) or every < 0:
@@ -39,7 +43,7 @@ def preview_hook(every: int, path: Path | None, vae_folder: Path, steps: int, li
         log(f"preview: {problem}; the run goes on without previews")
         return None
     try:
-        preview_map = preview_map or preview_map_for(vae_folder)
+        preview_map = preview_map or preview_map_for(vae_folder, on_fit=lambda: log(FITTING))
     except (StepVideoError, OSError, RuntimeError) as e:
         log(f"preview: no latent-to-RGB map for {vae_folder} ({e}); the run goes on without previews")
         return None
