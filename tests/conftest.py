@@ -110,9 +110,23 @@ def complete_model_dir(fixture_dir: Path, tmp_path: Path) -> Path:
     return dst
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread_for_the_session():
+    """Every test computes on one intra-op thread, as the subprocesses the tests start do (OMP_NUM_THREADS=1). On
+    the 2 vCPU dev VM a second thread saves little when the machine is idle (the whole quick run takes about as
+    long either way) and costs a lot of waiting when another process holds the other core (the reference-fixture
+    and VAE tests took 1.5x as long)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def one_torch_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a busy machine they cost a lot of waiting."""
+    """Tiny tensors gain nothing from intra-op threads, and on a busy machine they cost a lot of waiting (the
+    session already runs on one thread; this keeps a module that names it on one thread whatever the session
+    does)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
