@@ -265,7 +265,7 @@ def test_the_runtime_passes_where_to_blend(demo_dir, monkeypatch):
         return real(*args, **kwargs)
     monkeypatch.setattr(tiling, "decode_tiled", spy)
     pipe = PhasePipeline.open(demo_dir, "cpu", progress=False, log=lambda msg: None)
-    latents = torch.randn(1, 3, 4, 4, 6)
+    latents = torch.randn(1, 1, 4, 2, 4)          # one latent frame, two tiles: the smallest tiled decode
     pipe.decode(latents, tile=2)
     pipe.runtime.blend_on_device = False
     pipe.decode(latents, tile=2)
