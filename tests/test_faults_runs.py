@@ -28,8 +28,9 @@ from lowvram_stepvideo.run.resume import checkpoint_path
 pytestmark = pytest.mark.usefixtures("demo_env", "one_torch_thread")
 
 # A generate.py run in its own process. argv[1]: a folder where the placement of each .mp4 waits until two
-# processes are there ("-": no wait); argv[2]: "claims" or "no-claims" (only the placement keeps them apart);
-# argv[3]: a fixed clock for default names ("-": the real one); the rest: generate.py's arguments.
+# processes are there, or the other run has ended without getting there ("-": no wait); argv[2]: "claims" or
+# "no-claims" (only the placement keeps them apart); argv[3]: a fixed clock for default names ("-": the real one);
+# the rest: generate.py's arguments.
 RUNNER = """
 import datetime, os, sys, time
 from pathlib import Path
@@ -56,7 +57,11 @@ if meet != "-":
                 time.sleep(0.01)
         return place(tmp, path, replace)
     fsutil.place = at_once
-sys.exit(cli.main(sys.argv[4:]))
+try:
+    sys.exit(cli.main(sys.argv[4:]))
+finally:   # a run refused before its placement: the other stops waiting for it
+    if meet != "-":
+        Path(meet, f"{os.getpid()}.ended").touch()
 """
 
 
