@@ -243,9 +243,12 @@ def test_errors_are_one_line_and_write_nothing(case, demo_dir, tmp_path, capsys)
     assert list(work.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_a_real_process_saves_and_exits_130(tmp_path, demo_cache):
     """SIGINT while denoising (a run far too long to finish): exit code 130, one message, the checkpoint on disk
-    and nothing else."""
+    and nothing else. Slow: a real process (torch's import) run up to its first checkpoint; the quick run keeps
+    SIGINT to a real process in test_faults_runs.py (exit 130, one line) and the checkpoint of an interrupted
+    denoise in process (test_runner.py's test_interrupt_then_resume_is_bit_identical)."""
     out = tmp_path / "long.mp4"
     ckpt = out.with_name(out.name + ".resume.safetensors")
     proc = subprocess.Popen([sys.executable, str(ROOT / "generate.py"), "--demo", "--prompt", PROMPT, *TINY[:-2],

@@ -392,7 +392,10 @@ print(json.dumps({{"disk": growth("disk", 0), "ram": growth("ram", 2**40)}}))
 """
 
 
+@pytest.mark.slow
 def test_disk_mode_rss_stays_bounded(tmp_path):
+    """Slow: a subprocess's memory measured around a 200 MB model written for it (smaller, and the growth would
+    drown in the process's own noise); the quick run keeps test_disk_mode_packs_nothing_whatever_the_budget."""
     dim, n = 512, 48                              # 48 blocks x 4.2 MB float32 = 201 MB on disk
     folder = write_toy(tmp_path / "big", dim, n, dtype=torch.float32, random=False)
     size = (folder / "model.safetensors").stat().st_size
