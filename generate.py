@@ -10,8 +10,8 @@ import sys
 
 if __name__ == "__main__":
     try:   # Ctrl-C while the package and torch load (the first second or two): one line, exit 130
-        from lowvram_stepvideo.__main__ import run
+        from lowvram_stepvideo.__main__ import leave, run
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
-    sys.exit(run("generate.py"))
+    leave(run("generate.py"))

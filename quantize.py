@@ -62,12 +62,14 @@ def main(argv=None) -> int:
 
 
 def quantize(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
+    from lowvram_stepvideo.__main__ import ctrl_c_held
+    with ctrl_c_held():   # a Ctrl-C while torch loads is delivered after it (see there)
+        from tqdm import tqdm
 
-    from lowvram_stepvideo.face import exit_codes
-    from lowvram_stepvideo.files.weights import CheckpointError
-    from lowvram_stepvideo.tools.quantize_folder import quantize_folder
-    from lowvram_stepvideo.tools.quantize_verify import format_verify_table
+        from lowvram_stepvideo.face import exit_codes
+        from lowvram_stepvideo.files.weights import CheckpointError
+        from lowvram_stepvideo.tools.quantize_folder import quantize_folder
+        from lowvram_stepvideo.tools.quantize_verify import format_verify_table
 
     def log(message: str) -> None:
         tqdm.write(message, file=sys.stderr)
@@ -93,7 +95,8 @@ def quantize(args: argparse.Namespace) -> int:
 if __name__ == "__main__":
     try:
         status = main()
+        from lowvram_stepvideo.__main__ import leave
     except KeyboardInterrupt:   # while argparse ran
         print("interrupted", file=sys.stderr)
-        status = INTERRUPTED
-    sys.exit(status)
+        sys.exit(INTERRUPTED)
+    leave(status)   # after Ctrl-C without the interpreter's teardown (see there)

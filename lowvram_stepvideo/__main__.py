@@ -1,5 +1,7 @@
 """`python -m lowvram_stepvideo ...` and the `lowvram-stepvideo` command: the same command line as generate.py (see
 --help). The command line is imported inside the guard, so Ctrl-C while torch loads is one line too."""
+import contextlib
+import os
 import signal
 import sys
 
@@ -16,9 +18,38 @@ def interrupted() -> int:
     return INTERRUPTED
 
 
+@contextlib.contextmanager
+def ctrl_c_held():
+    """Ctrl-C inside is delivered when it ends: an import of torch interrupted half-way left numpy half-imported,
+    which a library swallowed and the run failed later with a traceback. Where the platform cannot hold signals
+    (Windows), nothing is held."""
+    hold = getattr(signal, "pthread_sigmask", None)
+    if hold is None:
+        yield
+        return
+    hold(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        hold(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
+def leave(status: int) -> None:
+    """End the command's process with `status`, Ctrl-C ignored from here (the interpreter's teardown would otherwise
+    die of it, status -2, after a finished run). After Ctrl-C, without the teardown: what the run writes is closed
+    by then (its finally blocks ran) and nothing uses atexit."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if status == INTERRUPTED:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
+
+
 def run(prog: str) -> int:
     try:
-        from .face.cli import main
+        with ctrl_c_held():
+            from .face.cli import main
         return main(sys.argv[1:], prog=prog)
     except KeyboardInterrupt:
         return interrupted()
@@ -26,8 +57,8 @@ def run(prog: str) -> int:
 
 def entry_point() -> None:
     """The `lowvram-stepvideo` command a pip install creates."""
-    sys.exit(run("lowvram-stepvideo"))
+    leave(run("lowvram-stepvideo"))
 
 
 if __name__ == "__main__":
-    sys.exit(run("python -m lowvram_stepvideo"))
+    leave(run("python -m lowvram_stepvideo"))
