@@ -38,7 +38,7 @@ from . import attention, fast_matmul
 from .attention_paths import first_line
 from .cards import attention_order
 from .target import Target
-from ..files.caches import cache_home
+from ..files.caches import cache_home, read_cache_json
 from ..files.fsutil import atomic_path
 from ..models.layers import sdpa
 from ..profiles import Profile
@@ -314,11 +314,7 @@ def _valid(entry) -> bool:
 
 
 def _read() -> dict:
-    try:
-        data = json.loads(probes_file().read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
+    return read_cache_json(probes_file())
 
 
 def _store(key: str, probe: Probe) -> Probe:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -20,6 +21,15 @@ def cache_home() -> Path:
     base = os.environ.get(CACHE_ENV) or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "lowvram-stepvideo")
     return Path(base)
+
+
+def read_cache_json(path: Path) -> dict:
+    """A cache file's JSON object; {} when it is missing, unreadable or not an object (the cache is rebuilt)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def model_identity(files: list[Path]) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ..engines.cards import Card
-from ..files.caches import cache_home
+from ..files.caches import cache_home, read_cache_json
 from ..files.fsutil import atomic_path
 
 log = logging.getLogger(__name__)
@@ -33,11 +33,7 @@ def calibration_file() -> Path:
 
 
 def _read() -> dict:
-    try:
-        data = json.loads(calibration_file().read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
+    return read_cache_json(calibration_file())
 
 
 def efficiencies(card: Card) -> tuple[dict[str, float], bool]:
